@@ -1,0 +1,50 @@
+# csi-perssd — every target installs what it needs (apt-get + .venv) on a fresh Debian machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+APT_PKGS := util-linux mount e2fsprogs xfsprogs btrfs-progs kmod procps
+STAMP := $(VENV)/.installed
+export PYTHONUNBUFFERED := 1
+
+.PHONY: all deps sysdeps proto test unit demo sanity bench image test-lvm clean
+
+all: test
+
+sysdeps:
+	@missing=""; for p in $(APT_PKGS) $(EXTRA_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "apt-get install:$$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; fi
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip >/dev/null 2>&1 || true
+	$(PIP) install -q -e '.[dev]'
+	@touch $(STAMP)
+
+deps: sysdeps $(STAMP)
+
+# Regenerate the gRPC stubs from proto/csi.proto (committed; tests/test_proto.py fails if stale).
+proto: $(STAMP)
+	$(PY) -m csi_perssd.tools.genproto
+
+test: deps
+	@modprobe loop 2>/dev/null || true
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+unit: deps
+	$(PY) -m pytest tests -m "not root and not s3" $(PYTEST_ARGS)
+
+demo: deps
+	$(PY) -m csi_perssd.demo
+
+# csi-sanity cannot be installed here: point CSI_SANITY at a binary to run it.
+sanity: deps
+	@if [ -z "$(CSI_SANITY)" ]; then \
+	  echo "CSI_SANITY is not set. Build csi-sanity with:"; \
+	  echo "  git clone https://github.com/kubernetes-csi/csi-test && cd csi-test && make -C cmd/csi-sanity"; \
+	  echo "then run: make sanity CSI_SANITY=/path/to/csi-sanity"; exit 0; fi; \
+	$(PY) -m csi_perssd.tools.sanity "$(CSI_SANITY)"
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,76 @@
+"""The Backend protocol: the node's local block storage (rawfile for dev/CI, LVM thin in production).
+
+Every method is idempotent ("make it so"): creating an existing volume of the same size, deleting
+a missing one, expanding to the current size all succeed quietly. Volume IDs reaching a backend
+are already validated by `csi_perssd.ids`. Failures raise `CsiError` with the code the CSI spec
+names (e.g. RESOURCE_EXHAUSTED when space runs out) and the tool's stderr in the message.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A byte range [offset, offset+length) of a volume."""
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True)
+class Capacity:
+    total_bytes: int            # size of the pool
+    available_bytes: int        # free for new volumes right now (reservations subtracted)
+    max_volume_bytes: int       # largest single volume the backend will create
+    metadata_used_ratio: float = 0.0   # LVM thin metadata usage (0 for rawfile)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    def check(self) -> list[str]:
+        """What is missing for this backend to work (tools, modules, VG); empty when healthy."""
+
+    def create(self, vid: str, size: int) -> None:
+        """Ensure a zero-filled, thinly provisioned volume of `size` bytes exists."""
+
+    def exists(self, vid: str) -> bool: ...
+
+    def size(self, vid: str) -> int:
+        """Current size in bytes (NOT_FOUND if missing)."""
+
+    def device(self, vid: str) -> str:
+        """Ensure the volume is reachable as a block device and return its path (/dev/loopN, /dev/vg/lv)."""
+
+    def release(self, vid: str) -> None:
+        """Let go of the block device (detach the loop device); data stays. Idempotent."""
+
+    def delete(self, vid: str) -> None:
+        """Remove the volume and its snapshots; idempotent."""
+
+    def expand(self, vid: str, size: int) -> None:
+        """Grow the volume to at least `size` bytes (never shrinks); the device sees the new size."""
+
+    def allocated_ranges(self, vid: str) -> list[Extent]:
+        """Byte ranges that may hold data (everything else reads as zeros), sorted, merged."""
+
+    def snapshot(self, vid: str, snap: str) -> str:
+        """Take a point-in-time copy named `snap`; return a path (file or device) it can be read from."""
+
+    def delete_snapshot(self, vid: str, snap: str) -> None: ...
+
+    def snapshot_path(self, vid: str, snap: str) -> str | None:
+        """Path of an existing snapshot, None if missing."""
+
+    def changed_ranges(self, vid: str, base_snap: str) -> list[Extent] | None:
+        """Ranges that changed since snapshot `base_snap`, or None when unknown (caller hashes all)."""
+
+    def capacity(self) -> Capacity: ...
+
+    def list_volumes(self) -> list[str]: ...

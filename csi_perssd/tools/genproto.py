@@ -1,0 +1,47 @@
+"""Generate csi_perssd/csi/csi_pb2*.py from proto/csi.proto.
+
+protoc writes imports relative to the include root, so the proto is staged under a
+temporary `csi_perssd/csi/` tree to make the generated code import `csi_perssd.csi.csi_pb2`.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PROTO = ROOT / "proto" / "csi.proto"
+OUT_PKG = "csi_perssd/csi"
+
+
+def generate(out_dir: Path) -> list[Path]:
+    """Generate the stubs into out_dir/csi_perssd/csi and return the generated files."""
+    import grpc_tools
+    from grpc_tools import protoc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / OUT_PKG
+        src.mkdir(parents=True)
+        shutil.copy(PROTO, src / "csi.proto")
+        include = Path(grpc_tools.__file__).parent / "_proto"
+        (out_dir / OUT_PKG).mkdir(parents=True, exist_ok=True)
+        rc = protoc.main([
+            "protoc", f"-I{tmp}", f"-I{include}",
+            f"--python_out={out_dir}", f"--grpc_python_out={out_dir}",
+            f"{OUT_PKG}/csi.proto",
+        ])
+        if rc != 0:
+            raise SystemExit(f"protoc failed with exit code {rc}")
+    return [out_dir / OUT_PKG / "csi_pb2.py", out_dir / OUT_PKG / "csi_pb2_grpc.py"]
+
+
+def main() -> int:
+    files = generate(ROOT)
+    for f in files:
+        print(f"generated {f.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

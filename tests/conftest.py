@@ -1,0 +1,4 @@
+"""Shared pytest setup: fixture plugins live in tests/plugins/ (one file per concern)."""
+pytest_plugins = [
+    "tests.plugins.leaks",
+]
