@@ -1,0 +1,45 @@
+"""Driver configuration: one dataclass filled from flags / PERSSD_* environment variables."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODES = ("all", "controller", "node")
+
+
+@dataclass
+class Config:
+    mode: str = "all"
+    endpoint: str = "unix:///tmp/csi-perssd.sock"
+    node_id: str = ""
+    pool: str = "default"
+    pool_from_node_label: str = ""
+    state_dir: str = "/var/lib/perssd/state"
+    backend: str = "rawfile"
+    rawfile_dir: str = "/var/lib/perssd/volumes"
+    volume_group: str = ""
+    thin_pool: str = "perssd-pool"
+    max_volume_bytes: int = 0                 # 0 = no limit beyond capacity
+    reserve_bytes: int = 0
+    max_volumes_per_node: int = 256
+    catalog: str = "file:///var/lib/perssd/catalog"
+    s3_endpoint: str = ""
+    s3_region: str = ""
+    s3_ca_bundle: str = ""
+    metrics_address: str = ""
+    log_level: str = "info"
+    flush_workers: int = 8
+    hydrate_workers: int = 8
+    heartbeat_seconds: float = 30.0
+    gc_interval_seconds: float = 0.0          # 0 = no periodic GC in the controller
+    gc_grace_seconds: float = 3600.0
+    gc_keep_generations: int = 2
+    grace_seconds: float = 30.0               # SIGTERM: time for in-flight RPCs
+    freeze_timeout_seconds: float = 10.0
+    enable_alpha: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def socket_path(self) -> str:
+        if not self.endpoint.startswith("unix://"):
+            raise ValueError(f"endpoint {self.endpoint!r} must be unix:///path")
+        return self.endpoint[len("unix://"):]

@@ -1,0 +1,393 @@
+"""Controller service: volumes in the catalog, topology, capacity, ownership (publish/unpublish).
+
+The controller never touches a node's disks: local volumes are created lazily at NodeStage.
+Snapshot RPCs live in `snapshots.py`; this class delegates to it."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from google.protobuf import wrappers_pb2
+
+from . import TOPOLOGY_NODE_KEY, TOPOLOGY_POOL_KEY, caps, ids, params
+from .config import Config
+from .csi import csi_pb2 as pb
+from .csi import csi_pb2_grpc as rpc
+from .errors import Code, CsiError, invalid, not_found, precondition
+from .locks import IdLocks
+from .remote.catalog import Catalog, NodeRecord, VolumeRecord
+from .stores import Stores
+
+log = logging.getLogger(__name__)
+Cap = pb.ControllerServiceCapability.RPC
+DEFAULT_SIZE = 1 << 30
+ALIGN = 1 << 20
+TOKEN_PREFIX = "v1:"
+XFS_MIN = 300 << 20      # mkfs.xfs refuses smaller devices
+
+
+def round_up(n: int, to: int = ALIGN) -> int:
+    return (n + to - 1) // to * to
+
+
+def pick_size(cr: pb.CapacityRange | None, max_bytes: int, min_bytes: int = ALIGN) -> int:
+    """The size to provision for a capacity range: required rounded up to 1 MiB (and to the
+    file system's minimum), never above limit; OUT_OF_RANGE when no size fits."""
+    req = cr.required_bytes if cr else 0
+    lim = cr.limit_bytes if cr else 0
+    if req < 0 or lim < 0:
+        raise invalid("capacity_range bytes must not be negative")
+    if lim and req > lim:
+        raise CsiError(Code.OUT_OF_RANGE, f"required_bytes {req} exceeds limit_bytes {lim}")
+    size = max(round_up(req) if req else DEFAULT_SIZE, min_bytes)
+    if lim and size > lim:
+        size = max(req, min_bytes, lim - lim % 4096)   # the largest 4 KiB-aligned size within the limit
+        if size > lim or size % 512:
+            raise CsiError(Code.OUT_OF_RANGE, f"no volume size fits capacity range [{req}, {lim}] "
+                           f"(minimum {min_bytes} bytes, multiples of 4 KiB)")
+    if max_bytes and size > max_bytes:
+        raise CsiError(Code.OUT_OF_RANGE, f"{size} bytes exceeds the largest volume this driver "
+                       f"can create ({max_bytes} bytes)")
+    return size
+
+
+def min_size(cap_list: list[dict[str, Any]]) -> int:
+    return XFS_MIN if any(c["fs_type"] == "xfs" for c in cap_list) else ALIGN
+
+
+def fits(size: int, cr: pb.CapacityRange | None) -> bool:
+    if cr is None:
+        return True
+    return (not cr.required_bytes or size >= cr.required_bytes) and (not cr.limit_bytes or size <= cr.limit_bytes)
+
+
+class Controller(rpc.ControllerServicer):
+    def __init__(self, cfg: Config, stores: Stores, local_node: NodeRecord | None = None):
+        self.cfg = cfg
+        self.stores = stores
+        self.local_node = local_node          # set in --mode all
+        self.locks = IdLocks()
+        self.snapshots: Any = None            # snapshots.Snapshots, attached by the runtime
+        self.max_volume_bytes = cfg.max_volume_bytes
+
+    # -- capabilities ----------------------------------------------------------------------
+    def _caps(self) -> list[int]:
+        c = [Cap.CREATE_DELETE_VOLUME, Cap.PUBLISH_UNPUBLISH_VOLUME, Cap.LIST_VOLUMES, Cap.GET_CAPACITY,
+             Cap.EXPAND_VOLUME, Cap.GET_VOLUME, Cap.VOLUME_CONDITION, Cap.LIST_VOLUMES_PUBLISHED_NODES,
+             Cap.SINGLE_NODE_MULTI_WRITER]
+        if self.snapshots is not None:
+            c += [Cap.CREATE_DELETE_SNAPSHOT, Cap.LIST_SNAPSHOTS, Cap.CLONE_VOLUME]
+        return c
+
+    def ControllerGetCapabilities(self, request: Any, context: Any) -> Any:
+        return pb.ControllerGetCapabilitiesResponse(capabilities=[
+            pb.ControllerServiceCapability(rpc=Cap(type=t)) for t in self._caps()])
+
+    # -- topology --------------------------------------------------------------------------
+    def _nodes(self, cat: Catalog) -> list[NodeRecord]:
+        nodes = cat.list_nodes()
+        if self.local_node is not None and all(n.id != self.local_node.id for n in nodes):
+            nodes.append(self.local_node)
+        return nodes
+
+    def _place(self, cat: Catalog, vp: params.VolumeParams, req: pb.TopologyRequirement | None) -> tuple[str, str]:
+        """Return (pool, node) for a new volume; node only for mobility=node."""
+        segments: list[dict[str, str]] = []
+        if req is not None:
+            segments = [dict(t.segments) for t in req.preferred] + [dict(t.segments) for t in req.requisite]
+        for seg in segments:
+            unknown = set(seg) - {TOPOLOGY_NODE_KEY, TOPOLOGY_POOL_KEY}
+            if unknown:
+                continue
+            node = seg.get(TOPOLOGY_NODE_KEY, "")
+            pool = seg.get(TOPOLOGY_POOL_KEY, "")
+            if vp.mobility == "node" and not node:
+                if pool:
+                    members = [n for n in self._nodes(cat) if n.pool == pool]
+                    if members:
+                        best = max(members, key=lambda n: n.available_bytes + n.reclaimable_bytes)
+                        return best.pool, best.id
+                continue
+            if node and not pool:
+                rec = next((n for n in self._nodes(cat) if n.id == node), None)
+                if rec is None:
+                    continue
+                pool = rec.pool
+            if pool:
+                return pool, node if vp.mobility == "node" else ""
+        if segments:
+            raise CsiError(Code.RESOURCE_EXHAUSTED,
+                           "none of the requested topology segments names a known node or pool of this driver")
+        if self.local_node is not None:
+            return self.local_node.pool, self.local_node.id if vp.mobility == "node" else ""
+        nodes = self._nodes(cat)
+        if vp.mobility == "node":
+            if not nodes:
+                raise CsiError(Code.RESOURCE_EXHAUSTED, "no node has registered yet: cannot place a mobility=node volume")
+            best = max(nodes, key=lambda n: n.available_bytes + n.reclaimable_bytes)
+            return best.pool, best.id
+        return (nodes[0].pool if nodes else self.cfg.pool), ""
+
+    @staticmethod
+    def _topology(rec: VolumeRecord) -> list[pb.Topology]:
+        if rec.mobility == "node":
+            return [pb.Topology(segments={TOPOLOGY_NODE_KEY: rec.node})]
+        return [pb.Topology(segments={TOPOLOGY_POOL_KEY: rec.pool})]
+
+    def volume_proto(self, rec: VolumeRecord) -> pb.Volume:
+        v = pb.Volume(capacity_bytes=rec.size, volume_id=rec.id,
+                      volume_context={"mobility": rec.mobility, "persistence": rec.persistence},
+                      accessible_topology=self._topology(rec))
+        if rec.source.get("snapshot"):
+            v.content_source.snapshot.snapshot_id = rec.source["snapshot"]
+        elif rec.source.get("volume"):
+            v.content_source.volume.volume_id = rec.source["volume"]
+        return v
+
+    # -- volumes ---------------------------------------------------------------------------
+    def CreateVolume(self, request: Any, context: Any) -> Any:
+        name = ids.name(request.name, "name")
+        cap_list = caps.from_list(request.volume_capabilities)
+        for c in cap_list:
+            why = caps.unsupported_reason(c)
+            if why:
+                raise invalid(why)
+        if len({c["access_type"] for c in cap_list}) > 1:
+            raise invalid("a volume cannot be both block and mount")
+        vp = params.parse(dict(request.parameters))
+        if vp.fs_type:
+            for c in cap_list:
+                if c["access_type"] == "mount" and c["fs_type"] != vp.fs_type and c["fs_type"] != caps.DEFAULT_FS:
+                    raise invalid(f"fsType parameter {vp.fs_type} conflicts with capability fs_type {c['fs_type']}")
+                if c["access_type"] == "mount":
+                    c["fs_type"] = vp.fs_type
+        cr = request.capacity_range if request.HasField("capacity_range") else None
+        size = pick_size(cr, self.max_volume_bytes, min_size(cap_list))
+        cat = self.stores.catalog(dict(request.secrets))
+        source: dict[str, str] = {}
+        if request.HasField("volume_content_source"):
+            if self.snapshots is None:
+                raise invalid("volume_content_source is not supported by this driver configuration")
+            source = self.snapshots.resolve_source(cat, request.volume_content_source, size, cr)
+        with self.locks.hold("name:" + name):
+            pool, node = self._place(cat, vp, request.accessibility_requirements
+                                     if request.HasField("accessibility_requirements") else None)
+            rec = VolumeRecord(id=ids.new_volume_id(), name=name, size=size, capabilities=cap_list,
+                               mobility=vp.mobility, persistence=vp.persistence, pool=pool, node=node,
+                               parameters=vp.as_dict(), chunk_size=vp.chunk_size, compression=vp.compression,
+                               source=source)
+            if source and self.snapshots is not None:
+                self.snapshots.prepare_clone(cat, rec)
+            got, created = cat.create_volume(rec)
+            if not created:
+                self._check_compatible(got, cr, cap_list, vp, source)
+                if got.state == "cloning" and self.snapshots is not None:
+                    self.snapshots.prepare_clone(cat, got)
+            elif source and self.snapshots is not None:
+                got = self.snapshots.finish_clone(cat, got)
+        log.info("volume %s %s for name %r: %d bytes, mobility=%s persistence=%s pool=%s%s",
+                 got.id, "created" if created else "exists", name, got.size, got.mobility,
+                 got.persistence, got.pool, f" node={got.node}" if got.node else "")
+        return pb.CreateVolumeResponse(volume=self.volume_proto(got))
+
+    @staticmethod
+    def _check_compatible(got: VolumeRecord, cr: Any, cap_list: list[dict[str, Any]],
+                          vp: params.VolumeParams, source: dict[str, str]) -> None:
+        problems = []
+        if not fits(got.size, cr):
+            problems.append(f"its size {got.size} is outside the requested capacity range")
+        if sorted(map(str, got.capabilities)) != sorted(map(str, cap_list)):
+            problems.append("its capabilities differ")
+        if got.parameters != vp.as_dict() or got.mobility != vp.mobility or got.persistence != vp.persistence:
+            problems.append("its parameters differ")
+        if got.source != source:
+            problems.append("its content source differs")
+        if problems:
+            raise CsiError(Code.ALREADY_EXISTS, f"volume name {got.name!r} already exists as {got.id} but "
+                           + "; ".join(problems))
+
+    def DeleteVolume(self, request: Any, context: Any) -> Any:
+        vid = ids.volume_id(request.volume_id)
+        cat = self.stores.catalog(dict(request.secrets))
+        with self.locks.hold(vid):
+            rec = cat.get_volume(vid)
+            if rec is None:
+                return pb.DeleteVolumeResponse()
+            if rec.owner:
+                raise precondition(f"volume {vid} is still published to node {rec.owner}; unpublish it first")
+            cat.delete_volume(rec)
+            log.info("volume %s (%r) deleted; its chunks are left to garbage collection", vid, rec.name)
+        return pb.DeleteVolumeResponse()
+
+    def ControllerPublishVolume(self, request: Any, context: Any) -> Any:
+        vid = ids.volume_id(request.volume_id)
+        node = ids.node_id(request.node_id)
+        if not request.HasField("volume_capability"):
+            raise invalid("volume_capability is required")
+        cap = caps.to_dict(request.volume_capability)
+        cat = self.stores.catalog(dict(request.secrets))
+        with self.locks.hold(vid):
+            rec = cat.volume(vid)
+            nrec = cat.get_node(node)
+            if nrec is None and (self.local_node is None or self.local_node.id != node):
+                raise not_found(f"node {node} is unknown to this driver (it has not registered)")
+            self._check_cap(rec, cap)
+            pool = nrec.pool if nrec else self.local_node.pool  # type: ignore[union-attr]
+            if rec.mobility == "node" and rec.node != node:
+                raise precondition(f"volume {vid} lives on node {rec.node} (mobility=node) and cannot be used on {node}")
+            if rec.mobility == "pool" and rec.pool != pool:
+                raise precondition(f"volume {vid} belongs to pool {rec.pool}; node {node} is in pool {pool}")
+
+            def take(r: VolumeRecord) -> None:
+                if r.owner and r.owner != node:
+                    raise precondition(f"volume {vid} is owned by node {r.owner} (epoch {r.epoch}) which has not "
+                                       f"released it; use `csi-perssd takeover {vid} --from {r.owner}` if that node is dead")
+                if r.owner != node:
+                    r.owner = node
+                    r.epoch += 1
+            rec = cat.update_volume(vid, take)
+        return pb.ControllerPublishVolumeResponse(publish_context={"epoch": str(rec.epoch)})
+
+    def ControllerUnpublishVolume(self, request: Any, context: Any) -> Any:
+        vid = ids.volume_id(request.volume_id)
+        node = ids.node_id(request.node_id) if request.node_id else ""
+        cat = self.stores.catalog(dict(request.secrets))
+        with self.locks.hold(vid):
+            rec = cat.get_volume(vid)
+            if rec is None:
+                return pb.ControllerUnpublishVolumeResponse()   # spec: NOT_FOUND allowed, OK is kinder
+
+            def release(r: VolumeRecord) -> None:
+                if r.owner and (not node or r.owner == node):
+                    if r.owner != r.generation_node and r.persistence == "object":
+                        log.warning("volume %s released by %s before it committed a generation: "
+                                    "data written since generation %d (by %s) is not in the object store",
+                                    vid, r.owner, r.generation, r.generation_node or "-")
+                    r.owner = ""
+            cat.update_volume(vid, release)
+        return pb.ControllerUnpublishVolumeResponse()
+
+    @staticmethod
+    def _check_cap(rec: VolumeRecord, cap: dict[str, Any]) -> None:
+        why = caps.unsupported_reason(cap)
+        if why:
+            raise invalid(why)
+        kinds = {c["access_type"] for c in rec.capabilities}
+        if cap["access_type"] not in kinds:
+            raise invalid(f"volume {rec.id} was created for {'/'.join(sorted(kinds))} access, not {cap['access_type']}")
+
+    def ValidateVolumeCapabilities(self, request: Any, context: Any) -> Any:
+        vid = ids.volume_id(request.volume_id)
+        cap_list = caps.from_list(request.volume_capabilities)
+        cat = self.stores.catalog(dict(request.secrets))
+        rec = cat.volume(vid)
+        vp = params.parse(dict(request.parameters))
+        for c in cap_list:
+            why = caps.unsupported_reason(c)
+            if why is None:
+                kinds = {x["access_type"] for x in rec.capabilities}
+                fss = {x["fs_type"] for x in rec.capabilities if x["access_type"] == "mount"}
+                if c["access_type"] not in kinds:
+                    why = f"volume is {'/'.join(sorted(kinds))}, not {c['access_type']}"
+                elif c["access_type"] == "mount" and c["fs_type"] not in fss:
+                    why = f"volume holds {'/'.join(sorted(fss))}, not {c['fs_type']}"
+            if why is None and request.parameters and (vp.mobility != rec.mobility or vp.persistence != rec.persistence):
+                why = "parameters differ from the volume's"
+            if why:
+                return pb.ValidateVolumeCapabilitiesResponse(message=why)
+        return pb.ValidateVolumeCapabilitiesResponse(confirmed=pb.ValidateVolumeCapabilitiesResponse.Confirmed(
+            volume_context=request.volume_context, volume_capabilities=request.volume_capabilities,
+            parameters=request.parameters, mutable_parameters=request.mutable_parameters))
+
+    def _status(self, rec: VolumeRecord, cat: Catalog) -> tuple[list[str], pb.VolumeCondition]:
+        cond = pb.VolumeCondition(abnormal=False, message="ok")
+        if rec.persistence == "object" and rec.generation:
+            if rec.generation not in cat.list_generations(rec.id):
+                cond = pb.VolumeCondition(abnormal=True, message=f"manifest of committed generation {rec.generation} is missing")
+        return ([rec.owner] if rec.owner else []), cond
+
+    def ListVolumes(self, request: Any, context: Any) -> Any:
+        if request.max_entries < 0:
+            raise invalid("max_entries must not be negative")
+        after = ""
+        if request.starting_token:
+            tok = request.starting_token
+            if not tok.startswith(TOKEN_PREFIX):
+                raise CsiError(Code.ABORTED, f"starting_token {tok[:40]!r} was not issued by this driver")
+            after = tok[len(TOKEN_PREFIX):]
+            ids.volume_id(after) if after else None
+        cat = self.stores.catalog()
+        recs = sorted((r for r in cat.list_volumes() if r.id > after), key=lambda r: r.id)
+        page = recs[:request.max_entries] if request.max_entries else recs
+        resp = pb.ListVolumesResponse()
+        for r in page:
+            nodes, cond = self._status(r, cat)
+            resp.entries.add(volume=self.volume_proto(r),
+                             status=pb.ListVolumesResponse.VolumeStatus(published_node_ids=nodes, volume_condition=cond))
+        if len(recs) > len(page):
+            resp.next_token = TOKEN_PREFIX + page[-1].id
+        return resp
+
+    def ControllerGetVolume(self, request: Any, context: Any) -> Any:
+        vid = ids.volume_id(request.volume_id)
+        cat = self.stores.catalog()
+        rec = cat.volume(vid)
+        nodes, cond = self._status(rec, cat)
+        return pb.ControllerGetVolumeResponse(
+            volume=self.volume_proto(rec),
+            status=pb.ControllerGetVolumeResponse.VolumeStatus(published_node_ids=nodes, volume_condition=cond))
+
+    def GetCapacity(self, request: Any, context: Any) -> Any:
+        for c in request.volume_capabilities:
+            if caps.unsupported_reason(caps.to_dict(c)):
+                return pb.GetCapacityResponse(available_capacity=0)
+        params.parse(dict(request.parameters))
+        cat = self.stores.catalog()
+        nodes = self._nodes(cat)
+        if request.HasField("accessible_topology"):
+            seg = dict(request.accessible_topology.segments)
+            if set(seg) - {TOPOLOGY_NODE_KEY, TOPOLOGY_POOL_KEY}:
+                nodes = []
+            if TOPOLOGY_NODE_KEY in seg:
+                nodes = [n for n in nodes if n.id == seg[TOPOLOGY_NODE_KEY]]
+            if TOPOLOGY_POOL_KEY in seg:
+                nodes = [n for n in nodes if n.pool == seg[TOPOLOGY_POOL_KEY]]
+        # a volume lives on one node at a time: the capacity of a segment is its roomiest node
+        avail = max((n.available_bytes + n.reclaimable_bytes for n in nodes), default=0)
+        biggest = max((n.max_volume_bytes for n in nodes), default=0)
+        if self.max_volume_bytes:
+            biggest = min(biggest, self.max_volume_bytes) if biggest else self.max_volume_bytes
+        resp = pb.GetCapacityResponse(available_capacity=avail)
+        if nodes:
+            resp.maximum_volume_size.CopyFrom(wrappers_pb2.Int64Value(value=min(biggest, avail) if biggest else avail))
+        return resp
+
+    def ControllerExpandVolume(self, request: Any, context: Any) -> Any:
+        vid = ids.volume_id(request.volume_id)
+        if not request.HasField("capacity_range"):
+            raise invalid("capacity_range is required")
+        size = pick_size(request.capacity_range, self.max_volume_bytes)
+        if request.HasField("volume_capability"):
+            caps.to_dict(request.volume_capability)
+        cat = self.stores.catalog(dict(request.secrets))
+        with self.locks.hold(vid):
+            def grow(r: VolumeRecord) -> None:
+                if size > r.size:
+                    r.size = size
+            rec = cat.update_volume(vid, grow)
+        return pb.ControllerExpandVolumeResponse(capacity_bytes=rec.size, node_expansion_required=True)
+
+    # -- snapshots: delegated ---------------------------------------------------------------
+    def _snap(self) -> Any:
+        if self.snapshots is None:
+            raise CsiError(Code.UNIMPLEMENTED, "snapshots are not enabled")
+        return self.snapshots
+
+    def CreateSnapshot(self, request: Any, context: Any) -> Any:
+        return self._snap().create(request)
+
+    def DeleteSnapshot(self, request: Any, context: Any) -> Any:
+        return self._snap().delete(request)
+
+    def ListSnapshots(self, request: Any, context: Any) -> Any:
+        return self._snap().list(request)

@@ -1,0 +1,475 @@
+"""File systems and mounts on the node: mkfs, mount/bind/unmount, grow, fsfreeze, statistics.
+
+Every helper is an idempotent "ensure": it looks at the current state (blkid, /proc/self/mountinfo,
+stat) and only does what is missing. When the state is wrong in a way it must not repair (another
+file system on the device, another volume mounted at the path) it raises a `CsiError` the caller
+can translate; `MountConflict` carries what is mounted there, so NodeStage/NodePublish can answer
+ALREADY_EXISTS as the CSI spec asks.
+
+System tools run as argv lists through `run()`; a failure raises INTERNAL with the tool's stderr.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import re
+import stat
+import struct
+import subprocess
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from ..errors import Code, CsiError, internal, precondition
+
+TOOL_TIMEOUT_S = 120.0
+MKFS_TYPES = ("ext4", "ext3", "ext2", "xfs")
+EXT_TYPES = ("ext4", "ext3", "ext2")
+
+_FS_TYPE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
+_BLKGETSIZE64 = 0x80081272
+
+
+# --------------------------------------------------------------------------- running tools
+
+def run(argv: Sequence[str], *, ok: Sequence[int] = (0,), timeout: float = TOOL_TIMEOUT_S,
+        what: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a tool (argv list, never a shell); raise INTERNAL with its stderr unless rc is in `ok`."""
+    argv = [str(a) for a in argv]
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                             stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise internal(f"{argv[0]} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise internal(f"{what or argv[0]} did not finish within {timeout:.0f}s: {' '.join(argv)}") from None
+    if res.returncode not in ok:
+        detail = (res.stderr or res.stdout).strip() or "no output"
+        raise internal(f"{what or argv[0]} failed (exit {res.returncode}): {' '.join(argv)}: {detail}")
+    return res
+
+
+# --------------------------------------------------------------------------- devices
+
+def is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return False
+
+
+def block_size(device: str) -> int:
+    """Size in bytes of a block device (BLKGETSIZE64); for a regular file, its length."""
+    try:
+        st = os.stat(device)
+    except FileNotFoundError:
+        raise CsiError(Code.NOT_FOUND, f"{device} does not exist") from None
+    if not stat.S_ISBLK(st.st_mode):
+        return st.st_size
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        buf = fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8)
+        return struct.unpack("Q", buf)[0]
+    finally:
+        os.close(fd)
+
+
+def detect_fs(device: str) -> str | None:
+    """The file system (or other signature) on a device; None when it is blank.
+
+    A partition table is reported as `partition-table:<type>`, several conflicting signatures as
+    `ambivalent`, so a caller never formats over something it does not understand.
+    """
+    res = run(["blkid", "-p", "-o", "export", device], ok=(0, 2, 8), what="blkid")
+    if res.returncode == 2:          # nothing found
+        return None
+    if res.returncode == 8:          # ambivalent probing result
+        return "ambivalent"
+    values: dict[str, str] = {}
+    for line in res.stdout.splitlines():
+        key, sep, val = line.partition("=")
+        if sep:
+            values[key.strip()] = val.strip()
+    if values.get("TYPE"):
+        return values["TYPE"]
+    if values.get("PTTYPE"):
+        return f"partition-table:{values['PTTYPE']}"
+    if values:                       # some other signature (e.g. USAGE=raid) without TYPE
+        return "unknown:" + ",".join(sorted(values))
+    return None
+
+
+def ensure_fs(device: str, fs_type: str, mkfs_options: Sequence[str] = ()) -> bool:
+    """Make a file system of `fs_type` on `device` unless it already has one. True when it formatted.
+
+    FAILED_PRECONDITION when the device holds anything else (another fs, a partition table).
+    """
+    fs_type = check_fs_type(fs_type)
+    if fs_type not in MKFS_TYPES:
+        raise CsiError(Code.INVALID_ARGUMENT, f"cannot create file system {fs_type!r} "
+                       f"(supported: {', '.join(MKFS_TYPES)})")
+    found = detect_fs(device)
+    if found == fs_type:
+        return False
+    if found is not None:
+        raise precondition(f"{device} already holds {found}, not {fs_type}; refusing to format it")
+    for opt in mkfs_options:
+        _check_arg(opt, "mkfs option")
+    if fs_type in EXT_TYPES:
+        argv = [f"mkfs.{fs_type}", "-F", "-q", "-E", "lazy_itable_init=1,lazy_journal_init=1",
+                *mkfs_options, device]
+    else:
+        argv = ["mkfs.xfs", "-f", "-q", *mkfs_options, device]
+    run(argv, what=f"mkfs.{fs_type}", timeout=600)
+    return True
+
+
+def check_fs_type(fs_type: str) -> str:
+    if not fs_type or _FS_TYPE_RE.fullmatch(fs_type) is None:
+        raise CsiError(Code.INVALID_ARGUMENT, f"invalid file system type {fs_type!r}")
+    return fs_type
+
+
+def _check_arg(value: str, kind: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise CsiError(Code.INVALID_ARGUMENT, f"empty {kind}")
+    if any(c in value for c in ("\x00", "\n", "\r")):
+        raise CsiError(Code.INVALID_ARGUMENT, f"{kind} {value[:64]!r} contains a control character")
+    return value
+
+
+def check_mount_options(options: Sequence[str]) -> list[str]:
+    """Mount flags from the CO: plain strings without NUL or line breaks; empty ones dropped."""
+    out = []
+    for opt in options:
+        if opt == "":
+            continue
+        _check_arg(opt, "mount flag")
+        if opt.startswith("-"):
+            raise CsiError(Code.INVALID_ARGUMENT, f"mount flag {opt!r} must not start with '-'")
+        out.append(opt)
+    return out
+
+
+# --------------------------------------------------------------------------- mountinfo
+
+@dataclass(frozen=True)
+class MountInfo:
+    """One line of /proc/self/mountinfo."""
+    mount_id: int
+    parent_id: int
+    major: int
+    minor: int
+    root: str                   # path inside the file system that is mounted here ('/' for a whole fs)
+    mount_point: str
+    options: tuple[str, ...]    # per-mount options (ro/rw, nosuid, ...)
+    fs_type: str
+    source: str
+    super_options: tuple[str, ...] = field(default=())
+
+    @property
+    def readonly(self) -> bool:
+        return "ro" in self.options
+
+    @property
+    def dev(self) -> int:
+        return os.makedev(self.major, self.minor)
+
+
+_OCTAL_RE = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(text: str) -> str:
+    return _OCTAL_RE.sub(lambda m: chr(int(m.group(1), 8)), text)
+
+
+def parse_mountinfo_line(line: str) -> MountInfo:
+    parts = line.rstrip("\n").split(" ")
+    sep = parts.index("-", 6)
+    major, _, minor = parts[2].partition(":")
+    return MountInfo(
+        mount_id=int(parts[0]), parent_id=int(parts[1]), major=int(major), minor=int(minor),
+        root=_unescape(parts[3]), mount_point=_unescape(parts[4]),
+        options=tuple(parts[5].split(",")), fs_type=_unescape(parts[sep + 1]),
+        source=_unescape(parts[sep + 2]) if len(parts) > sep + 2 else "",
+        super_options=tuple(parts[sep + 3].split(",")) if len(parts) > sep + 3 else (),
+    )
+
+
+def all_mounts() -> list[MountInfo]:
+    """Every mount of this mount namespace, in mount order (stacked mounts: later = on top)."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        return [parse_mountinfo_line(line) for line in f if line.strip()]
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def mount_info(path: str) -> MountInfo | None:
+    """The topmost mount whose mount point is exactly `path`; None when `path` is not a mount point."""
+    target = _real(path)
+    found = None
+    for m in all_mounts():
+        if m.mount_point == target:
+            found = m
+    return found
+
+
+def mounts_of_device(device: str) -> list[MountInfo]:
+    """All mounts of the file system on block device `device` (bind mounts of it included)."""
+    try:
+        rdev = os.stat(device).st_rdev
+    except FileNotFoundError:
+        return []
+    return [m for m in all_mounts() if m.dev == rdev]
+
+
+def mounts_under(prefix: str) -> list[MountInfo]:
+    """Mounts at or below directory `prefix` (useful to rebuild state after a restart)."""
+    base = _real(prefix).rstrip("/")
+    return [m for m in all_mounts() if m.mount_point == base or m.mount_point.startswith(base + "/")]
+
+
+# --------------------------------------------------------------------------- mounting
+
+class MountConflict(CsiError):
+    """Something other than what was asked is already mounted at the target.
+
+    Code FAILED_PRECONDITION; NodeStage/NodePublish re-raise it as ALREADY_EXISTS.
+    """
+
+    def __init__(self, target: str, existing: MountInfo, reason: str):
+        super().__init__(Code.FAILED_PRECONDITION,
+                         f"{target} is already mounted ({existing.source}, {existing.fs_type}, "
+                         f"{'ro' if existing.readonly else 'rw'}): {reason}")
+        self.target = target
+        self.existing = existing
+        self.reason = reason
+
+
+def ensure_mounted(source: str, target: str, fs_type: str, options: Sequence[str] = (),
+                   readonly: bool = False) -> bool:
+    """Mount the file system on block device `source` at directory `target`. True when it mounted.
+
+    Already mounted from the same device with the same read-only mode: nothing to do.
+    Anything else mounted there raises MountConflict. `target` is created when missing.
+    """
+    fs_type = check_fs_type(fs_type)
+    opts = check_mount_options(options)
+    if not is_block_device(source):
+        raise precondition(f"{source} is not a block device")
+    rdev = os.stat(source).st_rdev
+    readonly = readonly or "ro" in opts
+    existing = mount_info(target)
+    if existing is not None:
+        if existing.dev != rdev:
+            raise MountConflict(target, existing, f"a different device than {source}")
+        if existing.readonly != readonly:
+            raise MountConflict(target, existing, f"wanted {'ro' if readonly else 'rw'}")
+        if existing.fs_type != fs_type:
+            raise MountConflict(target, existing, f"wanted file system {fs_type}")
+        return False
+    _make_dir(target)
+    if readonly and "ro" not in opts:
+        opts.append("ro")
+    argv = ["mount", "-t", fs_type]
+    if opts:
+        argv += ["-o", ",".join(opts)]
+    run(argv + [source, target], what="mount")
+    return True
+
+
+def ensure_bind(source: str, target: str, readonly: bool = False, options: Sequence[str] = ()) -> bool:
+    """Bind-mount a directory (or a device node onto a file) at `target`. True when it mounted.
+
+    The target is created (a directory for a directory source, an empty file otherwise). Read-only
+    and per-mount flags are applied with a bind remount; the mount is undone if that fails.
+    """
+    opts = check_mount_options(options)
+    try:
+        src_st = os.stat(source)
+    except FileNotFoundError:
+        raise precondition(f"bind source {source} does not exist") from None
+    readonly = readonly or "ro" in opts
+    existing = mount_info(target)
+    if existing is not None:
+        tgt_st = os.stat(target)
+        if (tgt_st.st_dev, tgt_st.st_ino) != (src_st.st_dev, src_st.st_ino):
+            raise MountConflict(target, existing, f"not a bind mount of {source}")
+        if existing.readonly != readonly:
+            raise MountConflict(target, existing, f"wanted {'ro' if readonly else 'rw'}")
+        return False
+    if stat.S_ISDIR(src_st.st_mode):
+        _make_dir(target)
+    else:
+        _make_file(target)
+    run(["mount", "--bind", source, target], what="bind mount")
+    remount = (["ro"] if readonly else []) + [o for o in opts if o not in ("ro", "rw", "bind")]
+    if remount:
+        try:
+            run(["mount", "-o", ",".join(["remount", "bind", *remount]), target], what="bind remount")
+        except CsiError:
+            run(["umount", target], ok=(0, 32), what="umount")
+            raise
+    return True
+
+
+def ensure_unmounted(target: str) -> int:
+    """Unmount everything stacked at `target`; not mounted (or missing) is fine. Returns the count."""
+    count = 0
+    for _ in range(64):
+        if mount_info(target) is None:
+            return count
+        res = run(["umount", target], ok=(0, 32), what="umount")
+        if res.returncode == 32:
+            still = mount_info(target)
+            if still is not None:   # a real failure (busy, ...), not a race with another unmount
+                raise internal(f"umount {target} failed: {(res.stderr or '').strip()}")
+            return count
+        count += 1
+    raise internal(f"{target} still mounted after {count} unmounts")
+
+
+def _make_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        raise precondition(f"{path} exists and is not a directory") from None
+    if not os.path.isdir(path):
+        raise precondition(f"{path} exists and is not a directory")
+
+
+def _make_file(path: str) -> None:
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    if os.path.isdir(path):
+        raise precondition(f"{path} is a directory; a block volume needs a file to bind onto")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+
+
+# --------------------------------------------------------------------------- sync, grow, freeze
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sync_fs(path: str) -> None:
+    """Flush the file system holding `path` (syncfs); for a block device, flush the device."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if stat.S_ISBLK(os.fstat(fd).st_mode):
+            os.fsync(fd)
+            return
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise internal(f"syncfs {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def grow_fs(device: str, mount_path: str, fs_type: str | None = None) -> None:
+    """Grow the (mounted) file system to the size of its device: resize2fs / xfs_growfs."""
+    fs_type = fs_type or detect_fs(device)
+    if fs_type in EXT_TYPES:
+        run(["resize2fs", device], what="resize2fs", timeout=600)
+    elif fs_type == "xfs":
+        if mount_info(mount_path) is None:
+            raise precondition(f"xfs on {device} must be mounted to grow (not mounted at {mount_path})")
+        run(["xfs_growfs", mount_path], what="xfs_growfs", timeout=600)
+    else:
+        raise CsiError(Code.INVALID_ARGUMENT, f"cannot grow file system {fs_type!r} on {device}")
+
+
+def freeze(mount_path: str) -> None:
+    run(["fsfreeze", "--freeze", mount_path], what="fsfreeze")
+
+
+def thaw(mount_path: str) -> bool:
+    """Thaw; True when it was frozen. A file system that is not frozen is fine."""
+    res = run(["fsfreeze", "--unfreeze", mount_path], ok=(0, 1), what="fsfreeze")
+    if res.returncode == 0:
+        return True
+    if "Invalid argument" in res.stderr:     # EINVAL: not frozen
+        return False
+    raise internal(f"fsfreeze --unfreeze {mount_path} failed: {res.stderr.strip()}")
+
+
+@dataclass
+class FreezeGuard:
+    mount_path: str
+    timeout_s: float
+    timed_out: bool = False
+
+
+@contextmanager
+def frozen(mount_path: str, timeout_s: float = 30.0) -> Iterator[FreezeGuard]:
+    """Freeze for the body, and always thaw: on exit, on exception, and from a watchdog after
+    `timeout_s`. When the watchdog had to thaw, the body's copy is not point-in-time, so the exit
+    raises INTERNAL (unless the body already raised); `guard.timed_out` tells the body early.
+    """
+    guard = FreezeGuard(mount_path, timeout_s)
+    lock = threading.Lock()
+
+    def watchdog() -> None:
+        with lock:
+            guard.timed_out = True
+            try:
+                thaw(mount_path)
+            except CsiError:
+                pass
+
+    freeze(mount_path)
+    timer = threading.Timer(timeout_s, watchdog)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield guard
+    finally:
+        timer.cancel()
+        with lock:
+            thaw(mount_path)
+    if guard.timed_out:
+        raise internal(f"{mount_path} stayed frozen longer than {timeout_s:g}s and was thawed by "
+                       f"the watchdog; the copy taken meanwhile is not consistent")
+
+
+# --------------------------------------------------------------------------- statistics
+
+@dataclass(frozen=True)
+class VolumeStats:
+    total_bytes: int
+    available_bytes: int
+    used_bytes: int
+    total_inodes: int = 0
+    available_inodes: int = 0
+    used_inodes: int = 0
+    block: bool = False         # a raw block device: only total_bytes is meaningful
+
+
+def volume_stats(path: str) -> VolumeStats:
+    """Bytes and inodes of the file system mounted at `path`; for a block device its size only."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CsiError(Code.NOT_FOUND, f"{path} does not exist") from None
+    if stat.S_ISBLK(st.st_mode):
+        return VolumeStats(total_bytes=block_size(path), available_bytes=0, used_bytes=0, block=True)
+    try:
+        v = os.statvfs(path)
+    except OSError as e:
+        if e.errno in (errno.EIO, errno.ENOTCONN, errno.ESTALE):
+            raise CsiError(Code.FAILED_PRECONDITION, f"statfs {path}: {e.strerror}") from None
+        raise internal(f"statfs {path}: {e.strerror}") from None
+    return VolumeStats(
+        total_bytes=v.f_blocks * v.f_frsize,
+        available_bytes=v.f_bavail * v.f_frsize,
+        used_bytes=(v.f_blocks - v.f_bfree) * v.f_frsize,
+        total_inodes=v.f_files,
+        available_inodes=v.f_favail,
+        used_inodes=v.f_files - v.f_ffree,
+    )

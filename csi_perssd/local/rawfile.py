@@ -1,0 +1,411 @@
+"""The rawfile backend: a sparse file per volume, attached as a loop device (dev, CI, nodes without LVM).
+
+Layout under the root directory (one directory per volume, nothing else):
+
+    ROOT/<vid>/disk.img             the volume, a sparse file (truncate; never preallocated)
+    ROOT/<vid>/snap-<name>.img      point-in-time copies (reflink where the file system can)
+    ROOT/.tmp-* / ROOT/.trash-*     a volume being created / deleted (renamed atomically)
+
+Thin provisioning is honest: `capacity()` subtracts from the free space of ROOT the part of every
+volume that is not allocated yet, so every sparse file can always fill up.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import threading
+import uuid
+
+from .. import ids
+from ..errors import Code, CsiError, internal, not_found
+from . import fs, loop
+from .backend import Capacity, Extent
+
+DISK = "disk.img"
+SNAP_PREFIX = "snap-"
+SNAP_SUFFIX = ".img"
+ALIGN = 4096                        # sizes are rounded up to whole 4 KiB blocks
+REQUIRED_TOOLS = ("losetup", "mkfs.ext4", "mkfs.xfs", "resize2fs", "xfs_growfs", "fsfreeze", "blkid")
+_FICLONE = 0x40049409
+_COPY_CHUNK = 64 << 20
+
+
+def _round_up(size: int) -> int:
+    return -(-size // ALIGN) * ALIGN
+
+
+class RawfileBackend:
+    name = "rawfile"
+
+    def __init__(self, root_dir: str, max_volume_bytes: int | None = None, reserve_bytes: int = 0,
+                 direct_io: bool = True):
+        self.root = os.path.abspath(root_dir)
+        self.limit = max_volume_bytes
+        self.reserve_bytes = max(0, reserve_bytes)
+        self.direct_io = direct_io
+        self._space_lock = threading.Lock()     # capacity check + allocation are one step
+        try:
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            self._remove_leftovers()
+        except OSError:
+            pass                                # check() reports an unusable root
+
+    # ------------------------------------------------------------------ paths
+
+    def _dir(self, vid: str) -> str:
+        return os.path.join(self.root, ids.volume_id(vid))
+
+    def _disk(self, vid: str) -> str:
+        return os.path.join(self._dir(vid), DISK)
+
+    def _snap(self, vid: str, snap: str) -> str:
+        return os.path.join(self._dir(vid), SNAP_PREFIX + ids.snapshot_id(snap) + SNAP_SUFFIX)
+
+    def disk_path(self, vid: str) -> str:
+        """The backing file of a volume (the flush reads it; hydration may write it directly)."""
+        return self._disk(vid)
+
+    # ------------------------------------------------------------------ health
+
+    def check(self) -> list[str]:
+        problems = [f"{tool} not found in PATH" for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+        if not os.path.exists("/dev/loop-control"):
+            problems.append("/dev/loop-control is missing (modprobe loop)")
+        probe = os.path.join(self.root, f".probe-{uuid.uuid4().hex}")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            problems.append(f"rawfile root {self.root} is not writable: {e.strerror}")
+        return problems
+
+    # ------------------------------------------------------------------ volumes
+
+    def exists(self, vid: str) -> bool:
+        return os.path.isfile(self._disk(vid))
+
+    def size(self, vid: str) -> int:
+        try:
+            return os.stat(self._disk(vid)).st_size
+        except FileNotFoundError:
+            raise not_found(f"volume {vid} does not exist on this node") from None
+
+    def list_volumes(self) -> list[str]:
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        out = []
+        for n in names:
+            if n.startswith("."):
+                continue
+            try:
+                ids.volume_id(n)
+            except CsiError:
+                continue
+            if os.path.isfile(os.path.join(self.root, n, DISK)):
+                out.append(n)
+        return sorted(out)
+
+    def create(self, vid: str, size: int) -> None:
+        path = self._disk(vid)
+        size = self._check_size(size)
+        with self._space_lock:
+            if os.path.isfile(path):
+                current = os.stat(path).st_size
+                if current != size:
+                    raise CsiError(Code.ALREADY_EXISTS,
+                                   f"volume {vid} already exists with {current} bytes, not {size}")
+                return
+            self._check_space(size)
+            tmp = os.path.join(self.root, f".tmp-{vid}-{uuid.uuid4().hex[:8]}")
+            try:
+                os.mkdir(tmp, 0o700)
+                fd = os.open(os.path.join(tmp, DISK), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                try:
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, self._dir(vid))
+                _fsync_dir(self.root)
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise CsiError(Code.RESOURCE_EXHAUSTED, f"no space for volume {vid}: {e.strerror}") from None
+                raise internal(f"creating volume {vid} in {self.root}: {e.strerror}") from None
+
+    def device(self, vid: str) -> str:
+        path = self._disk(vid)
+        if not os.path.isfile(path):
+            raise not_found(f"volume {vid} does not exist on this node")
+        dev = loop.attach(path, direct_io=self.direct_io)
+        if fs.block_size(dev) != os.stat(path).st_size:     # expanded while detached/half-refreshed
+            loop.refresh_size(dev)
+        return dev
+
+    def attached_device(self, vid: str) -> str | None:
+        """The loop device of a volume if it is attached now (never attaches)."""
+        return loop.find(self._disk(vid))
+
+    def release(self, vid: str) -> None:
+        path = self._disk(vid)
+        for dev in loop.find_all(path):
+            loop.detach(dev)
+
+    def delete(self, vid: str) -> None:
+        vdir = self._dir(vid)
+        if not os.path.isdir(vdir):
+            return
+        self._detach_all(vdir)
+        trash = os.path.join(self.root, f".trash-{vid}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(vdir, trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+        _fsync_dir(self.root)
+
+    def expand(self, vid: str, size: int) -> None:
+        path = self._disk(vid)
+        size = self._check_size(size)
+        with self._space_lock:
+            try:
+                current = os.stat(path).st_size
+            except FileNotFoundError:
+                raise not_found(f"volume {vid} does not exist on this node") from None
+            if size > current:
+                self._check_space(size - current)
+                os.truncate(path, size)
+        dev = loop.find(path)
+        if dev is not None and fs.block_size(dev) != os.stat(path).st_size:
+            loop.refresh_size(dev)
+
+    def allocated_ranges(self, vid: str) -> list[Extent]:
+        try:
+            fd = os.open(self._disk(vid), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise not_found(f"volume {vid} does not exist on this node") from None
+        try:
+            return data_extents(fd)
+        finally:
+            os.close(fd)
+
+    def changed_ranges(self, vid: str, base_snap: str) -> list[Extent] | None:
+        return None         # a plain file keeps no change log: the caller compares chunk hashes
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot(self, vid: str, snap: str) -> str:
+        dst = self._snap(vid, snap)
+        src = self._disk(vid)
+        if os.path.isfile(dst):
+            return dst
+        if not os.path.isfile(src):
+            raise not_found(f"volume {vid} does not exist on this node")
+        dev = loop.find(src)
+        if dev is not None:
+            fs.sync_fs(dev)                 # raw block writers: flush the device's page cache
+        tmp = os.path.join(self._dir(vid), f".{os.path.basename(dst)}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            if not try_reflink(src, tmp):
+                with self._space_lock:
+                    self._check_space(os.stat(src).st_blocks * 512)
+                sparse_copy(src, tmp)
+            os.rename(tmp, dst)
+            _fsync_dir(self._dir(vid))
+        except OSError as e:
+            _unlink(tmp)
+            code = Code.RESOURCE_EXHAUSTED if e.errno in (errno.ENOSPC, errno.EDQUOT) else Code.INTERNAL
+            raise CsiError(code, f"snapshot {snap} of volume {vid}: {e.strerror}") from None
+        except BaseException:
+            _unlink(tmp)
+            raise
+        return dst
+
+    def delete_snapshot(self, vid: str, snap: str) -> None:
+        path = self._snap(vid, snap)
+        for dev in loop.find_all(path):
+            loop.detach(dev)
+        _unlink(path)
+
+    def snapshot_path(self, vid: str, snap: str) -> str | None:
+        path = self._snap(vid, snap)
+        return path if os.path.isfile(path) else None
+
+    def list_snapshots(self, vid: str) -> list[str]:
+        try:
+            names = os.listdir(self._dir(vid))
+        except FileNotFoundError:
+            return []
+        return sorted(n[len(SNAP_PREFIX):-len(SNAP_SUFFIX)] for n in names
+                      if n.startswith(SNAP_PREFIX) and n.endswith(SNAP_SUFFIX))
+
+    # ------------------------------------------------------------------ capacity
+
+    def capacity(self) -> Capacity:
+        try:
+            v = os.statvfs(self.root)
+        except OSError as e:
+            raise internal(f"statfs {self.root}: {e.strerror}") from None
+        total = v.f_blocks * v.f_frsize
+        free = v.f_bavail * v.f_frsize
+        available = max(0, free - self.reserved_bytes())
+        max_volume = available if self.limit is None else min(self.limit, available)
+        return Capacity(total_bytes=total, available_bytes=available, max_volume_bytes=max_volume)
+
+    def reserved_bytes(self) -> int:
+        """Space promised but not yet taken: the unallocated part of every volume, plus reserve_bytes."""
+        reserved = self.reserve_bytes
+        for vid in self.list_volumes():
+            try:
+                st = os.stat(os.path.join(self.root, vid, DISK))
+            except FileNotFoundError:
+                continue
+            reserved += max(0, st.st_size - st.st_blocks * 512)
+        return reserved
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_size(self, size: int) -> int:
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise CsiError(Code.INVALID_ARGUMENT, f"volume size must be a positive number of bytes, not {size!r}")
+        size = _round_up(size)
+        if self.limit is not None and size > self.limit:
+            raise CsiError(Code.RESOURCE_EXHAUSTED,
+                           f"{size} bytes exceeds this node's volume size limit of {self.limit} bytes")
+        return size
+
+    def _check_space(self, needed: int) -> None:
+        available = self.capacity().available_bytes
+        if needed > available:
+            raise CsiError(Code.RESOURCE_EXHAUSTED,
+                           f"{needed} bytes needed but only {available} bytes available in {self.root}")
+
+    def _detach_all(self, directory: str) -> None:
+        """Detach every loop device backed by a file of this directory (refuses while mounted)."""
+        try:
+            files = {(os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+                     for st in (e.stat(follow_symlinks=False) for e in os.scandir(directory))}
+        except FileNotFoundError:
+            return
+        for dev in loop.devices():
+            if dev.back_dev is not None and (*dev.back_dev, dev.back_ino) in files:
+                loop.detach(dev.name)
+
+    def _remove_leftovers(self) -> None:
+        """Finish deletes and drop half-created volumes interrupted by a crash."""
+        for n in os.listdir(self.root):
+            if n.startswith((".tmp-", ".trash-")) and os.path.isdir(os.path.join(self.root, n)):
+                path = os.path.join(self.root, n)
+                try:
+                    self._detach_all(path)
+                except CsiError:
+                    continue
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def data_extents(fd: int) -> list[Extent]:
+    """Sorted, merged [offset, offset+length) ranges of an open file that hold data (SEEK_DATA/SEEK_HOLE)."""
+    size = os.fstat(fd).st_size
+    out: list[Extent] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:      # only a hole after pos
+                break
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if end <= start:
+            break
+        if out and out[-1].end >= start:
+            out[-1] = Extent(out[-1].offset, max(out[-1].end, end) - out[-1].offset)
+        else:
+            out.append(Extent(start, end - start))
+        pos = end
+    return out
+
+
+def try_reflink(src: str, dst: str) -> bool:
+    """Make `dst` a reflink (FICLONE) of `src`, fsynced. False (and no `dst`) when the file system
+    cannot share extents."""
+    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.ioctl(dfd, _FICLONE, sfd)
+            os.fsync(dfd)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL,
+                               errno.ENOSYS, errno.EPERM):
+                _unlink(dst)
+                raise
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+    _unlink(dst)
+    return False
+
+
+def sparse_copy(src: str, dst: str) -> None:
+    """Copy only the data extents of `src` into `dst` (holes stay holes); `dst` is fsynced."""
+    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            _sparse_copy(sfd, dfd)
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def _sparse_copy(sfd: int, dfd: int) -> None:
+    size = os.fstat(sfd).st_size
+    for ext in data_extents(sfd):
+        pos = ext.offset
+        while pos < ext.end:
+            n = _copy_range(sfd, dfd, pos, min(_COPY_CHUNK, ext.end - pos))
+            if n <= 0:
+                raise OSError(errno.EIO, f"short copy at offset {pos}")
+            pos += n
+    os.ftruncate(dfd, size)
+
+
+def _copy_range(sfd: int, dfd: int, pos: int, count: int) -> int:
+    try:
+        return os.copy_file_range(sfd, dfd, count, pos, pos)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    data = os.pread(sfd, count, pos)
+    written = 0
+    while written < len(data):
+        written += os.pwrite(dfd, data[written:], pos + written)
+    return len(data)

@@ -1,0 +1,295 @@
+"""Node service: stage (hydrate + mkfs + mount), publish (bind), unpublish, unstage (flush),
+stats, expansion. Each RPC is a short sequence of idempotent ensure-steps; object-store work
+(hydrate on stage, flush on release) is delegated to `sync.VolumeSync`."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from . import TOPOLOGY_NODE_KEY, TOPOLOGY_POOL_KEY, caps, ids
+from .config import Config
+from .csi import csi_pb2 as pb
+from .csi import csi_pb2_grpc as rpc
+from .errors import Code, CsiError, invalid, not_found, precondition
+from .local import fs
+from .local.backend import Backend
+from .local.state import LocalVolume, NodeState
+from .locks import IdLocks
+from .remote.catalog import VolumeRecord
+from .stores import Stores
+from .sync import VolumeSync
+
+log = logging.getLogger(__name__)
+NCap = pb.NodeServiceCapability.RPC
+
+
+def _cap_matches(lv: LocalVolume, cap: dict[str, Any]) -> bool:
+    if lv.access_type != cap["access_type"]:
+        return False
+    return cap["access_type"] == "block" or (lv.fs_type == cap["fs_type"] and lv.mount_flags == cap["mount_flags"])
+
+
+class Node(rpc.NodeServicer):
+    def __init__(self, cfg: Config, stores: Stores, backend: Backend, state: NodeState, sync: VolumeSync):
+        self.cfg = cfg
+        self.node_id = cfg.node_id
+        self.stores = stores
+        self.backend = backend
+        self.state = state
+        self.sync = sync
+        self.locks = IdLocks()
+
+    # -- info ------------------------------------------------------------------------------
+    def NodeGetInfo(self, request: Any, context: Any) -> Any:
+        return pb.NodeGetInfoResponse(
+            node_id=self.node_id, max_volumes_per_node=self.cfg.max_volumes_per_node,
+            accessible_topology=pb.Topology(segments={TOPOLOGY_NODE_KEY: self.node_id,
+                                                      TOPOLOGY_POOL_KEY: self.cfg.pool}))
+
+    def NodeGetCapabilities(self, request: Any, context: Any) -> Any:
+        types = [NCap.STAGE_UNSTAGE_VOLUME, NCap.GET_VOLUME_STATS, NCap.EXPAND_VOLUME,
+                 NCap.VOLUME_CONDITION, NCap.SINGLE_NODE_MULTI_WRITER]
+        return pb.NodeGetCapabilitiesResponse(capabilities=[
+            pb.NodeServiceCapability(rpc=NCap(type=t)) for t in types])
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _record(self, vid: str, secrets: dict[str, str] | None = None) -> VolumeRecord:
+        return self.stores.catalog(secrets).volume(vid)
+
+    def _known_or_missing(self, vid: str) -> None:
+        """For calls on a volume this node holds nothing of: NOT_FOUND unless the volume exists."""
+        if self.stores.catalog().get_volume(vid) is None:
+            raise not_found(f"volume {vid} does not exist")
+
+    # -- stage -----------------------------------------------------------------------------
+    def NodeStageVolume(self, request: Any, context: Any) -> Any:
+        vid = ids.volume_id(request.volume_id)
+        staging = ids.host_path(request.staging_target_path, "staging_target_path")
+        if not request.HasField("volume_capability"):
+            raise invalid("volume_capability is required")
+        cap = caps.to_dict(request.volume_capability)
+        why = caps.unsupported_reason(cap)
+        if why:
+            raise invalid(why)
+        secrets = dict(request.secrets)
+        with self.locks.hold(vid):
+            rec = self._record(vid, secrets)
+            kinds = {c["access_type"] for c in rec.capabilities}
+            if cap["access_type"] not in kinds:
+                raise invalid(f"volume {vid} was created for {'/'.join(sorted(kinds))} access, not {cap['access_type']}")
+            lv = self.state.get(vid)
+            if lv is not None and lv.staged:
+                if lv.staged_path != staging:
+                    raise precondition(f"volume {vid} is already staged at {lv.staged_path}")
+                if not _cap_matches(lv, cap):
+                    raise CsiError(Code.ALREADY_EXISTS, f"volume {vid} is staged at {staging} with a different capability")
+                self._ensure_staged_mount(lv)
+                return pb.NodeStageVolumeResponse()
+            self._check_placement(rec, request.publish_context)
+            lv = self.sync.prepare(rec, lv, secrets)       # local copy of the committed generation
+            lv.access_type, lv.fs_type, lv.mount_flags = cap["access_type"], cap["fs_type"], cap["mount_flags"]
+            lv.device = self.backend.device(vid)
+            readonly = caps.is_read_only_mode(cap)
+            if cap["access_type"] == "mount":
+                formatted = fs.ensure_fs(lv.device, cap["fs_type"])
+                Path(staging).mkdir(parents=True, exist_ok=True)
+                self._mount(lv.device, staging, cap["fs_type"], cap["mount_flags"], readonly)
+                if not formatted and not readonly:
+                    fs.grow_fs(lv.device, staging, cap["fs_type"])   # no-op unless the volume grew
+            else:
+                Path(staging).mkdir(parents=True, exist_ok=True)
+            lv.staged_path = staging
+            lv.readonly = readonly
+            if not readonly:
+                lv.dirty = True
+            self.state.put(lv)
+        log.info("volume %s staged at %s (%s, generation %d)", vid, staging, lv.device, lv.generation)
+        return pb.NodeStageVolumeResponse()
+
+    def _check_placement(self, rec: VolumeRecord, publish_context: Any) -> None:
+        if rec.mobility == "node" and rec.node != self.node_id:
+            raise precondition(f"volume {rec.id} lives on node {rec.node} (mobility=node), not on {self.node_id}")
+        if rec.mobility == "pool" and rec.pool != self.cfg.pool:
+            raise precondition(f"volume {rec.id} belongs to pool {rec.pool}; this node is in pool {self.cfg.pool}")
+        if rec.owner != self.node_id:
+            raise precondition(f"volume {rec.id} is not published to node {self.node_id} "
+                               f"(owner: {rec.owner or 'none'}); ControllerPublishVolume first")
+        epoch = publish_context.get("epoch") if publish_context else None
+        if epoch is not None and epoch != str(rec.epoch):
+            raise precondition(f"volume {rec.id}: publish epoch {epoch} is stale (current {rec.epoch})")
+
+    def _mount(self, dev: str, path: str, fs_type: str, flags: list[str], readonly: bool) -> None:
+        cur = fs.mount_info(path)
+        if cur is not None and os.path.realpath(cur.source) != os.path.realpath(dev):
+            raise CsiError(Code.ALREADY_EXISTS, f"{path} already has {cur.source} mounted on it")
+        fs.ensure_mounted(dev, path, fs_type, flags, readonly=readonly)
+
+    def _ensure_staged_mount(self, lv: LocalVolume) -> None:
+        lv.device = self.backend.device(lv.id)
+        if lv.access_type == "mount":
+            Path(lv.staged_path).mkdir(parents=True, exist_ok=True)
+            self._mount(lv.device, lv.staged_path, lv.fs_type, lv.mount_flags, readonly=lv.readonly)
+        self.state.put(lv)
+
+    def NodeUnstageVolume(self, request: Any, context: Any) -> Any:
+        vid = ids.volume_id(request.volume_id)
+        staging = ids.host_path(request.staging_target_path, "staging_target_path")
+        with self.locks.hold(vid):
+            lv = self.state.get(vid)
+            if lv is None:
+                self._known_or_missing(vid)
+                fs.ensure_unmounted(staging)
+                return pb.NodeUnstageVolumeResponse()
+            if lv.targets:
+                raise precondition(f"volume {vid} is still published at {', '.join(sorted(lv.targets))}")
+            if lv.staged_path and lv.staged_path != staging:
+                raise not_found(f"volume {vid} is staged at {lv.staged_path}, not at {staging}")
+            if lv.staged_path:
+                fs.sync_fs(lv.staged_path) if lv.access_type == "mount" and fs.mount_info(lv.staged_path) else None
+                fs.ensure_unmounted(staging)
+                lv.staged_path = ""
+                self.state.put(lv)
+            self.sync.finish(lv)            # flush + commit; ABORTED with progress while it runs
+            self.backend.release(vid)
+            lv = self.state.get(vid) or lv
+            lv.device = ""
+            self.state.put(lv)
+        log.info("volume %s unstaged from %s", vid, staging)
+        return pb.NodeUnstageVolumeResponse()
+
+    # -- publish ---------------------------------------------------------------------------
+    def NodePublishVolume(self, request: Any, context: Any) -> Any:
+        vid = ids.volume_id(request.volume_id)
+        target = ids.host_path(request.target_path, "target_path")
+        staging = ids.host_path(request.staging_target_path, "staging_target_path")
+        if not request.HasField("volume_capability"):
+            raise invalid("volume_capability is required")
+        cap = caps.to_dict(request.volume_capability)
+        why = caps.unsupported_reason(cap)
+        if why:
+            raise invalid(why)
+        readonly = request.readonly or caps.is_read_only_mode(cap)
+        with self.locks.hold(vid):
+            lv = self.state.get(vid)
+            if lv is None or not lv.staged:
+                self._known_or_missing(vid)
+                raise precondition(f"volume {vid} is not staged on this node; NodeStageVolume first")
+            if lv.staged_path != staging:
+                raise precondition(f"volume {vid} is staged at {lv.staged_path}, not at {staging}")
+            if cap["access_type"] != lv.access_type:
+                raise invalid(f"volume {vid} is staged for {lv.access_type} access, not {cap['access_type']}")
+            want = {"readonly": readonly, "access_type": cap["access_type"], "mount_flags": cap["mount_flags"]}
+            have = lv.targets.get(target)
+            if have is not None and have != want:
+                raise CsiError(Code.ALREADY_EXISTS, f"volume {vid} is already published at {target} with different options")
+            for other in lv.targets:
+                if other != target and cap["mode"] == "SINGLE_NODE_SINGLE_WRITER":
+                    raise precondition(f"volume {vid} is SINGLE_NODE_SINGLE_WRITER and already published at {other}")
+            if cap["access_type"] == "mount":
+                Path(target).mkdir(parents=True, exist_ok=True)
+                self._bind(lv.staged_path, target, readonly, cap["mount_flags"])
+            else:
+                if not os.path.exists(target):
+                    Path(target).parent.mkdir(parents=True, exist_ok=True)
+                    Path(target).touch()
+                self._bind(self.backend.device(vid), target, readonly, [])
+            lv.targets[target] = want
+            self.sync.on_publish(lv)
+            self.state.put(lv)
+        return pb.NodePublishVolumeResponse()
+
+    @staticmethod
+    def _bind(src: str, target: str, readonly: bool, flags: list[str]) -> None:
+        fs.ensure_bind(src, target, readonly=readonly, options=flags)
+
+    def NodeUnpublishVolume(self, request: Any, context: Any) -> Any:
+        vid = ids.volume_id(request.volume_id)
+        target = ids.host_path(request.target_path, "target_path")
+        with self.locks.hold(vid):
+            lv = self.state.get(vid)
+            if lv is None:
+                self._known_or_missing(vid)
+            fs.ensure_unmounted(target)
+            if os.path.isdir(target) and not os.path.islink(target):
+                try:
+                    os.rmdir(target)
+                except OSError as e:
+                    raise CsiError(Code.INTERNAL, f"cannot remove target {target}: {e}") from e
+            elif os.path.lexists(target):
+                os.unlink(target)
+            if lv is not None and target in lv.targets:
+                del lv.targets[target]
+                self.state.put(lv)
+                if not lv.targets:
+                    self.sync.on_release(lv)       # sync, then flush in the background
+        return pb.NodeUnpublishVolumeResponse()
+
+    # -- stats / expand --------------------------------------------------------------------
+    def NodeGetVolumeStats(self, request: Any, context: Any) -> Any:
+        vid = ids.volume_id(request.volume_id)
+        path = ids.host_path(request.volume_path, "volume_path")
+        lv = self.state.get(vid)
+        if lv is None:
+            raise not_found(f"volume {vid} is not on this node")
+        if path != lv.staged_path and path not in lv.targets:
+            raise not_found(f"{path} is not a path of volume {vid}")
+        if not os.path.exists(path):
+            raise not_found(f"volume path {path} does not exist")
+        Usage = pb.VolumeUsage
+        cond = pb.VolumeCondition(abnormal=False, message="ok")
+        device_ok = self.backend.exists(vid) and (not lv.device or os.path.exists(lv.device))
+        if not device_ok:
+            cond = pb.VolumeCondition(abnormal=True, message=f"backing device of volume {vid} is gone")
+        if lv.access_type == "block":
+            total = fs.block_size(lv.device) if device_ok else 0
+            return pb.NodeGetVolumeStatsResponse(usage=[Usage(unit=Usage.BYTES, total=total)], volume_condition=cond)
+        if device_ok and fs.mount_info(path) is None:
+            cond = pb.VolumeCondition(abnormal=True, message=f"{path} is not mounted")
+        st = fs.volume_stats(path)
+        return pb.NodeGetVolumeStatsResponse(usage=[
+            Usage(unit=Usage.BYTES, total=st.total_bytes, used=st.used_bytes, available=st.available_bytes),
+            Usage(unit=Usage.INODES, total=st.total_inodes, used=st.used_inodes, available=st.available_inodes),
+        ], volume_condition=cond)
+
+    def NodeExpandVolume(self, request: Any, context: Any) -> Any:
+        vid = ids.volume_id(request.volume_id)
+        path = ids.host_path(request.volume_path, "volume_path")
+        if request.HasField("volume_capability"):
+            caps.to_dict(request.volume_capability)
+        with self.locks.hold(vid):
+            lv = self.state.get(vid)
+            if lv is None or not lv.staged:
+                raise not_found(f"volume {vid} is not staged on this node")
+            if path != lv.staged_path and path not in lv.targets:
+                raise not_found(f"{path} is not a path of volume {vid}")
+            size = request.capacity_range.required_bytes if request.HasField("capacity_range") else 0
+            if not size:
+                size = self._record(vid, dict(request.secrets)).size
+            if request.capacity_range.limit_bytes and size > request.capacity_range.limit_bytes:
+                raise CsiError(Code.OUT_OF_RANGE, "required_bytes exceeds limit_bytes")
+            self.backend.expand(vid, size)
+            if lv.access_type == "mount":
+                fs.grow_fs(lv.device, lv.staged_path, lv.fs_type)
+            lv.size = self.backend.size(vid)
+            self.state.put(lv)
+        return pb.NodeExpandVolumeResponse(capacity_bytes=lv.size)
+
+    # -- restart ---------------------------------------------------------------------------
+    def recover(self) -> None:
+        """After a restart: reattach devices, restore staged mounts, resume flush jobs."""
+        for lv in self.state.all():
+            try:
+                if not self.backend.exists(lv.id):
+                    log.warning("volume %s is in the node state but its local data is gone", lv.id)
+                    continue
+                if lv.staged:
+                    self._ensure_staged_mount(lv)
+                    for target, opts in lv.targets.items():
+                        src = lv.staged_path if lv.access_type == "mount" else lv.device
+                        fs.ensure_bind(src, target, readonly=opts["readonly"], options=opts.get("mount_flags", []))
+                    log.info("recovered staged volume %s at %s", lv.id, lv.staged_path)
+                self.sync.resume(lv)
+            except CsiError as e:
+                log.error("cannot recover volume %s: %s", lv.id, e)

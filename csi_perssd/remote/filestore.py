@@ -1,0 +1,129 @@
+"""FileStore: the ObjectStore interface on a local directory (file:///DIR).
+
+Used for single-machine setups and tests of the catalog. Writes are atomic (temp file + rename);
+conditional writes hold an flock on DIR/.lock so two processes sharing the directory cannot both
+win. The etag is the MD5 of the content, as S3 gives for single-part objects.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .store import NotFound, ObjectInfo, PreconditionFailed, StoreError, check_key
+
+
+def _etag(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+class FileStore:
+    def __init__(self, root: str):
+        self.root = Path(root)
+        self.url = f"file://{self.root}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create store directory {self.root}: {e}") from e
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def get(self, key: str) -> tuple[bytes, str]:
+        try:
+            data = self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(key) from None
+        except OSError as e:
+            raise StoreError(f"read {key}: {e}") from e
+        return data, _etag(data)
+
+    def head(self, key: str) -> ObjectInfo | None:
+        p = self._path(key)
+        try:
+            st = p.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not p.is_file():
+            return None
+        return ObjectInfo(key=key, size=st.st_size, etag=_etag(p.read_bytes()), mtime=st.st_mtime)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def put(self, key: str, data: bytes, *, if_none_match: bool = False,
+            if_match: str | None = None) -> str:
+        path = self._path(key)
+        try:
+            if not if_none_match and if_match is None:
+                self._write(path, data)
+                return _etag(data)
+            with self._locked():
+                exists = path.is_file()
+                if if_none_match and exists:
+                    raise PreconditionFailed(f"{key} already exists")
+                if if_match is not None:
+                    if not exists or _etag(path.read_bytes()) != if_match:
+                        raise PreconditionFailed(f"{key} changed (etag mismatch)")
+                self._write(path, data)
+                return _etag(data)
+        except PreconditionFailed:
+            raise
+        except OSError as e:
+            raise StoreError(f"write {key}: {e}") from e
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StoreError(f"delete {key}: {e}") from e
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        # walk only the directory that can hold the prefix
+        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self.root / base if base else self.root
+        if not start.is_dir():
+            return
+        keys: list[tuple[str, os.stat_result]] = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for fn in filenames:
+                if fn.startswith("."):
+                    continue
+                full = Path(dirpath) / fn
+                key = full.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    try:
+                        keys.append((key, full.stat()))
+                    except FileNotFoundError:
+                        continue
+        for key, st in sorted(keys):
+            yield ObjectInfo(key=key, size=st.st_size, etag="", mtime=st.st_mtime)

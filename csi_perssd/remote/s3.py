@@ -1,0 +1,432 @@
+"""S3Store: the ObjectStore interface on an S3-compatible bucket (s3://BUCKET/PREFIX), with boto3.
+
+- Conditional writes: PutObject IfNoneMatch='*' (create only) and IfMatch=<etag> (replace only
+  that version). 412 / 409 / PreconditionFailed -> PreconditionFailed. SeaweedFS answers 412 to
+  If-Match on a missing key where AWS answers 404: both mean "PreconditionFailed" here.
+- Retries: botocore's own retries are off; every call goes through one bounded loop with
+  exponential backoff and full jitter on 5xx, throttling, timeouts and connection errors.
+  After `Retry.attempts` (or `Retry.deadline_s`) the call raises StoreError (-> UNAVAILABLE).
+  A conditional PUT retried after an ambiguous failure that then answers 412 is checked
+  against the object's ETag: if our own bytes are there, the first attempt won.
+- Keys are PREFIX/ + check_key(key); bucket and prefix are validated so that nothing (a CSI
+  secret included) can point outside the prefix.
+- Credentials are never logged or shown in repr(); `stats` counts requests, errors and bytes.
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from .store import NotFound, ObjectInfo, ObjectStore, PreconditionFailed, StoreError, check_key
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_PREFIX_SEG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_LIST_PREFIX_RE = re.compile(r"[A-Za-z0-9._/-]*")
+_ENDPOINT_RE = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(:[0-9]{1,5})?/?")
+_REGION_RE = re.compile(r"[a-z0-9-]{1,32}")
+_THROTTLE = {"Throttling", "ThrottlingException", "SlowDown", "RequestTimeout",
+             "TooManyRequestsException", "RequestLimitExceeded",
+             "ServiceUnavailable", "InternalError", "OperationAborted"}
+_PRECONDITION = {"PreconditionFailed", "ConditionalRequestConflict"}
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Retry budget: `attempts` tries in all, sleeping base*2^n (capped, full jitter) between them,
+    and never starting a new try after `deadline_s` seconds since the first."""
+    attempts: int = 6
+    base_s: float = 0.1
+    cap_s: float = 4.0
+    deadline_s: float = 30.0
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+
+    def delay(self, n: int) -> float:
+        return random.uniform(0, min(self.cap_s, self.base_s * (2 ** n)))
+
+
+@dataclass
+class StoreStats:
+    """Counters of one store (thread-safe increments; read the fields or snapshot())."""
+    requests: dict[str, int] = field(default_factory=dict)     # by operation
+    errors: int = 0               # failed attempts (each retry counts)
+    retries: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(self, op: str, up: int = 0, down: int = 0) -> None:
+        with self._lock:
+            self.requests[op] = self.requests.get(op, 0) + 1
+            self.bytes_up += up
+            self.bytes_down += down
+
+    def add(self, *, errors: int = 0, retries: int = 0, down: int = 0) -> None:
+        with self._lock:
+            self.errors += errors
+            self.retries += retries
+            self.bytes_down += down
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"requests": dict(self.requests), "total_requests": sum(self.requests.values()),
+                    "errors": self.errors, "retries": self.retries,
+                    "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """s3://BUCKET[/PREFIX] -> (bucket, prefix without slashes); ValueError if unsafe."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"not an s3:// URL: {url[:80]!r}")
+    rest = url[len("s3://"):]
+    bucket, _, prefix = rest.partition("/")
+    prefix = prefix.rstrip("/")
+    if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket or "-." in bucket or ".-" in bucket:
+        raise ValueError(f"invalid bucket name {bucket[:80]!r}")
+    if prefix:
+        if len(prefix) > 200:
+            raise ValueError("object prefix too long")
+        for seg in prefix.split("/"):
+            if not _PREFIX_SEG_RE.fullmatch(seg) or seg in (".", ".."):
+                raise ValueError(f"invalid object prefix {prefix[:80]!r}")
+    return bucket, prefix
+
+
+def _etag(raw: str | None) -> str:
+    return (raw or "").strip('"')
+
+
+def _status(e: botocore.exceptions.ClientError) -> int:
+    return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+def _code(e: botocore.exceptions.ClientError) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
+
+
+def _retryable(e: Exception) -> bool:
+    if isinstance(e, botocore.exceptions.ClientError):
+        st = _status(e)
+        return st >= 500 or st == 429 or _code(e) in _THROTTLE
+    return isinstance(e, (botocore.exceptions.ConnectionError,
+                          botocore.exceptions.HTTPClientError,
+                          botocore.exceptions.ReadTimeoutError,
+                          botocore.exceptions.ResponseStreamingError,
+                          ConnectionError, TimeoutError))
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, botocore.exceptions.ClientError):
+        return f"{_code(e) or 'error'} (HTTP {_status(e)})"
+    return f"{type(e).__name__}: {e}"
+
+
+class _Precondition(Exception):
+    """Internal: a 412 inside the retry loop (decided on by the caller)."""
+
+
+class S3Store:
+    def __init__(self, url: str, endpoint_url: str | None = None, region: str | None = None,
+                 access_key: str | None = None, secret_key: str | None = None,
+                 ca_bundle: str | None = None, max_pool_connections: int = 32,
+                 retries: Retry | int | None = None, list_page_size: int = 1000):
+        self.bucket, self.prefix = parse_s3_url(url)
+        self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        self.endpoint_url = endpoint_url or None
+        self.retry = Retry(attempts=retries) if isinstance(retries, int) else (retries or Retry())
+        self.list_page_size = max(1, min(1000, list_page_size))
+        self.stats = StoreStats()
+        cfg = botocore.config.Config(
+            retries={"max_attempts": 1, "mode": "standard"},        # our own loop retries
+            max_pool_connections=max_pool_connections,
+            connect_timeout=self.retry.connect_timeout_s,
+            read_timeout=self.retry.read_timeout_s,
+            s3={"addressing_style": "path"},
+            signature_version="s3v4",
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        session = boto3.session.Session()
+        self._client = session.client(
+            "s3", endpoint_url=self.endpoint_url, region_name=region or "us-east-1",
+            aws_access_key_id=access_key or None, aws_secret_access_key=secret_key or None,
+            verify=ca_bundle if ca_bundle else None, config=cfg)
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.url!r}, endpoint={self.endpoint_url!r})"
+
+    def _key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    # -- the retry loop ---------------------------------------------------------------------
+    def _call(self, op: str, key: str, fn: Callable[[], T], *, up: int = 0) -> T:
+        """Run fn with retries. ClientErrors that are not retryable are re-raised as they are;
+        the loop ends in StoreError when the budget runs out."""
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            self.stats.count(op, up=up)
+            try:
+                return fn()
+            except Exception as e:      # noqa: BLE001 - classified right below
+                if not _retryable(e):
+                    if isinstance(e, botocore.exceptions.ClientError):
+                        raise
+                    if isinstance(e, botocore.exceptions.BotoCoreError):
+                        self.stats.add(errors=1)
+                        raise StoreError(f"{op} {self.url}/{key}: {_describe(e)}") from e
+                    raise
+                self.stats.add(errors=1)
+                attempt += 1
+                elapsed = time.monotonic() - start
+                if attempt >= self.retry.attempts or elapsed >= self.retry.deadline_s:
+                    raise StoreError(f"{op} {self.url}/{key} failed after {attempt} attempts "
+                                     f"in {elapsed:.1f}s: {_describe(e)}") from e
+                pause = min(self.retry.delay(attempt - 1),
+                            max(0.0, self.retry.deadline_s - elapsed))
+                log.debug("%s %s: %s, retry %d in %.2fs", op, key, _describe(e), attempt, pause)
+                self.stats.add(retries=1)
+                time.sleep(pause)
+
+    def _fail(self, op: str, key: str, e: botocore.exceptions.ClientError) -> StoreError:
+        self.stats.add(errors=1)
+        return StoreError(f"{op} {self.url}/{key}: {_describe(e)}")
+
+    # -- ObjectStore ------------------------------------------------------------------------
+    def get(self, key: str) -> tuple[bytes, str]:
+        k = self._key(key)
+
+        def once() -> tuple[bytes, str]:
+            r = self._client.get_object(Bucket=self.bucket, Key=k)
+            body = r["Body"]
+            try:
+                data = body.read()
+            finally:
+                body.close()
+            self.stats.add(down=len(data))
+            return data, _etag(r.get("ETag"))
+
+        try:
+            return self._call("get", key, once)
+        except botocore.exceptions.ClientError as e:
+            if _status(e) == 404 or _code(e) in ("NoSuchKey", "NotFound"):
+                raise NotFound(key) from None
+            raise self._fail("get", key, e) from e
+
+    def head(self, key: str) -> ObjectInfo | None:
+        k = self._key(key)
+        try:
+            r = self._call("head", key, lambda: self._client.head_object(Bucket=self.bucket, Key=k))
+        except botocore.exceptions.ClientError as e:
+            if _status(e) == 404 or _code(e) in ("NoSuchKey", "NotFound", "404"):
+                return None
+            raise self._fail("head", key, e) from e
+        mtime = r.get("LastModified")
+        return ObjectInfo(key=key, size=int(r.get("ContentLength", 0)), etag=_etag(r.get("ETag")),
+                          mtime=mtime.timestamp() if mtime else 0.0)
+
+    def put(self, key: str, data: bytes, *, if_none_match: bool = False,
+            if_match: str | None = None) -> str:
+        if if_none_match and if_match is not None:
+            raise ValueError("if_none_match and if_match are exclusive")
+        k = self._key(key)
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": k, "Body": data}
+        if if_none_match:
+            kw["IfNoneMatch"] = "*"
+        if if_match is not None:
+            if not if_match or not re.fullmatch(r'"?[A-Za-z0-9-]+"?', if_match):
+                raise PreconditionFailed(f"{key}: invalid etag {if_match[:40]!r}")
+            kw["IfMatch"] = f'"{_etag(if_match)}"'
+        conditional = if_none_match or if_match is not None
+        tries = 0
+
+        def once() -> str:
+            nonlocal tries
+            tries += 1
+            try:
+                return _etag(self._client.put_object(**kw).get("ETag"))
+            except botocore.exceptions.ClientError as e:
+                if conditional and (_status(e) in (409, 412) or _code(e) in _PRECONDITION):
+                    if _status(e) == 409 and _code(e) not in _PRECONDITION:
+                        raise
+                    raise _Precondition(tries) from e
+                if if_match is not None and (_status(e) == 404 or _code(e) == "NoSuchKey"):
+                    raise _Precondition(tries) from e       # AWS: If-Match on a missing key
+                raise
+
+        try:
+            return self._call("put", key, once, up=len(data))
+        except _Precondition as p:
+            if p.args[0] > 1:
+                # an earlier attempt may have landed before the connection broke: if the
+                # object now holds exactly our bytes, that attempt won the condition
+                info = self.head(key)
+                md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+                if info is not None and info.etag == md5:
+                    return info.etag
+            raise PreconditionFailed(f"{key}: condition not met "
+                                     f"({'exists' if if_none_match else 'etag changed'})") from None
+        except botocore.exceptions.ClientError as e:
+            raise self._fail("put", key, e) from e
+
+    def delete(self, key: str) -> None:
+        k = self._key(key)
+        try:
+            self._call("delete", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=k))
+        except botocore.exceptions.ClientError as e:
+            if _status(e) == 404:
+                return
+            raise self._fail("delete", key, e) from e
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        if not _LIST_PREFIX_RE.fullmatch(prefix) or ".." in prefix or prefix.startswith("/"):
+            raise ValueError(f"refusing unsafe list prefix {prefix[:80]!r}")
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        if self.prefix and not prefix:
+            full = self.prefix + "/"
+        token: str | None = None
+        while True:
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full,
+                                  "MaxKeys": self.list_page_size}
+            if token:
+                kw["ContinuationToken"] = token
+            try:
+                page = self._call("list", prefix, lambda: self._client.list_objects_v2(**kw))
+            except botocore.exceptions.ClientError as e:
+                raise self._fail("list", prefix, e) from e
+            for o in page.get("Contents", []):
+                k = o["Key"][strip:]
+                mtime = o.get("LastModified")
+                yield ObjectInfo(key=k, size=int(o.get("Size", 0)), etag=_etag(o.get("ETag")),
+                                 mtime=mtime.timestamp() if mtime else 0.0)
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    def create_bucket(self) -> None:
+        """Create the bucket if missing (test servers and demos; production buckets exist)."""
+        def once() -> None:
+            try:
+                self._client.create_bucket(Bucket=self.bucket)
+            except botocore.exceptions.ClientError as e:
+                if _code(e) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+        try:
+            self._call("create_bucket", "", once)
+        except botocore.exceptions.ClientError as e:
+            raise self._fail("create_bucket", "", e) from e
+
+
+# -- building stores ------------------------------------------------------------------------
+_ca_lock = threading.Lock()
+_ca_dir: str | None = None
+_store_cache: dict[str, ObjectStore] = {}
+_STORE_CACHE_MAX = 32
+
+
+def _ca_file(pem: str) -> str:
+    """Write PEM text (from a secret) to a private file; the same text reuses the same file."""
+    global _ca_dir
+    if "-----BEGIN CERTIFICATE-----" not in pem or len(pem) > 1 << 20:
+        raise ValueError("caBundle is not a PEM certificate bundle")
+    with _ca_lock:
+        if _ca_dir is None:
+            _ca_dir = tempfile.mkdtemp(prefix="perssd-ca-")      # mode 0700
+            atexit.register(shutil.rmtree, _ca_dir, True)
+        path = os.path.join(_ca_dir, hashlib.sha256(pem.encode()).hexdigest()[:32] + ".pem")
+        if not os.path.exists(path):
+            fd, tmp = tempfile.mkstemp(dir=_ca_dir)
+            with os.fdopen(fd, "w") as f:
+                f.write(pem)
+            os.replace(tmp, path)
+        return path
+
+
+def _default(defaults: Any, name: str) -> str:
+    """Read a default from a Config (attribute s3_<name>) or a dict (secret-style key)."""
+    if defaults is None:
+        return ""
+    if isinstance(defaults, Mapping):
+        return str(defaults.get(name) or "")
+    attr = {"endpoint": "s3_endpoint", "region": "s3_region", "caBundle": "s3_ca_bundle",
+            "accessKeyId": "s3_access_key", "secretAccessKey": "s3_secret_key"}[name]
+    return str(getattr(defaults, attr, "") or "")
+
+
+def from_config(url: str, secrets: Mapping[str, str] | None = None, defaults: Any = None,
+                *, cache: bool = True, **opts: Any) -> ObjectStore:
+    """Build the store for `url` from CSI secrets (keys endpoint, region, accessKeyId,
+    secretAccessKey, caBundle = PEM text) over the driver's defaults (a Config with s3_endpoint,
+    s3_region, s3_ca_bundle = a file path, or a dict with the secret keys). Missing credentials
+    fall back to boto3's chain (env, instance role). Stores are cached per distinct settings.
+    ValueError for unsafe or malformed values (the caller maps it to INVALID_ARGUMENT)."""
+    if not url.startswith("s3://"):
+        return open_store(url, **opts)
+    parse_s3_url(url)
+    secrets = secrets or {}
+    endpoint = secrets.get("endpoint") or _default(defaults, "endpoint")
+    region = secrets.get("region") or _default(defaults, "region")
+    access = secrets.get("accessKeyId") or _default(defaults, "accessKeyId")
+    secret = secrets.get("secretAccessKey") or _default(defaults, "secretAccessKey")
+    if endpoint and not _ENDPOINT_RE.fullmatch(endpoint):
+        raise ValueError("S3 endpoint must be http(s)://host[:port]")
+    if region and not _REGION_RE.fullmatch(region):
+        raise ValueError("invalid S3 region")
+    if bool(access) != bool(secret):
+        raise ValueError("accessKeyId and secretAccessKey must be given together")
+    ca: str | None = None
+    if secrets.get("caBundle"):
+        ca = _ca_file(secrets["caBundle"])
+    elif _default(defaults, "caBundle"):
+        ca = _default(defaults, "caBundle")
+        if isinstance(defaults, Mapping) and "-----BEGIN" in ca:
+            ca = _ca_file(ca)
+    ident = hashlib.sha256("\0".join(
+        [url, endpoint, region, access, secret, ca or "", repr(sorted(opts.items()))]
+    ).encode()).hexdigest()
+    if cache:
+        with _ca_lock:
+            hit = _store_cache.get(ident)
+        if hit is not None:
+            return hit
+    store = S3Store(url, endpoint_url=endpoint or None, region=region or None,
+                    access_key=access or None, secret_key=secret or None, ca_bundle=ca, **opts)
+    if cache:
+        with _ca_lock:
+            if len(_store_cache) >= _STORE_CACHE_MAX:
+                _store_cache.pop(next(iter(_store_cache)))
+            _store_cache[ident] = store
+    return store
+
+
+def open_store(url: str, **opts: Any) -> ObjectStore:
+    """file:///DIR -> FileStore(DIR); s3://BUCKET/PREFIX -> S3Store(url, **opts)."""
+    if url.startswith("file://"):
+        path = url[len("file://"):]
+        if not path.startswith("/"):
+            raise ValueError(f"file:// store needs an absolute path: {url[:80]!r}")
+        from .filestore import FileStore
+        return FileStore(path)
+    if url.startswith("s3://"):
+        return S3Store(url, **opts)
+    raise ValueError(f"unsupported store URL {url[:80]!r} (file:// or s3://)")

@@ -1,0 +1,136 @@
+"""Builds a running driver from a Config: stores, backend, services, background loops."""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from . import __version__
+from .config import Config
+from .controller import Controller
+from .errors import CsiError
+from .identity import Identity
+from .local.backend import Backend
+from .remote.catalog import NodeRecord
+from .server import Server
+from .stores import Stores
+
+log = logging.getLogger(__name__)
+
+
+def make_backend(cfg: Config) -> Backend:
+    if cfg.backend == "rawfile":
+        from .local.rawfile import RawfileBackend
+        return RawfileBackend(cfg.rawfile_dir, max_volume_bytes=cfg.max_volume_bytes or None,
+                              reserve_bytes=cfg.reserve_bytes)
+    if cfg.backend == "lvm":
+        from .local.lvm import LvmBackend
+        if not cfg.volume_group:
+            raise ValueError("--backend lvm needs --volume-group")
+        return LvmBackend(cfg.volume_group, thin_pool=cfg.thin_pool)
+    raise ValueError(f"unknown backend {cfg.backend!r} (rawfile or lvm)")
+
+
+class Runtime:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.stores = Stores(cfg)
+        self.stop_event = threading.Event()
+        self.backend: Backend | None = None
+        self.node: Any = None
+        self.sync: Any = None
+        self.controller: Controller | None = None
+        self._threads: list[threading.Thread] = []
+        local_node = None
+        if cfg.mode in ("node", "all"):
+            from .local.state import NodeState
+            from .node import Node
+            from .sync import VolumeSync
+            if not cfg.node_id:
+                raise ValueError("--node-id is required in node and all modes")
+            self.backend = make_backend(cfg)
+            state = NodeState(cfg.state_dir)
+            self.sync = VolumeSync(cfg, self.stores, self.backend, state)
+            self.node = Node(cfg, self.stores, self.backend, state, self.sync)
+            local_node = self.node_record()
+        if cfg.mode in ("controller", "all"):
+            self.controller = Controller(cfg, self.stores, local_node=local_node)
+            try:
+                from .snapshots import Snapshots
+                self.controller.snapshots = Snapshots(cfg, self.stores, self.controller)
+            except ImportError:
+                pass
+        self.identity = Identity(has_controller=self.controller is not None, problems=self.problems)
+        self.server = Server(cfg.socket_path, self.identity, self.controller, self.node)
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        if self.backend is not None:
+            out += self.backend.check()
+        return out
+
+    def node_record(self) -> NodeRecord:
+        assert self.backend is not None
+        try:
+            cap = self.backend.capacity()
+            total, avail, biggest = cap.total_bytes, cap.available_bytes, cap.max_volume_bytes
+        except CsiError:
+            total = avail = biggest = 0
+        reclaim = self.sync.reclaimable_bytes() if self.sync is not None else 0
+        from . import metrics
+        metrics.POOL_BYTES.labels("total").set(total)
+        metrics.POOL_BYTES.labels("available").set(avail)
+        metrics.POOL_BYTES.labels("cache").set(reclaim)
+        return NodeRecord(id=self.cfg.node_id, pool=self.cfg.pool, total_bytes=total, available_bytes=avail,
+                          reclaimable_bytes=reclaim, max_volume_bytes=biggest, version=__version__)
+
+    def heartbeat(self) -> None:
+        rec = self.node_record()
+        if self.controller is not None:
+            self.controller.local_node = rec
+        cat = self.stores.catalog()
+        cat.put_node(rec)
+        known = {v.id for v in cat.list_volumes()}
+        self.sync.drop_deleted(lambda vid: vid in known)
+
+    def _loop(self, name: str, every: float, fn: Any) -> None:
+        def run() -> None:
+            while not self.stop_event.wait(every):
+                try:
+                    fn()
+                except Exception as e:     # keep the loop alive; the next round retries
+                    log.warning("%s failed: %s", name, e)
+        t = threading.Thread(target=run, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def start(self) -> None:
+        if self.cfg.metrics_address:
+            from . import metrics
+            metrics.serve(self.cfg.metrics_address)
+        problems = self.problems()
+        for p in problems:
+            log.error("not ready: %s", p)
+        if self.node is not None:
+            try:
+                self.heartbeat()
+            except CsiError as e:
+                log.warning("first heartbeat failed (object store unreachable?): %s", e)
+            self.node.recover()
+            self._loop("heartbeat", self.cfg.heartbeat_seconds, self.heartbeat)
+        if self.controller is not None and self.controller.snapshots is not None:
+            self.controller.snapshots.start_background(self)
+        if self.node is not None:
+            try:
+                from .snapshots import NodeSnapshotWorker
+                NodeSnapshotWorker(self).start()
+            except ImportError:
+                pass
+        self.server.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def serve_forever(self) -> None:
+        self.start()
+        self.server.run_until_signal(self.cfg.grace_seconds, on_stop=self.stop)

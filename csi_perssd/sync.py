@@ -1,0 +1,312 @@
+"""VolumeSync: the node's link between local volumes and the object store.
+
+- prepare (NodeStage): make the local copy hold the committed generation — reuse a current
+  cached copy, otherwise create the local volume and hydrate it (evicting clean cached copies,
+  least recently used first, when space runs out).
+- on_release (last NodeUnpublish): sync and start a background flush job.
+- finish (NodeUnstage, after unmount): run the final flush and commit the generation with the
+  node's ownership epoch; ABORTED with progress while a job runs (kubelet retries).
+- resume (restart): a job that was running continues; the journal skips chunks already uploaded.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import metrics
+from .config import Config
+from .errors import Code, CsiError, aborted
+from .local import fs
+from .local.backend import Backend
+from .local.state import FlushJob, LocalVolume, NodeState
+from .remote import transfer
+from .remote.catalog import VolumeRecord
+from .remote.manifest import Manifest
+from .remote.store import StoreError
+from .stores import Stores
+
+log = logging.getLogger(__name__)
+
+
+class VolumeSync:
+    def __init__(self, cfg: Config, stores: Stores, backend: Backend, state: NodeState,
+                 unstage_wait: float = 20.0):
+        self.cfg = cfg
+        self.node_id = cfg.node_id
+        self.stores = stores
+        self.backend = backend
+        self.state = state
+        self.unstage_wait = unstage_wait
+        self._mu = threading.Lock()
+        self._threads: dict[str, threading.Thread] = {}
+        self._progress: dict[str, tuple[int, int]] = {}
+        self._stop = threading.Event()
+        self.last_flush: dict[str, transfer.FlushStats] = {}
+        self.last_hydrate: dict[str, transfer.HydrateStats] = {}
+
+    # -- stage -----------------------------------------------------------------------------
+    def prepare(self, rec: VolumeRecord, lv: LocalVolume | None, secrets: dict[str, str]) -> LocalVolume:
+        vid = rec.id
+        if lv is not None and lv.flush is not None and lv.flush.state == "running":
+            raise aborted(f"volume {vid}: a flush of its previous use is still running; try again")
+        have = self.backend.exists(vid)
+        if lv is None or not have:
+            lv = LocalVolume(id=vid, persistence=rec.persistence)
+        lv.persistence, lv.epoch, lv.last_used = rec.persistence, rec.epoch, time.time()
+        if have and rec.persistence == "object" and lv.generation != rec.generation:
+            if lv.dirty:
+                log.error("volume %s: unflushed local changes on top of generation %d are discarded: "
+                          "generation %d was committed meanwhile by %s (this node was fenced out)",
+                          vid, lv.generation, rec.generation, rec.generation_node or "another node")
+            else:
+                log.info("volume %s: local copy holds generation %d, committed is %d: rehydrating",
+                         vid, lv.generation, rec.generation)
+            self.backend.delete(vid)
+            have = False
+            lv = LocalVolume(id=vid, persistence=rec.persistence, epoch=rec.epoch)
+        if have:
+            if self.backend.size(vid) < rec.size:
+                self.backend.expand(vid, rec.size)
+            log.info("volume %s: reusing the local copy (generation %d%s)", vid, lv.generation,
+                     ", with unflushed changes" if lv.dirty else "")
+        else:
+            self._create(vid, rec.size)
+            lv.generation, lv.dirty = 0, False
+            if rec.persistence == "object" and rec.generation > 0:
+                self._hydrate(rec, lv, secrets)
+        lv.size = self.backend.size(vid)
+        self.state.put(lv)
+        return lv
+
+    def _create(self, vid: str, size: int) -> None:
+        try:
+            self.backend.create(vid, size)
+            return
+        except CsiError as e:
+            if e.code != Code.RESOURCE_EXHAUSTED:
+                raise
+            if not self.evict(size, keep=vid):
+                raise
+        self.backend.create(vid, size)
+
+    def _hydrate(self, rec: VolumeRecord, lv: LocalVolume, secrets: dict[str, str]) -> None:
+        cat = self.stores.catalog(secrets)
+        manifest = Manifest.decode(cat.get_manifest(rec.id, rec.generation))
+        dev = self.backend.device(rec.id)
+        t0 = time.monotonic()
+        try:
+            stats = transfer.hydrate(cat.store, manifest, dev, workers=self.cfg.hydrate_workers)
+        except transfer.ChunkCorrupted as e:
+            self.backend.delete(rec.id)
+            raise CsiError(Code.DATA_LOSS, f"volume {rec.id} generation {rec.generation}: {e}") from e
+        except StoreError as e:
+            self.backend.delete(rec.id)
+            raise CsiError(Code.UNAVAILABLE, f"volume {rec.id}: object store unreachable while hydrating: {e}") from e
+        dt = time.monotonic() - t0
+        metrics.TRANSFER_SECONDS.labels("hydrate").observe(dt)
+        metrics.BYTES.labels("hydrated").inc(stats.bytes_written)
+        self.last_hydrate[rec.id] = stats
+        lv.generation = rec.generation
+        log.info("volume %s: hydrated generation %d: %d bytes in %.2fs (%.1f MB/s of volume)", rec.id,
+                 rec.generation, stats.bytes_written, dt, rec.size / max(dt, 1e-6) / 1e6)
+
+    # -- release / unstage -----------------------------------------------------------------
+    def on_publish(self, lv: LocalVolume) -> None:
+        if not lv.readonly:
+            lv.dirty = True
+
+    def on_release(self, lv: LocalVolume) -> None:
+        """Last target gone: sync the file system and start flushing while it is still staged."""
+        if lv.persistence != "object" or not lv.dirty:
+            return
+        if lv.access_type == "mount" and lv.staged_path and fs.mount_info(lv.staged_path):
+            fs.sync_fs(lv.staged_path)
+        self._start(lv, final=False)
+
+    def finish(self, lv: LocalVolume) -> None:
+        """Called by NodeUnstage after unmounting. Returns when the generation is committed."""
+        if lv.persistence != "object" or not lv.dirty:
+            return
+        deadline = time.monotonic() + self.unstage_wait
+        while True:
+            cur = self.state.get(lv.id) or lv
+            job = cur.flush
+            running = self._running(lv.id)
+            if not running:
+                if job is not None and job.state == "committed" and job.final:
+                    cur.flush, cur.dirty = None, False
+                    self.state.put(cur)
+                    return
+                if job is not None and job.state == "fenced":
+                    raise CsiError(Code.FAILED_PRECONDITION, job.error)
+                if job is None or not job.final or job.state == "failed":
+                    if job is not None and job.state == "failed":
+                        log.warning("volume %s: retrying flush after: %s", lv.id, job.error)
+                    self._start(cur, final=True)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        cur = self.state.get(lv.id) or lv
+        done, total = self._progress.get(lv.id, (0, 0))
+        err = f"; last error: {cur.flush.error}" if cur.flush and cur.flush.error else ""
+        code = Code.UNAVAILABLE if cur.flush and cur.flush.state == "failed" and "unreachable" in cur.flush.error else Code.ABORTED
+        raise CsiError(code, f"volume {lv.id}: flush to the object store in progress: "
+                       f"{done}/{total} bytes ({100 * done // max(total, 1)}%){err}; retry later")
+
+    def resume(self, lv: LocalVolume) -> None:
+        if lv.flush is not None and lv.flush.state in ("running", "failed") and lv.persistence == "object":
+            log.info("volume %s: resuming the interrupted flush", lv.id)
+            self._start(lv, final=lv.flush.final or not lv.staged)
+
+    def _running(self, vid: str) -> bool:
+        with self._mu:
+            t = self._threads.get(vid)
+            return t is not None and t.is_alive()
+
+    def _start(self, lv: LocalVolume, final: bool) -> None:
+        with self._mu:
+            t = self._threads.get(lv.id)
+            if t is not None and t.is_alive():
+                return
+            lv.flush = FlushJob(generation_base=lv.generation, epoch=lv.epoch, final=final)
+            self.state.put(lv)
+            t = threading.Thread(target=self._run, args=(lv.id,), name=f"flush-{lv.id}", daemon=True)
+            self._threads[lv.id] = t
+            metrics.FLUSH_JOBS.inc()
+            t.start()
+
+    def _run(self, vid: str) -> None:
+        try:
+            self._flush(vid)
+        except Exception as e:     # recorded in the job; NodeUnstage reports it
+            fenced = isinstance(e, CsiError) and e.code == Code.FAILED_PRECONDITION
+            lv = self.state.get(vid)
+            if lv is not None and lv.flush is not None:
+                lv.flush.state = "fenced" if fenced else "failed"
+                lv.flush.error = str(e) if not isinstance(e, StoreError) else f"object store unreachable: {e}"
+                self.state.put(lv)
+            if fenced:
+                log.error("volume %s: flush not committed, local data kept: %s", vid, e)
+            else:
+                log.warning("volume %s: flush failed (will retry on the next NodeUnstage): %s", vid, e)
+        finally:
+            metrics.FLUSH_JOBS.dec()
+
+    def _flush(self, vid: str) -> None:
+        lv = self.state.get(vid)
+        assert lv is not None and lv.flush is not None
+        job = lv.flush
+        cat = self.stores.catalog()
+        rec = cat.volume(vid)
+        if rec.owner != self.node_id or rec.epoch != job.epoch:
+            raise CsiError(Code.FAILED_PRECONDITION,
+                           f"volume {vid}: node {self.node_id} (epoch {job.epoch}) no longer owns it "
+                           f"(owner {rec.owner or '-'}, epoch {rec.epoch}); local data kept, not committed")
+        base = Manifest.decode(cat.get_manifest(vid, rec.generation)) if rec.generation else None
+        dev = self.backend.device(vid)
+        size = self.backend.size(vid)
+        ranges = self.backend.allocated_ranges(vid)
+        total = sum(r.length for r in ranges)
+        job.total_bytes = total
+        self.state.put(lv)
+        metrics.FLUSH_BACKLOG.inc(total)
+        last = [0]
+
+        def progress(done: int, tot: int) -> None:
+            self._progress[vid] = (done, tot)
+            metrics.FLUSH_BACKLOG.dec(done - last[0])
+            last[0] = done
+
+        t0 = time.monotonic()
+        try:
+            manifest, stats = transfer.flush(cat.store, dev, size, rec.chunk_size, base=base, ranges=ranges,
+                                             compression_level=rec.compression, workers=self.cfg.flush_workers,
+                                             journal_path=self.state.journal_path(vid), progress=progress)
+        finally:
+            metrics.FLUSH_BACKLOG.dec(total - last[0])
+        dt = time.monotonic() - t0
+        metrics.TRANSFER_SECONDS.labels("flush").observe(dt)
+        metrics.BYTES.labels("flushed_read").inc(stats.bytes_read)
+        metrics.BYTES.labels("uploaded").inc(stats.bytes_uploaded)
+        metrics.BYTES.labels("skipped_hole").inc(stats.hole_chunks * rec.chunk_size)
+        metrics.BYTES.labels("skipped_known").inc(stats.chunks_skipped_known * rec.chunk_size)
+        self.last_flush[vid] = stats
+        lv = self.state.get(vid)
+        assert lv is not None and lv.flush is not None
+        if not lv.flush.final:
+            # a pre-flush while still staged: chunks are stored, the final pass commits
+            lv.flush.state, lv.flush.done_bytes = "uploaded", total
+            self.state.put(lv)
+            log.info("volume %s: background flush uploaded %d bytes in %.2fs", vid, stats.bytes_uploaded, dt)
+            return
+        gen = cat.put_manifest(vid, rec.generation + 1, manifest.encode())
+        cat.commit_generation(vid, gen, self.node_id, job.epoch)
+        lv.generation = gen
+        lv.flush.state, lv.flush.manifest_gen, lv.flush.done_bytes = "committed", gen, total
+        self.state.put(lv)
+        Path(self.state.journal_path(vid)).unlink(missing_ok=True)
+        log.info("volume %s: committed generation %d: read %d bytes, uploaded %d bytes in %d chunks "
+                 "(%d known, %d holes) in %.2fs (%.1f MB/s of volume)", vid, gen, stats.bytes_read,
+                 stats.bytes_uploaded, stats.chunks_uploaded, stats.chunks_skipped_known, stats.hole_chunks,
+                 dt, size / max(dt, 1e-6) / 1e6)
+
+    # -- cache -----------------------------------------------------------------------------
+    def clean_cached(self) -> list[LocalVolume]:
+        """Local copies that hold a committed generation and nothing else: evictable."""
+        out = []
+        for lv in self.state.all():
+            if lv.staged or lv.dirty or lv.persistence != "object" or self._running(lv.id):
+                continue
+            if lv.flush is not None and lv.flush.state not in ("committed",):
+                continue
+            out.append(lv)
+        return sorted(out, key=lambda v: v.last_used)
+
+    def reclaimable_bytes(self) -> int:
+        total = 0
+        for lv in self.clean_cached():
+            try:
+                total += sum(r.length for r in self.backend.allocated_ranges(lv.id))
+            except CsiError:
+                continue
+        return total
+
+    def evict(self, need: int, keep: str = "") -> bool:
+        """Evict clean cached copies, least recently used first, until `need` bytes fit."""
+        evicted = False
+        for lv in self.clean_cached():
+            if lv.id == keep:
+                continue
+            if self.backend.capacity().available_bytes >= need:
+                break
+            log.info("evicting cached copy of volume %s (generation %d, last used %s)", lv.id,
+                     lv.generation, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(lv.last_used)))
+            self.backend.delete(lv.id)
+            self.state.delete(lv.id)
+            evicted = True
+        return evicted and self.backend.capacity().available_bytes >= need
+
+    def drop_deleted(self, exists: Callable[[str], bool]) -> None:
+        """Remove local copies of volumes deleted from the catalog (not staged)."""
+        for lv in self.state.all():
+            if lv.staged or lv.targets or self._running(lv.id) or exists(lv.id):
+                continue
+            log.info("volume %s was deleted: removing its local copy", lv.id)
+            self.backend.delete(lv.id)
+            self.state.delete(lv.id)
+        for vid in self.backend.list_volumes():
+            if self.state.get(vid) is None and not exists(vid):
+                log.info("removing orphaned local volume %s", vid)
+                self.backend.delete(vid)
+
+    def wait_idle(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        for t in list(self._threads.values()):
+            t.join(max(0.0, end - time.monotonic()))
+
+    def stats_for(self, vid: str) -> Any:
+        return self.last_flush.get(vid)
