@@ -1,4 +1,5 @@
 """Shared pytest setup: fixture plugins live in tests/plugins/ (one file per concern)."""
 pytest_plugins = [
     "tests.plugins.leaks",
+    "tests.plugins.s3",
 ]

@@ -304,6 +304,13 @@ class S3Store:
         strip = len(self.prefix) + 1 if self.prefix else 0
         if self.prefix and not prefix:
             full = self.prefix + "/"
+        # Some servers (SeaweedFS walks its directory tree: "a/x" before "a.json") do not list
+        # in byte order, so the listing is collected and sorted before it is yielded: list
+        # narrow prefixes (e.g. one chunks/<h0h1>/ shard at a time) for huge buckets.
+        out = sorted(self._list_pages(prefix, full, strip), key=lambda o: o.key.encode())
+        yield from out
+
+    def _list_pages(self, prefix: str, full: str, strip: int) -> Iterator[ObjectInfo]:
         token: str | None = None
         while True:
             kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full,

@@ -1,0 +1,231 @@
+"""ObjectStore contract, run against every implementation (S3 on SeaweedFS, FileStore), plus
+S3-specific behaviour: URL/secret validation, retries, outage -> StoreError within the budget.
+
+To add an implementation, append a factory to STORE_FACTORIES: (name, callable(request, tmp_path)).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+
+import pytest
+
+from csi_perssd.remote import s3 as s3mod
+from csi_perssd.remote.s3 import Retry, S3Store, from_config, open_store, parse_s3_url
+from csi_perssd.remote.store import NotFound, ObjectStore, PreconditionFailed, StoreError
+from tests.plugins.s3 import make_s3_store, seaweed_outage
+
+
+def _s3(request: pytest.FixtureRequest, tmp_path, **opts) -> ObjectStore:
+    return make_s3_store(request.getfixturevalue("seaweed"), **opts)
+
+
+def _file(request: pytest.FixtureRequest, tmp_path, **opts) -> ObjectStore:
+    if importlib.util.find_spec("csi_perssd.remote.filestore") is None:
+        pytest.skip("csi_perssd.remote.filestore is not written yet")
+    from csi_perssd.remote.filestore import FileStore
+    return FileStore(str(tmp_path / "store"))
+
+
+STORE_FACTORIES = [("s3", _s3), ("file", _file)]
+
+
+@pytest.fixture(params=[pytest.param(f, id=f[0], marks=[pytest.mark.s3] if f[0] == "s3" else [])
+                        for f in STORE_FACTORIES])
+def any_store(request, tmp_path) -> ObjectStore:
+    name, factory = request.param
+    return factory(request, tmp_path)
+
+
+# -- the contract ---------------------------------------------------------------------------
+def test_is_an_object_store(any_store):
+    assert isinstance(any_store, ObjectStore)
+
+
+def test_put_get_roundtrip_returns_matching_etag(any_store):
+    etag = any_store.put("volumes/pvol-1.json", b'{"a":1}')
+    data, etag2 = any_store.get("volumes/pvol-1.json")
+    assert data == b'{"a":1}' and etag and etag == etag2
+
+
+def test_get_missing_raises_not_found(any_store):
+    with pytest.raises(NotFound):
+        any_store.get("volumes/missing.json")
+
+
+def test_head_reports_size_and_etag_and_none_when_missing(any_store):
+    etag = any_store.put("a/b", b"12345")
+    info = any_store.head("a/b")
+    assert info is not None and info.key == "a/b" and info.size == 5 and info.etag == etag
+    assert info.mtime > time.time() - 3600
+    assert any_store.head("a/c") is None
+
+
+def test_overwrite_changes_etag(any_store):
+    e1 = any_store.put("k", b"one")
+    e2 = any_store.put("k", b"two")
+    assert e1 != e2 and any_store.get("k") == (b"two", e2)
+
+
+def test_delete_and_delete_missing(any_store):
+    any_store.put("x/y", b"1")
+    any_store.delete("x/y")
+    assert any_store.head("x/y") is None
+    any_store.delete("x/y")     # missing is fine
+
+
+def test_conditional_create_twice_fails(any_store):
+    any_store.put("names/n1", b"v1", if_none_match=True)
+    with pytest.raises(PreconditionFailed):
+        any_store.put("names/n1", b"v2", if_none_match=True)
+    assert any_store.get("names/n1")[0] == b"v1"
+
+
+def test_if_match_current_etag_replaces(any_store):
+    e1 = any_store.put("rec", b"v1")
+    e2 = any_store.put("rec", b"v2", if_match=e1)
+    assert any_store.get("rec") == (b"v2", e2)
+
+
+def test_if_match_stale_etag_fails(any_store):
+    e1 = any_store.put("rec", b"v1")
+    any_store.put("rec", b"v2", if_match=e1)
+    with pytest.raises(PreconditionFailed):
+        any_store.put("rec", b"v3", if_match=e1)
+    assert any_store.get("rec")[0] == b"v2"
+
+
+def test_if_match_on_missing_key_fails(any_store):
+    with pytest.raises(PreconditionFailed):
+        any_store.put("rec-missing", b"v", if_match="0123456789abcdef0123456789abcdef")
+    assert any_store.head("rec-missing") is None
+
+
+def test_list_by_prefix_in_key_order(any_store):
+    keys = ["volumes/b.json", "volumes/a.json", "volumes/a/gen/1.manifest", "nodes/n1.json"]
+    for k in keys:
+        any_store.put(k, k.encode())
+    got = [o.key for o in any_store.list("volumes/")]
+    assert got == sorted(k for k in keys if k.startswith("volumes/"))
+    assert {o.key: o.size for o in any_store.list("nodes/")} == {"nodes/n1.json": 13}
+    assert list(any_store.list("nothing/")) == []
+
+
+@pytest.mark.parametrize("key", ["../etc/passwd", "/abs", "a//b", "a/../b", "", "a/./b",
+                                 "a b", "a\nb", "x" * 1000])
+def test_unsafe_keys_rejected(any_store, key):
+    with pytest.raises(ValueError):
+        any_store.put(key, b"x")
+    with pytest.raises(ValueError):
+        any_store.get(key)
+
+
+# -- S3 only --------------------------------------------------------------------------------
+@pytest.mark.s3
+def test_list_paginates(seaweed):
+    store = make_s3_store(seaweed, list_page_size=2)
+    for i in range(7):
+        store.put(f"p/{i:02d}", b"x")
+    store.put("q/0", b"x")
+    before = store.stats.snapshot()["requests"].get("list", 0)
+    assert [o.key for o in store.list("p/")] == [f"p/{i:02d}" for i in range(7)]
+    assert store.stats.snapshot()["requests"]["list"] - before == 4
+    assert [o.key for o in store.list("")] == [f"p/{i:02d}" for i in range(7)] + ["q/0"]
+
+
+@pytest.mark.s3
+def test_prefixes_are_isolated(seaweed):
+    a, b = make_s3_store(seaweed, "iso-a"), make_s3_store(seaweed, "iso-a2")
+    a.put("k", b"a")
+    assert b.head("k") is None and list(b.list("")) == []
+    assert [o.key for o in a.list("")] == ["k"]
+
+
+@pytest.mark.s3
+def test_stats_count_requests_and_bytes(s3_store):
+    s3_store.put("s/1", b"x" * 1000)
+    s3_store.get("s/1")
+    s3_store.head("s/1")
+    snap = s3_store.stats.snapshot()
+    assert snap["requests"]["put"] == 1 and snap["requests"]["get"] == 1
+    assert snap["bytes_up"] == 1000 and snap["bytes_down"] == 1000
+
+
+@pytest.mark.s3
+def test_wrong_credentials_is_store_error_without_secret(seaweed):
+    store = S3Store(seaweed.url("bad"), endpoint_url=seaweed.endpoint, access_key="AKWRONG",
+                    secret_key="very-secret-value", retries=Retry(attempts=2, base_s=0.01))
+    with pytest.raises(StoreError) as ei:
+        store.put("k", b"x")
+    assert not isinstance(ei.value, (NotFound, PreconditionFailed))
+    assert "very-secret-value" not in str(ei.value) and "very-secret-value" not in repr(store)
+
+
+@pytest.mark.s3
+def test_outage_raises_store_error_within_budget_and_recovers(seaweed):
+    budget = Retry(attempts=4, base_s=0.05, cap_s=0.3, deadline_s=3.0, connect_timeout_s=0.5,
+                   read_timeout_s=2.0)
+    store = make_s3_store(seaweed, retries=budget)
+    store.put("before", b"1")
+    with seaweed_outage(seaweed):
+        t0 = time.monotonic()
+        with pytest.raises(StoreError) as ei:
+            store.put("during", b"2")
+        assert time.monotonic() - t0 < 6
+        assert not isinstance(ei.value, PreconditionFailed)
+        with pytest.raises(StoreError):
+            store.get("before")
+        assert store.stats.retries >= 3
+    assert store.get("before")[0] == b"1"          # data survived the restart
+    store.put("after", b"3")
+
+
+def test_parse_s3_url():
+    assert parse_s3_url("s3://my-bucket/a/b/") == ("my-bucket", "a/b")
+    assert parse_s3_url("s3://my-bucket") == ("my-bucket", "")
+    for bad in ["s3://../x", "s3://Bucket/x", "s3://b/x", "s3://bucket/../x", "s3://bucket//x",
+                "s3://bucket/a/../../x", "s3://bucket/.hidden", "http://bucket/x",
+                "s3://bucket/a b", "s3://bu..cket/x", "s3://bucket/%2e%2e"]:
+        with pytest.raises(ValueError):
+            parse_s3_url(bad)
+
+
+def test_from_config_validates_secrets():
+    url = "s3://bucket/prefix"
+    for secrets in [{"endpoint": "ftp://x"}, {"endpoint": "http://h/../x"},
+                    {"region": "us east"}, {"accessKeyId": "a"},
+                    {"caBundle": "not a pem"}]:
+        with pytest.raises(ValueError):
+            from_config(url, secrets, cache=False)
+    with pytest.raises(ValueError):
+        from_config("s3://bucket/../other", {})
+
+
+def test_from_config_secrets_override_defaults_and_cache(tmp_path):
+    pem = ("-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n")
+    s = from_config("s3://bucket/p", {"endpoint": "http://127.0.0.1:1", "accessKeyId": "A",
+                                      "secretAccessKey": "S", "caBundle": pem},
+                    {"endpoint": "http://127.0.0.1:2", "region": "eu-west-1"})
+    assert isinstance(s, S3Store) and s.endpoint_url == "http://127.0.0.1:1"
+    assert s.prefix == "p" and s.bucket == "bucket"
+    ca = s3mod._ca_file(pem)
+    assert open(ca).read() == pem and os.stat(ca).st_mode & 0o077 == 0
+    assert os.stat(os.path.dirname(ca)).st_mode & 0o077 == 0
+    assert from_config("s3://bucket/p", {"endpoint": "http://127.0.0.1:1", "accessKeyId": "A",
+                                         "secretAccessKey": "S", "caBundle": pem},
+                       {"endpoint": "http://127.0.0.1:2", "region": "eu-west-1"}) is s
+    d = from_config("s3://bucket/p", {}, {"endpoint": "http://127.0.0.1:2"}, cache=False)
+    assert d.endpoint_url == "http://127.0.0.1:2"
+
+
+def test_open_store_dispatch(tmp_path):
+    assert isinstance(open_store("s3://bucket/x", endpoint_url="http://127.0.0.1:1"), S3Store)
+    with pytest.raises(ValueError):
+        open_store("gs://bucket/x")
+    with pytest.raises(ValueError):
+        open_store("file://relative/dir")
+    if importlib.util.find_spec("csi_perssd.remote.filestore") is not None:
+        fs = open_store(f"file://{tmp_path}/st")
+        fs.put("k", b"v")
+        assert fs.get("k")[0] == b"v"
