@@ -372,17 +372,74 @@ def sync_fs(path: str) -> None:
         os.close(fd)
 
 
-def grow_fs(device: str, mount_path: str, fs_type: str | None = None) -> None:
-    """Grow the (mounted) file system to the size of its device: resize2fs / xfs_growfs."""
+_CAP_SYS_RESOURCE = 24
+
+
+def can_grow_ext_online() -> bool:
+    """Online ext2/3/4 resize (EXT4_IOC_RESIZE_FS) needs CAP_SYS_RESOURCE; some sandboxes drop it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_RESOURCE & 1)
+    except OSError:
+        pass
+    return True
+
+
+def grow_fs(device: str, mount_path: str | None, fs_type: str | None = None) -> None:
+    """Grow the file system on `device` to the size of the device.
+
+    ext2/3/4: online with resize2fs while mounted (needs CAP_SYS_RESOURCE); when the device is not
+    mounted anywhere it is checked (e2fsck -f -p) and grown offline. xfs: xfs_growfs on the mount
+    point (xfs can only grow while mounted). Growing a file system that already fills its device
+    is a no-op.
+    """
     fs_type = fs_type or detect_fs(device)
     if fs_type in EXT_TYPES:
-        run(["resize2fs", device], what="resize2fs", timeout=600)
+        if mounts_of_device(device):
+            if not can_grow_ext_online():
+                raise precondition(f"cannot grow {fs_type} on {device} while it is mounted: this "
+                                   f"process lacks CAP_SYS_RESOURCE; it can grow offline (unmounted)")
+            run(["resize2fs", device], what="resize2fs", timeout=600)
+        else:
+            run(["e2fsck", "-f", "-p", device], ok=(0, 1, 2), what="e2fsck", timeout=600)
+            run(["resize2fs", device], what="resize2fs", timeout=600)
     elif fs_type == "xfs":
-        if mount_info(mount_path) is None:
+        if not mount_path or mount_info(mount_path) is None:
             raise precondition(f"xfs on {device} must be mounted to grow (not mounted at {mount_path})")
         run(["xfs_growfs", mount_path], what="xfs_growfs", timeout=600)
     else:
         raise CsiError(Code.INVALID_ARGUMENT, f"cannot grow file system {fs_type!r} on {device}")
+
+
+def fs_size(device: str, fs_type: str | None = None) -> int | None:
+    """Bytes the file system on `device` spans (from its on-disk superblock), None when unknown.
+
+    Meant for an unmounted device: a mounted file system may not have written its superblock yet.
+
+    Compare with `block_size(device)` to know whether a grow is due (e.g. at NodeStage).
+    """
+    fs_type = fs_type or detect_fs(device)
+    if fs_type in EXT_TYPES:
+        res = run(["dumpe2fs", "-h", device], what="dumpe2fs")
+        fields = {}
+        for line in res.stdout.splitlines():
+            key, sep, val = line.partition(":")
+            if sep:
+                fields[key.strip()] = val.strip()
+        try:
+            return int(fields["Block count"]) * int(fields["Block size"])
+        except (KeyError, ValueError):
+            return None
+    if fs_type == "xfs":
+        res = run(["xfs_db", "-r", "-c", "sb 0", "-c", "print blocksize dblocks", device], what="xfs_db")
+        vals = dict(line.split(" = ", 1) for line in res.stdout.splitlines() if " = " in line)
+        try:
+            return int(vals["blocksize"]) * int(vals["dblocks"])
+        except (KeyError, ValueError):
+            return None
+    return None
 
 
 def freeze(mount_path: str) -> None:

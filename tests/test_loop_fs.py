@@ -1,0 +1,343 @@
+"""local/loop.py and local/fs.py on real loop devices, real ext4/xfs and real mounts."""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from csi_perssd.errors import Code, CsiError
+from csi_perssd.local import fs, loop
+
+pytestmark = pytest.mark.root
+
+MiB = 1 << 20
+
+
+@contextmanager
+def attached(path: str, size: int) -> Iterator[str]:
+    """A sparse file of `size` bytes attached to a loop device; unmounted and detached afterwards."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    dev = loop.attach(path)
+    try:
+        yield dev
+    finally:
+        for m in reversed(fs.mounts_of_device(dev)):
+            fs.ensure_unmounted(m.mount_point)
+        loop.detach(dev)
+
+
+@contextmanager
+def cleanup_mounts(*paths: str) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for p in paths:
+            try:
+                fs.thaw(p)
+            except CsiError:
+                pass
+            fs.ensure_unmounted(p)
+
+
+def writable_within(directory: str, seconds: float = 5.0) -> bool:
+    """Write and fsync a file in a helper thread (a frozen fs blocks it); True if it finished in time."""
+    done = threading.Event()
+
+    def write() -> None:
+        with open(os.path.join(directory, f"probe-{time.monotonic_ns()}"), "wb") as f:
+            f.write(b"x" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        done.set()
+
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    ok = done.wait(seconds)
+    if not ok:          # do not leave a writer hanging on a frozen fs
+        fs.thaw(directory)
+        t.join(10)
+    return ok
+
+
+# ----------------------------------------------------------------------------- loop
+
+def test_loop_attach_find_refresh_detach(tmp_path):
+    img = str(tmp_path / "a.img")
+    with open(img, "wb") as f:
+        f.truncate(64 * MiB)
+    assert loop.find(img) is None
+    dev = loop.attach(img)
+    try:
+        assert dev.startswith("/dev/loop") and fs.is_block_device(dev)
+        assert loop.find(img) == dev
+        assert loop.attach(img) == dev                      # idempotent: reuses the attachment
+        assert loop.list_attached()[dev] == img
+        assert fs.block_size(dev) == 64 * MiB
+        os.truncate(img, 96 * MiB)
+        assert fs.block_size(dev) == 64 * MiB
+        loop.refresh_size(dev)
+        assert fs.block_size(dev) == 96 * MiB
+        assert not loop.is_busy(dev)
+    finally:
+        loop.detach(dev)
+    assert loop.find(img) is None
+    assert dev not in loop.list_attached()
+    loop.detach(dev)                                        # idempotent
+
+
+def test_loop_matches_by_inode_not_path(tmp_path):
+    img = str(tmp_path / "b.img")
+    with open(img, "wb") as f:
+        f.truncate(8 * MiB)
+    dev = loop.attach(img)
+    try:
+        os.unlink(img)                                      # old inode stays attached
+        with open(img, "wb") as f:
+            f.truncate(8 * MiB)
+        assert loop.find(img) is None                       # the new file is not that device
+    finally:
+        loop.detach(dev)
+
+
+def test_loop_rejects_bad_input(tmp_path):
+    with pytest.raises(CsiError) as e:
+        loop.detach("/dev/sda")
+    assert e.value.code == Code.INVALID_ARGUMENT
+    with pytest.raises(CsiError) as e:
+        loop.attach(str(tmp_path / "missing.img"))
+    assert e.value.code == Code.NOT_FOUND
+
+
+# ----------------------------------------------------------------------------- mkfs
+
+def test_ensure_fs_formats_once_and_refuses_another_fs(tmp_path):
+    with attached(str(tmp_path / "c.img"), 64 * MiB) as dev:
+        assert fs.detect_fs(dev) is None
+        assert fs.ensure_fs(dev, "ext4") is True
+        assert fs.detect_fs(dev) == "ext4"
+        assert fs.ensure_fs(dev, "ext4") is False           # already formatted: untouched
+        with pytest.raises(CsiError) as e:
+            fs.ensure_fs(dev, "xfs")
+        assert e.value.code == Code.FAILED_PRECONDITION
+        assert fs.detect_fs(dev) == "ext4"
+        with pytest.raises(CsiError) as e:
+            fs.ensure_fs(dev, "ntfs")
+        assert e.value.code == Code.INVALID_ARGUMENT
+
+
+def test_thin_mkfs_allocates_little(tmp_path):
+    img = str(tmp_path / "thin.img")
+    with attached(img, 1024 * MiB) as dev:
+        fs.ensure_fs(dev, "ext4")
+        fs.sync_fs(dev)
+        assert os.stat(img).st_blocks * 512 < 32 * MiB
+
+
+# ----------------------------------------------------------------------------- mountinfo
+
+def test_parse_mountinfo_line_with_escapes():
+    line = ("36 35 7:3 /sub\\040dir /mnt/with\\040space\\011tab rw,noatime shared:1 master:2 - ext4 "
+            "/dev/loop3 rw,errors=continue\n")
+    m = fs.parse_mountinfo_line(line)
+    assert (m.mount_id, m.parent_id, m.major, m.minor) == (36, 35, 7, 3)
+    assert m.root == "/sub dir"
+    assert m.mount_point == "/mnt/with space\ttab"
+    assert m.options == ("rw", "noatime") and not m.readonly
+    assert (m.fs_type, m.source) == ("ext4", "/dev/loop3")
+    assert m.super_options == ("rw", "errors=continue")
+
+
+def test_mount_options_are_validated():
+    assert fs.check_mount_options(["noatime", "", "discard"]) == ["noatime", "discard"]
+    for bad in (["a\nb"], ["x\x00"], ["--bind"]):
+        with pytest.raises(CsiError) as e:
+            fs.check_mount_options(bad)
+        assert e.value.code == Code.INVALID_ARGUMENT
+
+
+# ----------------------------------------------------------------------------- mounts
+
+def test_ensure_mounted_is_idempotent_and_detects_conflicts(tmp_path):
+    target = str(tmp_path / "stage dir")                   # a space: \040 in mountinfo
+    with attached(str(tmp_path / "d.img"), 64 * MiB) as dev, \
+            attached(str(tmp_path / "e.img"), 64 * MiB) as other, cleanup_mounts(target):
+        fs.ensure_fs(dev, "ext4")
+        fs.ensure_fs(other, "ext4")
+        assert fs.mount_info(target) is None
+        assert fs.ensure_mounted(dev, target, "ext4", ["noatime"]) is True
+        m = fs.mount_info(target)
+        assert m is not None and m.fs_type == "ext4" and m.dev == os.stat(dev).st_rdev
+        assert m.mount_point == os.path.realpath(target) and "noatime" in m.options
+        assert fs.ensure_mounted(dev, target, "ext4", ["noatime"]) is False
+        with pytest.raises(fs.MountConflict) as e:
+            fs.ensure_mounted(other, target, "ext4")
+        assert e.value.code == Code.FAILED_PRECONDITION and e.value.existing.dev == m.dev
+        with pytest.raises(fs.MountConflict):
+            fs.ensure_mounted(dev, target, "ext4", readonly=True)
+        assert [x.mount_point for x in fs.mounts_of_device(dev)] == [m.mount_point]
+        with pytest.raises(CsiError) as e2:                 # mounted: never silently auto-cleared
+            loop.detach(dev)
+        assert e2.value.code == Code.FAILED_PRECONDITION and loop.is_busy(dev)
+        assert fs.ensure_unmounted(target) == 1
+        assert fs.ensure_unmounted(target) == 0
+        assert fs.mount_info(target) is None
+    fs.ensure_unmounted(str(tmp_path / "never-existed"))    # missing path: fine
+
+
+def test_ensure_unmounted_removes_stacked_mounts(tmp_path):
+    src, target = tmp_path / "src", str(tmp_path / "stacked")
+    src.mkdir()
+    os.mkdir(target)
+    with cleanup_mounts(target):
+        fs.run(["mount", "--bind", str(src), target])
+        fs.run(["mount", "--bind", str(src), target])
+        assert fs.ensure_unmounted(target) == 2
+        assert fs.mount_info(target) is None
+
+
+def test_bind_read_only_is_really_read_only(tmp_path):
+    stage, pub, pub_rw = str(tmp_path / "stage"), str(tmp_path / "pub" / "ro"), str(tmp_path / "pub" / "rw")
+    with attached(str(tmp_path / "f.img"), 64 * MiB) as dev, cleanup_mounts(pub, pub_rw, stage):
+        fs.ensure_fs(dev, "ext4")
+        fs.ensure_mounted(dev, stage, "ext4", [])
+        with open(os.path.join(stage, "hello"), "w") as f:
+            f.write("hi")
+        assert fs.ensure_bind(stage, pub, readonly=True) is True   # creates the target directory
+        assert fs.ensure_bind(stage, pub, readonly=True) is False
+        assert fs.mount_info(pub).readonly
+        with open(os.path.join(pub, "hello")) as f:
+            assert f.read() == "hi"
+        with pytest.raises(OSError) as e:
+            open(os.path.join(pub, "new"), "w")
+        assert e.value.errno == errno.EROFS
+        with pytest.raises(fs.MountConflict):
+            fs.ensure_bind(stage, pub, readonly=False)
+        assert fs.ensure_bind(stage, pub_rw, options=["nosuid"]) is True
+        with open(os.path.join(pub_rw, "new"), "w") as f:
+            f.write("rw")
+        assert "nosuid" in fs.mount_info(pub_rw).options
+        assert not fs.mount_info(stage).readonly            # the staging mount stays writable
+        other = tmp_path / "other"
+        other.mkdir()
+        with pytest.raises(fs.MountConflict):
+            fs.ensure_bind(str(other), pub_rw)
+
+
+def test_bind_block_device_onto_file(tmp_path):
+    target = str(tmp_path / "pub" / "block")
+    with attached(str(tmp_path / "g.img"), 16 * MiB) as dev, cleanup_mounts(target):
+        assert fs.ensure_bind(dev, target) is True           # creates an empty file to bind onto
+        assert fs.is_block_device(target)
+        assert os.stat(target).st_rdev == os.stat(dev).st_rdev
+        assert fs.ensure_bind(dev, target) is False
+        assert fs.block_size(target) == 16 * MiB
+        assert fs.volume_stats(target).block and fs.volume_stats(target).total_bytes == 16 * MiB
+        fs.ensure_unmounted(target)
+        assert not fs.is_block_device(target)
+
+
+# ----------------------------------------------------------------------------- grow
+
+@pytest.mark.parametrize("fs_type,size,grown", [("ext4", 64 * MiB, 128 * MiB), ("xfs", 320 * MiB, 512 * MiB)])
+def test_grow_fs_online(tmp_path, fs_type, size, grown):
+    img, target = str(tmp_path / "h.img"), str(tmp_path / "mnt")
+    with attached(img, size) as dev, cleanup_mounts(target):
+        fs.ensure_fs(dev, fs_type)
+        fs.ensure_mounted(dev, target, fs_type, [])
+        before = fs.volume_stats(target).total_bytes
+        os.truncate(img, grown)
+        loop.refresh_size(dev)
+        assert fs.fs_size(dev, fs_type) == size
+        if fs_type == "ext4" and not fs.can_grow_ext_online():
+            with pytest.raises(CsiError) as e:          # a clear error, and nothing changes
+                fs.grow_fs(dev, target, fs_type)
+            assert e.value.code == Code.FAILED_PRECONDITION and "CAP_SYS_RESOURCE" in e.value.message
+            pytest.skip("no CAP_SYS_RESOURCE here: online ext4 resize impossible (offline grow is tested)")
+        fs.grow_fs(dev, target, fs_type)
+        after = fs.volume_stats(target).total_bytes
+        assert after > before + (grown - size) * 0.8, (before, after)
+        fs.grow_fs(dev, target, fs_type)                    # already full size: still fine
+        assert fs.volume_stats(target).total_bytes == after
+        fs.ensure_unmounted(target)
+        assert fs.fs_size(dev, fs_type) == grown            # the on-disk superblock agrees
+
+
+def test_grow_ext4_offline(tmp_path):
+    img, target = str(tmp_path / "o.img"), str(tmp_path / "mnt")
+    with attached(img, 64 * MiB) as dev, cleanup_mounts(target):
+        fs.ensure_fs(dev, "ext4")
+        fs.ensure_mounted(dev, target, "ext4", [])
+        with open(os.path.join(target, "keep"), "w") as f:
+            f.write("data")
+        before = fs.volume_stats(target).total_bytes
+        fs.ensure_unmounted(target)
+        os.truncate(img, 128 * MiB)
+        loop.refresh_size(dev)
+        fs.grow_fs(dev, None, "ext4")
+        assert fs.fs_size(dev) == 128 * MiB
+        fs.ensure_mounted(dev, target, "ext4", [])
+        assert fs.volume_stats(target).total_bytes > before + 50 * MiB
+        with open(os.path.join(target, "keep")) as f:
+            assert f.read() == "data"
+
+
+# ----------------------------------------------------------------------------- freeze
+
+def test_frozen_thaws_when_body_raises(tmp_path):
+    target = str(tmp_path / "frz")
+    with attached(str(tmp_path / "i.img"), 64 * MiB) as dev, cleanup_mounts(target):
+        fs.ensure_fs(dev, "ext4")
+        fs.ensure_mounted(dev, target, "ext4", [])
+        with pytest.raises(RuntimeError):
+            with fs.frozen(target, timeout_s=30):
+                assert not writable_within(target, 0.5) or pytest.fail("not frozen")
+                raise RuntimeError("body failed")
+        assert writable_within(target)
+        assert fs.thaw(target) is False                     # thaw of a thawed fs is fine
+
+
+def test_frozen_watchdog_thaws_after_timeout(tmp_path):
+    target = str(tmp_path / "frz2")
+    with attached(str(tmp_path / "j.img"), 64 * MiB) as dev, cleanup_mounts(target):
+        fs.ensure_fs(dev, "ext4")
+        fs.ensure_mounted(dev, target, "ext4", [])
+        with pytest.raises(CsiError) as e:
+            with fs.frozen(target, timeout_s=0.5) as guard:
+                time.sleep(1.0)
+                assert guard.timed_out
+                assert writable_within(target)              # thawed while the body still runs
+        assert e.value.code == Code.INTERNAL and "watchdog" in e.value.message
+        with fs.frozen(target, timeout_s=30) as guard:      # a quick body: no error
+            pass
+        assert not guard.timed_out and writable_within(target)
+
+
+# ----------------------------------------------------------------------------- stats
+
+def test_volume_stats_numbers_are_sane(tmp_path):
+    target = str(tmp_path / "st")
+    with attached(str(tmp_path / "k.img"), 64 * MiB) as dev, cleanup_mounts(target):
+        fs.ensure_fs(dev, "ext4")
+        fs.ensure_mounted(dev, target, "ext4", [])
+        s0 = fs.volume_stats(target)
+        assert 40 * MiB < s0.total_bytes <= 64 * MiB
+        assert 0 < s0.available_bytes <= s0.total_bytes - s0.used_bytes
+        assert s0.total_inodes > 1000 and 0 < s0.used_inodes < 100
+        with open(os.path.join(target, "data"), "wb") as f:
+            f.write(os.urandom(8 * MiB))
+        fs.sync_fs(target)
+        s1 = fs.volume_stats(target)
+        assert s1.used_bytes - s0.used_bytes >= 8 * MiB
+        assert s1.used_inodes == s0.used_inodes + 1
+        assert not s1.block
+        dstats = fs.volume_stats(dev)
+        assert dstats.block and dstats.total_bytes == 64 * MiB
+    with pytest.raises(CsiError) as e:
+        fs.volume_stats(str(tmp_path / "gone"))
+    assert e.value.code == Code.NOT_FOUND
