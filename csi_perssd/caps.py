@@ -25,7 +25,7 @@ def to_dict(cap: pb.VolumeCapability) -> dict[str, Any]:
         raise invalid("volume_capability.access_type (mount or block) is required")
     if not cap.HasField("access_mode") or cap.access_mode.mode == AccessMode.UNKNOWN:
         raise invalid("volume_capability.access_mode is required")
-    d: dict[str, Any] = {"access_type": kind, "mode": AccessMode.Name(cap.access_mode.mode),
+    d: dict[str, Any] = {"access_type": kind, "mode": AccessMode.Mode.Name(cap.access_mode.mode),
                          "fs_type": "", "mount_flags": []}
     if kind == "mount":
         fs = cap.mount.fs_type or DEFAULT_FS
@@ -40,7 +40,7 @@ def to_dict(cap: pb.VolumeCapability) -> dict[str, Any]:
 
 def unsupported_reason(d: dict[str, Any]) -> str | None:
     """Why this driver cannot provide the capability, or None if it can."""
-    if AccessMode.Value(d["mode"]) not in SINGLE_NODE_MODES:
+    if AccessMode.Mode.Value(d["mode"]) not in SINGLE_NODE_MODES:
         return f"access mode {d['mode']} is not supported (local volumes are single-node)"
     if d["access_type"] == "mount" and d["fs_type"] not in FS_TYPES:
         return f"fs_type {d['fs_type']!r} is not supported (use one of {', '.join(FS_TYPES)})"
@@ -54,11 +54,11 @@ def from_list(caps: Any, required: bool = True) -> list[dict[str, Any]]:
 
 
 def is_read_only_mode(d: dict[str, Any]) -> bool:
-    return AccessMode.Value(d["mode"]) in READ_ONLY_MODES
+    return AccessMode.Mode.Value(d["mode"]) in READ_ONLY_MODES
 
 
 def to_proto(d: dict[str, Any]) -> pb.VolumeCapability:
-    cap = pb.VolumeCapability(access_mode=pb.VolumeCapability.AccessMode(mode=AccessMode.Value(d["mode"])))
+    cap = pb.VolumeCapability(access_mode=pb.VolumeCapability.AccessMode(mode=AccessMode.Mode.Value(d["mode"])))
     if d["access_type"] == "block":
         cap.block.SetInParent()
     else:

@@ -23,7 +23,6 @@ from .errors import Code, CsiError, aborted
 from .local import fs
 from .local.backend import Backend
 from .local.state import FlushJob, LocalVolume, NodeState
-from .remote import transfer
 from .remote.catalog import VolumeRecord
 from .remote.manifest import Manifest
 from .remote.store import StoreError
@@ -45,8 +44,8 @@ class VolumeSync:
         self._threads: dict[str, threading.Thread] = {}
         self._progress: dict[str, tuple[int, int]] = {}
         self._stop = threading.Event()
-        self.last_flush: dict[str, transfer.FlushStats] = {}
-        self.last_hydrate: dict[str, transfer.HydrateStats] = {}
+        self.last_flush: dict[str, Any] = {}
+        self.last_hydrate: dict[str, Any] = {}
 
     # -- stage -----------------------------------------------------------------------------
     def prepare(self, rec: VolumeRecord, lv: LocalVolume | None, secrets: dict[str, str]) -> LocalVolume:
@@ -94,6 +93,7 @@ class VolumeSync:
         self.backend.create(vid, size)
 
     def _hydrate(self, rec: VolumeRecord, lv: LocalVolume, secrets: dict[str, str]) -> None:
+        from .remote import transfer
         cat = self.stores.catalog(secrets)
         manifest = Manifest.decode(cat.get_manifest(rec.id, rec.generation))
         dev = self.backend.device(rec.id)
@@ -132,24 +132,27 @@ class VolumeSync:
         if lv.persistence != "object" or not lv.dirty:
             return
         deadline = time.monotonic() + self.unstage_wait
+        started = False
         while True:
             cur = self.state.get(lv.id) or lv
             job = cur.flush
-            running = self._running(lv.id)
-            if not running:
+            if not self._running(lv.id):
                 if job is not None and job.state == "committed" and job.final:
                     cur.flush, cur.dirty = None, False
                     self.state.put(cur)
                     return
                 if job is not None and job.state == "fenced":
                     raise CsiError(Code.FAILED_PRECONDITION, job.error)
+                if job is not None and job.state == "failed" and started:
+                    break           # failed again in this call: report, kubelet retries later
                 if job is None or not job.final or job.state == "failed":
                     if job is not None and job.state == "failed":
                         log.warning("volume %s: retrying flush after: %s", lv.id, job.error)
                     self._start(cur, final=True)
+                    started = True
             if time.monotonic() >= deadline:
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
         cur = self.state.get(lv.id) or lv
         done, total = self._progress.get(lv.id, (0, 0))
         err = f"; last error: {cur.flush.error}" if cur.flush and cur.flush.error else ""
@@ -197,6 +200,7 @@ class VolumeSync:
             metrics.FLUSH_JOBS.dec()
 
     def _flush(self, vid: str) -> None:
+        from .remote import transfer
         lv = self.state.get(vid)
         assert lv is not None and lv.flush is not None
         job = lv.flush
