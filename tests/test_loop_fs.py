@@ -251,6 +251,8 @@ def test_grow_fs_online(tmp_path, fs_type, size, grown):
         fs.ensure_fs(dev, fs_type)
         fs.ensure_mounted(dev, target, fs_type, [])
         before = fs.volume_stats(target).total_bytes
+        fs.grow_fs(dev, target, fs_type)                    # nothing to grow: a quiet no-op
+        assert fs.volume_stats(target).total_bytes == before
         os.truncate(img, grown)
         loop.refresh_size(dev)
         assert fs.fs_size(dev, fs_type) == size
@@ -279,8 +281,10 @@ def test_grow_ext4_offline(tmp_path):
         fs.ensure_unmounted(target)
         os.truncate(img, 128 * MiB)
         loop.refresh_size(dev)
+        assert fs.needs_grow(dev)
         fs.grow_fs(dev, None, "ext4")
-        assert fs.fs_size(dev) == 128 * MiB
+        assert fs.fs_size(dev) == 128 * MiB and not fs.needs_grow(dev)
+        fs.grow_fs(dev, None)                               # fits already: no e2fsck, no resize
         fs.ensure_mounted(dev, target, "ext4", [])
         assert fs.volume_stats(target).total_bytes > before + 50 * MiB
         with open(os.path.join(target, "keep")) as f:

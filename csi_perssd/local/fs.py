@@ -387,22 +387,33 @@ def can_grow_ext_online() -> bool:
     return True
 
 
-def grow_fs(device: str, mount_path: str | None, fs_type: str | None = None) -> None:
-    """Grow the file system on `device` to the size of the device.
+GROW_SLACK = 4 << 20     # mkfs may leave a tail smaller than one block group unused
 
-    ext2/3/4: online with resize2fs while mounted (needs CAP_SYS_RESOURCE); when the device is not
-    mounted anywhere it is checked (e2fsck -f -p) and grown offline. xfs: xfs_growfs on the mount
-    point (xfs can only grow while mounted). Growing a file system that already fills its device
-    is a no-op.
+
+def needs_grow(device: str, fs_type: str | None = None) -> bool:
+    """True when the device is noticeably larger than its file system (on-disk superblock, so
+    reliable for an unmounted device)."""
+    size = fs_size(device, fs_type)
+    return size is not None and block_size(device) - size >= GROW_SLACK
+
+
+def grow_fs(device: str, mount_path: str | None, fs_type: str | None = None) -> None:
+    """Grow the file system on `device` to the size of the device; a no-op when it already fits.
+
+    ext2/3/4 while mounted: resize2fs online (the kernel wants CAP_SYS_RESOURCE for that; without
+    it FAILED_PRECONDITION, unless nothing needs to grow). ext2/3/4 not mounted anywhere: checked
+    with e2fsck -f -p and grown offline, only when the device grew, so NodeStage may call this
+    before mounting at no cost. xfs: xfs_growfs on the mount point (xfs only grows while mounted).
     """
     fs_type = fs_type or detect_fs(device)
     if fs_type in EXT_TYPES:
         if mounts_of_device(device):
-            if not can_grow_ext_online():
+            if can_grow_ext_online():
+                run(["resize2fs", device], what="resize2fs", timeout=600)
+            elif needs_grow(device, fs_type):
                 raise precondition(f"cannot grow {fs_type} on {device} while it is mounted: this "
-                                   f"process lacks CAP_SYS_RESOURCE; it can grow offline (unmounted)")
-            run(["resize2fs", device], what="resize2fs", timeout=600)
-        else:
+                                   f"process lacks CAP_SYS_RESOURCE; it grows offline when next staged")
+        elif needs_grow(device, fs_type):
             run(["e2fsck", "-f", "-p", device], ok=(0, 1, 2), what="e2fsck", timeout=600)
             run(["resize2fs", device], what="resize2fs", timeout=600)
     elif fs_type == "xfs":

@@ -195,6 +195,8 @@ class RawfileBackend:
             os.close(fd)
 
     def changed_ranges(self, vid: str, base_snap: str) -> list[Extent] | None:
+        ids.volume_id(vid)
+        ids.snapshot_id(base_snap)
         return None         # a plain file keeps no change log: the caller compares chunk hashes
 
     # ------------------------------------------------------------------ snapshots
