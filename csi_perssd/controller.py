@@ -176,15 +176,16 @@ class Controller(rpc.ControllerServicer):
                                mobility=vp.mobility, persistence=vp.persistence, pool=pool, node=node,
                                parameters=vp.as_dict(), chunk_size=vp.chunk_size, compression=vp.compression,
                                source=source)
-            if source and self.snapshots is not None:
-                self.snapshots.prepare_clone(cat, rec)
-            got, created = cat.create_volume(rec)
-            if not created:
-                self._check_compatible(got, cr, cap_list, vp, source)
-                if got.state == "cloning" and self.snapshots is not None:
-                    self.snapshots.prepare_clone(cat, got)
-            elif source and self.snapshots is not None:
-                got = self.snapshots.finish_clone(cat, got)
+            existing = cat.volume_by_name(name)
+            if existing is not None:
+                self._check_compatible(existing, cr, cap_list, vp, source)
+                got, created = existing, False
+            else:
+                if source and self.snapshots is not None:
+                    self.snapshots.prepare_clone(cat, rec)     # generation 1 = the source's manifest
+                got, created = cat.create_volume(rec)
+                if not created:
+                    self._check_compatible(got, cr, cap_list, vp, source)
         log.info("volume %s %s for name %r: %d bytes, mobility=%s persistence=%s pool=%s%s",
                  got.id, "created" if created else "exists", name, got.size, got.mobility,
                  got.persistence, got.pool, f" node={got.node}" if got.node else "")

@@ -223,6 +223,15 @@ class Catalog:
     def create_volume(self, rec: VolumeRecord) -> tuple[VolumeRecord, bool]:
         return self._create_named(VolumeRecord, "names", rec, volume_key(rec.id))
 
+    def volume_by_name(self, name: str) -> VolumeRecord | None:
+        try:
+            data, _ = self.store.get(name_key("names", name))
+        except NotFound:
+            return None
+        except StoreError as e:
+            raise unavailable(f"object store {self.store.url}: {e}") from e
+        return self.get_volume(json.loads(data)["id"])
+
     def get_volume(self, vid: str) -> VolumeRecord | None:
         return self._get(VolumeRecord, volume_key(vid))
 

@@ -1,0 +1,347 @@
+"""Snapshots, restore and clones through the object store.
+
+Controller side (`Snapshots`): CreateSnapshot / DeleteSnapshot / ListSnapshots and the content
+sources of CreateVolume. A snapshot pins a manifest of its own (`snapshots/<sid>.manifest`), so
+it survives the deletion of its source volume and the pruning of old generations.
+- Source not staged (no owner): the snapshot copies the committed generation's manifest —
+  instant, ready, no chunk copied.
+- Source owned by a node: the controller leaves a request record `requests/<node>/<sid>.json`;
+  that node's `NodeSnapshotWorker` freezes the file system, takes a local point-in-time copy,
+  thaws, uploads the copy incrementally and marks the snapshot ready.
+Clones and restores: the new volume's generation 1 is the source's manifest (resized when the
+new volume is larger) — no chunk is copied.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from . import ids
+from .config import Config
+from .csi import csi_pb2 as pb
+from .errors import Code, CsiError, aborted, invalid, not_found
+from .local import fs
+from .remote.catalog import Catalog, SnapshotRecord, VolumeRecord
+from .remote.manifest import Manifest
+from .remote.store import NotFound, StoreError
+from .stores import Stores
+
+log = logging.getLogger(__name__)
+TOKEN_PREFIX = "s1:"
+
+
+def snapshot_manifest_key(sid: str) -> str:
+    return f"snapshots/{ids.snapshot_id(sid)}.manifest"
+
+
+def request_key(node: str, sid: str) -> str:
+    return f"requests/{ids.node_id(node)}/{ids.snapshot_id(sid)}.json"
+
+
+def _ts(t: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+def _check_params(p: dict[str, str]) -> None:
+    unknown = sorted(k for k in p if not k.startswith("csi.storage.k8s.io/"))
+    if unknown:
+        raise invalid(f"unknown snapshot parameter(s): {', '.join(unknown)} (none are supported)")
+
+
+def read_manifest(cat: Catalog, key: str) -> Manifest:
+    try:
+        return Manifest.decode(cat.store.get(key)[0])
+    except NotFound:
+        raise CsiError(Code.DATA_LOSS, f"manifest {key} is missing") from None
+    except StoreError as e:
+        raise CsiError(Code.UNAVAILABLE, f"object store: {e}") from e
+
+
+class Snapshots:
+    def __init__(self, cfg: Config, stores: Stores, controller: Any):
+        self.cfg = cfg
+        self.stores = stores
+        self.controller = controller
+
+    def proto(self, rec: SnapshotRecord) -> pb.Snapshot:
+        return pb.Snapshot(size_bytes=rec.size, snapshot_id=rec.id, source_volume_id=rec.source_volume,
+                           creation_time=_ts(rec.created_at), ready_to_use=rec.ready)
+
+    # -- CreateSnapshot --------------------------------------------------------------------
+    def create(self, request: Any) -> pb.CreateSnapshotResponse:
+        src = ids.volume_id(request.source_volume_id)
+        name = ids.name(request.name, "name")
+        _check_params(dict(request.parameters))
+        cat = self.stores.catalog(dict(request.secrets))
+        with self.controller.locks.hold("snapname:" + name):
+            vol = cat.volume(src)
+            rec = SnapshotRecord(id=ids.new_snapshot_id(), name=name, source_volume=src, size=vol.size,
+                                 parameters=dict(request.parameters))
+            got, created = cat.create_snapshot(rec)
+            if not created and got.source_volume != src:
+                raise CsiError(Code.ALREADY_EXISTS, f"snapshot name {name!r} already names {got.id} "
+                               f"of volume {got.source_volume}, not of {src}")
+            if created or (not got.ready and not got.node and not got.error):
+                got = self._start(cat, got, vol)
+        if not got.ready:
+            log.info("snapshot %s of %s: not ready yet (%s)", got.id, src, got.progress or "waiting for node " + got.node)
+        if got.error:
+            raise CsiError(Code.INTERNAL, f"snapshot {got.id} failed: {got.error}")
+        return pb.CreateSnapshotResponse(snapshot=self.proto(got))
+
+    def _start(self, cat: Catalog, snap: SnapshotRecord, vol: VolumeRecord) -> SnapshotRecord:
+        if vol.owner and vol.persistence == "object":
+            req = {"snapshot": snap.id, "volume": vol.id, "created_at": time.time()}
+            cat.store.put(request_key(vol.owner, snap.id), json.dumps(req).encode())
+
+            def assign(r: SnapshotRecord) -> None:
+                r.node, r.progress = vol.owner, f"requested from node {vol.owner}"
+            log.info("snapshot %s of %s: volume is in use on %s, asked it for a point-in-time copy",
+                     snap.id, vol.id, vol.owner)
+            return cat.update_snapshot(snap.id, assign)
+        if vol.persistence != "object":
+            raise CsiError(Code.FAILED_PRECONDITION, f"volume {vol.id} has persistence=local: it is never "
+                           f"uploaded, so it cannot be snapshotted to the object store")
+        return self.pin_generation(cat, snap, vol)
+
+    def pin_generation(self, cat: Catalog, snap: SnapshotRecord, vol: VolumeRecord) -> SnapshotRecord:
+        """Make the snapshot refer to the volume's committed generation: copy its manifest."""
+        if vol.generation:
+            m = Manifest.decode(cat.get_manifest(vol.id, vol.generation))
+        else:
+            m = Manifest.empty(vol.size, vol.chunk_size)
+        cat.store.put(snapshot_manifest_key(snap.id), m.encode())
+
+        def ready(r: SnapshotRecord) -> None:
+            r.ready, r.generation, r.manifest_key, r.node = True, vol.generation, snapshot_manifest_key(snap.id), ""
+            r.size, r.progress = m.volume_size, "ready"
+        log.info("snapshot %s of %s: ready at once (generation %d, %d data chunks, nothing copied)",
+                 snap.id, vol.id, vol.generation, m.data_chunks)
+        return cat.update_snapshot(snap.id, ready)
+
+    # -- DeleteSnapshot / ListSnapshots ----------------------------------------------------
+    def delete(self, request: Any) -> pb.DeleteSnapshotResponse:
+        sid = ids.snapshot_id(request.snapshot_id)
+        cat = self.stores.catalog(dict(request.secrets))
+        with self.controller.locks.hold(sid):
+            rec = cat.get_snapshot(sid)
+            if rec is None:
+                return pb.DeleteSnapshotResponse()
+            if rec.node:
+                cat.store.delete(request_key(rec.node, sid))
+            cat.store.delete(snapshot_manifest_key(sid))
+            cat.delete_snapshot(rec)
+        log.info("snapshot %s deleted; its chunks are left to garbage collection", sid)
+        return pb.DeleteSnapshotResponse()
+
+    def list(self, request: Any) -> pb.ListSnapshotsResponse:
+        if request.max_entries < 0:
+            raise invalid("max_entries must not be negative")
+        after = ""
+        if request.starting_token:
+            if not request.starting_token.startswith(TOKEN_PREFIX):
+                raise CsiError(Code.ABORTED, f"starting_token {request.starting_token[:40]!r} was not issued by this driver")
+            after = request.starting_token[len(TOKEN_PREFIX):]
+        cat = self.stores.catalog(dict(request.secrets))
+        if request.snapshot_id:
+            try:
+                one = cat.get_snapshot(ids.snapshot_id(request.snapshot_id))
+            except CsiError:
+                one = None          # a malformed ID names no snapshot
+            recs = [one] if one is not None else []
+        else:
+            recs = cat.list_snapshots()
+        if request.source_volume_id:
+            recs = [r for r in recs if r.source_volume == request.source_volume_id]
+        recs = sorted((r for r in recs if r.id > after), key=lambda r: r.id)
+        page = recs[:request.max_entries] if request.max_entries else recs
+        resp = pb.ListSnapshotsResponse(entries=[pb.ListSnapshotsResponse.Entry(snapshot=self.proto(r)) for r in page])
+        if len(recs) > len(page):
+            resp.next_token = TOKEN_PREFIX + page[-1].id
+        return resp
+
+    # -- CreateVolume content sources ------------------------------------------------------
+    def resolve_source(self, cat: Catalog, src: pb.VolumeContentSource, size: int, cr: Any) -> dict[str, str]:
+        kind = src.WhichOneof("type")
+        if kind == "snapshot":
+            sid = ids.snapshot_id(src.snapshot.snapshot_id)
+            snap = cat.get_snapshot(sid)
+            if snap is None:
+                raise not_found(f"source snapshot {sid} does not exist")
+            if not snap.ready:
+                raise aborted(f"source snapshot {sid} is not ready yet")
+            src_size = snap.size
+            out = {"snapshot": sid}
+        elif kind == "volume":
+            vid = ids.volume_id(src.volume.volume_id)
+            vol = cat.get_volume(vid)
+            if vol is None:
+                raise not_found(f"source volume {vid} does not exist")
+            if vol.persistence != "object":
+                raise invalid(f"source volume {vid} has persistence=local and cannot be cloned through the object store")
+            src_size = vol.size
+            out = {"volume": vid}
+        else:
+            raise invalid("volume_content_source must name a snapshot or a volume")
+        if cr is not None and cr.limit_bytes and cr.limit_bytes < src_size:
+            raise CsiError(Code.OUT_OF_RANGE, f"the source holds {src_size} bytes, more than limit_bytes {cr.limit_bytes}")
+        if size < src_size:
+            if cr is not None and cr.required_bytes and cr.required_bytes < src_size:
+                raise CsiError(Code.OUT_OF_RANGE, f"requested {cr.required_bytes} bytes, smaller than the source's {src_size}")
+        return out
+
+    def source_manifest(self, cat: Catalog, source: dict[str, str]) -> Manifest | None:
+        if "snapshot" in source:
+            snap = cat.get_snapshot(source["snapshot"])
+            if snap is None:
+                raise not_found(f"source snapshot {source['snapshot']} does not exist")
+            return read_manifest(cat, snap.manifest_key or snapshot_manifest_key(snap.id))
+        vol = cat.volume(source["volume"])
+        if not vol.generation:
+            return None
+        return Manifest.decode(cat.get_manifest(vol.id, vol.generation))
+
+    def prepare_clone(self, cat: Catalog, rec: VolumeRecord) -> None:
+        """Write the new volume's generation 1 (the source's manifest) before its record exists."""
+        m = self.source_manifest(cat, rec.source)
+        if m is None:
+            return
+        rec.size = max(rec.size, m.volume_size)
+        if rec.size > m.volume_size:
+            m = m.resize(rec.size)
+        rec.chunk_size = m.chunk_size
+        rec.parameters["chunkSize"] = str(m.chunk_size)
+        m.generation, m.parent = 1, None
+        rec.generation = cat.put_manifest(rec.id, 1, m.encode())
+        log.info("volume %s: generation %d is a copy of %s's manifest (%d data chunks, none copied)",
+                 rec.id, rec.generation, rec.source, m.data_chunks)
+
+    # -- periodic work ---------------------------------------------------------------------
+    def start_background(self, runtime: Any) -> None:
+        if self.cfg.gc_interval_seconds > 0:
+            from . import gc
+
+            def collect() -> None:
+                gc.collect(self.stores.catalog(), grace=self.cfg.gc_grace_seconds,
+                           keep=self.cfg.gc_keep_generations, dry_run=False)
+            runtime._loop("gc", self.cfg.gc_interval_seconds, collect)
+
+
+class NodeSnapshotWorker:
+    """Picks up snapshot requests for this node: freeze, local copy, thaw, upload, mark ready."""
+
+    def __init__(self, runtime: Any, poll_seconds: float = 0.5):
+        self.rt = runtime
+        self.poll = poll_seconds
+        self.node_id = runtime.cfg.node_id
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, name="snapshot-worker", daemon=True).start()
+
+    def _loop(self) -> None:
+        while not self.rt.stop_event.wait(self.poll):
+            try:
+                self.poll_once()
+            except Exception as e:   # the next round retries
+                log.warning("snapshot worker: %s", e)
+
+    def poll_once(self) -> int:
+        cat = self.rt.stores.catalog()
+        prefix = f"requests/{ids.node_id(self.node_id)}/"
+        done = 0
+        for info in list(cat.store.list(prefix)):
+            try:
+                req = json.loads(cat.store.get(info.key)[0])
+                sid, vid = ids.snapshot_id(req["snapshot"]), ids.volume_id(req["volume"])
+            except (NotFound, ValueError, KeyError, CsiError):
+                cat.store.delete(info.key)
+                continue
+            if self.handle(cat, sid, vid):
+                cat.store.delete(info.key)
+                done += 1
+        return done
+
+    def handle(self, cat: Catalog, sid: str, vid: str) -> bool:
+        """Returns True when the request is finished (done or impossible)."""
+        snap = cat.get_snapshot(sid)
+        if snap is None or snap.ready:
+            return True
+        node, backend, sync = self.rt.node, self.rt.backend, self.rt.sync
+        lv = node.state.get(vid)
+        vol = cat.get_volume(vid)
+        if vol is None:
+            self._fail(cat, sid, f"source volume {vid} was deleted")
+            return True
+        if lv is None or not backend.exists(vid):
+            # nothing local: the committed generation is the volume's content
+            Snapshots(self.rt.cfg, self.rt.stores, None).pin_generation(cat, snap, vol)
+            return True
+        if not lv.staged:
+            if lv.dirty:
+                return False            # the unstage flush will commit; pin after it
+            Snapshots(self.rt.cfg, self.rt.stores, None).pin_generation(cat, snap, vol)
+            return True
+        local = f"snap-{sid}"
+        try:
+            with node.locks.hold(vid):
+                t0 = time.monotonic()
+                if lv.access_type == "mount" and fs.mount_info(lv.staged_path) is not None and not lv.readonly:
+                    with fs.frozen(lv.staged_path, self.rt.cfg.freeze_timeout_seconds):
+                        path = backend.snapshot(vid, local)
+                else:
+                    path = backend.snapshot(vid, local)
+                frozen_s = time.monotonic() - t0
+        except CsiError as e:
+            if e.code == Code.ABORTED:
+                return False            # an RPC holds the volume; next round
+            raise
+        log.info("snapshot %s of %s: point-in-time copy taken in %.3fs (file system frozen meanwhile)", sid, vid, frozen_s)
+        try:
+            self._upload(cat, snap, vol, path, vid)
+        finally:
+            backend.delete_snapshot(vid, local)
+        return True
+
+    def _upload(self, cat: Catalog, snap: SnapshotRecord, vol: VolumeRecord, path: str, vid: str) -> None:
+        from .remote import transfer
+        backend = self.rt.backend
+        base = Manifest.decode(cat.get_manifest(vid, vol.generation)) if vol.generation else None
+        size = os.path.getsize(path) if os.path.isfile(path) else fs.block_size(path)
+        ranges = transfer.file_data_extents(path) if os.path.isfile(path) else backend.allocated_ranges(vid)
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - last[0] > 1.0:
+                last[0] = now
+                try:
+                    cat.update_snapshot(snap.id, lambda r: setattr(r, "progress", f"uploaded {done}/{total} bytes"))
+                except CsiError:
+                    pass
+        t0 = time.monotonic()
+        m, stats = transfer.flush(cat.store, path, size, vol.chunk_size, base=base, ranges=ranges,
+                                  compression_level=vol.compression, workers=self.rt.cfg.flush_workers,
+                                  progress=progress)
+        cat.store.put(snapshot_manifest_key(snap.id), m.encode())
+
+        def ready(r: SnapshotRecord) -> None:
+            r.ready, r.manifest_key, r.generation, r.size = True, snapshot_manifest_key(snap.id), 0, size
+            r.node, r.progress = "", f"ready: uploaded {stats.bytes_uploaded} bytes"
+        cat.update_snapshot(snap.id, ready)
+        log.info("snapshot %s of %s ready in %.2fs: read %d bytes, uploaded %d bytes (%d chunks, %d known)",
+                 snap.id, vid, time.monotonic() - t0, stats.bytes_read, stats.bytes_uploaded,
+                 stats.chunks_uploaded, stats.chunks_skipped_known)
+
+    @staticmethod
+    def _fail(cat: Catalog, sid: str, msg: str) -> None:
+        def fail(r: SnapshotRecord) -> None:
+            r.error, r.node = msg, ""
+        cat.update_snapshot(sid, fail)
