@@ -155,7 +155,9 @@ def test_parse_mountinfo_line_with_escapes():
 
 def test_mount_options_are_validated():
     assert fs.check_mount_options(["noatime", "", "discard"]) == ["noatime", "discard"]
-    for bad in (["a\nb"], ["x\x00"], ["--bind"]):
+    assert fs.check_mount_options(["noatime,nodiratime"]) == ["noatime,nodiratime"]
+    for bad in (["a\nb"], ["x\x00"], ["--bind"], ["bind"], ["ro,remount"], ["X-mount.mkdir"],
+                ["loop=/dev/loop0"], ["make-shared"]):
         with pytest.raises(CsiError) as e:
             fs.check_mount_options(bad)
         assert e.value.code == Code.INVALID_ARGUMENT

@@ -265,3 +265,52 @@ def test_interrupted_create_and_delete_are_cleaned_up(tmp_path):
     assert b.list_volumes() == ["pvol-incomplete"]
     b.delete("pvol-incomplete")
     assert os.listdir(root) == []
+
+
+def test_read_only_block_device_refuses_writes(backend, tmp_path):
+    vid = "pvol-ro"
+    backend.create(vid, 16 * MiB)
+    rw = backend.device(vid)
+    write_at(rw, 0, b"R" * 4096)
+    ro = backend.device(vid, read_only=True)
+    assert ro != rw and backend.device(vid, read_only=True) == ro and backend.device(vid) == rw
+    target = str(tmp_path / "pub" / "block")
+    try:
+        fs.ensure_bind(ro, target, readonly=True)
+        assert read_at(target, 0, 4096) == b"R" * 4096
+        with pytest.raises(OSError):                        # EPERM/EROFS from the read-only device
+            write_at(target, 0, b"W" * 4096)
+    finally:
+        fs.ensure_unmounted(target)
+    backend.expand(vid, 32 * MiB)
+    assert fs.block_size(ro) == fs.block_size(rw) == 32 * MiB
+    backend.release(vid)
+    assert loop.find_all(backend.disk_path(vid)) == []
+    assert read_at(backend.disk_path(vid), 0, 4096) == b"R" * 4096
+
+
+def test_snapshot_of_a_frozen_mounted_volume(backend, tmp_path):
+    vid = "pvol-frozen"
+    backend.create(vid, 64 * MiB)
+    dev = backend.device(vid)
+    target = str(tmp_path / "mnt")
+    fs.ensure_fs(dev, "ext4")
+    try:
+        fs.ensure_mounted(dev, target, "ext4", [])
+        with open(os.path.join(target, "before"), "w") as f:
+            f.write("in the snapshot")
+        with fs.frozen(target, timeout_s=20) as guard:      # freeze syncs; the copy must not block
+            snap = backend.snapshot(vid, "s1")
+        assert not guard.timed_out
+        with open(os.path.join(target, "after"), "w") as f:
+            f.write("not in the snapshot")
+    finally:
+        fs.ensure_unmounted(target)
+    snapdev = loop.attach(snap, read_only=True)
+    snapmnt = str(tmp_path / "snapmnt")
+    try:
+        fs.ensure_mounted(snapdev, snapmnt, "ext4", ["noload"], readonly=True)
+        assert sorted(n for n in os.listdir(snapmnt) if n != "lost+found") == ["before"]
+    finally:
+        fs.ensure_unmounted(snapmnt)
+        loop.detach(snapdev)

@@ -141,15 +141,26 @@ def _check_arg(value: str, kind: str) -> str:
     return value
 
 
+# Options that would turn `mount -o` into a different operation (bind, move, loop setup,
+# propagation changes, helper programs) rather than a file-system or per-mount flag.
+_OPERATION_OPTS = {"bind", "rbind", "remount", "move", "loop"}
+_OPERATION_PREFIXES = ("x-", "X-", "loop=", "offset=", "sizelimit=", "helper=", "make-")
+
+
 def check_mount_options(options: Sequence[str]) -> list[str]:
-    """Mount flags from the CO: plain strings without NUL or line breaks; empty ones dropped."""
+    """Mount flags from the CO: plain options without NUL or line breaks and not ones that change
+    what `mount` does (bind, remount, move, loop, x-mount.*, ...); empty ones are dropped.
+    Each element may itself be a comma-separated list; it is checked item by item."""
     out = []
     for opt in options:
         if opt == "":
             continue
         _check_arg(opt, "mount flag")
-        if opt.startswith("-"):
-            raise CsiError(Code.INVALID_ARGUMENT, f"mount flag {opt!r} must not start with '-'")
+        for item in opt.split(","):
+            if item.startswith("-"):
+                raise CsiError(Code.INVALID_ARGUMENT, f"mount flag {item!r} must not start with '-'")
+            if item in _OPERATION_OPTS or item.startswith(_OPERATION_PREFIXES):
+                raise CsiError(Code.INVALID_ARGUMENT, f"mount flag {item!r} is not allowed")
         out.append(opt)
     return out
 

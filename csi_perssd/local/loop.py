@@ -79,8 +79,9 @@ def list_attached() -> dict[str, str]:
     return {d.name: d.back_file for d in devices()}
 
 
-def find_all(backing_file: str) -> list[str]:
-    """Every loop device attached to this file (normally zero or one), sorted by name."""
+def find_all(backing_file: str, read_only: bool | None = None) -> list[str]:
+    """Every loop device attached to this file, sorted by name; `read_only` filters by mode
+    (normally there is one read-write device, plus one read-only device for read-only block use)."""
     try:
         st = os.stat(backing_file)
     except FileNotFoundError:
@@ -92,19 +93,21 @@ def find_all(backing_file: str) -> list[str]:
             same = d.back_ino == st.st_ino and d.back_dev == (os.major(st.st_dev), os.minor(st.st_dev))
         else:
             same = d.back_file == real
-        if same:
+        if same and (read_only is None or d.read_only == read_only):
             found.append(d.name)
     return sorted(found, key=lambda n: int(n[len("/dev/loop"):]))
 
 
-def find(backing_file: str) -> str | None:
-    """The loop device attached to `backing_file`, None when there is none."""
-    found = find_all(backing_file)
+def find(backing_file: str, read_only: bool | None = False) -> str | None:
+    """The (read-write, by default) loop device attached to `backing_file`, None when there is none."""
+    found = find_all(backing_file, read_only)
     return found[0] if found else None
 
 
 def attach(backing_file: str, direct_io: bool = True, read_only: bool = False) -> str:
-    """Ensure `backing_file` is attached to a loop device and return the device (reuses an existing one).
+    """Ensure `backing_file` is attached to a loop device and return the device (reuses an existing
+    one of the same mode). A read-only device refuses writes (EPERM), which a read-only bind mount
+    of a device node does not do: use one for read-only block publishing.
 
     Direct I/O keeps the data out of the page cache twice (once for the file system on the loop
     device, once for the backing file); when the kernel or the backing file system refuses it,
@@ -113,7 +116,7 @@ def attach(backing_file: str, direct_io: bool = True, read_only: bool = False) -
     if not os.path.isfile(backing_file):
         raise CsiError(Code.NOT_FOUND, f"backing file {backing_file} does not exist")
     with _attach_lock:
-        existing = find(backing_file)
+        existing = find(backing_file, read_only)
         if existing is not None:
             return existing
         base = ["losetup", "--find", "--show"] + (["--read-only"] if read_only else [])
@@ -122,7 +125,7 @@ def attach(backing_file: str, direct_io: bool = True, read_only: bool = False) -
                 res = run(base + ["--direct-io=on", backing_file], what="losetup --find")
                 return _shown_device(res.stdout)
             except CsiError:
-                existing = find(backing_file)       # attached although losetup complained
+                existing = find(backing_file, read_only)    # attached although losetup complained
                 if existing is not None:
                     return existing
         res = run(base + [backing_file], what="losetup --find")

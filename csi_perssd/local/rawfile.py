@@ -138,22 +138,30 @@ class RawfileBackend:
                     raise CsiError(Code.RESOURCE_EXHAUSTED, f"no space for volume {vid}: {e.strerror}") from None
                 raise internal(f"creating volume {vid} in {self.root}: {e.strerror}") from None
 
-    def device(self, vid: str) -> str:
+    def device(self, vid: str, read_only: bool = False) -> str:
+        """The volume's loop device (attached on demand). `read_only=True` gives a second,
+        read-only device for read-only raw block publishing (a read-only bind mount of a device
+        node does not stop writes)."""
         path = self._disk(vid)
         if not os.path.isfile(path):
             raise not_found(f"volume {vid} does not exist on this node")
-        dev = loop.attach(path, direct_io=self.direct_io)
+        dev = loop.attach(path, direct_io=self.direct_io, read_only=read_only)
         if fs.block_size(dev) != os.stat(path).st_size:     # expanded while detached/half-refreshed
             loop.refresh_size(dev)
         return dev
 
-    def attached_device(self, vid: str) -> str | None:
+    def attached_device(self, vid: str, read_only: bool = False) -> str | None:
         """The loop device of a volume if it is attached now (never attaches)."""
-        return loop.find(self._disk(vid))
+        return loop.find(self._disk(vid), read_only)
 
     def release(self, vid: str) -> None:
+        """Detach the volume's loop devices (read-write and read-only); refused while one is in use."""
         path = self._disk(vid)
-        for dev in loop.find_all(path):
+        devs = loop.find_all(path)
+        busy = [d for d in devs if loop.is_busy(d)]
+        if busy:
+            raise CsiError(Code.FAILED_PRECONDITION, f"volume {vid}: {', '.join(busy)} still in use (mounted?)")
+        for dev in devs:
             loop.detach(dev)
 
     def delete(self, vid: str) -> None:
@@ -180,9 +188,9 @@ class RawfileBackend:
             if size > current:
                 self._check_space(size - current)
                 os.truncate(path, size)
-        dev = loop.find(path)
-        if dev is not None and fs.block_size(dev) != os.stat(path).st_size:
-            loop.refresh_size(dev)
+        for dev in loop.find_all(path):
+            if fs.block_size(dev) != os.stat(path).st_size:
+                loop.refresh_size(dev)
 
     def allocated_ranges(self, vid: str) -> list[Extent]:
         try:
@@ -294,9 +302,14 @@ class RawfileBackend:
                      for st in (e.stat(follow_symlinks=False) for e in os.scandir(directory))}
         except FileNotFoundError:
             return
-        for dev in loop.devices():
-            if dev.back_dev is not None and (*dev.back_dev, dev.back_ino) in files:
-                loop.detach(dev.name)
+        devs = [d.name for d in loop.devices()
+                if d.back_dev is not None and (*d.back_dev, d.back_ino) in files]
+        busy = [d for d in devs if loop.is_busy(d)]
+        if busy:
+            raise CsiError(Code.FAILED_PRECONDITION,
+                           f"{', '.join(busy)} backed by {directory} still in use (mounted?)")
+        for dev in devs:
+            loop.detach(dev)
 
     def _remove_leftovers(self) -> None:
         """Finish deletes and drop half-created volumes interrupted by a crash."""
