@@ -46,5 +46,16 @@ sanity: deps
 	  echo "then run: make sanity CSI_SANITY=/path/to/csi-sanity"; exit 0; fi; \
 	$(PY) -m csi_perssd.tools.sanity "$(CSI_SANITY)"
 
+# Container image (Dockerfile): needs a running container daemon (docker, or podman with
+# CONTAINER_TOOL=podman); fails with a clear message where none exists.
+IMAGE ?= csi-perssd:0.1.0
+CONTAINER_TOOL ?= docker
+image:
+	@if ! command -v $(CONTAINER_TOOL) >/dev/null 2>&1; then \
+	  echo "make image: '$(CONTAINER_TOOL)' is not installed; install Docker or Podman (CONTAINER_TOOL=podman) to build $(IMAGE)" >&2; exit 1; fi; \
+	if ! $(CONTAINER_TOOL) info >/dev/null 2>&1; then \
+	  echo "make image: no container daemon answers '$(CONTAINER_TOOL) info'; start it, or build elsewhere with: $(CONTAINER_TOOL) build -t $(IMAGE) ." >&2; exit 1; fi; \
+	$(CONTAINER_TOOL) build -t $(IMAGE) .
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
