@@ -204,6 +204,8 @@ class VolumeSync:
         lv = self.state.get(vid)
         assert lv is not None and lv.flush is not None
         job = lv.flush
+        # only the final pass (after unmount, no writer left) may trust its journal on resume:
+        # a pre-flush runs while the file system is still mounted and its chunks may change
         cat = self.stores.catalog()
         rec = cat.volume(vid)
         if rec.owner != self.node_id or rec.epoch != job.epoch:
@@ -229,7 +231,8 @@ class VolumeSync:
         try:
             manifest, stats = transfer.flush(cat.store, dev, size, rec.chunk_size, base=base, ranges=ranges,
                                              compression_level=rec.compression, workers=self.cfg.flush_workers,
-                                             journal_path=self.state.journal_path(vid), progress=progress)
+                                             journal_path=self.state.journal_path(vid) if job.final else None,
+                                             progress=progress)
         finally:
             metrics.FLUSH_BACKLOG.dec(total - last[0])
         dt = time.monotonic() - t0
