@@ -153,7 +153,7 @@ class Seaweed:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout_s: float = 15.0) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the server (SIGTERM to its process group, SIGKILL after timeout) and wait."""
         proc, self.proc = self.proc, None
         if proc is not None:

@@ -1,0 +1,240 @@
+"""Flush/hydrate pipelines against a real S3 server (SeaweedFS) on sparse image files (no root)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import pytest
+
+from csi_perssd.local.backend import Extent
+from csi_perssd.remote.chunks import chunk_key, compress
+from csi_perssd.remote.manifest import Manifest
+from csi_perssd.remote.store import StoreError
+from csi_perssd.remote.transfer import (ChunkCorrupted, ChunkMissing, chunks_in, file_data_extents,
+                                        flush, hydrate)
+from tests.plugins.s3 import make_s3_store, seaweed_outage
+
+pytestmark = pytest.mark.s3
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+CS = 1 * MiB                    # 64 chunks
+
+
+def _sha(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(4 * MiB):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _pwrite(path, off: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, off)
+    finally:
+        os.close(fd)
+
+
+def _sparse(path, size: int = SIZE) -> str:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return str(path)
+
+
+def make_image(path) -> dict[str, object]:
+    """64 chunks: random data (10 chunks), a partial chunk, written zeros, a compressible chunk,
+    a chunk repeated at two offsets, everything else never written (holes)."""
+    p = _sparse(path)
+    dup = os.urandom(CS)
+    for i in (0, 1, 2, 3, 10, 11, 12, 30, 40, 63):
+        _pwrite(p, i * CS, os.urandom(CS))
+    _pwrite(p, 20 * CS + 300_000, os.urandom(200_000))          # partial chunk 20
+    _pwrite(p, 21 * CS, bytes(2 * CS))                          # allocated but zero: 21, 22
+    _pwrite(p, 25 * CS, (b"perssd-log-line " * (CS // 16)))     # compressible: 25
+    _pwrite(p, 50 * CS, dup)
+    _pwrite(p, 51 * CS, dup)                                    # same content: 50, 51
+    # data chunks: 10 random + 20 + 25 + 50/51 -> 14 entries, 13 distinct hashes
+    return {"path": p, "data_chunks": 14, "distinct": 13, "zero_chunks": 64 - 14}
+
+
+def _chunk_objects(store) -> set[str]:
+    return {o.key for o in store.list("chunks/")}
+
+
+@pytest.fixture
+def store(seaweed):
+    return make_s3_store(seaweed)
+
+
+def test_flush_then_hydrate_is_byte_identical(store, tmp_path):
+    img = make_image(tmp_path / "src.img")
+    src = img["path"]
+    m, st = flush(store, src, SIZE, CS, base=None, ranges=file_data_extents(src), workers=4)
+    assert m.data_chunks == img["data_chunks"] and len(m.referenced_hashes()) == img["distinct"]
+    assert st.chunks_uploaded == img["distinct"] and st.hole_chunks == 64 - img["data_chunks"]
+    assert st.chunks_skipped_known == 1                  # the duplicate chunk 51
+    assert m.entries[50] == m.entries[51] and m.entries[21] is None and m.entries[5] is None
+    assert len(_chunk_objects(store)) == img["distinct"]
+    assert m.sizes[m.entries[25]] < CS // 50             # compressed
+    assert m.sizes[m.entries[0]] == CS + 1               # random: stored raw (1-byte tag)
+    assert st.bytes_uploaded == sum(m.sizes.values()) == m.stored_bytes
+    assert st.bytes_read < 20 * CS                       # only allocated chunks were read
+    assert m.generation == 1 and m.parent is None
+
+    m2 = Manifest.decode(m.encode())
+    dest = _sparse(tmp_path / "dest.img")
+    hs = hydrate(store, m2, dest, workers=4)
+    assert _sha(dest) == _sha(src)
+    assert hs.chunks_downloaded == img["distinct"] and hs.hole_chunks == 64 - img["data_chunks"]
+    assert hs.bytes_written == img["data_chunks"] * CS
+    assert os.stat(dest).st_blocks * 512 <= 16 * CS       # holes stayed sparse
+
+
+def test_flush_of_every_chunk_matches_allocated_ranges(store, tmp_path):
+    src = make_image(tmp_path / "src.img")["path"]
+    m1, _ = flush(store, src, SIZE, CS, base=None, ranges=file_data_extents(src))
+    m2, st2 = flush(store, src, SIZE, CS, base=None, ranges=None)
+    assert m1.entries == m2.entries
+    assert st2.bytes_read == SIZE and st2.chunks_uploaded == 0   # all known via HEAD
+
+
+def test_incremental_flush_uploads_only_changed_chunks(store, tmp_path):
+    src = make_image(tmp_path / "src.img")["path"]
+    m1, _ = flush(store, src, SIZE, CS, base=None, ranges=file_data_extents(src))
+    _pwrite(src, 3 * CS + 4096, os.urandom(8192))       # change data chunk 3
+    _pwrite(src, 45 * CS, os.urandom(100))               # write into hole chunk 45
+    before = store.stats.snapshot()
+    m2, st = flush(store, src, SIZE, CS, base=m1, ranges=file_data_extents(src))
+    after = store.stats.snapshot()
+    assert st.chunks_uploaded == 2 and st.bytes_uploaded == after["bytes_up"] - before["bytes_up"]
+    assert st.bytes_uploaded <= 2 * (CS + 1)
+    assert after["requests"]["put"] - before["requests"].get("put", 0) == 2
+    assert [i for i in range(64) if m1.entries[i] != m2.entries[i]] == [3, 45]
+    assert m2.generation == 2 and m2.parent == 1
+
+    # the same change described as changed ranges: only those chunks are read
+    m3, st3 = flush(store, src, SIZE, CS, base=m1, ranges_mode="changed",
+                    ranges=[Extent(3 * CS + 4096, 8192), Extent(45 * CS, 100)])
+    assert m3.entries == m2.entries and st3.bytes_read == 2 * CS
+    assert st3.chunks_uploaded == 0 and st3.chunks_unchanged == m1.data_chunks - 1
+
+    dest = _sparse(tmp_path / "dest.img")
+    hydrate(store, m3, dest)
+    assert _sha(dest) == _sha(src)
+
+
+def test_resume_from_journal_uploads_only_missing_chunks(store, tmp_path):
+    src = make_image(tmp_path / "src.img")["path"]
+    journal = str(tmp_path / "flush.journal")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_midway(done, total):
+        if done >= total // 2:
+            raise Interrupt()
+
+    with pytest.raises(Interrupt):
+        flush(store, src, SIZE, CS, base=None, ranges=None, journal_path=journal, workers=2,
+              progress=stop_midway)
+    present = _chunk_objects(store)
+    assert 0 < len(present) < 13
+    puts_before = store.stats.snapshot()["requests"]["put"]
+    m, st = flush(store, src, SIZE, CS, base=None, ranges=None, journal_path=journal, workers=2)
+    assert st.chunks_from_journal >= 32
+    assert st.chunks_uploaded == 13 - len(present)
+    assert store.stats.snapshot()["requests"]["put"] - puts_before == 13 - len(present)
+    assert st.bytes_read == SIZE - st.chunks_from_journal * CS
+    ref, _ = flush(store, src, SIZE, CS, base=None, ranges=None)
+    assert m.entries == ref.entries
+    dest = _sparse(tmp_path / "dest.img")
+    hydrate(store, m, dest)
+    assert _sha(dest) == _sha(src)
+
+
+def test_journal_for_other_parameters_is_ignored(store, tmp_path):
+    src = make_image(tmp_path / "src.img")["path"]
+    journal = tmp_path / "j"
+    journal.write_text('{"v": 1, "size": 1}\n0 ' + "a" * 64 + " 5\n")
+    m, st = flush(store, src, SIZE, CS, ranges=None, journal_path=str(journal))
+    assert st.chunks_from_journal == 0 and m.entries[0] != "a" * 64
+    # a torn last line is dropped, the rest is used
+    with open(journal, "a") as f:
+        f.write("17 abc")
+    m2, st2 = flush(store, src, SIZE, CS, ranges=None, journal_path=str(journal))
+    assert st2.chunks_from_journal == 64 and m2.entries == m.entries and st2.bytes_read == 0
+
+
+def test_corrupted_chunk_is_detected_before_writing(store, tmp_path):
+    src = make_image(tmp_path / "src.img")["path"]
+    m, _ = flush(store, src, SIZE, CS, ranges=file_data_extents(src))
+    bad_key = chunk_key(m.entries[10])
+    blob, _ = compress(os.urandom(CS), 3)               # well-formed, wrong content
+    store.put(bad_key, blob)
+    dest = _sparse(tmp_path / "dest.img")
+    with pytest.raises(ChunkCorrupted) as ei:
+        hydrate(store, m, dest, workers=1)
+    assert ei.value.key == bad_key
+    with open(dest, "rb") as f:
+        f.seek(10 * CS)
+        assert f.read(CS) == bytes(CS)                    # nothing written for that chunk
+
+    store.put(bad_key, b"\x01garbage")
+    with pytest.raises(ChunkCorrupted):
+        hydrate(store, m, dest)
+    store.delete(bad_key)
+    with pytest.raises(ChunkMissing):
+        hydrate(store, m, dest)
+
+
+def test_hydrate_zero_holes_on_dirty_destination(store, tmp_path):
+    src = make_image(tmp_path / "src.img")["path"]
+    m, _ = flush(store, src, SIZE, CS, ranges=file_data_extents(src))
+    dest = tmp_path / "dirty.img"
+    dest.write_bytes(os.urandom(SIZE))
+    hydrate(store, m, str(dest), zero_holes=True)
+    assert _sha(dest) == _sha(src)
+
+
+def test_restore_into_larger_volume(store, tmp_path):
+    src = make_image(tmp_path / "src.img")["path"]
+    m, _ = flush(store, src, SIZE, CS, ranges=file_data_extents(src))
+    big = m.resize(SIZE + 8 * MiB)
+    dest = _sparse(tmp_path / "big.img", SIZE + 8 * MiB)
+    hydrate(store, big, dest)
+    with open(dest, "rb") as f, open(src, "rb") as g:
+        assert f.read(SIZE) == g.read() and f.read() == bytes(8 * MiB)
+    with pytest.raises(ValueError):
+        hydrate(store, big, _sparse(tmp_path / "small.img"))     # destination too small
+
+
+def test_flush_argument_checks(store, tmp_path):
+    src = _sparse(tmp_path / "s.img", 8 * MiB)
+    with pytest.raises(ValueError):
+        flush(store, src, 16 * MiB, CS)                  # source smaller than size
+    with pytest.raises(ValueError):
+        flush(store, src, 8 * MiB, CS, ranges=[], ranges_mode="changed")    # needs base
+    with pytest.raises(ValueError):
+        flush(store, src, 8 * MiB, CS, base=Manifest.empty(8 * MiB, 2 * MiB))
+    m, st = flush(store, src, 8 * MiB, CS, ranges=[])
+    assert m.entries == [None] * 8 and st.bytes_read == 0 and st.requests == 0
+
+
+def test_chunks_in():
+    assert chunks_in([Extent(0, 1), Extent(CS - 1, 2), Extent(5 * CS, CS)], 8 * CS, CS) == [0, 1, 5]
+    assert chunks_in([Extent(7 * CS, 10 * CS), Extent(100 * CS, 1)], 8 * CS, CS) == [7]
+
+
+def test_outage_fails_with_store_error_within_budget(seaweed, tmp_path):
+    store = make_s3_store(seaweed)
+    src = make_image(tmp_path / "src.img")["path"]
+    with seaweed_outage(seaweed):
+        t0 = time.monotonic()
+        with pytest.raises(StoreError):
+            flush(store, src, SIZE, CS, ranges=file_data_extents(src), workers=4)
+        assert time.monotonic() - t0 < 15
+    m, st = flush(store, src, SIZE, CS, ranges=file_data_extents(src), workers=4)
+    assert m.data_chunks == 14
