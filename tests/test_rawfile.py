@@ -258,8 +258,13 @@ def test_interrupted_create_and_delete_are_cleaned_up(tmp_path):
     (root / ".tmp-pvol-x-1234" / "disk.img").write_bytes(b"")
     (root / ".trash-pvol-y-5678").mkdir()
     (root / "pvol-incomplete").mkdir()                      # a directory without disk.img
+    (root / "pvol-z").mkdir()
+    (root / "pvol-z" / "disk.img").write_bytes(b"")
+    (root / "pvol-z" / ".snap-s1.img.0badc0de.tmp").write_bytes(b"half")
     b = RawfileBackend(str(root))
-    assert sorted(os.listdir(root)) == ["pvol-incomplete"]
+    assert sorted(os.listdir(root)) == ["pvol-incomplete", "pvol-z"]
+    assert os.listdir(root / "pvol-z") == ["disk.img"]
+    b.delete("pvol-z")
     assert b.list_volumes() == [] and not b.exists("pvol-incomplete")
     b.create("pvol-incomplete", MiB)                         # an empty directory is taken over
     assert b.list_volumes() == ["pvol-incomplete"]

@@ -312,15 +312,21 @@ class RawfileBackend:
             loop.detach(dev)
 
     def _remove_leftovers(self) -> None:
-        """Finish deletes and drop half-created volumes interrupted by a crash."""
+        """Finish deletes, drop half-created volumes and half-written snapshots left by a crash."""
         for n in os.listdir(self.root):
-            if n.startswith((".tmp-", ".trash-")) and os.path.isdir(os.path.join(self.root, n)):
-                path = os.path.join(self.root, n)
+            path = os.path.join(self.root, n)
+            if not os.path.isdir(path):
+                continue
+            if n.startswith((".tmp-", ".trash-")):
                 try:
                     self._detach_all(path)
                 except CsiError:
                     continue
                 shutil.rmtree(path, ignore_errors=True)
+            elif not n.startswith("."):
+                for f in os.listdir(path):
+                    if f.startswith("." + SNAP_PREFIX) and f.endswith(".tmp"):
+                        _unlink(os.path.join(path, f))
 
 
 def _fsync_dir(path: str) -> None:
