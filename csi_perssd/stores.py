@@ -32,8 +32,11 @@ class Stores:
         if url.startswith("s3://"):
             from .remote import s3
             defaults = {"endpoint": self.cfg.s3_endpoint, "region": self.cfg.s3_region,
-                        "caBundlePath": self.cfg.s3_ca_bundle}
-            return s3.from_config(url, secrets, defaults)
+                        "caBundle": self.cfg.s3_ca_bundle}
+            try:
+                return s3.from_config(url, secrets, defaults)
+            except ValueError as e:
+                raise invalid(f"object store settings: {e}") from e
         raise invalid(f"catalog URL {url!r} must be file:///DIR or s3://BUCKET/PREFIX")
 
     def store(self, secrets: dict[str, str] | None = None) -> ObjectStore:

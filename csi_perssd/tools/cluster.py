@@ -1,0 +1,160 @@
+"""A small csi-perssd cluster on one machine: SeaweedFS, a controller and N node processes,
+and the CO-side calls a volume's life needs (what kubelet and the sidecars would do).
+Used by `make demo`, the multi-node integration tests and `make bench`."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from ..csi import csi_pb2 as pb
+from .procs import DriverProcess
+from .seaweed import Seaweed
+
+MODE = pb.VolumeCapability.AccessMode
+
+
+def mount_cap(fs_type: str = "ext4", mode: int = MODE.SINGLE_NODE_WRITER) -> pb.VolumeCapability:
+    return pb.VolumeCapability(mount=pb.VolumeCapability.MountVolume(fs_type=fs_type),
+                               access_mode=MODE(mode=mode))
+
+
+def block_cap(mode: int = MODE.SINGLE_NODE_WRITER) -> pb.VolumeCapability:
+    return pb.VolumeCapability(block=pb.VolumeCapability.BlockVolume(), access_mode=MODE(mode=mode))
+
+
+class Cluster:
+    def __init__(self, workdir: str | os.PathLike[str], nodes: tuple[str, ...] = ("node-a", "node-b"),
+                 seaweed: Seaweed | None = None, prefix: str = "cluster", pool: str = "pool-1",
+                 node_extra: list[str] | None = None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.own_seaweed = seaweed is None
+        self.seaweed = seaweed or Seaweed(self.workdir / "seaweed")
+        self.prefix = prefix
+        self.pool = pool
+        self.node_names = nodes
+        self.node_extra = node_extra or []
+        self.controller: DriverProcess | None = None
+        self.nodes: dict[str, DriverProcess] = {}
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": self.seaweed.access_key, "AWS_SECRET_ACCESS_KEY": self.seaweed.secret_key}
+
+    def store_args(self) -> list[str]:
+        return ["--s3-endpoint", self.seaweed.endpoint, "--s3-region", "us-east-1"]
+
+    def start(self) -> Cluster:
+        if not self.seaweed.running:
+            self.seaweed.start()
+        cat = self.seaweed.url(self.prefix)
+        self.controller = DriverProcess(self.workdir, mode="controller", catalog=cat, env=self.env,
+                                        extra=self.store_args()).start()
+        for n in self.node_names:
+            self.nodes[n] = DriverProcess(self.workdir, mode="node", node_id=n, pool=self.pool, catalog=cat,
+                                          env=self.env, extra=self.store_args() + self.node_extra).start()
+        return self
+
+    def stop(self) -> None:
+        for d in list(self.nodes.values()) + ([self.controller] if self.controller else []):
+            d.stop()
+        cleanup_under(self.workdir)
+        if self.own_seaweed:
+            self.seaweed.stop()
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the CO's side ----------------------------------------------------------------------
+    def create(self, name: str, size: int, cap: pb.VolumeCapability | None = None,
+               params: dict[str, str] | None = None, source: pb.VolumeContentSource | None = None) -> str:
+        assert self.controller is not None
+        req = pb.CreateVolumeRequest(name=name, volume_capabilities=[cap or mount_cap()],
+                                     capacity_range=pb.CapacityRange(required_bytes=size),
+                                     parameters=params or {})
+        if source is not None:
+            req.volume_content_source.CopyFrom(source)
+        return self.controller.controller.CreateVolume(req).volume.volume_id
+
+    def paths(self, node: str, vid: str) -> tuple[str, str]:
+        base = self.workdir / node / "kubelet" / vid
+        return str(base / "staging"), str(base / "target")
+
+    def attach(self, node: str, vid: str, cap: pb.VolumeCapability | None = None, readonly: bool = False) -> str:
+        """ControllerPublish + NodeStage + NodePublish; returns the target path."""
+        assert self.controller is not None
+        cap = cap or mount_cap()
+        ctx = self.controller.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+            volume_id=vid, node_id=node, volume_capability=cap)).publish_context
+        staging, target = self.paths(node, vid)
+        Path(staging).mkdir(parents=True, exist_ok=True)
+        n = self.nodes[node].node
+        n.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=staging,
+                                                    volume_capability=cap, publish_context=ctx))
+        n.NodePublishVolume(pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=staging,
+                                                        target_path=target, volume_capability=cap,
+                                                        publish_context=ctx, readonly=readonly))
+        return target
+
+    def unpublish(self, node: str, vid: str) -> None:
+        _, target = self.paths(node, vid)
+        self.nodes[node].node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target))
+
+    def unstage(self, node: str, vid: str, timeout: float = 600.0, on_progress: Any = None) -> int:
+        """NodeUnstage, retried while it answers ABORTED (flush in progress), as kubelet does.
+        Returns the number of calls."""
+        staging, _ = self.paths(node, vid)
+        deadline = time.monotonic() + timeout
+        calls = 0
+        while True:
+            calls += 1
+            try:
+                self.nodes[node].node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
+                    volume_id=vid, staging_target_path=staging))
+                return calls
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE) or time.monotonic() > deadline:
+                    raise
+                if on_progress:
+                    on_progress(e.details())
+                time.sleep(0.2)
+
+    def release(self, node: str, vid: str) -> int:
+        """NodeUnpublish + NodeUnstage (until the flush committed) + ControllerUnpublish."""
+        assert self.controller is not None
+        self.unpublish(node, vid)
+        calls = self.unstage(node, vid)
+        self.controller.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
+            volume_id=vid, node_id=node))
+        return calls
+
+    def delete(self, vid: str) -> None:
+        assert self.controller is not None
+        self.controller.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
+
+
+def cleanup_under(root: str | os.PathLike[str]) -> None:
+    """Unmount everything below root (deepest first) and detach loop devices backed by files below it."""
+    root = os.path.realpath(root)
+    mounts = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].encode().decode("unicode_escape")
+            if mp == root or mp.startswith(root + "/"):
+                mounts.append(mp)
+    for mp in sorted(mounts, key=len, reverse=True):
+        subprocess.run(["umount", "-l", mp], capture_output=True)
+    res = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+                         capture_output=True, text=True)
+    for line in res.stdout.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and (parts[1].startswith(root + "/") or parts[1].startswith(root + " ")):
+            subprocess.run(["losetup", "-d", parts[0]], capture_output=True)
