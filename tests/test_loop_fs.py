@@ -270,6 +270,24 @@ def test_grow_fs_online(tmp_path, fs_type, size, grown):
         assert fs.volume_stats(target).total_bytes == after
         fs.ensure_unmounted(target)
         assert fs.fs_size(dev, fs_type) == grown            # the on-disk superblock agrees
+        assert fs.grow_unmounted(dev) is False
+
+
+def test_grow_unmounted_xfs_defers_to_online(tmp_path):
+    img, target = str(tmp_path / "x.img"), str(tmp_path / "mnt")
+    with attached(img, 320 * MiB) as dev, cleanup_mounts(target):
+        fs.ensure_fs(dev, "xfs")
+        assert fs.grow_unmounted(dev) is False
+        os.truncate(img, 400 * MiB)
+        loop.refresh_size(dev)
+        assert fs.grow_unmounted(dev) is True               # xfs grows only when mounted
+        with pytest.raises(CsiError) as e:
+            fs.grow_fs(dev, None, "xfs")
+        assert e.value.code == Code.FAILED_PRECONDITION
+        fs.ensure_mounted(dev, target, "xfs", [])
+        fs.grow_fs(dev, target, "xfs")
+        fs.ensure_unmounted(target)
+        assert fs.grow_unmounted(dev) is False
 
 
 def test_grow_ext4_offline(tmp_path):
@@ -284,6 +302,7 @@ def test_grow_ext4_offline(tmp_path):
         os.truncate(img, 128 * MiB)
         loop.refresh_size(dev)
         assert fs.needs_grow(dev)
+        assert fs.grow_unmounted(dev, "ext4") is False      # grown offline: nothing left to do
         fs.grow_fs(dev, None, "ext4")
         assert fs.fs_size(dev) == 128 * MiB and not fs.needs_grow(dev)
         fs.grow_fs(dev, None)                               # fits already: no e2fsck, no resize

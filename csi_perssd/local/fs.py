@@ -435,6 +435,19 @@ def grow_fs(device: str, mount_path: str | None, fs_type: str | None = None) -> 
         raise CsiError(Code.INVALID_ARGUMENT, f"cannot grow file system {fs_type!r} on {device}")
 
 
+def grow_unmounted(device: str, fs_type: str | None = None) -> bool:
+    """For NodeStage, before mounting: grow ext2/3/4 offline if the device grew (this works without
+    CAP_SYS_RESOURCE). Returns True when an online grow is still due after mounting (xfs)."""
+    fs_type = fs_type or detect_fs(device)
+    if fs_type in EXT_TYPES:
+        if not mounts_of_device(device):
+            grow_fs(device, None, fs_type)
+        return needs_grow(device, fs_type)
+    if fs_type == "xfs":
+        return needs_grow(device, fs_type)
+    return False
+
+
 def fs_size(device: str, fs_type: str | None = None) -> int | None:
     """Bytes the file system on `device` spans (from its on-disk superblock), None when unknown.
 
