@@ -44,6 +44,8 @@ def _wrap(method: str, fn: Any) -> Any:
             return fn(request, context)
         except CsiError as e:
             code, msg = e.code, e.message
+        except NotImplementedError:     # the generated servicer's default: an RPC this driver lacks
+            code, msg = grpc.StatusCode.UNIMPLEMENTED, f"{short} is not implemented by this driver"
         except Exception as e:  # a bug: never leak a traceback to the CO, log it here
             log.exception("%s failed unexpectedly", short)
             code, msg = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
