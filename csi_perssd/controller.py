@@ -4,6 +4,7 @@ The controller never touches a node's disks: local volumes are created lazily at
 Snapshot RPCs live in `snapshots.py`; this class delegates to it."""
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -95,12 +96,18 @@ class Controller(rpc.ControllerServicer):
         segments: list[dict[str, str]] = []
         if req is not None:
             segments = [dict(t.segments) for t in req.preferred] + [dict(t.segments) for t in req.requisite]
+        known = self._nodes(cat) if segments else []
+        pools = {n.pool for n in known}
         for seg in segments:
             unknown = set(seg) - {TOPOLOGY_NODE_KEY, TOPOLOGY_POOL_KEY}
             if unknown:
                 continue
             node = seg.get(TOPOLOGY_NODE_KEY, "")
             pool = seg.get(TOPOLOGY_POOL_KEY, "")
+            if pool and pool not in pools:
+                continue                       # no registered node serves this pool
+            if node and pool and not any(n.id == node and n.pool == pool for n in known):
+                continue                       # that node is unknown or in another pool
             if vp.mobility == "node" and not node:
                 if pool:
                     members = [n for n in self._nodes(cat) if n.pool == pool]
@@ -197,7 +204,9 @@ class Controller(rpc.ControllerServicer):
         problems = []
         if not fits(got.size, cr):
             problems.append(f"its size {got.size} is outside the requested capacity range")
-        if sorted(map(str, got.capabilities)) != sorted(map(str, cap_list)):
+        def canon(cs: list[dict[str, Any]]) -> list[str]:     # records come back from JSON with sorted keys
+            return sorted(json.dumps(c, sort_keys=True) for c in cs)
+        if canon(got.capabilities) != canon(cap_list):
             problems.append("its capabilities differ")
         if got.parameters != vp.as_dict() or got.mobility != vp.mobility or got.persistence != vp.persistence:
             problems.append("its parameters differ")
@@ -316,7 +325,10 @@ class Controller(rpc.ControllerServicer):
             if not tok.startswith(TOKEN_PREFIX):
                 raise CsiError(Code.ABORTED, f"starting_token {tok[:40]!r} was not issued by this driver")
             after = tok[len(TOKEN_PREFIX):]
-            ids.volume_id(after) if after else None
+            try:
+                ids.volume_id(after)
+            except CsiError:
+                raise CsiError(Code.ABORTED, f"starting_token {tok[:40]!r} was not issued by this driver") from None
         cat = self.stores.catalog()
         recs = sorted((r for r in cat.list_volumes() if r.id > after), key=lambda r: r.id)
         page = recs[:request.max_entries] if request.max_entries else recs
@@ -368,10 +380,11 @@ class Controller(rpc.ControllerServicer):
         if not request.HasField("capacity_range"):
             raise invalid("capacity_range is required")
         size = pick_size(request.capacity_range, self.max_volume_bytes)
-        if request.HasField("volume_capability"):
-            caps.to_dict(request.volume_capability)
+        cap = caps.to_dict(request.volume_capability) if request.HasField("volume_capability") else None
         cat = self.stores.catalog(dict(request.secrets))
         with self.locks.hold(vid):
+            if cap is not None:
+                self._check_cap(cat.volume(vid), cap)      # spec: "Exceeds capabilities" -> INVALID_ARGUMENT
             def grow(r: VolumeRecord) -> None:
                 if size > r.size:
                     r.size = size
