@@ -2,4 +2,5 @@
 pytest_plugins = [
     "tests.plugins.leaks",
     "tests.plugins.s3",
+    "tests.plugins.driver",
 ]

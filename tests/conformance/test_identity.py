@@ -1,0 +1,63 @@
+"""Identity service, per spec.md "Identity Service RPC"."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from csi_perssd import DRIVER_NAME, __version__
+from csi_perssd.csi import csi_pb2 as pb
+
+pytestmark = pytest.mark.root
+Svc = pb.PluginCapability.Service
+Exp = pb.PluginCapability.VolumeExpansion
+
+
+class TestGetPluginInfo:
+    def test_should_return_the_driver_name_and_version(self, driver):
+        resp = driver.identity.GetPluginInfo(pb.GetPluginInfoRequest())
+        assert resp.name == DRIVER_NAME
+        assert resp.vendor_version == __version__
+
+    def test_name_should_follow_domain_name_notation(self, driver):
+        # "The name MUST follow domain name notation format ... 63 characters or less,
+        # beginning and ending with an alphanumeric character"
+        name = driver.identity.GetPluginInfo(pb.GetPluginInfoRequest()).name
+        assert len(name) <= 63
+        assert re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", name)
+
+    def test_vendor_version_should_be_set(self, driver):
+        assert driver.identity.GetPluginInfo(pb.GetPluginInfoRequest()).vendor_version
+
+    def test_should_be_idempotent(self, driver):
+        a = driver.identity.GetPluginInfo(pb.GetPluginInfoRequest())
+        b = driver.identity.GetPluginInfo(pb.GetPluginInfoRequest())
+        assert a == b
+
+
+class TestGetPluginCapabilities:
+    def test_should_advertise_controller_topology_and_online_expansion(self, driver):
+        caps = driver.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest()).capabilities
+        services = {c.service.type for c in caps if c.HasField("service")}
+        expansion = {c.volume_expansion.type for c in caps if c.HasField("volume_expansion")}
+        assert services == {Svc.CONTROLLER_SERVICE, Svc.VOLUME_ACCESSIBILITY_CONSTRAINTS}
+        assert expansion == {Exp.ONLINE}
+
+    def test_should_not_advertise_unknown_capabilities(self, driver):
+        caps = driver.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest()).capabilities
+        for c in caps:
+            assert c.WhichOneof("type") in ("service", "volume_expansion")
+            if c.HasField("service"):
+                assert c.service.type != Svc.UNKNOWN
+                # alpha capability: off unless enabled
+                assert c.service.type != Svc.SNAPSHOT_METADATA_SERVICE
+
+
+class TestProbe:
+    def test_should_report_ready(self, driver):
+        resp = driver.identity.Probe(pb.ProbeRequest())
+        assert resp.HasField("ready") and resp.ready.value is True
+
+    def test_should_be_repeatable(self, driver):
+        for _ in range(3):
+            assert driver.identity.Probe(pb.ProbeRequest()).ready.value
