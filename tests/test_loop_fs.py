@@ -155,7 +155,7 @@ def test_parse_mountinfo_line_with_escapes():
 
 def test_mount_options_are_validated():
     assert fs.check_mount_options(["noatime", "", "discard"]) == ["noatime", "discard"]
-    assert fs.check_mount_options(["noatime,nodiratime"]) == ["noatime,nodiratime"]
+    assert fs.check_mount_options(["noatime,nodiratime", "ro"]) == ["noatime", "nodiratime", "ro"]
     for bad in (["a\nb"], ["x\x00"], ["--bind"], ["bind"], ["ro,remount"], ["X-mount.mkdir"],
                 ["loop=/dev/loop0"], ["make-shared"]):
         with pytest.raises(CsiError) as e:
@@ -341,6 +341,21 @@ def test_frozen_watchdog_thaws_after_timeout(tmp_path):
         with fs.frozen(target, timeout_s=30) as guard:      # a quick body: no error
             pass
         assert not guard.timed_out and writable_within(target)
+
+
+def test_frozen_thaws_even_if_the_mount_point_goes_away(tmp_path):
+    target = str(tmp_path / "frz3")
+    with attached(str(tmp_path / "l.img"), 64 * MiB) as dev, cleanup_mounts(target):
+        fs.ensure_fs(dev, "ext4")
+        fs.ensure_mounted(dev, target, "ext4", [])
+        with fs.frozen(target, timeout_s=30):
+            fs.run(["umount", "--lazy", target])           # e.g. a cleanup racing with a snapshot
+            assert fs.mount_info(target) is None
+        for _ in range(50):                                 # thawed through the held descriptor:
+            if not loop.is_busy(dev):                       # the file system can go away now
+                break
+            time.sleep(0.1)
+        assert not loop.is_busy(dev)
 
 
 # ----------------------------------------------------------------------------- stats

@@ -150,18 +150,20 @@ _OPERATION_PREFIXES = ("x-", "X-", "loop=", "offset=", "sizelimit=", "helper=", 
 def check_mount_options(options: Sequence[str]) -> list[str]:
     """Mount flags from the CO: plain options without NUL or line breaks and not ones that change
     what `mount` does (bind, remount, move, loop, x-mount.*, ...); empty ones are dropped.
-    Each element may itself be a comma-separated list; it is checked item by item."""
+    An element may itself be a comma-separated list; the result has one option per item."""
     out = []
     for opt in options:
         if opt == "":
             continue
         _check_arg(opt, "mount flag")
         for item in opt.split(","):
+            if not item:
+                continue
             if item.startswith("-"):
                 raise CsiError(Code.INVALID_ARGUMENT, f"mount flag {item!r} must not start with '-'")
             if item in _OPERATION_OPTS or item.startswith(_OPERATION_PREFIXES):
                 raise CsiError(Code.INVALID_ARGUMENT, f"mount flag {item!r} is not allowed")
-        out.append(opt)
+            out.append(item)
     return out
 
 
@@ -285,8 +287,8 @@ def ensure_mounted(source: str, target: str, fs_type: str, options: Sequence[str
             raise MountConflict(target, existing, f"wanted file system {fs_type}")
         return False
     _make_dir(target)
-    if readonly and "ro" not in opts:
-        opts.append("ro")
+    if readonly:
+        opts = [o for o in opts if o not in ("ro", "rw")] + ["ro"]
     argv = ["mount", "-t", fs_type]
     if opts:
         argv += ["-o", ",".join(opts)]
@@ -477,18 +479,54 @@ def fs_size(device: str, fs_type: str | None = None) -> int | None:
     return None
 
 
+_FIFREEZE = 0xC0045877      # _IOWR('X', 119, int)
+_FITHAW = 0xC0045878        # _IOWR('X', 120, int)
+
+
+def _freeze_fd(fd: int, path: str) -> None:
+    try:
+        fcntl.ioctl(fd, _FIFREEZE, 0)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise precondition(f"{path} is already frozen") from None
+        if e.errno == errno.EOPNOTSUPP:
+            raise precondition(f"the file system at {path} cannot be frozen") from None
+        raise internal(f"freeze {path}: {e.strerror}") from None
+
+
+def _thaw_fd(fd: int, path: str) -> bool:
+    try:
+        fcntl.ioctl(fd, _FITHAW, 0)
+        return True
+    except OSError as e:
+        if e.errno == errno.EINVAL:             # not frozen
+            return False
+        raise internal(f"thaw {path}: {e.strerror}") from None
+
+
+def _open_path(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise internal(f"open {path}: {e.strerror}") from None
+
+
 def freeze(mount_path: str) -> None:
-    run(["fsfreeze", "--freeze", mount_path], what="fsfreeze")
+    """Freeze the file system holding `mount_path` (FIFREEZE, as fsfreeze -f)."""
+    fd = _open_path(mount_path)
+    try:
+        _freeze_fd(fd, mount_path)
+    finally:
+        os.close(fd)
 
 
 def thaw(mount_path: str) -> bool:
-    """Thaw; True when it was frozen. A file system that is not frozen is fine."""
-    res = run(["fsfreeze", "--unfreeze", mount_path], ok=(0, 1), what="fsfreeze")
-    if res.returncode == 0:
-        return True
-    if "Invalid argument" in res.stderr:     # EINVAL: not frozen
-        return False
-    raise internal(f"fsfreeze --unfreeze {mount_path} failed: {res.stderr.strip()}")
+    """Thaw (FITHAW, as fsfreeze -u); True when it was frozen. Not frozen is fine."""
+    fd = _open_path(mount_path)
+    try:
+        return _thaw_fd(fd, mount_path)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -503,19 +541,27 @@ def frozen(mount_path: str, timeout_s: float = 30.0) -> Iterator[FreezeGuard]:
     """Freeze for the body, and always thaw: on exit, on exception, and from a watchdog after
     `timeout_s`. When the watchdog had to thaw, the body's copy is not point-in-time, so the exit
     raises INTERNAL (unless the body already raised); `guard.timed_out` tells the body early.
+
+    The freeze and every thaw go through one open descriptor of the file system, so it is thawed
+    even if its mount point is unmounted (lazily) or replaced meanwhile.
     """
     guard = FreezeGuard(mount_path, timeout_s)
     lock = threading.Lock()
+    fd = _open_path(mount_path)
+    try:
+        _freeze_fd(fd, mount_path)
+    except BaseException:
+        os.close(fd)
+        raise
 
     def watchdog() -> None:
         with lock:
             guard.timed_out = True
             try:
-                thaw(mount_path)
+                _thaw_fd(fd, mount_path)
             except CsiError:
                 pass
 
-    freeze(mount_path)
     timer = threading.Timer(timeout_s, watchdog)
     timer.daemon = True
     timer.start()
@@ -524,7 +570,10 @@ def frozen(mount_path: str, timeout_s: float = 30.0) -> Iterator[FreezeGuard]:
     finally:
         timer.cancel()
         with lock:
-            thaw(mount_path)
+            try:
+                _thaw_fd(fd, mount_path)
+            finally:
+                os.close(fd)
     if guard.timed_out:
         raise internal(f"{mount_path} stayed frozen longer than {timeout_s:g}s and was thawed by "
                        f"the watchdog; the copy taken meanwhile is not consistent")
