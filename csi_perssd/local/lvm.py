@@ -1,0 +1,393 @@
+"""LVM thin backend (production): one thin LV per volume in a thin pool on the node's NVMe.
+
+- Volumes are thin LVs named from the volume id (`pv-<id>`, or `ph-<sha256>` when the id would
+  break LVM's or device-mapper's name rules) and tagged `<tag>` and `<tag>.vol=<id>`.
+- Snapshots are read-only thin snapshots `ps-<sha256(id, snap)>` tagged `<tag>`, `<tag>.snap`,
+  `<tag>.of=<id>`, `<tag>.name=<snap>`; delete() removes a volume's snapshots with it.
+- Only LVs carrying `<tag>` are ever changed; an untagged LV in the way is FAILED_PRECONDITION.
+- allocated_ranges() and changed_ranges() read the pool metadata through a reserved metadata
+  snapshot (`dmsetup message <vg>-<pool>-tpool 0 reserve_metadata_snap`), with thin_dump and
+  thin_delta, and always release it.
+- device() activates the LV; release() deactivates it when nothing holds it open, so an idle
+  node keeps no device-mapper tables around (an LV still open is left active and logged).
+- capacity() reports the pool's data and metadata usage; create() and snapshot() refuse with
+  RESOURCE_EXHAUSTED once metadata (or data) usage passes its threshold.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+from .. import ids
+from ..errors import Code, CsiError, not_found, precondition
+from .backend import Capacity, Extent
+from .lvmcli import DmCli, LvInfo, LvmCli, ThinRange, ToolRunner, dm_name
+
+log = logging.getLogger(__name__)
+
+SECTOR = 512
+MAX_DM_NAME = 127
+# LVM refuses LV names containing these (they name its internal sub-volumes)
+_RESERVED = ("_cdata", "_cmeta", "_corig", "_cpool", "_cvol", "_imeta", "_iorig", "_mimage",
+             "_mlog", "_pmspare", "_rimage", "_rmeta", "_tdata", "_tmeta", "_vdata", "_vorigin",
+             "_wcorig")
+TOOLS = {"lvm": "lvm2", "dmsetup": "dmsetup", "thin_delta": "thin-provisioning-tools",
+         "thin_dump": "thin-provisioning-tools"}
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:40]
+
+
+def merge_extents(extents: list[Extent]) -> list[Extent]:
+    """Sorted, with overlapping and touching extents joined."""
+    out: list[Extent] = []
+    for e in sorted((x for x in extents if x.length > 0), key=lambda x: (x.offset, x.length)):
+        if out and e.offset <= out[-1].end:
+            last = out.pop()
+            out.append(Extent(last.offset, max(last.end, e.end) - last.offset))
+        else:
+            out.append(e)
+    return out
+
+
+def blocks_to_extents(ranges: list[ThinRange], chunk: int, size: int) -> list[Extent]:
+    """Thin block ranges (units of `chunk` bytes) -> merged byte extents clipped to `size`."""
+    out = []
+    for r in ranges:
+        start, end = r.begin * chunk, min((r.begin + r.length) * chunk, size)
+        if end > start:
+            out.append(Extent(start, end - start))
+    return merge_extents(out)
+
+
+class LvmBackend:
+    name = "lvm"
+
+    def __init__(self, volume_group: str, thin_pool: str = "perssd-pool", tag: str = "perssd",
+                 lvm_config: str | None = None, *, metadata_full_ratio: float = 0.90,
+                 data_full_ratio: float = 0.98, max_volume_bytes: int = 0,
+                 reserve_bytes: int = 0, overprovision_ratio: float = 1.0,
+                 deactivate_on_release: bool = True, timeout_s: float = 300.0):
+        self.vg = volume_group
+        self.pool = thin_pool
+        self.tag = tag
+        self.metadata_full_ratio = metadata_full_ratio
+        self.data_full_ratio = data_full_ratio
+        self.max_volume_bytes = max_volume_bytes
+        self.reserve_bytes = reserve_bytes
+        self.overprovision_ratio = overprovision_ratio
+        self.deactivate_on_release = deactivate_on_release
+        runner = ToolRunner(timeout_s)
+        self.lvm = LvmCli(lvm_config, runner)
+        self.dm = DmCli(runner)
+        self._meta_lock = threading.Lock()
+
+    # -- names and tags -----------------------------------------------------------------------
+    def _fits(self, lv: str) -> bool:
+        return (len(lv) <= 120 and not any(r in lv for r in _RESERVED)
+                and len(dm_name(self.vg, lv)) + len("-tpool") <= MAX_DM_NAME)
+
+    def volume_lv(self, vid: str) -> str:
+        ids.volume_id(vid)
+        cand = f"pv-{vid}"
+        return cand if self._fits(cand) else f"ph-{_digest(vid)}"
+
+    def snapshot_lv(self, vid: str, snap: str) -> str:
+        ids.volume_id(vid)
+        ids.snapshot_id(snap)
+        return f"ps-{_digest(vid, snap)}"
+
+    def _vol_tag(self, vid: str) -> str:
+        return f"{self.tag}.vol={vid}"
+
+    def _of_tag(self, vid: str) -> str:
+        return f"{self.tag}.of={vid}"
+
+    def _name_tag(self, snap: str) -> str:
+        return f"{self.tag}.name={snap}"
+
+    # -- state --------------------------------------------------------------------------------
+    def _lvs(self) -> list[LvInfo]:
+        return self.lvm.lvs(self.vg)
+
+    def _owned(self, lvs: list[LvInfo], name: str) -> LvInfo | None:
+        for lv in lvs:
+            if lv.name == name:
+                if self.tag not in lv.tags:
+                    raise precondition(f"LV {self.vg}/{name} exists but is not tagged "
+                                       f"{self.tag!r}: refusing to touch it")
+                return lv
+        return None
+
+    def _volume(self, lvs: list[LvInfo], vid: str) -> LvInfo | None:
+        lv = self._owned(lvs, self.volume_lv(vid))
+        if lv is not None and self._vol_tag(vid) not in lv.tags:
+            raise precondition(f"LV {self.vg}/{lv.name} is not tagged {self._vol_tag(vid)!r}")
+        return lv
+
+    def _need_volume(self, lvs: list[LvInfo], vid: str) -> LvInfo:
+        lv = self._volume(lvs, vid)
+        if lv is None:
+            raise not_found(f"volume {vid} not found in {self.vg}/{self.pool}")
+        return lv
+
+    def _snapshot(self, lvs: list[LvInfo], vid: str, snap: str) -> LvInfo | None:
+        lv = self._owned(lvs, self.snapshot_lv(vid, snap))
+        if lv is not None and self._of_tag(vid) not in lv.tags:
+            raise precondition(f"LV {self.vg}/{lv.name} is not a snapshot of {vid}")
+        return lv
+
+    def _pool(self, lvs: list[LvInfo]) -> LvInfo:
+        for lv in lvs:
+            if lv.name == self.pool:
+                if lv.segtype != "thin-pool":
+                    raise precondition(f"{self.vg}/{self.pool} is a {lv.segtype} LV, not a thin pool")
+                return lv
+        raise precondition(f"thin pool {self.vg}/{self.pool} not found "
+                           f"(create it with `csi-perssd pool init`)")
+
+    def _path(self, lv: LvInfo) -> str:
+        return lv.path if lv.path and os.path.exists(lv.path) else lv.dm_path
+
+    def _activate(self, lv: LvInfo) -> str:
+        if not lv.active:
+            self.lvm.run("lvchange", "-ay", "-K", f"{self.vg}/{lv.name}")
+        path = self._path(lv)
+        if not os.path.exists(path):
+            raise CsiError(Code.INTERNAL, f"LV {self.vg}/{lv.name} is active but {path} is missing")
+        return path
+
+    def _check_room(self, pool: LvInfo, what: str) -> None:
+        meta = (pool.metadata_percent or 0.0) / 100
+        data = (pool.data_percent or 0.0) / 100
+        if meta >= self.metadata_full_ratio:
+            raise CsiError(Code.RESOURCE_EXHAUSTED,
+                           f"{what}: thin pool {self.vg}/{self.pool} metadata is {meta:.1%} full "
+                           f"(limit {self.metadata_full_ratio:.0%}); extend the metadata LV")
+        if data >= self.data_full_ratio:
+            raise CsiError(Code.RESOURCE_EXHAUSTED,
+                           f"{what}: thin pool {self.vg}/{self.pool} data is {data:.1%} full "
+                           f"(limit {self.data_full_ratio:.0%})")
+
+    def _pool_active(self, lvs: list[LvInfo]) -> LvInfo:
+        pool = self._pool(lvs)
+        if not pool.active or pool.data_percent is None:
+            self.lvm.run("lvchange", "-ay", f"{self.vg}/{self.pool}")
+            pool = self._pool(self._lvs())
+        return pool
+
+    # -- Backend: lifecycle -------------------------------------------------------------------
+    def create(self, vid: str, size: int) -> None:
+        if size <= 0:
+            raise CsiError(Code.INVALID_ARGUMENT, f"volume size must be positive, got {size}")
+        lvs = self._lvs()
+        lv = self._volume(lvs, vid)
+        if lv is not None:
+            if lv.size >= size:
+                return
+            raise CsiError(Code.ALREADY_EXISTS, f"volume {vid} exists with {lv.size} bytes, "
+                                                f"smaller than the requested {size}")
+        if self.max_volume_bytes and size > self.max_volume_bytes:
+            raise CsiError(Code.OUT_OF_RANGE, f"volume size {size} exceeds the node limit "
+                                              f"{self.max_volume_bytes}")
+        pool = self._pool_active(lvs)
+        self._check_room(pool, f"create volume {vid}")
+        self.lvm.run("lvcreate", "--type", "thin", "-V", f"{_round_up(size, SECTOR)}b",
+                     "--thinpool", self.pool, "-n", self.volume_lv(vid),
+                     "--addtag", self.tag, "--addtag", self._vol_tag(vid),
+                     "--setactivationskip", "n", "-y", self.vg, what=f"create volume {vid}")
+
+    def exists(self, vid: str) -> bool:
+        return self._volume(self._lvs(), vid) is not None
+
+    def size(self, vid: str) -> int:
+        return self._need_volume(self._lvs(), vid).size
+
+    def device(self, vid: str) -> str:
+        return self._activate(self._need_volume(self._lvs(), vid))
+
+    def release(self, vid: str) -> None:
+        lv = self._volume(self._lvs(), vid)
+        if lv is None or not lv.active or not self.deactivate_on_release:
+            return
+        if lv.open:
+            log.warning("release %s: %s/%s is still open, leaving it active", vid, self.vg, lv.name)
+            return
+        self.lvm.run("lvchange", "-an", f"{self.vg}/{lv.name}", what=f"deactivate volume {vid}")
+
+    def delete(self, vid: str) -> None:
+        lvs = self._lvs()
+        vol = self._volume(lvs, vid)
+        doomed = [lv for lv in lvs if self.tag in lv.tags and self._of_tag(vid) in lv.tags]
+        if vol is not None:
+            doomed.append(vol)
+        busy = [lv.name for lv in doomed if lv.open]
+        if busy:
+            raise precondition(f"volume {vid}: {', '.join(busy)} still open, cannot delete")
+        if doomed:
+            self.lvm.run("lvremove", "-y", *[f"{self.vg}/{lv.name}" for lv in doomed],
+                         what=f"delete volume {vid}")
+
+    def expand(self, vid: str, size: int) -> None:
+        lv = self._need_volume(self._lvs(), vid)
+        if lv.size >= size:
+            return
+        if self.max_volume_bytes and size > self.max_volume_bytes:
+            raise CsiError(Code.OUT_OF_RANGE, f"volume size {size} exceeds the node limit "
+                                              f"{self.max_volume_bytes}")
+        self.lvm.run("lvextend", "-L", f"{_round_up(size, SECTOR)}b", f"{self.vg}/{lv.name}",
+                     what=f"expand volume {vid}")
+
+    def list_volumes(self) -> list[str]:
+        prefix = f"{self.tag}.vol="
+        out = []
+        for lv in self._lvs():
+            if self.tag in lv.tags:
+                out += [t[len(prefix):] for t in lv.tags if t.startswith(prefix)]
+        return sorted(out)
+
+    # -- snapshots ----------------------------------------------------------------------------
+    def snapshot(self, vid: str, snap: str) -> str:
+        lvs = self._lvs()
+        vol = self._need_volume(lvs, vid)
+        lv = self._snapshot(lvs, vid, snap)
+        if lv is not None:
+            return self._activate(lv)
+        self._check_room(self._pool_active(lvs), f"snapshot {snap} of {vid}")
+        name = self.snapshot_lv(vid, snap)
+        self.lvm.run("lvcreate", "-s", "-pr", "-K", "-ay", "-n", name,
+                     "--addtag", self.tag, "--addtag", f"{self.tag}.snap",
+                     "--addtag", self._of_tag(vid), "--addtag", self._name_tag(snap),
+                     f"{self.vg}/{vol.name}", what=f"snapshot {snap} of {vid}")
+        lv = self._snapshot(self._lvs(), vid, snap)
+        if lv is None:
+            raise CsiError(Code.INTERNAL, f"snapshot {snap} of {vid} vanished after lvcreate")
+        return self._activate(lv)
+
+    def delete_snapshot(self, vid: str, snap: str) -> None:
+        lv = self._snapshot(self._lvs(), vid, snap)
+        if lv is None:
+            return
+        if lv.open:
+            raise precondition(f"snapshot {snap} of {vid} is still open")
+        self.lvm.run("lvremove", "-y", f"{self.vg}/{lv.name}", what=f"delete snapshot {snap}")
+
+    def snapshot_path(self, vid: str, snap: str) -> str | None:
+        lv = self._snapshot(self._lvs(), vid, snap)
+        return None if lv is None else self._activate(lv)
+
+    def snapshots(self, vid: str) -> list[str]:
+        prefix = f"{self.tag}.name="
+        out = []
+        for lv in self._lvs():
+            if self.tag in lv.tags and self._of_tag(vid) in lv.tags:
+                out += [t[len(prefix):] for t in lv.tags if t.startswith(prefix)]
+        return sorted(out)
+
+    # -- block maps ---------------------------------------------------------------------------
+    @contextmanager
+    def _metadata_snapshot(self, lvs: list[LvInfo]) -> Iterator[str]:
+        """Reserve the pool's metadata snapshot, yield the _tmeta device, always release."""
+        self._pool_active(lvs)
+        tpool = dm_name(self.vg, self.pool) + "-tpool"
+        tmeta = "/dev/mapper/" + dm_name(self.vg, self.pool) + "_tmeta"
+        with self._meta_lock:
+            rc, err = self.dm.message_status(tpool, "reserve_metadata_snap")
+            if rc != 0 and "busy" in err.lower():
+                # left over from a crash between reserve and release: drop it and retry once
+                log.warning("pool %s/%s holds a stale metadata snapshot; releasing it", self.vg, self.pool)
+                self.dm.message_status(tpool, "release_metadata_snap")
+                rc, err = self.dm.message_status(tpool, "reserve_metadata_snap")
+            if rc != 0:
+                raise CsiError(Code.INTERNAL, f"reserve_metadata_snap on {tpool} failed: {err}")
+            try:
+                yield tmeta
+            finally:
+                rc, err = self.dm.message_status(tpool, "release_metadata_snap")
+                if rc != 0:
+                    log.error("release_metadata_snap on %s failed: %s", tpool, err)
+
+    def _flush_device(self, lv: LvInfo) -> None:
+        """Push buffered writes of an active LV into the pool so the metadata maps them."""
+        if lv.active and os.path.exists(self._path(lv)):
+            fd = os.open(self._path(lv), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def allocated_ranges(self, vid: str) -> list[Extent]:
+        lvs = self._lvs()
+        vol = self._need_volume(lvs, vid)
+        pool = self._pool(lvs)
+        self._flush_device(vol)
+        assert vol.thin_id is not None
+        with self._metadata_snapshot(lvs) as tmeta:
+            mapped = self.dm.thin_dump(tmeta, vol.thin_id)
+        return blocks_to_extents(mapped, pool.chunk_size, vol.size)
+
+    def changed_ranges(self, vid: str, base_snap: str) -> list[Extent] | None:
+        lvs = self._lvs()
+        vol = self._need_volume(lvs, vid)
+        base = self._snapshot(lvs, vid, base_snap)
+        if base is None or base.thin_id is None:
+            return None
+        pool = self._pool(lvs)
+        self._flush_device(vol)
+        assert vol.thin_id is not None
+        with self._metadata_snapshot(lvs) as tmeta:
+            delta = self.dm.thin_delta(tmeta, base.thin_id, vol.thin_id)
+        changed = [r for r in delta if r.kind in ("different", "left_only", "right_only")]
+        return blocks_to_extents(changed, pool.chunk_size, vol.size)
+
+    # -- pool ---------------------------------------------------------------------------------
+    def capacity(self) -> Capacity:
+        lvs = self._lvs()
+        pool = self._pool_active(lvs)
+        total = pool.size
+        used = int(total * (pool.data_percent or 0.0) / 100)
+        meta = (pool.metadata_percent or 0.0) / 100
+        promised = sum(lv.size for lv in lvs
+                       if lv.segtype == "thin" and lv.pool_lv == self.pool
+                       and self.tag in lv.tags and f"{self.tag}.snap" not in lv.tags)
+        free = min(total - used, int(total * self.overprovision_ratio) - promised)
+        available = max(0, free - self.reserve_bytes)
+        if meta >= self.metadata_full_ratio:
+            available = 0
+        max_vol = self.max_volume_bytes or int(total * self.overprovision_ratio)
+        return Capacity(total_bytes=total, available_bytes=available,
+                        max_volume_bytes=min(max_vol, available),
+                        metadata_used_ratio=meta)
+
+    def check(self) -> list[str]:
+        problems = [f"{tool} not found on PATH (install {pkg})"
+                    for tool, pkg in TOOLS.items() if shutil.which(tool) is None]
+        if not os.path.isdir("/sys/module/dm_thin_pool"):
+            res = subprocess.run(["modprobe", "dm_thin_pool"], capture_output=True, text=True)
+            if res.returncode != 0 or not os.path.isdir("/sys/module/dm_thin_pool"):
+                problems.append("kernel module dm_thin_pool is not loaded and modprobe failed: "
+                                + (res.stderr.strip() or f"exit {res.returncode}"))
+        if shutil.which("lvm") is None:
+            return problems
+        try:
+            if self.lvm.vg(self.vg) is None:
+                return problems + [f"volume group {self.vg!r} not found "
+                                   f"(create it with `csi-perssd pool init`)"]
+            pool = self._pool(self._lvs())
+            if not pool.zero:
+                problems.append(f"thin pool {self.vg}/{self.pool} does not zero new blocks: "
+                                f"volumes could expose old data (lvchange --zero y)")
+        except CsiError as e:
+            problems.append(e.message)
+        return problems

@@ -1,0 +1,149 @@
+"""Boot ONE test VM (virtme-ng, QEMU TCG) and run the LVM suite (tests/lvm) inside it.
+
+    python tests/vm/run.py [--check] [--kernel /boot/vmlinuz-X] [-- pytest args]
+
+The guest runs the host's own root file system read-only (9p) with the project directory
+shared read-write, so it uses the host venv. Two emulated NVMe disks (`-device nvme`, sparse
+images under tests/vm/.work/) give devices.py real namespaces: nvme0n1 (8 GiB) for the thin
+pool, nvme1n1 (2 GiB) for the `pool init` refusal tests. Output goes to the terminal and to
+tests/vm/.work/vm.log, JUnit XML to tests/vm/.work/junit.xml; the exit code is the suite's.
+KVM stays off on purpose: nested KVM on the CI machines cannot boot a Debian kernel.
+
+`--check` only tells (exit 0/1) whether everything the VM needs is installed; nothing is run.
+Packages (installed by `make test-lvm`): qemu-system-x86 linux-image-amd64 busybox-static lvm2
+thin-provisioning-tools, and virtme-ng in the venv.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+WORK = ROOT / "tests" / "vm" / ".work"
+DISKS = (("nvme0.img", 8 << 30, "perssd-test0"), ("nvme1.img", 2 << 30, "perssd-test1"))
+
+
+def newest_kernel() -> str | None:
+    def key(p: str) -> list[int]:
+        return [int(x) for x in re.findall(r"\d+", p)]
+    found = sorted(glob.glob("/boot/vmlinuz-*"), key=key)
+    return found[-1] if found else None
+
+
+def problems(kernel: str | None) -> list[str]:
+    venv_bin = Path(sys.executable).parent
+    out = []
+    if not (venv_bin / "vng").exists():
+        out.append(f"vng not found in {venv_bin} (pip install virtme-ng)")
+    for tool, pkg in (("qemu-system-x86_64", "qemu-system-x86"), ("busybox", "busybox-static"),
+                      ("lvm", "lvm2"), ("thin_delta", "thin-provisioning-tools")):
+        if shutil.which(tool) is None:
+            out.append(f"{tool} not found (apt-get install {pkg})")
+    if kernel is None:
+        out.append("no kernel in /boot (apt-get install linux-image-amd64)")
+    else:
+        ver = Path(kernel).name.removeprefix("vmlinuz-")
+        if not Path(f"/lib/modules/{ver}/modules.dep").exists():
+            out.append(f"modules of {ver} missing (/lib/modules/{ver}/modules.dep)")
+        if not os.access(kernel, os.R_OK):
+            out.append(f"{kernel} is not readable")
+    return out
+
+
+def make_disks() -> list[str]:
+    opts = []
+    for i, (name, size, serial) in enumerate(DISKS):
+        img = WORK / name
+        img.unlink(missing_ok=True)               # a fresh, empty disk every run
+        with open(img, "wb") as f:
+            f.truncate(size)
+        opts += [f"-drive file={img},if=none,id=nvm{i},format=raw,cache=unsafe",
+                 f"-device nvme,serial={serial},drive=nvm{i}"]
+    return opts
+
+
+def vng_argv(kernel: str, qemu_opts: list[str], pytest_args: list[str], cpus: int,
+             memory: str) -> list[str]:
+    vng = str(Path(sys.executable).parent / "vng")
+    guest = ["bash", "tests/vm/guest.sh", str(WORK), *pytest_args]
+    return [vng, "--run", kernel, "--user", "root", "--force-9p", "--disable-kvm",
+            "--memory", memory, "--cpus", str(cpus), f"--rwdir={ROOT}", "--cwd", str(ROOT),
+            "-a", "mitigations=off modprobe.blacklist=kvm,kvm_amd,kvm_intel",
+            f"--qemu-opts={' '.join(qemu_opts)}", "--", *guest]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="only check that the VM can run")
+    ap.add_argument("--kernel", default=None)
+    ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--memory", default="2G")
+    ap.add_argument("--timeout", type=float, default=900, help="kill the VM after this many seconds")
+    ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    args = ap.parse_args(argv)
+    kernel = args.kernel or newest_kernel()
+    missing = problems(kernel)
+    if missing:
+        for m in missing:
+            print(f"test VM cannot run: {m}", file=sys.stderr)
+        return 1 if args.check else 2
+    if args.check:
+        print(f"test VM can run: {kernel}")
+        return 0
+    assert kernel is not None
+    WORK.mkdir(parents=True, exist_ok=True)
+    for stale in ("guest.rc", "junit.xml"):
+        (WORK / stale).unlink(missing_ok=True)
+    argv_ = vng_argv(kernel, make_disks(), args.pytest_args or ["-q"], args.cpus, args.memory)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    t0 = time.monotonic()
+    booted = None
+    # vng hands qemu /proc/self/fd/1 which qemu reopens with O_TRUNC: read through a pipe.
+    proc = subprocess.Popen(argv_, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=env, cwd=ROOT, start_new_session=True)
+    assert proc.stdout is not None
+    timed_out = False
+
+    def on_alarm(signum: int, frame: object) -> None:
+        nonlocal timed_out
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGKILL)
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(int(args.timeout))
+    with open(WORK / "vm.log", "wb") as log:
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+            if booted is None and line.startswith(b"PERSSD-VM-BOOTED"):
+                booted = time.monotonic() - t0
+    rc = proc.wait()
+    signal.alarm(0)
+    total = time.monotonic() - t0
+    rc_file = WORK / "guest.rc"
+    guest_rc = int(rc_file.read_text().strip()) if rc_file.exists() else None
+    for name, _, _ in DISKS:
+        (WORK / name).unlink(missing_ok=True)
+    boot = f"{booted:.1f}s" if booted is not None else "never"
+    print(f"test VM: boot {boot}, suite {total - (booted or 0):.1f}s, total {total:.1f}s, "
+          f"vng exit {rc}, guest suite exit {guest_rc}"
+          + (f" (killed after {args.timeout:.0f}s)" if timed_out else ""))
+    if guest_rc is None:
+        print("test VM: the suite did not finish (no guest.rc); see tests/vm/.work/vm.log",
+              file=sys.stderr)
+        return 1
+    return guest_rc or (rc if rc != 0 else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
