@@ -94,10 +94,13 @@ class Node(rpc.NodeServicer):
             readonly = caps.is_read_only_mode(cap)
             if cap["access_type"] == "mount":
                 formatted = fs.ensure_fs(lv.device, cap["fs_type"])
+                # a volume that grew while unstaged (expansion, restore to a larger size): ext4
+                # grows offline before the mount, xfs only online after it
+                pending = not formatted and not readonly and fs.grow_unmounted(lv.device, cap["fs_type"])
                 Path(staging).mkdir(parents=True, exist_ok=True)
                 self._mount(lv.device, staging, cap["fs_type"], cap["mount_flags"], readonly)
-                if not formatted and not readonly:
-                    fs.grow_fs(lv.device, staging, cap["fs_type"])   # no-op unless the volume grew
+                if pending:
+                    fs.grow_fs(lv.device, staging, cap["fs_type"])
             else:
                 Path(staging).mkdir(parents=True, exist_ok=True)
             lv.staged_path = staging
@@ -121,10 +124,10 @@ class Node(rpc.NodeServicer):
             raise precondition(f"volume {rec.id}: publish epoch {epoch} is stale (current {rec.epoch})")
 
     def _mount(self, dev: str, path: str, fs_type: str, flags: list[str], readonly: bool) -> None:
-        cur = fs.mount_info(path)
-        if cur is not None and os.path.realpath(cur.source) != os.path.realpath(dev):
-            raise CsiError(Code.ALREADY_EXISTS, f"{path} already has {cur.source} mounted on it")
-        fs.ensure_mounted(dev, path, fs_type, flags, readonly=readonly)
+        try:
+            fs.ensure_mounted(dev, path, fs_type, flags, readonly=readonly)
+        except fs.MountConflict as e:
+            raise CsiError(Code.ALREADY_EXISTS, e.message) from e
 
     def _ensure_staged_mount(self, lv: LocalVolume) -> None:
         lv.device = self.backend.device(lv.id)
@@ -194,7 +197,8 @@ class Node(rpc.NodeServicer):
                 if not os.path.exists(target):
                     Path(target).parent.mkdir(parents=True, exist_ok=True)
                     Path(target).touch()
-                self._bind(self.backend.device(vid), target, readonly, [])
+                # a read-only bind of a device node does not stop writes: use a read-only device
+                self._bind(self.backend.device(vid, read_only=readonly), target, readonly, [])
             lv.targets[target] = want
             self.sync.on_publish(lv)
             self.state.put(lv)
@@ -202,7 +206,10 @@ class Node(rpc.NodeServicer):
 
     @staticmethod
     def _bind(src: str, target: str, readonly: bool, flags: list[str]) -> None:
-        fs.ensure_bind(src, target, readonly=readonly, options=flags)
+        try:
+            fs.ensure_bind(src, target, readonly=readonly, options=flags)
+        except fs.MountConflict as e:
+            raise CsiError(Code.ALREADY_EXISTS, e.message) from e
 
     def NodeUnpublishVolume(self, request: Any, context: Any) -> Any:
         vid = ids.volume_id(request.volume_id)

@@ -45,8 +45,9 @@ class Backend(Protocol):
     def size(self, vid: str) -> int:
         """Current size in bytes (NOT_FOUND if missing)."""
 
-    def device(self, vid: str) -> str:
-        """Ensure the volume is reachable as a block device and return its path (/dev/loopN, /dev/vg/lv)."""
+    def device(self, vid: str, read_only: bool = False) -> str:
+        """Ensure the volume is reachable as a block device and return its path (/dev/loopN, /dev/vg/lv).
+        read_only: a device that refuses writes (for read-only raw block publishing)."""
 
     def release(self, vid: str) -> None:
         """Let go of the block device (detach the loop device); data stays. Idempotent."""
