@@ -57,5 +57,14 @@ image:
 	  echo "make image: no container daemon answers '$(CONTAINER_TOOL) info'; start it, or build elsewhere with: $(CONTAINER_TOOL) build -t $(IMAGE) ." >&2; exit 1; fi; \
 	$(CONTAINER_TOOL) build -t $(IMAGE) .
 
+# LVM thin backend suite on real LVM: boots ONE QEMU (TCG) VM with virtme-ng and runs tests/lvm
+# inside it (tests/vm/run.py; log and JUnit XML in tests/vm/.work/). `python tests/vm/run.py --check`
+# tells whether the VM can run here.
+LVM_APT_PKGS := qemu-system-x86 linux-image-amd64 busybox-static lvm2 thin-provisioning-tools udev
+test-lvm: deps
+	@$(MAKE) --no-print-directory sysdeps EXTRA_APT="$(LVM_APT_PKGS)"
+	@$(PY) -c "import virtme_ng" 2>/dev/null || $(PIP) install -q virtme-ng
+	$(PY) tests/vm/run.py -- -q $(PYTEST_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -9,7 +9,7 @@ for m in loop dm_mod dm_thin_pool nvme; do
 done
 # The guest sees the host's /tmp through an overlay; give pytest its own tmpfs.
 mkdir -p /tmp/perssd-vm && mount -t tmpfs -o size=512m perssd-vm-tmp /tmp/perssd-vm
-export PERSSD_VM=1 LVM_SUPPRESS_FD_WARNINGS=1 TMPDIR=/tmp/perssd-vm
+export PERSSD_VM=1 LVM_SUPPRESS_FD_WARNINGS=1 TMPDIR=/tmp/perssd-vm PYTHONUNBUFFERED=1
 export PATH="$PWD/.venv/bin:$PATH"
 rc=0
 .venv/bin/python -m pytest tests/lvm -p no:cacheprovider --junitxml="$work/junit.xml" \
