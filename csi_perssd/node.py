@@ -77,8 +77,14 @@ class Node(rpc.NodeServicer):
         with self.locks.hold(vid):
             rec = self._record(vid, secrets)
             kinds = {c["access_type"] for c in rec.capabilities}
-            if cap["access_type"] not in kinds:
-                raise invalid(f"volume {vid} was created for {'/'.join(sorted(kinds))} access, not {cap['access_type']}")
+            if cap["access_type"] not in kinds:     # spec: "Exceeds capabilities" -> FAILED_PRECONDITION
+                raise precondition(f"volume {vid} was created for {'/'.join(sorted(kinds))} access, not {cap['access_type']}")
+            if cap["access_type"] == "mount":
+                fss = sorted({c["fs_type"] for c in rec.capabilities if c["access_type"] == "mount"})
+                if not request.volume_capability.mount.fs_type and fss:
+                    cap["fs_type"] = fss[0]             # no fs_type given: the one the volume was created for
+                if cap["fs_type"] not in fss:
+                    raise precondition(f"volume {vid} was created for {'/'.join(fss)}, not {cap['fs_type']}")
             lv = self.state.get(vid)
             if lv is not None and lv.staged:
                 if lv.staged_path != staging:
@@ -145,10 +151,12 @@ class Node(rpc.NodeServicer):
                 self._known_or_missing(vid)
                 fs.ensure_unmounted(staging)
                 return pb.NodeUnstageVolumeResponse()
+            if lv.staged_path and lv.staged_path != staging:
+                # spec: "not staged to the staging_target_path" -> OK; the real staging stays
+                log.warning("NodeUnstage of %s at %s: it is staged at %s; nothing to do", vid, staging, lv.staged_path)
+                return pb.NodeUnstageVolumeResponse()
             if lv.targets:
                 raise precondition(f"volume {vid} is still published at {', '.join(sorted(lv.targets))}")
-            if lv.staged_path and lv.staged_path != staging:
-                raise not_found(f"volume {vid} is staged at {lv.staged_path}, not at {staging}")
             if lv.staged_path:
                 fs.sync_fs(lv.staged_path) if lv.access_type == "mount" and fs.mount_info(lv.staged_path) else None
                 fs.ensure_unmounted(staging)
@@ -166,6 +174,8 @@ class Node(rpc.NodeServicer):
     def NodePublishVolume(self, request: Any, context: Any) -> Any:
         vid = ids.volume_id(request.volume_id)
         target = ids.host_path(request.target_path, "target_path")
+        if not request.staging_target_path:     # spec: "Staging target path not set" -> FAILED_PRECONDITION
+            raise precondition("staging_target_path is required: this driver has STAGE_UNSTAGE_VOLUME")
         staging = ids.host_path(request.staging_target_path, "staging_target_path")
         if not request.HasField("volume_capability"):
             raise invalid("volume_capability is required")
@@ -182,7 +192,7 @@ class Node(rpc.NodeServicer):
             if lv.staged_path != staging:
                 raise precondition(f"volume {vid} is staged at {lv.staged_path}, not at {staging}")
             if cap["access_type"] != lv.access_type:
-                raise invalid(f"volume {vid} is staged for {lv.access_type} access, not {cap['access_type']}")
+                raise precondition(f"volume {vid} is staged for {lv.access_type} access, not {cap['access_type']}")
             want = {"readonly": readonly, "access_type": cap["access_type"], "mount_flags": cap["mount_flags"]}
             have = lv.targets.get(target)
             if have is not None and have != want:
