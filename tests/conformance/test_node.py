@@ -506,21 +506,6 @@ class TestNodeExpandVolume:
 
 # ----------------------------------------------------------------------------- concurrency
 
-def wait_until_busy(driver, vid: str, timeout: float = 10.0) -> None:
-    """Poll a cheap call on the volume until it is rejected as busy."""
-    end = time.monotonic() + timeout
-    probe = pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=driver.path("probe"))
-    while time.monotonic() < end:
-        try:
-            driver.node.NodeUnpublishVolume(probe)
-        except grpc.RpcError as e:
-            if e.code() == C.ABORTED:
-                return
-            raise
-        time.sleep(0.02)
-    raise AssertionError(f"no operation on {vid} became busy in {timeout}s")
-
-
 class TestPerVolumeLock:
     def test_a_concurrent_call_on_the_same_volume_should_get_aborted(self, driver):
         """A NodeExpandVolume blocked on a frozen file system holds the volume's lock; every other
@@ -543,7 +528,7 @@ class TestPerVolumeLock:
         t = threading.Thread(target=slow)
         try:
             t.start()
-            wait_until_busy(driver, vid)
+            driver.wait_until_busy(vid)
             expect(C.ABORTED, driver.node.NodeStageVolume, driver.stage_request(vid, staging, cap))
             expect(C.ABORTED, driver.node.NodePublishVolume, driver.publish_request(vid, staging, target, cap))
             expect(C.ABORTED, driver.node.NodeUnstageVolume,

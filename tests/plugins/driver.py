@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,6 +213,21 @@ class Csi:
         self.created.clear()
         if errors:
             raise AssertionError("cleaning up volumes failed: " + "; ".join(errors))
+
+    def wait_until_busy(self, vid: str, timeout: float = 10.0) -> None:
+        """Poll a cheap call on the volume until the driver rejects it as busy (ABORTED): another
+        call holds the volume's lock."""
+        end = time.monotonic() + timeout
+        probe = pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=self.path("probe"))
+        while time.monotonic() < end:
+            try:
+                self.node.NodeUnpublishVolume(probe)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.ABORTED:
+                    return
+                raise
+            time.sleep(0.02)
+        raise AssertionError(f"no operation on {vid} became busy in {timeout}s")
 
     def log(self) -> str:
         return self.proc.log_path.read_text(errors="replace")
