@@ -3,4 +3,5 @@ pytest_plugins = [
     "tests.plugins.leaks",
     "tests.plugins.s3",
     "tests.plugins.driver",
+    "tests.plugins.cluster",
 ]

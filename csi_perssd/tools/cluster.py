@@ -4,8 +4,11 @@ Used by `make demo`, the multi-node integration tests and `make bench`."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,8 @@ def block_cap(mode: int = MODE.SINGLE_NODE_WRITER) -> pb.VolumeCapability:
 class Cluster:
     def __init__(self, workdir: str | os.PathLike[str], nodes: tuple[str, ...] = ("node-a", "node-b"),
                  seaweed: Seaweed | None = None, prefix: str = "cluster", pool: str = "pool-1",
-                 node_extra: list[str] | None = None):
+                 node_extra: list[str] | None = None, metrics: bool = False,
+                 env: dict[str, str] | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.own_seaweed = seaweed is None
@@ -39,12 +43,16 @@ class Cluster:
         self.pool = pool
         self.node_names = nodes
         self.node_extra = node_extra or []
+        self.metrics = metrics
+        self.extra_env = dict(env or {})
+        self.metrics_ports: dict[str, int] = {}
         self.controller: DriverProcess | None = None
         self.nodes: dict[str, DriverProcess] = {}
 
     @property
     def env(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": self.seaweed.access_key, "AWS_SECRET_ACCESS_KEY": self.seaweed.secret_key}
+        return {"AWS_ACCESS_KEY_ID": self.seaweed.access_key, "AWS_SECRET_ACCESS_KEY": self.seaweed.secret_key,
+                **self.extra_env}
 
     def store_args(self) -> list[str]:
         return ["--s3-endpoint", self.seaweed.endpoint, "--s3-region", "us-east-1"]
@@ -56,9 +64,48 @@ class Cluster:
         self.controller = DriverProcess(self.workdir, mode="controller", catalog=cat, env=self.env,
                                         extra=self.store_args()).start()
         for n in self.node_names:
-            self.nodes[n] = DriverProcess(self.workdir, mode="node", node_id=n, pool=self.pool, catalog=cat,
-                                          env=self.env, extra=self.store_args() + self.node_extra).start()
+            self.add_node(n)
         return self
+
+    def add_node(self, name: str, extra: list[str] | None = None, pool: str | None = None) -> DriverProcess:
+        """Start one more node process (its own state and rawfile dirs under workdir/NAME)."""
+        args = self.store_args() + self.node_extra + list(extra or [])
+        if self.metrics:
+            self.metrics_ports[name] = free_port()
+            args += ["--metrics-address", f"127.0.0.1:{self.metrics_ports[name]}"]
+        self.nodes[name] = DriverProcess(self.workdir, mode="node", node_id=name, pool=pool or self.pool,
+                                         catalog=self.seaweed.url(self.prefix), env=self.env, extra=args).start()
+        return self.nodes[name]
+
+    # -- observation --------------------------------------------------------------------------
+    def scrape(self, node: str) -> dict[str, float]:
+        """The node's perssd_* Prometheus samples (needs metrics=True)."""
+        return scrape(self.metrics_ports[node])
+
+    def transferred(self, node: str, kind: str) -> float:
+        """perssd_transfer_bytes_total{kind=KIND} of a node since its process started."""
+        return self.scrape(node).get(f'perssd_transfer_bytes_total{{kind="{kind}"}}', 0.0)
+
+    def objects(self, under: str = "") -> dict[str, int]:
+        """Keys (relative to the bucket) and sizes of the objects below PREFIX/UNDER; under=None:
+        the whole bucket."""
+        client = self.seaweed.client()
+        prefix = f"{self.prefix}/{under}" if under is not None else ""
+        out: dict[str, int] = {}
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.seaweed.bucket, Prefix=prefix):
+            for o in page.get("Contents", []):
+                out[o["Key"]] = o["Size"]
+        return out
+
+    def chunks(self) -> dict[str, int]:
+        return self.objects("chunks/")
+
+    def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Run `csi-perssd ARGS` against this cluster's bucket (never raises on exit codes)."""
+        argv = [sys.executable, "-m", "csi_perssd.cli", *args, "--catalog", self.seaweed.url(self.prefix),
+                *self.store_args()]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ, **self.env))
 
     def stop(self) -> None:
         for d in list(self.nodes.values()) + ([self.controller] if self.controller else []):
@@ -139,6 +186,23 @@ class Cluster:
     def delete(self, vid: str) -> None:
         assert self.controller is not None
         self.controller.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> dict[str, float]:
+    """perssd_* samples of a Prometheus endpoint on 127.0.0.1:PORT."""
+    out: dict[str, float] = {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("perssd_"):
+                k, _, v = line.rpartition(" ")
+                out[k] = float(v)
+    return out
 
 
 def cleanup_under(root: str | os.PathLike[str]) -> None:

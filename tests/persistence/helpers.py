@@ -1,0 +1,113 @@
+"""Helpers of the persistence suite: file trees with checksums, device images, chunk maps."""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+
+from csi_perssd.local.rawfile import DISK
+from csi_perssd.remote.chunks import chunk_hash, chunk_key, is_zero
+from csi_perssd.tools.cluster import Cluster
+
+MiB = 1 << 20
+CHUNK = 4 * MiB
+
+
+def run(argv: list[str]) -> str:
+    res = subprocess.run(argv, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({res.returncode}): {res.stderr.strip()}")
+    return res.stdout
+
+
+def write_tree(root: str | Path, random_mib: int, seed: int = 1) -> dict[str, str]:
+    """Random binaries (random_mib MiB in all), a compressible log and many small files; returns
+    relative path -> sha256. Synced to disk."""
+    rnd = random.Random(seed)
+    files: dict[str, bytes] = {}
+    left = random_mib
+    i = 0
+    while left > 0:
+        n = min(left, 16)
+        files[f"data/random-{i:02d}.bin"] = os.urandom(n * MiB)
+        left -= n
+        i += 1
+    files["logs/run.log"] = "".join(f"2026-11-23T10:{k // 60 % 60:02d}:{k % 60:02d} INFO step {k} ok\n"
+                                    for k in range(60_000)).encode()
+    for k in range(120):
+        files[f"small/{k // 40}/{k:03d}.txt"] = f"file {k} {rnd.random()}\n".encode() * rnd.randint(1, 80)
+    files["empty"] = b""
+    for rel, data in files.items():
+        p = Path(root) / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    os.sync()
+    return {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
+
+
+def tree_sums(root: str | Path) -> dict[str, str]:
+    """sha256 of every regular file below root (lost+found skipped)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != "lost+found"]
+        for f in filenames:
+            p = Path(dirpath) / f
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            buf = f.read(4 * MiB)
+            if not buf:
+                return h.hexdigest()
+            h.update(buf)
+
+
+def image(cl: Cluster, node: str, vid: str) -> Path:
+    """The rawfile backing file of a volume on a node."""
+    return Path(cl.nodes[node].rawfile_dir) / vid / DISK
+
+
+def chunk_hashes(path: str | Path, chunk: int = CHUNK) -> list[str | None]:
+    """BLAKE3 of every chunk of a device or image (None for all-zero chunks), as the flush sees it."""
+    out: list[str | None] = []
+    with open(path, "rb") as f:
+        while True:
+            buf = f.read(chunk)
+            if not buf:
+                return out
+            out.append(None if is_zero(buf) else chunk_hash(buf))
+
+
+def chunk_keys(hashes: list[str | None] | set[str | None], prefix: str) -> set[str]:
+    return {f"{prefix}/{chunk_key(h)}" for h in hashes if h is not None}
+
+
+@contextmanager
+def mounted(device: str, where: str | Path, readonly: bool = False) -> Iterator[Path]:
+    """Mount an ext4 device for the body of the block (read-only without journal replay)."""
+    where = Path(where)
+    where.mkdir(parents=True, exist_ok=True)
+    run(["mount", "-t", "ext4", "-o", "ro,noload" if readonly else "rw", str(device), str(where)])
+    try:
+        yield where
+    finally:
+        run(["umount", str(where)])
+
+
+def code(fn, *args, **kw) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
+    """Call a gRPC stub method expecting failure; returns (code, details)."""
+    try:
+        fn(*args, **kw)
+    except grpc.RpcError as e:
+        return e.code(), e.details() or ""
+    return grpc.StatusCode.OK, ""
