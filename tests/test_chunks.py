@@ -87,3 +87,15 @@ def test_hostile_blobs_rejected():
     good, _ = c.compress(b"xy" * 5000, 3)
     with pytest.raises(c.CorruptBlob):
         c.decompress(good[:-5])
+
+
+def test_probe_skips_random_but_not_mixed_chunks():
+    rnd = os.urandom(4 << 20)
+    assert c._incompressible(rnd, 3)
+    assert not c.compress(rnd, 3)[1]
+    text = b"some log line that repeats\n" * ((4 << 20) // 27)
+    assert not c._incompressible(text, 3) and c.compress(text, 3)[1]
+    # mostly compressible with a random head: still compressed
+    mixed = os.urandom(64 << 10) + text[: (4 << 20) - (64 << 10)]
+    blob, compressed = c.compress(mixed, 3)
+    assert compressed and c.decompress(blob) == mixed

@@ -123,10 +123,26 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def compress(buf: bytes | bytearray | memoryview, level: int = 3) -> tuple[bytes, bool]:
+PROBE_MIN = 1 << 20             # chunks at least this big are probed before compressing
+PROBE_PIECE = 16 << 10
+
+
+def _incompressible(buf: bytes | bytearray | memoryview, level: int) -> bool:
+    """Cheap guess: compress four 16 KiB samples spread over the chunk; if they do not shrink
+    by 2%, the whole chunk (random, encrypted, already compressed data) would not either."""
+    mv = memoryview(buf)
+    n = len(mv)
+    step = (n - PROBE_PIECE) // 3
+    sample = b"".join(mv[i * step:i * step + PROBE_PIECE] for i in range(4))
+    return len(_compressor(level).compress(sample)) > len(sample) * 0.98
+
+
+def compress(buf: bytes | bytearray | memoryview, level: int = 3,
+             probe: bool = True) -> tuple[bytes, bool]:
     """Encode a chunk as a blob. Returns (blob, compressed). level 0 turns compression off;
-    negative levels are zstd's fast modes. The raw form is kept when zstd does not shrink it."""
-    if level != 0:
+    negative levels are zstd's fast modes. The raw form is kept when zstd does not shrink it
+    (with probe, large chunks whose samples do not compress are not even tried)."""
+    if level != 0 and not (probe and len(buf) >= PROBE_MIN and _incompressible(buf, level)):
         z = _compressor(level).compress(buf)
         if len(z) < len(buf):
             return bytes((FORMAT_ZSTD,)) + z, True

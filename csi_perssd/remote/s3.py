@@ -147,7 +147,8 @@ class S3Store:
     def __init__(self, url: str, endpoint_url: str | None = None, region: str | None = None,
                  access_key: str | None = None, secret_key: str | None = None,
                  ca_bundle: str | None = None, max_pool_connections: int = 32,
-                 retries: Retry | int | None = None, list_page_size: int = 1000):
+                 retries: Retry | int | None = None, list_page_size: int = 1000,
+                 sign_payload: bool | None = None):
         self.bucket, self.prefix = parse_s3_url(url)
         self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         self.endpoint_url = endpoint_url or None
@@ -159,7 +160,7 @@ class S3Store:
             max_pool_connections=max_pool_connections,
             connect_timeout=self.retry.connect_timeout_s,
             read_timeout=self.retry.read_timeout_s,
-            s3={"addressing_style": "path"},
+            s3={"addressing_style": "path", "payload_signing_enabled": sign_payload},
             signature_version="s3v4",
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",

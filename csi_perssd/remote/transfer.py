@@ -3,7 +3,8 @@
 flush() reads the source (block device or image file) chunk by chunk, in a thread pool: each
 worker preads one chunk, drops it as a hole if it is all zeros, hashes it (BLAKE3), and uploads
 it (zstd) unless the hash is already known: same as the base generation, uploaded earlier in
-this run, recorded in the journal, or present in the store (HEAD). At most `workers` chunks are
+this run, recorded in the journal, or present in the store (HEAD; check_exists="auto" stops
+asking when HEADs keep missing, as on a fresh volume). At most `workers` chunks are
 in flight, so memory stays near workers * 2 * chunk_size whatever the volume size; BLAKE3, zstd
 and the sockets release the GIL, so the workers really run in parallel.
 
@@ -272,13 +273,32 @@ class _FlushState:
     known: dict[str, int]                                   # confirmed stored: hash -> size
     claimed: set[str] = field(default_factory=set)          # being uploaded by a worker
     lock: threading.Lock = field(default_factory=threading.Lock)
+    check_exists: bool | str = "auto"
+    new: int = 0                # chunks not known in advance
+    heads: int = 0
+    hits: int = 0
+
+    def should_head(self) -> bool:
+        """HEAD before PUT? 'auto': yes for the first 16 new chunks, then only while at least
+        1 in 8 HEADs finds the chunk (dedup across volumes pays), else for every 8th chunk
+        (a fresh volume: a HEAD per chunk would only add a round trip)."""
+        if self.check_exists != "auto":
+            return bool(self.check_exists)
+        with self.lock:
+            self.new += 1
+            return self.heads < 16 or self.hits * 8 >= self.heads or self.new % 8 == 0
+
+    def headed(self, found: bool) -> None:
+        with self.lock:
+            self.heads += 1
+            self.hits += found
 
 
 def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
           base: Manifest | None = None, ranges: list[Extent] | None = None,
           ranges_mode: str = "allocated", compression_level: int = 3, workers: int = 8,
           journal_path: str | None = None, trust_journal: bool = True,
-          check_exists: bool = True, progress: Progress | None = None,
+          check_exists: bool | str = "auto", progress: Progress | None = None,
           generation: int | None = None) -> tuple[Manifest, FlushStats]:
     """Upload the chunks of `source_path` that are not stored yet and return the new manifest
     (generation = base.generation + 1 unless given; parent = base's) and the stats.
@@ -298,7 +318,8 @@ def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
     entries: list[str | None] = [None] * n
     sizes: dict[str, int] = {}
     st = _FlushState(known={h: (base.sizes.get(h, 0) if base else 0)
-                            for h in (base.referenced_hashes() if base else ())})
+                            for h in (base.referenced_hashes() if base else ())},
+                     check_exists=check_exists)
 
     to_read = list(range(n)) if ranges is None else chunks_in(ranges, size, chunk_size)
     if ranges is not None and ranges_mode == "changed":
@@ -351,9 +372,10 @@ def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
                 st.claimed.add(h)
             key = chunk_key(h)
             reqs = 0
-            if check_exists:
+            if st.should_head():
                 reqs += 1
                 info = store.head(key)
+                st.headed(info is not None and info.size > 0)
                 if info is not None and info.size > 0:
                     return _Result(i, "known", h, info.size, read=length, requests=reqs)
             blob, _ = compress(buf, compression_level)

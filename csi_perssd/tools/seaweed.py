@@ -60,11 +60,13 @@ def _free_ports(n: int) -> list[int]:
 
 class Seaweed:
     def __init__(self, workdir: str | os.PathLike[str], bucket: str = "perssd",
-                 weed: str | None = None, start_timeout_s: float = 30.0):
+                 weed: str | None = None, start_timeout_s: float = 30.0,
+                 extra_args: list[str] | None = None):
         self.workdir = Path(workdir).resolve()
         self.bucket = bucket
         self.weed = weed or find_weed()
         self.start_timeout_s = start_timeout_s
+        self.extra_args = list(extra_args or [])
         self.access_key = "AK" + secrets.token_hex(9).upper()
         self.secret_key = secrets.token_urlsafe(30)
         self.ports: dict[str, int] = {}
@@ -99,7 +101,7 @@ class Seaweed:
             path = self.workdir / name
             if len(str(path)) < 100:
                 argv.append(f"-{flag}={path}")
-        return argv
+        return argv + self.extra_args
 
     def start(self) -> Seaweed:
         if self.running:
@@ -136,12 +138,19 @@ class Seaweed:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"weed exited with {self.proc.returncode}: {self.log_tail()}")
             try:
-                client.create_bucket(Bucket=self.bucket)
-                return
-            except botocore.exceptions.ClientError as e:
-                code = e.response.get("Error", {}).get("Code", "")
-                if code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                try:
+                    client.create_bucket(Bucket=self.bucket)
+                except botocore.exceptions.ClientError as e:
+                    code = e.response.get("Error", {}).get("Code", "")
+                    if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
+                # the data path (filer + volume server) answers too, not only the gateway
+                client.put_object(Bucket=self.bucket, Key=".ready-probe", Body=b"ok")
+                body = client.get_object(Bucket=self.bucket, Key=".ready-probe")["Body"]
+                if body.read() == b"ok":
+                    client.delete_object(Bucket=self.bucket, Key=".ready-probe")
                     return
+            except botocore.exceptions.ClientError as e:
                 last = e
             except (botocore.exceptions.BotoCoreError, OSError) as e:
                 last = e
