@@ -321,7 +321,8 @@ def validate_object(obj: dict[str, Any], what: str) -> None:
             _k8s_validate(sub, f"{what} ({obj['kind']} embedded {sub['kind']})")
         return
     try:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        used = kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        assert used == K8S_VERSION, f"kubernetes-validate used the {used} schemas, not {K8S_VERSION}"
     except kubernetes_validate.SchemaNotFoundError:
         pytest.fail(f"{what}: no schema for {obj['apiVersion']} {obj['kind']}: add one to "
                     f"deploy/schemas/ and CRD_SCHEMAS", pytrace=False)
@@ -549,6 +550,34 @@ def test_driver_name_is_the_same_everywhere(kust: str) -> None:
     reg = [c for c in node.containers() if sidecar_kind(c) == "csi-node-driver-registrar"]
     assert len(reg) == 1
     assert f"/plugins/{DRIVER}/" in arg_map(reg[0])["kubelet-registration-path"]
+
+
+def test_names_match_the_driver_package() -> None:
+    import csi_perssd
+    assert (csi_perssd.DRIVER_NAME, csi_perssd.TOPOLOGY_POOL_KEY) == (DRIVER, POOL_LABEL)
+
+
+def test_class_parameters_are_accepted_by_the_driver() -> None:
+    """What the external-provisioner sends to CreateVolume: the class parameters without the
+    keys it consumes itself (secrets, fstype), plus the --extra-create-metadata keys."""
+    from csi_perssd import params
+    from csi_perssd.stores import SECRET_KEYS
+    objs = render("base")
+    for sc in all_of(objs, "StorageClass"):
+        sent = {k: v for k, v in sc["parameters"].items()
+                if not (k.startswith("csi.storage.k8s.io/") and (k.endswith(("-secret-name", "-secret-namespace"))
+                                                                 or k == "csi.storage.k8s.io/fstype"))}
+        sent.update({"csi.storage.k8s.io/pvc/name": "data", "csi.storage.k8s.io/pvc/namespace": "default",
+                     "csi.storage.k8s.io/pv/name": "pvc-0b6f1c7e"})
+        vp = params.parse(sent)
+        assert (vp.mobility, vp.persistence) == (sc["parameters"]["mobility"], sc["parameters"]["persistence"])
+    vsc = one(objs, "VolumeSnapshotClass")
+    assert all(k.startswith("csi.storage.k8s.io/") for k in vsc["parameters"]), "the driver takes no snapshot parameters"
+    # every key of every perssd-s3 Secret is one the driver reads from CSI secrets
+    secrets = [yaml.safe_load((KUBE / "s3-secret.template.yaml").read_text())]
+    secrets += [one(render(k), "Secret", S3_SECRET) for k in KUSTOMIZATIONS if k != "base"]
+    for sec in secrets:
+        assert set(_secret_data(sec)) <= set(SECRET_KEYS), sorted(set(_secret_data(sec)) - set(SECRET_KEYS))
 
 
 def test_csidriver_spec() -> None:
@@ -812,27 +841,34 @@ def test_rbac_grants_every_verb_each_sidecar_needs(kust: str) -> None:
             assert not missing, f"{kust}: {kind} container {c['name']} ({key}) lacks {missing}"
 
 
-@pytest.mark.parametrize("kust", KUSTOMIZATIONS)
-def test_rbac_is_least_privilege(kust: str) -> None:
-    """No wildcards, and no verb that no container of the pod needs."""
-    objs = render(kust)
+def _over_grants(objs: list[dict[str, Any]]) -> list[str]:
+    """Wildcards, non-resource URLs, and verbs that no container of the bound pod needs."""
+    out = []
     for role in all_of(objs, "Role") + all_of(objs, "ClusterRole"):
         for rule in role["rules"]:
             for field in ("apiGroups", "resources", "verbs"):
-                assert "*" not in rule[field], f"{role['kind']}/{role['metadata']['name']} uses '*'"
-            assert "nonResourceURLs" not in rule
+                if "*" in rule.get(field, []):
+                    out.append(f"{role['kind']}/{role['metadata']['name']} uses '*' in {field}")
+            if "nonResourceURLs" in rule:
+                out.append(f"{role['kind']}/{role['metadata']['name']} grants nonResourceURLs")
     for kind in ("Deployment", "DaemonSet"):
         pod = driver_pod(objs, kind)
         keys = {sidecar_kind(c) or (DRIVER_CONTAINER + "@node" if kind == "DaemonSet" else "")
                 for c in pod.containers()}
         needed = [n for k in keys for n in REQUIRED_RBAC.get(k, [])]
         for scope, g, r, verbs in _effective_rules(objs, _service_account_of(objs, kind)):
-            for v in verbs:
-                # a namespaced grant may serve a namespaced or cluster need; a cluster-wide
-                # grant only a cluster-wide need
-                assert any(ng == g and nr == r and v in nv and (scope == ns or scope == "namespace")
-                           for ns, ng, nr, nv in needed), \
-                    f"{kust}: {kind} ServiceAccount gets {scope} {g or 'core'}/{r} {v} that no container needs"
+            for v in sorted(verbs):
+                # a namespaced grant may serve a namespaced or a cluster-wide need; a
+                # cluster-wide grant only a cluster-wide need
+                if not any(ng == g and nr == r and v in nv and (scope == ns or scope == "namespace")
+                           for ns, ng, nr, nv in needed):
+                    out.append(f"{kind} ServiceAccount gets {scope} {g or 'core'}/{r} {v} that no container needs")
+    return out
+
+
+@pytest.mark.parametrize("kust", KUSTOMIZATIONS)
+def test_rbac_is_least_privilege(kust: str) -> None:
+    assert _over_grants(render(kust)) == []
 
 
 def test_rbac_check_can_fail() -> None:
@@ -844,6 +880,15 @@ def test_rbac_check_can_fail() -> None:
     assert not _covers(granted, _r("cluster", "storage.k8s.io", "volumeattachments/status", "patch"))
     assert _covers(granted, _r("cluster", "storage.k8s.io", "volumeattachments", "patch"))
     assert not _covers(_effective_rules(objs, "perssd-node"), _r("cluster", "", "nodes", "list"))
+    # over-granting is caught too: a cluster-wide secrets read, an extra verb, a wildcard
+    objs = copy.deepcopy(render("base"))
+    one(objs, "ClusterRole", "perssd-provisioner")["rules"].append(
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]})
+    one(objs, "ClusterRole", "perssd-node")["rules"][0]["verbs"].append("patch")
+    one(objs, "Role", "perssd-controller")["rules"][0]["verbs"] = ["*"]
+    found = "\n".join(_over_grants(objs))
+    assert "cluster core/secrets get" in found and "cluster core/secrets list" in found
+    assert "cluster core/nodes patch" in found and "uses '*' in verbs" in found
 
 
 # --------------------------------------------------------------------------------------------
@@ -1018,6 +1063,18 @@ def _weed_binary() -> str:
     return found
 
 
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"weed exited: {log.read_text()[-2000:]}"
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    pytest.fail(f"weed S3 port {port} not open after {timeout}s: {log.read_text()[-2000:]}")
+
+
 def test_dev_overlay_runs_against_real_seaweedfs(tmp_path: Path) -> None:
     """Run the rendered SeaweedFS command line (pinned image version == local weed version),
     then the rendered bucket Job script with the rendered perssd-s3 credentials."""
@@ -1063,6 +1120,7 @@ def test_dev_overlay_runs_against_real_seaweedfs(tmp_path: Path) -> None:
             env[name] = s3[key]
         env["PERSSD_S3_ENDPOINT"] = f"http://127.0.0.1:{ports['s3.port']}"
         env["WAIT_SECONDS"] = "20"
+        _wait_for_port(ports["s3.port"], proc, tmp_path / "weed.out")
         run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
                              text=True, timeout=60)
         assert proc.poll() is None, f"weed exited: {(tmp_path / 'weed.out').read_text()[-2000:]}"

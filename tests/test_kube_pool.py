@@ -7,6 +7,7 @@ self-signed certificate and a service-account token, the way a pod sees the API 
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import ssl
 import subprocess
@@ -208,8 +209,12 @@ def test_outside_a_pod_the_default_client_fails_clearly(monkeypatch: pytest.Monk
 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
     key, cert = tmp / "apiserver.key", tmp / "apiserver.crt"
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("openssl is needed to make the stub API server's certificate: "
+                    "apt-get install openssl", pytrace=False)
     res = subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
          "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
          "-addext", "subjectAltName=IP:127.0.0.1"],
         capture_output=True, text=True, timeout=60)
