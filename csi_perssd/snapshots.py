@@ -22,12 +22,12 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from . import ids
+from . import gc, ids
 from .config import Config
 from .csi import csi_pb2 as pb
 from .errors import Code, CsiError, aborted, invalid, not_found
 from .local import fs
-from .remote.catalog import Catalog, SnapshotRecord, VolumeRecord
+from .remote.catalog import Catalog, SnapshotRecord, VolumeRecord, manifest_key, name_key
 from .remote.manifest import Manifest
 from .remote.store import NotFound, StoreError
 from .stores import Stores
@@ -56,6 +56,18 @@ def _check_params(p: dict[str, str]) -> None:
         raise invalid(f"unknown snapshot parameter(s): {', '.join(unknown)} (none are supported)")
 
 
+def snapshot_by_name(cat: Catalog, name: str) -> SnapshotRecord | None:
+    try:
+        data, _ = cat.store.get(name_key("snapnames", name))
+        return cat.get_snapshot(json.loads(data)["id"])
+    except NotFound:
+        return None
+    except (ValueError, KeyError, CsiError):
+        return None                 # a damaged name record: creation takes it over
+    except StoreError as e:
+        raise CsiError(Code.UNAVAILABLE, f"object store: {e}") from e
+
+
 def read_manifest(cat: Catalog, key: str) -> Manifest:
     try:
         return Manifest.decode(cat.store.get(key)[0])
@@ -82,23 +94,34 @@ class Snapshots:
         _check_params(dict(request.parameters))
         cat = self.stores.catalog(dict(request.secrets))
         with self.controller.locks.hold("snapname:" + name):
+            same = snapshot_by_name(cat, name)
+            if same is not None and same.source_volume != src:
+                raise CsiError(Code.ALREADY_EXISTS, f"snapshot name {name!r} already names {same.id} "
+                               f"of volume {same.source_volume}, not of {src}")
             vol = cat.volume(src)
+            if vol.persistence != "object":
+                raise CsiError(Code.FAILED_PRECONDITION, f"volume {vol.id} has persistence=local: its data never "
+                               f"leaves the node, so it cannot be snapshotted to the object store "
+                               f"(use persistence=object for volumes that need snapshots)")
             rec = SnapshotRecord(id=ids.new_snapshot_id(), name=name, source_volume=src, size=vol.size,
                                  parameters=dict(request.parameters))
             got, created = cat.create_snapshot(rec)
             if not created and got.source_volume != src:
                 raise CsiError(Code.ALREADY_EXISTS, f"snapshot name {name!r} already names {got.id} "
                                f"of volume {got.source_volume}, not of {src}")
-            if created or (not got.ready and not got.node and not got.error):
+            if got.error and not got.ready:
+                log.warning("snapshot %s of %s: retrying after: %s", got.id, src, got.error)
+                got = cat.update_snapshot(got.id, lambda r: setattr(r, "error", ""))
+            if created or (not got.ready and not got.node):
                 got = self._start(cat, got, vol)
         if not got.ready:
-            log.info("snapshot %s of %s: not ready yet (%s)", got.id, src, got.progress or "waiting for node " + got.node)
-        if got.error:
-            raise CsiError(Code.INTERNAL, f"snapshot {got.id} failed: {got.error}")
+            age = time.time() - got.created_at
+            log.info("snapshot %s of %s: not ready yet after %.1fs: %s", got.id, src, age,
+                     got.progress or "waiting for node " + got.node)
         return pb.CreateSnapshotResponse(snapshot=self.proto(got))
 
     def _start(self, cat: Catalog, snap: SnapshotRecord, vol: VolumeRecord) -> SnapshotRecord:
-        if vol.owner and vol.persistence == "object":
+        if vol.owner:
             req = {"snapshot": snap.id, "volume": vol.id, "created_at": time.time()}
             cat.store.put(request_key(vol.owner, snap.id), json.dumps(req).encode())
 
@@ -107,25 +130,44 @@ class Snapshots:
             log.info("snapshot %s of %s: volume is in use on %s, asked it for a point-in-time copy",
                      snap.id, vol.id, vol.owner)
             return cat.update_snapshot(snap.id, assign)
-        if vol.persistence != "object":
-            raise CsiError(Code.FAILED_PRECONDITION, f"volume {vol.id} has persistence=local: it is never "
-                           f"uploaded, so it cannot be snapshotted to the object store")
         return self.pin_generation(cat, snap, vol)
 
     def pin_generation(self, cat: Catalog, snap: SnapshotRecord, vol: VolumeRecord) -> SnapshotRecord:
-        """Make the snapshot refer to the volume's committed generation: copy its manifest."""
-        if vol.generation:
-            m = Manifest.decode(cat.get_manifest(vol.id, vol.generation))
-        else:
-            m = Manifest.empty(vol.size, vol.chunk_size)
-        cat.store.put(snapshot_manifest_key(snap.id), m.encode())
-
-        def ready(r: SnapshotRecord) -> None:
-            r.ready, r.generation, r.manifest_key, r.node = True, vol.generation, snapshot_manifest_key(snap.id), ""
-            r.size, r.progress = m.volume_size, "ready"
+        """Make the snapshot refer to the volume's committed generation: copy its manifest.
+        Guarded against a concurrent garbage collection that prunes that generation."""
+        guard = gc.FlushGuard.begin(cat.store, f"snapshot {snap.id}")
+        try:
+            vol = cat.volume(vol.id)
+            if vol.generation:
+                m = Manifest.decode(cat.get_manifest(vol.id, vol.generation))
+            else:
+                m = Manifest.empty(vol.size, vol.chunk_size)
+            guard.claim(m, manifests=[snapshot_manifest_key(snap.id)])
+            try:
+                cat.store.put(snapshot_manifest_key(snap.id), m.encode())
+            except StoreError as e:
+                raise CsiError(Code.UNAVAILABLE, f"object store: {e}") from e
+            rec = self._mark_ready(cat, snap.id, m.volume_size, vol.generation, "ready (pinned the committed generation)")
+        finally:
+            guard.release()
         log.info("snapshot %s of %s: ready at once (generation %d, %d data chunks, nothing copied)",
                  snap.id, vol.id, vol.generation, m.data_chunks)
-        return cat.update_snapshot(snap.id, ready)
+        return rec
+
+    @staticmethod
+    def _mark_ready(cat: Catalog, sid: str, size: int, generation: int, progress: str,
+                    cut_at: float | None = None) -> SnapshotRecord:
+        def ready(r: SnapshotRecord) -> None:
+            r.ready, r.generation, r.manifest_key, r.node = True, generation, snapshot_manifest_key(sid), ""
+            r.size, r.progress, r.error = size, progress, ""
+            if cut_at is not None:
+                r.created_at = cut_at       # spec: when the point-in-time copy was taken
+        try:
+            return cat.update_snapshot(sid, ready)
+        except CsiError as e:
+            if e.code == Code.NOT_FOUND:     # deleted while it was being made: drop what we wrote
+                cat.store.delete(snapshot_manifest_key(sid))
+            raise
 
     # -- DeleteSnapshot / ListSnapshots ----------------------------------------------------
     def delete(self, request: Any) -> pb.DeleteSnapshotResponse:
@@ -150,6 +192,10 @@ class Snapshots:
             if not request.starting_token.startswith(TOKEN_PREFIX):
                 raise CsiError(Code.ABORTED, f"starting_token {request.starting_token[:40]!r} was not issued by this driver")
             after = request.starting_token[len(TOKEN_PREFIX):]
+            try:
+                ids.snapshot_id(after)
+            except CsiError:
+                raise CsiError(Code.ABORTED, f"starting_token {request.starting_token[:40]!r} is not valid") from None
         cat = self.stores.catalog(dict(request.secrets))
         if request.snapshot_id:
             try:
@@ -210,17 +256,24 @@ class Snapshots:
         return Manifest.decode(cat.get_manifest(vol.id, vol.generation))
 
     def prepare_clone(self, cat: Catalog, rec: VolumeRecord) -> None:
-        """Write the new volume's generation 1 (the source's manifest) before its record exists."""
-        m = self.source_manifest(cat, rec.source)
-        if m is None:
-            return
-        rec.size = max(rec.size, m.volume_size)
-        if rec.size > m.volume_size:
-            m = m.resize(rec.size)
-        rec.chunk_size = m.chunk_size
-        rec.parameters["chunkSize"] = str(m.chunk_size)
-        m.generation, m.parent = 1, None
-        rec.generation = cat.put_manifest(rec.id, 1, m.encode())
+        """Write the new volume's generation 1 (the source's manifest) before its record exists.
+        Guarded: if a garbage collection deleted a chunk of the source meanwhile (the source was
+        deleted concurrently), ABORTED and nothing is written."""
+        guard = gc.FlushGuard.begin(cat.store, f"clone {rec.id}")
+        try:
+            m = self.source_manifest(cat, rec.source)
+            if m is None:
+                return
+            rec.size = max(rec.size, m.volume_size)
+            if rec.size > m.volume_size:
+                m = m.resize(rec.size)
+            rec.chunk_size = m.chunk_size
+            rec.parameters["chunkSize"] = str(m.chunk_size)
+            m.generation, m.parent = 1, None
+            guard.claim(m, manifests=[manifest_key(rec.id, 1)])
+            rec.generation = cat.put_manifest(rec.id, 1, m.encode())
+        finally:
+            guard.release()
         log.info("volume %s: generation %d is a copy of %s's manifest (%d data chunks, none copied)",
                  rec.id, rec.generation, rec.source, m.data_chunks)
 
@@ -242,6 +295,7 @@ class NodeSnapshotWorker:
         self.rt = runtime
         self.poll = poll_seconds
         self.node_id = runtime.cfg.node_id
+        self.last_stats: dict[str, dict[str, Any]] = {}
 
     def start(self) -> None:
         threading.Thread(target=self._loop, name="snapshot-worker", daemon=True).start()
@@ -289,10 +343,11 @@ class NodeSnapshotWorker:
                 return False            # the unstage flush will commit; pin after it
             Snapshots(self.rt.cfg, self.rt.stores, None).pin_generation(cat, snap, vol)
             return True
-        local = f"snap-{sid}"
+        local = sid
         try:
             with node.locks.hold(vid):
                 t0 = time.monotonic()
+                cut_at = time.time()
                 if lv.access_type == "mount" and fs.mount_info(lv.staged_path) is not None and not lv.readonly:
                     with fs.frozen(lv.staged_path, self.rt.cfg.freeze_timeout_seconds):
                         path = backend.snapshot(vid, local)
@@ -305,14 +360,23 @@ class NodeSnapshotWorker:
             raise
         log.info("snapshot %s of %s: point-in-time copy taken in %.3fs (file system frozen meanwhile)", sid, vid, frozen_s)
         try:
-            self._upload(cat, snap, vol, path, vid)
+            self._upload(cat, snap, path, vid, cut_at)
         finally:
             backend.delete_snapshot(vid, local)
         return True
 
-    def _upload(self, cat: Catalog, snap: SnapshotRecord, vol: VolumeRecord, path: str, vid: str) -> None:
+    def _upload(self, cat: Catalog, snap: SnapshotRecord, path: str, vid: str, cut_at: float) -> None:
+        guard = gc.FlushGuard.begin(cat.store, f"snapshot {snap.id}")
+        try:
+            self._upload_guarded(cat, snap, path, vid, cut_at, guard)
+        finally:
+            guard.release()
+
+    def _upload_guarded(self, cat: Catalog, snap: SnapshotRecord, path: str, vid: str, cut_at: float,
+                        guard: gc.FlushGuard) -> None:
         from .remote import transfer
         backend = self.rt.backend
+        vol = cat.volume(vid)          # read after the guard began: its base cannot vanish unnoticed
         base = Manifest.decode(cat.get_manifest(vid, vol.generation)) if vol.generation else None
         size = os.path.getsize(path) if os.path.isfile(path) else fs.block_size(path)
         ranges = transfer.file_data_extents(path) if os.path.isfile(path) else backend.allocated_ranges(vid)
@@ -330,14 +394,18 @@ class NodeSnapshotWorker:
         m, stats = transfer.flush(cat.store, path, size, vol.chunk_size, base=base, ranges=ranges,
                                   compression_level=vol.compression, workers=self.rt.cfg.flush_workers,
                                   progress=progress)
+        g = guard.claim(m, source_path=path, compression_level=vol.compression,
+                        manifests=[snapshot_manifest_key(snap.id)])
+        uploaded = stats.bytes_uploaded + g.repaired_bytes
         cat.store.put(snapshot_manifest_key(snap.id), m.encode())
-
-        def ready(r: SnapshotRecord) -> None:
-            r.ready, r.manifest_key, r.generation, r.size = True, snapshot_manifest_key(snap.id), 0, size
-            r.node, r.progress = "", f"ready: uploaded {stats.bytes_uploaded} bytes"
-        cat.update_snapshot(snap.id, ready)
+        self.last_stats[snap.id] = {"bytes_uploaded": uploaded, "bytes_read": stats.bytes_read,
+                                    "chunks_uploaded": stats.chunks_uploaded + g.repaired_chunks,
+                                    "seconds": time.monotonic() - t0}
+        Snapshots._mark_ready(cat, snap.id, size, 0,
+                              f"ready: read {stats.bytes_read} bytes, uploaded {uploaded} bytes "
+                              f"({stats.chunks_uploaded + g.repaired_chunks} chunks)", cut_at=cut_at)
         log.info("snapshot %s of %s ready in %.2fs: read %d bytes, uploaded %d bytes (%d chunks, %d known)",
-                 snap.id, vid, time.monotonic() - t0, stats.bytes_read, stats.bytes_uploaded,
+                 snap.id, vid, time.monotonic() - t0, stats.bytes_read, uploaded,
                  stats.chunks_uploaded, stats.chunks_skipped_known)
 
     @staticmethod

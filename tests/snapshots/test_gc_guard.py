@@ -1,0 +1,154 @@
+"""The GC/flush handshake (gc.FlushGuard) against a real S3 server, in-process and deterministic:
+a collection that deletes chunks a flush decided to reuse is detected and repaired before commit;
+without the guard the same interleaving loses data (so these tests can fail)."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from csi_perssd import gc
+from csi_perssd.remote import transfer
+from csi_perssd.remote.catalog import Catalog
+from csi_perssd.remote.manifest import Manifest
+
+MiB = 1 << 20
+CS = 1 << 20
+
+
+def _image(path: str, chunks: list[bytes]) -> None:
+    with open(path, "wb") as f:
+        for c in chunks:
+            f.write(c)
+
+
+def _missing(store, m: Manifest) -> list[str]:  # type: ignore[no-untyped-def]
+    from csi_perssd.remote.chunks import chunk_key
+    return [h for h in m.referenced_hashes() if store.head(chunk_key(h)) is None]
+
+
+def _hydrated_equals(store, m: Manifest, src: str, tmp) -> bool:  # type: ignore[no-untyped-def]
+    out = str(tmp / "out.img")
+    with open(out, "wb") as f:
+        f.truncate(m.volume_size)
+    transfer.hydrate(store, m, out)
+    with open(out, "rb") as a, open(src, "rb") as b:
+        return a.read() == b.read()
+
+
+def test_reused_chunk_deleted_by_gc_is_repaired(s3_store, tmp_path) -> None:
+    data = [os.urandom(CS) for _ in range(6)]
+    old = str(tmp_path / "old.img")
+    _image(old, data)
+    # an earlier volume stored these chunks, then was deleted: they are unreferenced garbage
+    transfer.flush(s3_store, old, 6 * CS, CS, check_exists=False)
+    src = str(tmp_path / "new.img")
+    _image(src, data[:4] + [os.urandom(CS), os.urandom(CS)])
+    cat = Catalog(s3_store)
+
+    # without the guard: HEAD finds the old chunks, gc deletes them, the manifest dangles
+    m_bad, st = transfer.flush(s3_store, src, 6 * CS, CS, check_exists=True)
+    assert st.chunks_skipped_known == 4
+    gc.collect(cat, grace=0, keep=0, dry_run=False)
+    assert len(_missing(s3_store, m_bad)) == 6, "the unguarded flush must have lost its chunks"
+
+    # with the guard: same interleaving, but the claim step sees the collection and repairs
+    transfer.flush(s3_store, old, 6 * CS, CS, check_exists=False)          # garbage again
+    guard = gc.FlushGuard.begin(s3_store, "test/new")
+    m, st = transfer.flush(s3_store, src, 6 * CS, CS, check_exists=True)
+    assert st.chunks_skipped_known == 4
+    rep = gc.collect(cat, grace=0, keep=0, dry_run=False)
+    assert rep.deleted_chunks, "the collection must have deleted the reused chunks"
+    g = guard.claim(m, source_path=src)
+    assert g.overlapped and g.repaired_chunks == 6
+    assert _missing(s3_store, m) == []
+    # a collection after the claim keeps every claimed chunk
+    gc.collect(cat, grace=0, keep=0, dry_run=False)
+    assert _missing(s3_store, m) == []
+    guard.release()
+    assert _hydrated_equals(s3_store, m, src, tmp_path)
+    # released and unreferenced: the next collection frees everything
+    gc.collect(cat, grace=0, keep=0, dry_run=False)
+    assert list(s3_store.list("chunks/")) == []
+    assert list(s3_store.list("gc/claims/")) == [] and list(s3_store.list("gc/running/")) == []
+
+
+def test_no_overlap_costs_no_verification(s3_store, tmp_path) -> None:
+    src = str(tmp_path / "a.img")
+    _image(src, [os.urandom(CS) for _ in range(3)])
+    guard = gc.FlushGuard.begin(s3_store, "test/a")
+    m, _ = transfer.flush(s3_store, src, 3 * CS, CS)
+    g = guard.claim(m, source_path=src)
+    guard.release()
+    assert not g.overlapped and g.verified_chunks == 0
+
+
+def test_claim_without_source_aborts_when_chunks_vanished(s3_store, tmp_path) -> None:
+    src = str(tmp_path / "a.img")
+    _image(src, [os.urandom(CS) for _ in range(2)])
+    m, _ = transfer.flush(s3_store, src, 2 * CS, CS)
+    guard = gc.FlushGuard.begin(s3_store, "test/pin")
+    gc.collect(Catalog(s3_store), grace=0, keep=0, dry_run=False)
+    from csi_perssd.errors import CsiError
+    with pytest.raises(CsiError) as ei:
+        guard.claim(m)
+    assert ei.value.code.name == "ABORTED"
+    guard.release()
+
+
+def test_gc_loop_racing_guarded_flushes(s3_store, tmp_path) -> None:
+    """gc in a tight loop with grace 0 while guarded flushes reuse old garbage chunks and upload
+    new ones: every committed manifest hydrates to its source."""
+    cat = Catalog(s3_store)
+    pool = [os.urandom(CS) for _ in range(8)]
+    stop = threading.Event()
+    runs = [0]
+    errors: list[BaseException] = []
+
+    def gc_loop() -> None:
+        while not stop.is_set():
+            try:
+                gc.collect(cat, grace=0, keep=0, dry_run=False)
+                runs[0] += 1
+            except BaseException as e:  # noqa: BLE001 - reported by the test
+                errors.append(e)
+                return
+
+    t = threading.Thread(target=gc_loop, daemon=True)
+    t.start()
+    try:
+        results = []
+        overlaps: list[gc.GuardStats] = []
+        for r in range(6):
+            garbage = str(tmp_path / f"g{r}.img")
+            _image(garbage, pool)
+            transfer.flush(s3_store, garbage, 8 * CS, CS, check_exists=False)      # old, unreferenced
+            src = str(tmp_path / f"s{r}.img")
+            _image(src, [pool[(r + k) % 8] for k in range(4)] + [os.urandom(CS) for _ in range(4)])
+            guard = gc.FlushGuard.begin(s3_store, f"test/{r}")
+            m, _ = transfer.flush(s3_store, src, 8 * CS, CS, check_exists=True, workers=2)
+            overlaps.append(guard.claim(m, source_path=src))
+            key = f"volumes/pvol-race{r}/gen/0000000001.manifest"
+            s3_store.put(key, m.encode())
+            # "commit": the manifest is referenced by a live snapshot record from now on
+            from csi_perssd.remote.catalog import SnapshotRecord
+            cat.create_snapshot(SnapshotRecord(id=f"snap-race{r}", name=f"race{r}", source_volume="pvol-x",
+                                               size=8 * CS, ready=True,
+                                               manifest_key=f"snapshots/snap-race{r}.manifest"))
+            s3_store.put(f"snapshots/snap-race{r}.manifest", m.encode())
+            guard.release()
+            results.append((m, src))
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        t.join(60)
+    assert not errors, errors
+    assert runs[0] >= 3, f"gc ran only {runs[0]} times"
+    assert any(g.overlapped for g in overlaps), "the collections never overlapped a flush: no race tested"
+    print(f"gc runs {runs[0]}, overlapped flushes {sum(g.overlapped for g in overlaps)}, "
+          f"chunks uploaded again {sum(g.repaired_chunks for g in overlaps)}")
+    for m, src in results:
+        assert _missing(s3_store, m) == []
+        assert _hydrated_equals(s3_store, m, src, tmp_path)
