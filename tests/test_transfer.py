@@ -238,3 +238,48 @@ def test_outage_fails_with_store_error_within_budget(seaweed, tmp_path):
         assert time.monotonic() - t0 < 15
     m, st = flush(store, src, SIZE, CS, ranges=file_data_extents(src), workers=4)
     assert m.data_chunks == 14
+
+
+def test_repeated_content_is_uploaded_once_and_progress_is_monotonic(store, tmp_path):
+    src = _sparse(tmp_path / "ff.img", 32 * MiB)
+    _pwrite(src, 0, b"\xff" * (32 * MiB))
+    seen: list[tuple[int, int]] = []
+    m, st = flush(store, src, 32 * MiB, CS, ranges=None, workers=8,
+                  progress=lambda d, t: seen.append((d, t)))
+    assert st.chunks_uploaded == 1 and st.chunks_skipped_known == 31
+    assert len(set(m.entries)) == 1 and m.entries[0] is not None
+    assert seen[-1] == (32 * MiB, 32 * MiB) and all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
+    dest = _sparse(tmp_path / "d.img", 32 * MiB)
+    hseen: list[tuple[int, int]] = []
+    hs = hydrate(store, m, dest, progress=lambda d, t: hseen.append((d, t)))
+    assert hs.chunks_downloaded == 1 and hs.bytes_written == 32 * MiB
+    assert hseen[-1] == (32 * MiB, 32 * MiB) and _sha(dest) == _sha(src)
+
+
+def test_flush_memory_stays_bounded(store, tmp_path):
+    import tracemalloc
+    src = _sparse(tmp_path / "r.img", 48 * MiB)
+    fd = os.open(src, os.O_WRONLY)
+    for i in range(48):
+        os.pwrite(fd, os.urandom(CS), i * CS)
+    os.close(fd)
+    tracemalloc.start()
+    try:
+        flush(store, src, 48 * MiB, CS, ranges=None, workers=2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 2 * CS + 2 * MiB, f"peak {peak / MiB:.1f} MiB for 2 workers of 1 MiB chunks"
+
+
+def test_hydrate_outage_is_store_error(seaweed, tmp_path):
+    store = make_s3_store(seaweed)
+    src = make_image(tmp_path / "src.img")["path"]
+    m, _ = flush(store, src, SIZE, CS, ranges=file_data_extents(src))
+    dest = _sparse(tmp_path / "dest.img")
+    with seaweed_outage(seaweed):
+        with pytest.raises(StoreError) as ei:
+            hydrate(store, m, dest)
+        assert not isinstance(ei.value, ChunkCorrupted)
+    hydrate(store, m, dest)
+    assert _sha(dest) == _sha(src)
