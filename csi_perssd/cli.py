@@ -117,8 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         cfg = config_from_args(args)
         if cfg.pool_from_node_label and cfg.mode in ("node", "all"):
+            from .errors import CsiError
             from .kube import pool_from_node_label
-            cfg.pool = pool_from_node_label(cfg.node_id, cfg.pool_from_node_label)
+            try:
+                cfg.pool = pool_from_node_label(cfg.node_id, cfg.pool_from_node_label)
+            except CsiError as e:
+                print(f"csi-perssd: {e}", file=sys.stderr)
+                return 2
             log.info("pool %s from label %s of node %s", cfg.pool, cfg.pool_from_node_label, cfg.node_id)
         from .runtime import Runtime
         try:
