@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from csi_perssd.csi import csi_pb2 as pb
+from csi_perssd.csi import csi_pb2_grpc as rpc
 from tests.plugins.driver import (MiB, NODE_ID, XFS_SIZE, block_cap, cleanup_under, create_request, expect,
                                   mount_cap, mounts_under)
 
@@ -135,7 +136,9 @@ class TestGracefulShutdown:
             d.proc.proc.send_signal(15)
             time.sleep(1.0)
             assert d.proc.proc.poll() is None, "the driver exited with an RPC in flight"
-            assert not os.path.exists(d.proc.socket), "socket still accepting during shutdown"
+            with grpc.insecure_channel(f"unix://{d.proc.socket}") as ch:       # new calls are refused
+                e = expect(C.UNAVAILABLE, rpc.IdentityStub(ch).Probe, pb.ProbeRequest(), timeout=5)
+                assert e
         finally:
             subprocess.run(["fsfreeze", "--unfreeze", staging], check=True)
             thawed = True
