@@ -186,8 +186,10 @@ class Controller(rpc.ControllerServicer):
             existing = cat.volume_by_name(name)
             if existing is not None:
                 self._check_compatible(existing, cr, cap_list, vp, source)
+                self._check_accessible(cat, existing, request)
                 got, created = existing, False
             else:
+                self._check_room(cat, pool, node, size)
                 if source and self.snapshots is not None:
                     self.snapshots.prepare_clone(cat, rec)     # generation 1 = the source's manifest
                 got, created = cat.create_volume(rec)
@@ -197,6 +199,35 @@ class Controller(rpc.ControllerServicer):
                  got.id, "created" if created else "exists", name, got.size, got.mobility,
                  got.persistence, got.pool, f" node={got.node}" if got.node else "")
         return pb.CreateVolumeResponse(volume=self.volume_proto(got))
+
+    def _check_room(self, cat: Catalog, pool: str, node: str, size: int) -> None:
+        """RESOURCE_EXHAUSTED when no node the volume may live on can ever hold it (as GetCapacity's
+        maximum_volume_size reports); nodes that have not reported their capacity do not count."""
+        cands = [n for n in self._nodes(cat) if n.pool == pool and (not node or n.id == node) and n.total_bytes]
+        if not cands:
+            return
+        room = max((n.max_volume_bytes or n.available_bytes) + n.reclaimable_bytes for n in cands)
+        if size > room:
+            raise CsiError(Code.RESOURCE_EXHAUSTED, f"{size} bytes do not fit on any node of "
+                           f"{'node ' + node if node else 'pool ' + pool} (at most {room} bytes)")
+
+    def _check_accessible(self, cat: Catalog, rec: VolumeRecord, request: Any) -> None:
+        """An existing volume must be accessible from one of the requisite segments (spec: else ALREADY_EXISTS)."""
+        if not request.HasField("accessibility_requirements") or not request.accessibility_requirements.requisite:
+            return
+        pools = {n.id: n.pool for n in self._nodes(cat)}
+        for t in request.accessibility_requirements.requisite:
+            seg = dict(t.segments)
+            if set(seg) - {TOPOLOGY_NODE_KEY, TOPOLOGY_POOL_KEY}:
+                continue
+            node, pool = seg.get(TOPOLOGY_NODE_KEY), seg.get(TOPOLOGY_POOL_KEY)
+            if pool is not None and pool != rec.pool:
+                continue
+            if node is not None and (node != rec.node if rec.mobility == "node" else pools.get(node) != rec.pool):
+                continue
+            return
+        raise CsiError(Code.ALREADY_EXISTS, f"volume name {rec.name!r} already exists as {rec.id} but it is not "
+                       "accessible from the requisite topology")
 
     @staticmethod
     def _check_compatible(got: VolumeRecord, cr: Any, cap_list: list[dict[str, Any]],
@@ -379,7 +410,11 @@ class Controller(rpc.ControllerServicer):
         vid = ids.volume_id(request.volume_id)
         if not request.HasField("capacity_range"):
             raise invalid("capacity_range is required")
-        size = pick_size(request.capacity_range, self.max_volume_bytes)
+        cr = request.capacity_range
+        if cr.required_bytes < 0 or cr.limit_bytes < 0:
+            raise invalid("capacity_range bytes must not be negative")
+        # required_bytes 0: nothing to grow to (pick_size would mean "the default size")
+        size = pick_size(cr, self.max_volume_bytes) if cr.required_bytes else 0
         cap = caps.to_dict(request.volume_capability) if request.HasField("volume_capability") else None
         cat = self.stores.catalog(dict(request.secrets))
         with self.locks.hold(vid):
@@ -389,6 +424,9 @@ class Controller(rpc.ControllerServicer):
                 if size > r.size:
                     r.size = size
             rec = cat.update_volume(vid, grow)
+            if cr.limit_bytes and rec.size > cr.limit_bytes:
+                raise CsiError(Code.OUT_OF_RANGE, f"volume {vid} already has {rec.size} bytes, more than "
+                               f"limit_bytes {cr.limit_bytes} (volumes never shrink)")
         return pb.ControllerExpandVolumeResponse(capacity_bytes=rec.size, node_expansion_required=True)
 
     # -- snapshots: delegated ---------------------------------------------------------------
