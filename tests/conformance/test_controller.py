@@ -39,6 +39,14 @@ def node_b(driver) -> str:
     return "node-b"
 
 
+@pytest.fixture(scope="module")
+def small_pool(driver) -> str:
+    """A registered node alone in a pool with room for 1 GiB volumes."""
+    catalog(driver).put_node(NodeRecord(id="node-small", pool="pool-small", total_bytes=2 * GiB,
+                                        available_bytes=GiB, max_volume_bytes=GiB))
+    return "pool-small"
+
+
 def topo(**seg: str) -> pb.Topology:
     keys = {"node": NODE_KEY, "pool": POOL_KEY}
     return pb.Topology(segments={keys.get(k, k): v for k, v in seg.items()})
@@ -281,6 +289,26 @@ class TestCreateVolumeTopology:
             req.accessibility_requirements.preferred.append(topo(**seg))
             expect(C.RESOURCE_EXHAUSTED, driver.controller.CreateVolume, req)
 
+    def test_should_fail_with_resource_exhausted_when_no_node_of_the_segment_has_room(self, driver, small_pool):
+        for params in ({"mobility": "node"}, OBJECT):
+            req = create_request(size=4 * GiB, parameters=params)
+            req.accessibility_requirements.requisite.append(topo(pool=small_pool))
+            expect(C.RESOURCE_EXHAUSTED, driver.controller.CreateVolume, req)
+            req.capacity_range.required_bytes = 512 * MiB
+            vol = driver.create(req)
+            assert dict(vol.accessible_topology[0].segments).get(POOL_KEY, small_pool) == small_pool
+
+    def test_repeat_with_requisite_topology_the_volume_is_not_in_should_fail_with_already_exists(self, driver, node_b):
+        name = unique_name()
+        req = create_request(name=name, parameters={"mobility": "node"})
+        req.accessibility_requirements.requisite.append(topo(node=NODE_ID))
+        driver.create(req)
+        del req.accessibility_requirements.requisite[:]
+        req.accessibility_requirements.requisite.append(topo(node=node_b))
+        expect(C.ALREADY_EXISTS, driver.controller.CreateVolume, req)
+        req.accessibility_requirements.requisite.append(topo(node=NODE_ID))       # one of them fits: OK
+        driver.create(req)
+
     def test_idempotent_repeat_should_return_the_same_topology(self, driver):
         req = create_request(parameters={"mobility": "node"})
         req.accessibility_requirements.requisite.append(topo(node=NODE_ID))
@@ -486,6 +514,17 @@ class TestControllerExpandVolume:
             assert resp.node_expansion_required
         got = driver.controller.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=vol.volume_id))
         assert got.volume.capacity_bytes == resp.capacity_bytes
+
+    def test_should_not_grow_without_required_bytes(self, driver):
+        vol = driver.create(create_request(size=16 * MiB))
+        resp = driver.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+            volume_id=vol.volume_id, capacity_range=pb.CapacityRange(limit_bytes=GiB)))
+        assert resp.capacity_bytes == vol.capacity_bytes
+
+    def test_should_fail_with_out_of_range_when_the_limit_is_below_the_current_size(self, driver):
+        vol = driver.create(create_request(size=32 * MiB))
+        expect(C.OUT_OF_RANGE, driver.controller.ControllerExpandVolume, pb.ControllerExpandVolumeRequest(
+            volume_id=vol.volume_id, capacity_range=pb.CapacityRange(required_bytes=16 * MiB, limit_bytes=16 * MiB)))
 
     def test_should_not_shrink(self, driver):
         vol = driver.create(create_request(size=32 * MiB))
