@@ -7,10 +7,14 @@
 - finish (NodeUnstage, after unmount): run the final flush and commit the generation with the
   node's ownership epoch; ABORTED with progress while a job runs (kubelet retries).
 - resume (restart): a job that was running continues; the journal skips chunks already uploaded.
+
+NodeUnstage waits up to `unstage_wait` seconds (default 20, environment variable
+PERSSD_UNSTAGE_WAIT_SECONDS) for the flush before answering ABORTED with its progress.
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -31,17 +35,25 @@ from .stores import Stores
 log = logging.getLogger(__name__)
 
 
+def _clear_job(lv: LocalVolume) -> None:
+    lv.flush, lv.dirty = None, False
+
+
 class VolumeSync:
     def __init__(self, cfg: Config, stores: Stores, backend: Backend, state: NodeState,
-                 unstage_wait: float = 20.0):
+                 unstage_wait: float | None = None):
         self.cfg = cfg
         self.node_id = cfg.node_id
         self.stores = stores
         self.backend = backend
         self.state = state
+        if unstage_wait is None:
+            unstage_wait = float(os.environ.get("PERSSD_UNSTAGE_WAIT_SECONDS", "20"))
         self.unstage_wait = unstage_wait
         self._mu = threading.Lock()
+        self._state_mu = threading.Lock()
         self._threads: dict[str, threading.Thread] = {}
+        self._preparing: set[str] = set()
         self._progress: dict[str, tuple[int, int]] = {}
         self._stop = threading.Event()
         self.last_flush: dict[str, Any] = {}
@@ -50,21 +62,34 @@ class VolumeSync:
     # -- stage -----------------------------------------------------------------------------
     def prepare(self, rec: VolumeRecord, lv: LocalVolume | None, secrets: dict[str, str]) -> LocalVolume:
         vid = rec.id
-        if lv is not None and lv.flush is not None and lv.flush.state == "running":
+        if lv is not None and lv.flush is not None and lv.flush.state == "running" and self._running(vid):
             raise aborted(f"volume {vid}: a flush of its previous use is still running; try again")
+        with self._mu:
+            self._preparing.add(vid)         # not evictable while it is being made current
+        try:
+            return self._prepare(rec, lv, secrets)
+        finally:
+            with self._mu:
+                self._preparing.discard(vid)
+
+    def _prepare(self, rec: VolumeRecord, lv: LocalVolume | None, secrets: dict[str, str]) -> LocalVolume:
+        vid = rec.id
         have = self.backend.exists(vid)
         if lv is None or not have:
             lv = LocalVolume(id=vid, persistence=rec.persistence)
         lv.persistence, lv.epoch, lv.last_used = rec.persistence, rec.epoch, time.time()
-        if have and rec.persistence == "object" and lv.generation != rec.generation:
+        fenced = lv.flush is not None and lv.flush.state == "fenced"
+        if have and rec.persistence == "object" and (lv.generation != rec.generation or fenced):
             if lv.dirty:
                 log.error("volume %s: unflushed local changes on top of generation %d are discarded: "
-                          "generation %d was committed meanwhile by %s (this node was fenced out)",
-                          vid, lv.generation, rec.generation, rec.generation_node or "another node")
+                          "%s (this node was fenced out)", vid, lv.generation,
+                          f"generation {rec.generation} was committed meanwhile by {rec.generation_node or 'another node'}"
+                          if lv.generation != rec.generation else "ownership was taken over")
             else:
                 log.info("volume %s: local copy holds generation %d, committed is %d: rehydrating",
                          vid, lv.generation, rec.generation)
             self.backend.delete(vid)
+            self.state.delete(vid)
             have = False
             lv = LocalVolume(id=vid, persistence=rec.persistence, epoch=rec.epoch)
         if have:
@@ -74,7 +99,9 @@ class VolumeSync:
                      ", with unflushed changes" if lv.dirty else "")
         else:
             self._create(vid, rec.size)
-            lv.generation, lv.dirty = 0, False
+            lv.generation, lv.dirty, lv.flush = 0, False, None
+            # recorded before hydrating: a crash in the middle leaves generation 0, never "current"
+            self.state.put(lv)
             if rec.persistence == "object" and rec.generation > 0:
                 self._hydrate(rec, lv, secrets)
         lv.size = self.backend.size(vid)
@@ -93,19 +120,26 @@ class VolumeSync:
         self.backend.create(vid, size)
 
     def _hydrate(self, rec: VolumeRecord, lv: LocalVolume, secrets: dict[str, str]) -> None:
+        """Write the committed generation into the fresh local volume. On any failure the
+        half-written volume and its state record are removed (nothing is left as "current")."""
         from .remote import transfer
-        cat = self.stores.catalog(secrets)
-        manifest = Manifest.decode(cat.get_manifest(rec.id, rec.generation))
-        dev = self.backend.device(rec.id)
         t0 = time.monotonic()
         try:
+            cat = self.stores.catalog(secrets)
+            manifest = Manifest.decode(cat.get_manifest(rec.id, rec.generation))
+            dev = self.backend.device(rec.id)
             stats = transfer.hydrate(cat.store, manifest, dev, workers=self.cfg.hydrate_workers)
-        except transfer.ChunkCorrupted as e:
-            self.backend.delete(rec.id)
-            raise CsiError(Code.DATA_LOSS, f"volume {rec.id} generation {rec.generation}: {e}") from e
-        except StoreError as e:
-            self.backend.delete(rec.id)
-            raise CsiError(Code.UNAVAILABLE, f"volume {rec.id}: object store unreachable while hydrating: {e}") from e
+        except BaseException as e:
+            self._discard(rec.id)
+            if isinstance(e, transfer.ChunkCorrupted):
+                log.error("volume %s generation %d: %s; the local copy was removed", rec.id, rec.generation, e)
+                raise CsiError(Code.DATA_LOSS, f"volume {rec.id} generation {rec.generation}: {e}") from e
+            if isinstance(e, StoreError):
+                raise CsiError(Code.UNAVAILABLE,
+                               f"volume {rec.id}: object store unreachable while hydrating: {e}") from e
+            if isinstance(e, (OSError, ValueError)):
+                raise CsiError(Code.INTERNAL, f"volume {rec.id}: hydrating generation {rec.generation}: {e}") from e
+            raise
         dt = time.monotonic() - t0
         metrics.TRANSFER_SECONDS.labels("hydrate").observe(dt)
         metrics.BYTES.labels("hydrated").inc(stats.bytes_written)
@@ -113,6 +147,13 @@ class VolumeSync:
         lv.generation = rec.generation
         log.info("volume %s: hydrated generation %d: %d bytes in %.2fs (%.1f MB/s of volume)", rec.id,
                  rec.generation, stats.bytes_written, dt, rec.size / max(dt, 1e-6) / 1e6)
+
+    def _discard(self, vid: str) -> None:
+        try:
+            self.backend.delete(vid)
+        except CsiError as e:
+            log.error("volume %s: cannot remove the half-hydrated local copy: %s", vid, e)
+        self.state.delete(vid)
 
     # -- release / unstage -----------------------------------------------------------------
     def on_publish(self, lv: LocalVolume) -> None:
@@ -138,27 +179,31 @@ class VolumeSync:
             job = cur.flush
             if not self._running(lv.id):
                 if job is not None and job.state == "committed" and job.final:
-                    cur.flush, cur.dirty = None, False
-                    self.state.put(cur)
+                    self._update(lv.id, _clear_job)
                     return
                 if job is not None and job.state == "fenced":
                     raise CsiError(Code.FAILED_PRECONDITION, job.error)
                 if job is not None and job.state == "failed" and started:
                     break           # failed again in this call: report, kubelet retries later
-                if job is None or not job.final or job.state == "failed":
-                    if job is not None and job.state == "failed":
-                        log.warning("volume %s: retrying flush after: %s", lv.id, job.error)
-                    self._start(cur, final=True)
-                    started = True
+                if job is not None and job.state == "failed":
+                    log.warning("volume %s: retrying flush after: %s", lv.id, job.error)
+                elif job is not None and job.state == "running":
+                    # no thread runs it: the process restarted before resume() or the record
+                    # was overwritten; the final pass starts (again) from its journal
+                    log.info("volume %s: flush job was not running: starting the final pass", lv.id)
+                self._start(cur, final=True)
+                started = True
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.05)
         cur = self.state.get(lv.id) or lv
         done, total = self._progress.get(lv.id, (0, 0))
         err = f"; last error: {cur.flush.error}" if cur.flush and cur.flush.error else ""
-        code = Code.UNAVAILABLE if cur.flush and cur.flush.state == "failed" and "unreachable" in cur.flush.error else Code.ABORTED
-        raise CsiError(code, f"volume {lv.id}: flush to the object store in progress: "
-                       f"{done}/{total} bytes ({100 * done // max(total, 1)}%){err}; retry later")
+        failed = cur.flush is not None and cur.flush.state == "failed"
+        code = Code.UNAVAILABLE if failed and "unreachable" in cur.flush.error else Code.ABORTED  # type: ignore[union-attr]
+        what = "failed" if failed else "in progress"
+        raise CsiError(code, f"volume {lv.id}: flush to the object store {what}: "
+                       f"{done}/{total} bytes ({100 * done // max(total, 1)}%){err}; local data kept, retry later")
 
     def resume(self, lv: LocalVolume) -> None:
         if lv.flush is not None and lv.flush.state in ("running", "failed") and lv.persistence == "object":
@@ -170,28 +215,47 @@ class VolumeSync:
             t = self._threads.get(vid)
             return t is not None and t.is_alive()
 
+    def _update(self, vid: str, fn: Callable[[LocalVolume], None]) -> LocalVolume | None:
+        """Read-modify-write of the volume's state record for the job's own fields (flush,
+        generation, dirty): never writes back a stale copy of the fields the Node service owns."""
+        with self._state_mu:
+            lv = self.state.get(vid)
+            if lv is None:
+                return None
+            fn(lv)
+            self.state.put(lv)
+            return lv
+
     def _start(self, lv: LocalVolume, final: bool) -> None:
         with self._mu:
             t = self._threads.get(lv.id)
             if t is not None and t.is_alive():
                 return
-            lv.flush = FlushJob(generation_base=lv.generation, epoch=lv.epoch, final=final)
-            self.state.put(lv)
-            t = threading.Thread(target=self._run, args=(lv.id,), name=f"flush-{lv.id}", daemon=True)
+            job = FlushJob(generation_base=lv.generation, epoch=lv.epoch, final=final)
+            lv.flush = job
+
+            def set_job(cur: LocalVolume) -> None:
+                cur.flush = job
+            if self._update(lv.id, set_job) is None:
+                self.state.put(lv)
+            self._progress.pop(lv.id, None)
+            t = threading.Thread(target=self._run, args=(lv.id, job), name=f"flush-{lv.id}", daemon=True)
             self._threads[lv.id] = t
             metrics.FLUSH_JOBS.inc()
             t.start()
 
-    def _run(self, vid: str) -> None:
+    def _run(self, vid: str, job: FlushJob) -> None:
         try:
-            self._flush(vid)
+            self._flush(vid, job)
         except Exception as e:     # recorded in the job; NodeUnstage reports it
             fenced = isinstance(e, CsiError) and e.code == Code.FAILED_PRECONDITION
-            lv = self.state.get(vid)
-            if lv is not None and lv.flush is not None:
-                lv.flush.state = "fenced" if fenced else "failed"
-                lv.flush.error = str(e) if not isinstance(e, StoreError) else f"object store unreachable: {e}"
-                self.state.put(lv)
+            unreachable = isinstance(e, StoreError) or (isinstance(e, CsiError) and e.code == Code.UNAVAILABLE)
+            job.state = "fenced" if fenced else "failed"
+            job.error = f"object store unreachable: {e}" if unreachable and "unreachable" not in str(e) else str(e)
+
+            def record(lv: LocalVolume) -> None:
+                lv.flush = job
+            self._update(vid, record)
             if fenced:
                 log.error("volume %s: flush not committed, local data kept: %s", vid, e)
             else:
@@ -199,11 +263,8 @@ class VolumeSync:
         finally:
             metrics.FLUSH_JOBS.dec()
 
-    def _flush(self, vid: str) -> None:
+    def _flush(self, vid: str, job: FlushJob) -> None:
         from .remote import transfer
-        lv = self.state.get(vid)
-        assert lv is not None and lv.flush is not None
-        job = lv.flush
         # only the final pass (after unmount, no writer left) may trust its journal on resume:
         # a pre-flush runs while the file system is still mounted and its chunks may change
         cat = self.stores.catalog()
@@ -218,12 +279,12 @@ class VolumeSync:
         ranges = self.backend.allocated_ranges(vid)
         total = sum(r.length for r in ranges)
         job.total_bytes = total
-        self.state.put(lv)
         metrics.FLUSH_BACKLOG.inc(total)
         last = [0]
 
         def progress(done: int, tot: int) -> None:
             self._progress[vid] = (done, tot)
+            job.done_bytes = done
             metrics.FLUSH_BACKLOG.dec(done - last[0])
             last[0] = done
 
@@ -242,19 +303,22 @@ class VolumeSync:
         metrics.BYTES.labels("skipped_hole").inc(stats.hole_chunks * rec.chunk_size)
         metrics.BYTES.labels("skipped_known").inc(stats.chunks_skipped_known * rec.chunk_size)
         self.last_flush[vid] = stats
-        lv = self.state.get(vid)
-        assert lv is not None and lv.flush is not None
-        if not lv.flush.final:
+        if not job.final:
             # a pre-flush while still staged: chunks are stored, the final pass commits
-            lv.flush.state, lv.flush.done_bytes = "uploaded", total
-            self.state.put(lv)
+            job.state, job.done_bytes = "uploaded", total
+
+            def uploaded(lv: LocalVolume) -> None:
+                lv.flush = job
+            self._update(vid, uploaded)
             log.info("volume %s: background flush uploaded %d bytes in %.2fs", vid, stats.bytes_uploaded, dt)
             return
         gen = cat.put_manifest(vid, rec.generation + 1, manifest.encode())
         cat.commit_generation(vid, gen, self.node_id, job.epoch)
-        lv.generation = gen
-        lv.flush.state, lv.flush.manifest_gen, lv.flush.done_bytes = "committed", gen, total
-        self.state.put(lv)
+        job.state, job.manifest_gen, job.done_bytes = "committed", gen, total
+
+        def committed(lv: LocalVolume) -> None:
+            lv.generation, lv.flush = gen, job
+        self._update(vid, committed)
         Path(self.state.journal_path(vid)).unlink(missing_ok=True)
         log.info("volume %s: committed generation %d: read %d bytes, uploaded %d bytes in %d chunks "
                  "(%d known, %d holes) in %.2fs (%.1f MB/s of volume)", vid, gen, stats.bytes_read,
@@ -268,6 +332,9 @@ class VolumeSync:
         for lv in self.state.all():
             if lv.staged or lv.dirty or lv.persistence != "object" or self._running(lv.id):
                 continue
+            with self._mu:
+                if lv.id in self._preparing:
+                    continue
             if lv.flush is not None and lv.flush.state not in ("committed",):
                 continue
             out.append(lv)
@@ -302,6 +369,9 @@ class VolumeSync:
         for lv in self.state.all():
             if lv.staged or lv.targets or self._running(lv.id) or exists(lv.id):
                 continue
+            with self._mu:
+                if lv.id in self._preparing:
+                    continue
             log.info("volume %s was deleted: removing its local copy", lv.id)
             self.backend.delete(lv.id)
             self.state.delete(lv.id)
