@@ -196,10 +196,10 @@ class Csi:
         lv = NodeState(self.proc.state_dir).get(vid)
         if lv is not None:
             for t in list(lv.targets):
-                self.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=t))
+                _retry(self.node.NodeUnpublishVolume, pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=t))
             if lv.staged_path:
-                self.node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid,
-                                                                        staging_target_path=lv.staged_path))
+                _retry(self.node.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(volume_id=vid,
+                                                                                staging_target_path=lv.staged_path))
         self.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(volume_id=vid))
         self.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
 
@@ -231,6 +231,18 @@ class Csi:
 
     def log(self) -> str:
         return self.proc.log_path.read_text(errors="replace")
+
+
+def _retry(fn, req, attempts: int = 20):  # type: ignore[no-untyped-def]
+    """Retry as a CO would: `umount` may find a mount briefly busy when another process on the
+    machine walks the tree (a VM exporting / over 9p, a backup, an indexer)."""
+    for i in range(attempts):
+        try:
+            return fn(req)
+        except grpc.RpcError as e:
+            if e.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED) or i == attempts - 1:
+                raise
+            time.sleep(0.25)
 
 
 def _start(base: Path, **kw: object) -> DriverProcess:
