@@ -304,7 +304,9 @@ class Node(rpc.NodeServicer):
                 if lv.staged:
                     self._ensure_staged_mount(lv)
                     for target, opts in lv.targets.items():
-                        src = lv.staged_path if lv.access_type == "mount" else lv.device
+                        # a read-only block target gets the read-only device again, as in NodePublish
+                        src = lv.staged_path if lv.access_type == "mount" else \
+                            self.backend.device(lv.id, read_only=bool(opts["readonly"]))
                         fs.ensure_bind(src, target, readonly=opts["readonly"], options=opts.get("mount_flags", []))
                     log.info("recovered staged volume %s at %s", lv.id, lv.staged_path)
                 self.sync.resume(lv)
