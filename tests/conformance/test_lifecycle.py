@@ -59,6 +59,9 @@ class Setup:
             os.fsync(fd)
         finally:
             os.close(fd)
+        self.bro_target = d.path("bro")
+        d.node.NodePublishVolume(d.publish_request(self.bvid, self.bstaging, self.bro_target, block_cap(),
+                                                   readonly=True))
 
     def check_intact(self) -> None:
         d = self.d
@@ -69,11 +72,20 @@ class Setup:
         assert read_file(os.path.join(self.ro_target, "data")) == b"survives" * 1000
         assert is_ro_mount(self.ro_target) and not is_ro_mount(self.target)
         assert stat.S_ISBLK(os.stat(self.btarget).st_mode)
-        fd = os.open(self.btarget, os.O_RDONLY)
-        try:
-            assert os.pread(fd, 4096, 4096) == self.payload
-        finally:
-            os.close(fd)
+        for t in (self.btarget, self.bro_target):
+            fd = os.open(t, os.O_RDONLY)
+            try:
+                assert os.pread(fd, 4096, 4096) == self.payload
+            finally:
+                os.close(fd)
+        with pytest.raises(OSError) as e:          # the read-only block target stays read-only
+            fd = os.open(self.bro_target, os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"x" * 4096, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        assert e.value.errno in (errno.EROFS, errno.EPERM, errno.EACCES)
         # every call on the recovered volumes is an idempotent repeat or works as usual
         d.node.NodeStageVolume(d.stage_request(self.vid, self.staging))
         d.node.NodePublishVolume(d.publish_request(self.vid, self.staging, self.target))
@@ -81,7 +93,7 @@ class Setup:
         stats = d.node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(volume_id=self.vid, volume_path=self.target))
         assert not stats.volume_condition.abnormal
         for vid, staging, targets in ((self.vid, self.staging, [self.target, self.ro_target]),
-                                      (self.bvid, self.bstaging, [self.btarget])):
+                                      (self.bvid, self.bstaging, [self.btarget, self.bro_target])):
             for t in targets:
                 d.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=t))
                 assert not os.path.exists(t)
