@@ -9,6 +9,7 @@ from google.protobuf import wrappers_pb2
 from . import DRIVER_NAME, __version__
 from .csi import csi_pb2 as pb
 from .csi import csi_pb2_grpc as rpc
+from .errors import precondition
 
 Svc = pb.PluginCapability.Service
 Exp = pb.PluginCapability.VolumeExpansion
@@ -30,7 +31,9 @@ class Identity(rpc.IdentityServicer):
         return pb.GetPluginCapabilitiesResponse(capabilities=caps)
 
     def Probe(self, request: Any, context: Any) -> pb.ProbeResponse:
+        # spec: an unhealthy plugin or a missing dependency is FAILED_PRECONDITION (ready=false is
+        # only for a healthy plugin that is still initialising, which this one never is)
         problems = self.problems()
         if problems:
-            context.set_trailing_metadata((("perssd-problems", "; ".join(problems)[:1000]),))
-        return pb.ProbeResponse(ready=wrappers_pb2.BoolValue(value=not problems))
+            raise precondition("not healthy: " + "; ".join(problems)[:1000])
+        return pb.ProbeResponse(ready=wrappers_pb2.BoolValue(value=True))
