@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
+import grpc
 import pytest
 
 from csi_perssd import DRIVER_NAME, __version__
 from csi_perssd.csi import csi_pb2 as pb
+from tests.plugins.driver import expect
 
 pytestmark = pytest.mark.root
 Svc = pb.PluginCapability.Service
@@ -61,3 +64,17 @@ class TestProbe:
     def test_should_be_repeatable(self, driver):
         for _ in range(3):
             assert driver.identity.Probe(pb.ProbeRequest()).ready.value
+
+    def test_should_fail_with_failed_precondition_when_not_healthy(self, fresh_driver):
+        # the rawfile backend's directory replaced by a file: the backend cannot work
+        root = Path(fresh_driver.proc.rawfile_dir)
+        moved = root.with_name("volumes.moved")
+        root.rename(moved)
+        root.write_text("not a directory")
+        try:
+            e = expect(grpc.StatusCode.FAILED_PRECONDITION, fresh_driver.identity.Probe, pb.ProbeRequest())
+            assert str(root) in e.details()
+        finally:
+            root.unlink()
+            moved.rename(root)
+        assert fresh_driver.identity.Probe(pb.ProbeRequest()).ready.value
