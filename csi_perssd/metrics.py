@@ -1,9 +1,31 @@
-"""Prometheus metrics (served with --metrics-address; off by default)."""
+"""Prometheus metrics (served with --metrics-address; off by default).
+
+Most metrics are plain prometheus-client objects that the code updates where things happen
+(server.py: RPC latency; sync.py: transfer bytes, durations, flush jobs and backlog;
+runtime.py: pool usage). The object-store counters are different: every S3Store already counts
+its requests in `store.stats` (remote/s3.py), so instead of a second set of increments in the
+store's hot path, a collector reads those counters at scrape time:
+
+    perssd_s3_requests_total{op="put"}   requests by operation (each retry attempt counts)
+    perssd_s3_errors_total{op="put"}     failed attempts by operation (op="any" when the
+                                          store only keeps a total)
+    perssd_s3_bytes_total{direction="up"|"down"}
+
+Stores are found by `track_store(store)` and, automatically, in the store cache that
+`remote.s3.from_config` (and so the node's `Stores`) fills. A store once seen stays counted
+(its stats object is kept), so the counters never go backwards when a store leaves a cache.
+"""
 from __future__ import annotations
 
 import logging
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -16,9 +38,90 @@ TRANSFER_SECONDS = Histogram("perssd_transfer_duration_seconds", "Duration of fl
                              buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600))
 FLUSH_JOBS = Gauge("perssd_flush_jobs_in_flight", "Flush jobs running on this node")
 FLUSH_BACKLOG = Gauge("perssd_flush_backlog_bytes", "Bytes still to read by running flush jobs")
-S3_REQUESTS = Counter("perssd_s3_requests_total", "Object store requests", ["op"])
-S3_ERRORS = Counter("perssd_s3_errors_total", "Object store request errors", ["op"])
 POOL_BYTES = Gauge("perssd_pool_bytes", "Local pool usage", ["kind"])   # total, available, cache
+
+
+class StoreStatsCollector(Collector):
+    """perssd_s3_* counters summed over the stats objects of every store seen so far."""
+
+    def __init__(self) -> None:
+        self._mu = threading.Lock()
+        self._stats: dict[int, Any] = {}        # id(stats) -> stats (kept alive on purpose)
+        self._extra_requests: dict[str, int] = {}
+        self._extra_errors: dict[str, int] = {}
+
+    def track(self, store: Any) -> None:
+        stats = getattr(store, "stats", None)
+        if stats is not None and callable(getattr(stats, "snapshot", None)):
+            with self._mu:
+                self._stats.setdefault(id(stats), stats)
+
+    def count(self, op: str, error: bool = False) -> None:
+        """For stores without their own stats: count one request (and error) by hand."""
+        with self._mu:
+            self._extra_requests[op] = self._extra_requests.get(op, 0) + 1
+            if error:
+                self._extra_errors[op] = self._extra_errors.get(op, 0) + 1
+
+    def _discover(self) -> None:
+        s3 = sys.modules.get("csi_perssd.remote.s3")    # only once something imported it
+        cache = getattr(s3, "_store_cache", None) if s3 is not None else None
+        if isinstance(cache, dict):
+            for store in list(cache.values()):
+                self.track(store)
+
+    def totals(self) -> dict[str, Any]:
+        """{"requests": {op: n}, "errors": {op: n}, "bytes_up": n, "bytes_down": n}."""
+        self._discover()
+        with self._mu:
+            stats = list(self._stats.values())
+            req = dict(self._extra_requests)
+            err = dict(self._extra_errors)
+        up = down = 0
+        for s in stats:
+            snap = s.snapshot()
+            for op, n in snap.get("requests", {}).items():
+                req[op] = req.get(op, 0) + int(n)
+            by_op = snap.get("errors_by_op")
+            if isinstance(by_op, dict):
+                for op, n in by_op.items():
+                    err[op] = err.get(op, 0) + int(n)
+            elif snap.get("errors"):
+                err["any"] = err.get("any", 0) + int(snap["errors"])
+            up += int(snap.get("bytes_up", 0))
+            down += int(snap.get("bytes_down", 0))
+        return {"requests": req, "errors": err, "bytes_up": up, "bytes_down": down}
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        t = self.totals()
+        reqs = CounterMetricFamily("perssd_s3_requests", "Object store requests (attempts) by operation",
+                                   labels=["op"])
+        for op, n in sorted(t["requests"].items()):
+            reqs.add_metric([op], n)
+        yield reqs
+        errs = CounterMetricFamily("perssd_s3_errors", "Failed object store request attempts by operation",
+                                   labels=["op"])
+        for op, n in sorted(t["errors"].items()):
+            errs.add_metric([op], n)
+        yield errs
+        byt = CounterMetricFamily("perssd_s3_bytes", "Object store payload bytes", labels=["direction"])
+        byt.add_metric(["up"], t["bytes_up"])
+        byt.add_metric(["down"], t["bytes_down"])
+        yield byt
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("perssd_s3_requests", "", labels=["op"])
+        yield CounterMetricFamily("perssd_s3_errors", "", labels=["op"])
+        yield CounterMetricFamily("perssd_s3_bytes", "", labels=["direction"])
+
+
+S3_STATS = StoreStatsCollector()
+REGISTRY.register(S3_STATS)
+
+
+def track_store(store: Any) -> None:
+    """Count this store's requests in perssd_s3_* (stores from s3.from_config are found anyway)."""
+    S3_STATS.track(store)
 
 
 def serve(address: str) -> None:

@@ -1,0 +1,327 @@
+"""`make bench`: the driver's flush/hydrate paths side by side with s5cmd, rclone and restic,
+on the same images and the same SeaweedFS, in one run.
+
+    .venv/bin/python benchmarks/run.py [--quick] [--runs N] [--size BYTES] [--out DIR]
+
+Volumes: (a) random data, fully allocated (raw block volume); (b) ext4 filled 40% with a
+realistic mix (compressible CSV/logs, random binaries, many small files); (c) = (a) after 1% is
+rewritten in random 1 MiB extents. Every run gets a fresh controller + node-a + node-b and its
+own catalog prefix on the one SeaweedFS (so no run finds another run's chunks), and its own
+restic repository. Figures are medians of the runs with min and max; ratios are computed inside
+each run first. Writes benchmarks/results/<date>-<host>[-quick].json and .md, prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import data  # noqa: E402
+import peers  # noqa: E402
+import report  # noqa: E402
+from procstat import Watch  # noqa: E402
+
+from csi_perssd.csi import csi_pb2 as pb  # noqa: E402
+from csi_perssd.demo import scrape  # noqa: E402
+from csi_perssd.local.rawfile import DISK  # noqa: E402
+from csi_perssd.tools.cluster import MODE, Cluster, block_cap, mount_cap  # noqa: E402
+from csi_perssd.tools.procs import DriverProcess  # noqa: E402
+from csi_perssd.tools.seaweed import Seaweed  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+CHUNK = 4 * MiB          # the StorageClass default
+UPLOADED = 'perssd_transfer_bytes_total{kind="uploaded"}'
+READ = 'perssd_transfer_bytes_total{kind="flushed_read"}'
+HYDRATED = 'perssd_transfer_bytes_total{kind="hydrated"}'
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def s3_requests(m: dict[str, float]) -> float:
+    return sum(v for k, v in m.items() if k.startswith("perssd_s3_requests_total{"))
+
+
+def delta(m0: dict[str, float], m1: dict[str, float], key: str) -> float:
+    return m1.get(key, 0.0) - m0.get(key, 0.0)
+
+
+class Bench:
+    def __init__(self, work: Path, sw: Seaweed, size: int, quick: bool):
+        self.work, self.sw, self.size, self.quick = work, sw, size, quick
+        self.target = peers.S3Target(sw.endpoint, sw.bucket, sw.access_key, sw.secret_key)
+        self.s5 = peers.S5cmd(self.target)
+        self.rc = peers.Rclone(self.target, str(work))
+        self.change = data.plan_change(size)
+
+    # -- data ---------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        self.a_img = str(self.work / "a.img")
+        log(f"generating (a): {self.size // MiB} MiB of random data")
+        self.a_digest = data.random_image(self.a_img, self.size)
+        self.tree = str(self.work / "tree-b")
+        log(f"generating (b): a file tree of {0.4 * self.size / MiB:.0f} MiB (realistic mix)")
+        os.makedirs(self.tree)
+        self.tree_counts = data.write_tree(self.tree, int(self.size * 0.4))
+        self.tree_digest = data.tree_digest(self.tree)
+
+    # -- one run ------------------------------------------------------------------------------
+    def node_flush(self, cl: Cluster, node: str, vid: str, port: int) -> dict[str, Any]:
+        """NodeUnpublish + NodeUnstage (retried while ABORTED) until the generation is
+        committed, then ControllerUnpublish; with the node's resource use and metric deltas."""
+        proc = cl.nodes[node].proc
+        assert proc is not None
+        m0 = scrape(port)
+        with Watch(proc.pid) as w:
+            t0 = time.monotonic()
+            cl.unpublish(node, vid)
+            t1 = time.monotonic()
+            calls = cl.unstage(node, vid)
+            t2 = time.monotonic()
+        cl.controller.controller.ControllerUnpublishVolume(   # type: ignore[union-attr]
+            pb.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=node))
+        m1 = scrape(port)
+        return {"seconds": t2 - t0, "unstage_seconds": t2 - t1, "unstage_calls": calls,
+                "mb_s": self.size / (t2 - t0) / 1e6,
+                "uploaded_bytes": delta(m0, m1, UPLOADED), "read_bytes": delta(m0, m1, READ),
+                "s3_requests": s3_requests(m1) - s3_requests(m0),
+                "cpu_seconds": w.cpu, "peak_rss_bytes": w.peak_rss_bytes}
+
+    def node_stage(self, cl: Cluster, node: str, vid: str, port: int, cap: pb.VolumeCapability) -> tuple[str, dict[str, Any]]:
+        proc = cl.nodes[node].proc
+        assert proc is not None
+        m0 = scrape(port)
+        with Watch(proc.pid) as w:
+            t0 = time.monotonic()
+            target = cl.attach(node, vid, cap)
+            dt = time.monotonic() - t0
+        m1 = scrape(port)
+        return target, {"seconds": dt, "mb_s": self.size / dt / 1e6,
+                        "hydrated_bytes": delta(m0, m1, HYDRATED),
+                        "s3_requests": s3_requests(m1) - s3_requests(m0),
+                        "cpu_seconds": w.cpu, "peak_rss_bytes": w.peak_rss_bytes}
+
+    def peer_copy(self, img: str, tag: str, run: int) -> dict[str, Any]:
+        """s5cmd and rclone: upload the image, download it again (then delete the copy)."""
+        out: dict[str, Any] = {}
+        dl = self.work / f"dl-{run}"
+        dl.mkdir(exist_ok=True)
+        key = f"peers/r{run}/{tag}"
+        for name, up, down in (
+                ("s5cmd", lambda: self.s5.upload(img, f"{key}/s5cmd/{tag}.img"),
+                 lambda: self.s5.download(f"{key}/s5cmd/{tag}.img", str(dl / f"{tag}.img"))),
+                ("rclone", lambda: self.rc.upload(img, f"{key}/rclone"),
+                 lambda: self.rc.download(f"{key}/rclone/{os.path.basename(img)}", str(dl)))):
+            u = up()
+            d = down()
+            got = next(dl.iterdir())
+            if got.stat().st_size != self.size:
+                raise RuntimeError(f"{name} downloaded {got.stat().st_size} bytes, not {self.size}")
+            shutil.rmtree(dl)
+            dl.mkdir()
+            for kind, r in (("upload", u), ("download", d)):
+                out[f"{name}_{kind}"] = {"seconds": r.seconds, "mb_s": self.size / r.seconds / 1e6,
+                                         "cpu_seconds": r.cpu_seconds, "peak_rss_bytes": r.peak_rss_bytes}
+            log(f"  {name} {tag}: upload {self.size / u.seconds / 1e6:.0f} MB/s, "
+                f"download {self.size / d.seconds / 1e6:.0f} MB/s")
+        shutil.rmtree(dl, ignore_errors=True)
+        return out
+
+    def one_run(self, run: int) -> dict[str, Any]:
+        rdir = self.work / f"run{run}"
+        ports = {"node-a": free_port(), "node-b": free_port()}
+        cl = Cluster(rdir, nodes=(), seaweed=self.sw, prefix=f"bench-r{run}")
+        res: dict[str, Any] = {"run": run}
+        try:
+            cl.start()
+            for n, port in ports.items():
+                cl.nodes[n] = DriverProcess(rdir, mode="node", node_id=n, pool=cl.pool,
+                                            catalog=self.sw.url(cl.prefix), env=cl.env,
+                                            extra=cl.store_args() + ["--metrics-address", f"127.0.0.1:{port}"]).start()
+            restic = peers.Restic(self.target, f"restic/r{run}", str(rdir / "restic-cache"))
+            restic.init()
+            res.update(self.run_a(cl, ports, run, restic))
+            res.update(self.run_b(cl, ports, run, restic))
+        except BaseException:
+            keep = Path(HERE / "results" / "failed" / f"{time.strftime('%Y%m%d-%H%M%S')}-run{run}")
+            keep.mkdir(parents=True, exist_ok=True)
+            for d in [cl.controller, *cl.nodes.values()]:
+                if d is not None and d.log_path.exists():
+                    shutil.copy(d.log_path, keep / f"{d.name}.log")
+            log(f"run {run} failed: driver logs kept in {keep}")
+            raise
+        finally:
+            cl.stop()
+        shutil.rmtree(rdir, ignore_errors=True)
+        return res
+
+    def run_a(self, cl: Cluster, ports: dict[str, int], run: int, restic: peers.Restic) -> dict[str, Any]:
+        res: dict[str, Any] = {}
+        img = str(self.work / f"run{run}" / "a.img")       # this run's copy: (c) changes it
+        shutil.copyfile(self.a_img, img)
+        vid = cl.create(f"bench-a-{run}", self.size, block_cap())
+        dev = cl.attach("node-a", vid, block_cap())
+        data.copy_to_device(img, dev)
+        log(f"run {run} (a): flush node-a")
+        res["flush_a"] = self.node_flush(cl, "node-a", vid, ports["node-a"])
+        log(f"  flush (a): {res['flush_a']['mb_s']:.0f} MB/s, {res['flush_a']['seconds']:.2f}s, "
+            f"uploaded {res['flush_a']['uploaded_bytes'] / MiB:.0f} MiB, RSS {res['flush_a']['peak_rss_bytes'] / MiB:.0f} MiB")
+        log(f"run {run} (a): hydrate node-b")
+        dev_b, res["hydrate_a"] = self.node_stage(cl, "node-b", vid, ports["node-b"], block_cap())
+        log(f"  hydrate (a): {res['hydrate_a']['mb_s']:.0f} MB/s, {res['hydrate_a']['seconds']:.2f}s")
+        if data.digest(dev_b, self.size) != self.a_digest:
+            raise RuntimeError("hydrated volume (a) differs from the image")
+        res.update({f"{k}_a": v for k, v in self.peer_copy(img, "a", run).items()})
+        first = restic.backup(img)
+        res["restic_first_a"] = {"seconds": first.run.seconds, "mb_s": self.size / first.run.seconds / 1e6,
+                                 "data_added_bytes": first.data_added, "cpu_seconds": first.run.cpu_seconds,
+                                 "peak_rss_bytes": first.run.peak_rss_bytes}
+        log(f"  restic first (a): {res['restic_first_a']['mb_s']:.0f} MB/s")
+
+        log(f"run {run} (c): rewrite {len(self.change.offsets)} x 1 MiB on node-b, incremental flush")
+        data.apply_change(self.change, [dev_b, img], seed=100 + run)
+        res["flush_c"] = self.node_flush(cl, "node-b", vid, ports["node-b"])
+        changed = len(self.change.chunks(CHUNK)) * CHUNK
+        res["flush_c"]["changed_chunk_bytes"] = changed
+        res["flush_c"]["changed_bytes"] = self.change.bytes()
+        inc = restic.backup(img)
+        res["restic_incremental_c"] = {"seconds": inc.run.seconds, "data_added_bytes": inc.data_added,
+                                       "cpu_seconds": inc.run.cpu_seconds, "peak_rss_bytes": inc.run.peak_rss_bytes}
+        log(f"  flush (c): {res['flush_c']['seconds']:.2f}s uploaded {res['flush_c']['uploaded_bytes'] / MiB:.1f} MiB "
+            f"(changed chunks {changed / MiB:.0f} MiB); restic incremental {inc.run.seconds:.2f}s "
+            f"added {inc.data_added / MiB:.1f} MiB")
+
+        log(f"run {run}: cached re-stage on node-b")
+        ro = block_cap(MODE.SINGLE_NODE_READER_ONLY)
+        dev_b, st = self.node_stage(cl, "node-b", vid, ports["node-b"], ro)
+        if st["hydrated_bytes"]:
+            raise RuntimeError(f"cached re-stage downloaded {st['hydrated_bytes']} bytes")
+        if data.digest(dev_b, self.size) != data.digest(img):      # the cache holds (c)
+            raise RuntimeError("re-staged volume differs from the changed image")
+        res["restage_cached"] = st
+        log(f"  cached re-stage: {st['seconds']:.3f}s")
+        cl.release("node-b", vid)
+        cl.delete(vid)
+        os.unlink(img)
+        return res
+
+    def run_b(self, cl: Cluster, ports: dict[str, int], run: int, restic: peers.Restic) -> dict[str, Any]:
+        res: dict[str, Any] = {}
+        vid = cl.create(f"bench-b-{run}", self.size, mount_cap("ext4"))
+        tgt = cl.attach("node-a", vid, mount_cap("ext4"))
+        data.copy_tree(self.tree, tgt)
+        os.sync()
+        log(f"run {run} (b): flush node-a")
+        res["flush_b"] = self.node_flush(cl, "node-a", vid, ports["node-a"])
+        log(f"  flush (b): {res['flush_b']['mb_s']:.0f} MB/s, {res['flush_b']['seconds']:.2f}s, "
+            f"read {res['flush_b']['read_bytes'] / MiB:.0f} MiB uploaded {res['flush_b']['uploaded_bytes'] / MiB:.0f} MiB")
+        raw = cl.nodes["node-a"].rawfile_dir + f"/{vid}/{DISK}"
+        img = str(self.work / f"run{run}" / "b.img")
+        r = subprocess.run(["cp", "--sparse=always", raw, img], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"cp {raw}: {r.stderr.strip()}")
+        res["image_b_allocated_bytes"] = os.stat(img).st_blocks * 512
+        log(f"run {run} (b): hydrate node-b")
+        tgt_b, res["hydrate_b"] = self.node_stage(cl, "node-b", vid, ports["node-b"], mount_cap("ext4"))
+        log(f"  hydrate (b): {res['hydrate_b']['mb_s']:.0f} MB/s, {res['hydrate_b']['seconds']:.2f}s")
+        if data.tree_digest(tgt_b) != self.tree_digest:
+            raise RuntimeError("hydrated volume (b) holds other files than were written")
+        res.update({f"{k}_b": v for k, v in self.peer_copy(img, "b", run).items()})
+        first = restic.backup(img)
+        res["restic_first_b"] = {"seconds": first.run.seconds, "mb_s": self.size / first.run.seconds / 1e6,
+                                 "data_added_bytes": first.data_added, "cpu_seconds": first.run.cpu_seconds,
+                                 "peak_rss_bytes": first.run.peak_rss_bytes}
+        log(f"  restic first (b): {res['restic_first_b']['mb_s']:.0f} MB/s, added {first.data_added / MiB:.0f} MiB")
+        log(f"run {run} (b): release node-b (nothing changed: flush finds every chunk known)")
+        res["reflush_b_unchanged"] = self.node_flush(cl, "node-b", vid, ports["node-b"])
+        cl.delete(vid)
+        os.unlink(img)
+        return res
+
+
+def versions(b: Bench) -> dict[str, str]:
+    out = {"python": platform.python_version(), "kernel": platform.release()}
+    for name, fn in (("s5cmd", b.s5.version), ("rclone", b.rc.version),
+                     ("restic", peers.Restic(b.target, "x", "/tmp").version)):
+        try:
+            out[name] = fn()
+        except Exception as e:      # noqa: BLE001 - reported, not fatal
+            out[name] = f"unknown ({e})"
+    try:
+        out["weed"] = subprocess.run([b.sw.weed, "version"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="256 MiB volumes (default 2 GiB)")
+    ap.add_argument("--size", type=int, default=0, help="volume size in bytes (overrides --quick)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--workdir", default="/var/tmp", help="parent of the scratch directory")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    a = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("make bench needs root (loop devices and mounts)", file=sys.stderr)
+        return 1
+    size = a.size or (256 * MiB if a.quick else 2 * GiB)
+    work = Path(tempfile.mkdtemp(prefix="perssd-bench-", dir=a.workdir))
+    t_start = time.monotonic()
+    sw = Seaweed(work / "seaweed")
+    runs: list[dict[str, Any]] = []
+    try:
+        sw.start()
+        b = Bench(work, sw, size, a.quick)
+        log(f"SeaweedFS on {sw.endpoint}; scratch {work}; volumes {size // MiB} MiB; {a.runs} runs")
+        b.prepare()
+        for r in range(1, a.runs + 1):
+            runs.append(b.one_run(r))
+        meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "host": socket.gethostname(), "cpus": os.cpu_count(), "volume_bytes": size,
+                "chunk_bytes": CHUNK, "runs": a.runs, "quick": bool(a.quick and not a.size),
+                "change": {"extents": len(b.change.offsets), "extent_bytes": b.change.extent,
+                           "chunks": len(b.change.chunks(CHUNK))},
+                "tree_b": b.tree_counts, "versions": versions(b),
+                "elapsed_s": round(time.monotonic() - t_start, 1)}
+    finally:
+        sw.stop()
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    doc = report.build(meta, runs)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}{'-quick' if meta['quick'] else ''}"
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    md = report.markdown(doc)
+    (out / f"{stem}.md").write_text(md)
+    print("\n" + md)
+    log(f"wrote {out / stem}.json and .md in {meta['elapsed_s']}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
