@@ -78,3 +78,35 @@ class TestProbe:
             root.unlink()
             moved.rename(root)
         assert fresh_driver.identity.Probe(pb.ProbeRequest()).ready.value
+
+
+class TestModes:
+    """A node plugin and a controller plugin each serve only their services: the others are
+    UNIMPLEMENTED and the plugin capabilities say so."""
+
+    @pytest.fixture
+    def proc(self, request, tmp_path_factory):
+        from tests.plugins.driver import cleanup_under
+        from csi_perssd.tools.procs import DriverProcess
+        base = tmp_path_factory.mktemp("mode")
+        p = DriverProcess(base, mode=request.param, node_id="node-m", pool="pool-m").start()
+        try:
+            yield p
+        finally:
+            assert p.stop() == 0
+            cleanup_under(str(base))
+
+    @pytest.mark.parametrize("proc", ["node"], indirect=True)
+    def test_node_mode_has_no_controller_service(self, proc):
+        caps = proc.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest()).capabilities
+        assert Svc.CONTROLLER_SERVICE not in {c.service.type for c in caps if c.HasField("service")}
+        expect(grpc.StatusCode.UNIMPLEMENTED, proc.controller.ControllerGetCapabilities,
+               pb.ControllerGetCapabilitiesRequest())
+        assert proc.node.NodeGetInfo(pb.NodeGetInfoRequest()).node_id == "node-m"
+
+    @pytest.mark.parametrize("proc", ["controller"], indirect=True)
+    def test_controller_mode_has_no_node_service(self, proc):
+        caps = proc.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest()).capabilities
+        assert Svc.CONTROLLER_SERVICE in {c.service.type for c in caps if c.HasField("service")}
+        expect(grpc.StatusCode.UNIMPLEMENTED, proc.node.NodeGetInfo, pb.NodeGetInfoRequest())
+        assert proc.controller.ControllerGetCapabilities(pb.ControllerGetCapabilitiesRequest()).capabilities

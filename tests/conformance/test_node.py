@@ -415,6 +415,12 @@ class TestNodeGetVolumeStats:
         usage = {u.unit: u for u in resp.usage}
         assert usage[pb.VolumeUsage.BYTES].total == 8 * MiB
 
+    def test_should_report_an_abnormal_condition_when_the_mount_is_gone(self, driver):
+        vid, staging, target = driver.published()
+        subprocess.run(["umount", target], check=True)
+        resp = driver.node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=target))
+        assert resp.volume_condition.abnormal is True and target in resp.volume_condition.message
+
     def test_should_report_an_abnormal_condition_when_the_backing_file_is_gone(self, driver):
         vid, staging, target = driver.published()
         disk = [os.path.join(r, f) for r, _, fs in os.walk(driver.proc.rawfile_dir) for f in fs
