@@ -39,7 +39,8 @@ sys.exit(7)
 
 
 @pytest.fixture
-def stand_in(tmp_path):
+def stand_in(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("s")      # short: the driver's unix socket lives below it
     out = tmp_path / "report.json"
     exe = tmp_path / "csi-sanity"
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(sanity.__file__))))
