@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     params_file = work / "parameters.yaml"
     params_file.write_text(json.dumps(params) + "\n")          # JSON is YAML
     driver = DriverProcess(work, mode="all", node_id=args.node_id, pool=args.pool)
+    if len(driver.socket.encode()) > 107:
+        print(f"sanity: socket path {driver.socket} is longer than a unix socket allows; use a shorter --workdir",
+              file=sys.stderr)
+        return 2
     rc = 1
     try:
         driver.start()
