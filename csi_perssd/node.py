@@ -273,14 +273,15 @@ class Node(rpc.NodeServicer):
     def NodeExpandVolume(self, request: Any, context: Any) -> Any:
         vid = ids.volume_id(request.volume_id)
         path = ids.host_path(request.volume_path, "volume_path")
-        if request.HasField("volume_capability"):
-            caps.to_dict(request.volume_capability)
+        cap = caps.to_dict(request.volume_capability) if request.HasField("volume_capability") else None
         with self.locks.hold(vid):
             lv = self.state.get(vid)
             if lv is None or not lv.staged:
                 raise not_found(f"volume {vid} is not staged on this node")
             if path != lv.staged_path and path not in lv.targets:
                 raise not_found(f"{path} is not a path of volume {vid}")
+            if cap is not None and cap["access_type"] != lv.access_type:   # spec: "Exceeds capabilities"
+                raise invalid(f"volume {vid} is staged for {lv.access_type} access, not {cap['access_type']}")
             size = request.capacity_range.required_bytes if request.HasField("capacity_range") else 0
             if not size:
                 size = self._record(vid, dict(request.secrets)).size
