@@ -503,6 +503,12 @@ class TestNodeExpandVolume:
         finally:
             os.close(fd)
 
+    def test_should_fail_for_a_capability_the_volume_lacks(self, driver):
+        vid, staging = driver.staged()
+        expect(C.INVALID_ARGUMENT, driver.node.NodeExpandVolume, pb.NodeExpandVolumeRequest(
+            volume_id=vid, volume_path=staging, volume_capability=block_cap(),
+            capacity_range=pb.CapacityRange(required_bytes=32 * MiB)))
+
     def test_should_succeed_when_already_large_enough(self, driver):
         vid, staging = driver.staged(size=32 * MiB)
         resp = driver.node.NodeExpandVolume(pb.NodeExpandVolumeRequest(
