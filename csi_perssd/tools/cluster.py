@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -62,20 +63,25 @@ class Cluster:
             self.seaweed.start()
         cat = self.seaweed.url(self.prefix)
         self.controller = DriverProcess(self.workdir, mode="controller", catalog=cat, env=self.env,
-                                        extra=self.store_args()).start()
-        for n in self.node_names:
-            self.add_node(n)
+                                        extra=self.store_args())
+        procs = [self.controller] + [self._node_process(n) for n in self.node_names]
+        with ThreadPoolExecutor(len(procs)) as pool:         # each takes seconds to come up
+            for f in [pool.submit(p.start) for p in procs]:
+                f.result()
         return self
 
-    def add_node(self, name: str, extra: list[str] | None = None, pool: str | None = None) -> DriverProcess:
-        """Start one more node process (its own state and rawfile dirs under workdir/NAME)."""
+    def _node_process(self, name: str, extra: list[str] | None = None, pool: str | None = None) -> DriverProcess:
         args = self.store_args() + self.node_extra + list(extra or [])
         if self.metrics:
             self.metrics_ports[name] = free_port()
             args += ["--metrics-address", f"127.0.0.1:{self.metrics_ports[name]}"]
         self.nodes[name] = DriverProcess(self.workdir, mode="node", node_id=name, pool=pool or self.pool,
-                                         catalog=self.seaweed.url(self.prefix), env=self.env, extra=args).start()
+                                         catalog=self.seaweed.url(self.prefix), env=self.env, extra=args)
         return self.nodes[name]
+
+    def add_node(self, name: str, extra: list[str] | None = None, pool: str | None = None) -> DriverProcess:
+        """Start one more node process (its own state and rawfile dirs under workdir/NAME)."""
+        return self._node_process(name, extra, pool).start()
 
     # -- observation --------------------------------------------------------------------------
     def scrape(self, node: str) -> dict[str, float]:
@@ -108,8 +114,10 @@ class Cluster:
                               env=dict(os.environ, **self.env))
 
     def stop(self) -> None:
-        for d in list(self.nodes.values()) + ([self.controller] if self.controller else []):
-            d.stop()
+        procs = list(self.nodes.values()) + ([self.controller] if self.controller else [])
+        if procs:
+            with ThreadPoolExecutor(len(procs)) as pool:
+                list(pool.map(lambda d: d.stop(), procs))
         cleanup_under(self.workdir)
         if self.own_seaweed:
             self.seaweed.stop()
@@ -215,7 +223,8 @@ def cleanup_under(root: str | os.PathLike[str]) -> None:
             if mp == root or mp.startswith(root + "/"):
                 mounts.append(mp)
     for mp in sorted(mounts, key=len, reverse=True):
-        subprocess.run(["umount", "-l", mp], capture_output=True)
+        if subprocess.run(["umount", mp], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", mp], capture_output=True)      # busy: detach lazily
     res = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
                          capture_output=True, text=True)
     for line in res.stdout.splitlines():

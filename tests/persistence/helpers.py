@@ -111,3 +111,17 @@ def code(fn, *args, **kw) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-unt
     except grpc.RpcError as e:
         return e.code(), e.details() or ""
     return grpc.StatusCode.OK, ""
+
+
+def loop_of(path: str | Path) -> str:
+    """The (first) loop device attached to a backing file, '' if none."""
+    out = run(["losetup", "--noheadings", "--output", "NAME", "--associated", str(path)])
+    return out.split()[0] if out.split() else ""
+
+
+def unstage_once(cl: Cluster, node: str, vid: str, timeout: float = 60) -> tuple[grpc.StatusCode, str]:
+    """One NodeUnstage call (no retry); returns (code, details)."""
+    from csi_perssd.csi import csi_pb2 as pb
+    staging, _ = cl.paths(node, vid)
+    return code(cl.nodes[node].node.NodeUnstageVolume,
+                pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging), timeout=timeout)

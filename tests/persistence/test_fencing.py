@@ -1,0 +1,87 @@
+"""Ownership fencing: ControllerPublish to node-b while node-a owns the volume is refused; after
+`csi-perssd takeover VOL --from node-a --to node-b` node-a's stale epoch cannot commit (NodeUnstage
+ends FAILED_PRECONDITION, its local data kept) and node-b sees the last committed generation."""
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from csi_perssd.csi import csi_pb2 as pb
+from csi_perssd.remote.catalog import Catalog
+from csi_perssd.remote.s3 import S3Store
+from csi_perssd.tools.cluster import Cluster, mount_cap
+
+from .helpers import MiB, code, image, loop_of, mounted, tree_sums, unstage_once, write_tree
+
+pytestmark = [pytest.mark.root, pytest.mark.s3]
+
+
+def _publish(cl: Cluster, vid: str, node: str) -> tuple[grpc.StatusCode, str]:
+    return code(cl.controller.controller.ControllerPublishVolume, pb.ControllerPublishVolumeRequest(
+        volume_id=vid, node_id=node, volume_capability=mount_cap()))
+
+
+def _catalog(cl: Cluster) -> Catalog:
+    sw = cl.seaweed
+    return Catalog(S3Store(sw.url(cl.prefix), endpoint_url=sw.endpoint, access_key=sw.access_key,
+                           secret_key=sw.secret_key))
+
+
+def test_takeover_fences_the_old_owner(cluster: Cluster, tmp_path):
+    cl = cluster
+    cat = _catalog(cl)
+    vid = cl.create("fencing", 64 * MiB)
+    target = cl.attach("node-a", vid)
+    committed = write_tree(target, random_mib=4)
+    cl.release("node-a", vid)
+    gen1 = cat.volume(vid)
+
+    # node-a uses it again and writes more: these writes will be lost by the takeover
+    target = cl.attach("node-a", vid)
+    lost = write_tree(f"{target}/later", random_mib=4, seed=9)
+    c, msg = _publish(cl, vid, "node-b")
+    assert c == grpc.StatusCode.FAILED_PRECONDITION, (c, msg)
+    assert "node-a" in msg and "takeover" in msg
+
+    res = cl.cli("takeover", vid, "--from", "node-a", "--to", "node-b")
+    assert res.returncode == 0, res.stderr
+    assert "lost" in res.stdout and "node-b" in res.stdout
+    after = cat.volume(vid)
+    assert (after.owner, after.epoch, after.generation) == ("node-b", gen1.epoch + 2, gen1.generation)
+    # the takeover is refused when the named node is not the owner (no blind steal)
+    bad = cl.cli("takeover", vid, "--from", "node-a", "--to", "node-c")
+    assert bad.returncode == 1 and "owned by node-b" in bad.stderr
+
+    # node-a lets go: its stale epoch cannot commit; NodeUnstage says so, every time
+    cl.unpublish("node-a", vid)
+    for _ in range(2):
+        c, msg = unstage_once(cl, "node-a", vid)
+        assert c == grpc.StatusCode.FAILED_PRECONDITION, (c, msg)
+        assert "no longer owns" in msg and "node-b" in msg and "local data kept" in msg
+    assert cat.volume(vid).generation == gen1.generation
+    # ... and the commit itself is fenced in the catalog (a conditional write on the record)
+    with pytest.raises(Exception) as ei:
+        cat.commit_generation(vid, gen1.generation + 1, "node-a", gen1.epoch + 1)
+    assert "no longer owns" in str(ei.value)
+    # node-a's local data is kept, including the writes it could not commit
+    dev = loop_of(image(cl, "node-a", vid))
+    assert dev
+    with mounted(dev, tmp_path / "a-kept", readonly=True) as m:
+        kept = tree_sums(m)
+    assert all(kept.get(f"later/{k}") == v for k, v in lost.items())
+
+    # node-b sees the last committed generation (without node-a's later writes)
+    c, msg = _publish(cl, vid, "node-b")
+    assert c == grpc.StatusCode.OK, msg
+    target_b = cl.attach("node-b", vid)
+    assert tree_sums(target_b) == committed
+    with open(f"{target_b}/from-b.txt", "w") as f:
+        f.write("b was here\n")
+    cl.release("node-b", vid)
+
+    # node-a stages it again later: its fenced copy is discarded, it gets node-b's generation
+    target_a = cl.attach("node-a", vid)
+    got = tree_sums(target_a)
+    assert "from-b.txt" in got and not any(k.startswith("later/") for k in got)
+    cl.release("node-a", vid)
+    cl.delete(vid)
