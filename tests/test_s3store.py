@@ -229,3 +229,149 @@ def test_open_store_dispatch(tmp_path):
         fs = open_store(f"file://{tmp_path}/st")
         fs.put("k", b"v")
         assert fs.get("k")[0] == b"v"
+
+
+# -- ambiguous failures: a real TCP proxy that swallows one response ---------------------------
+def _shut(s) -> None:
+    import socket
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    s.close()
+
+
+class DroppingProxy:
+    """Forwards 127.0.0.1:port to the S3 server; after drop_next_response() the next response
+    from the server is swallowed and the client connection closed (the request did happen)."""
+
+    def __init__(self, upstream_port: int):
+        import socket
+        import threading
+        self.upstream = upstream_port
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(16)
+        self.port = self.lsock.getsockname()[1]
+        self.drop = threading.Event()
+        self.cut = threading.Event()
+        self.drop_continue = threading.Event()
+        self.dropped = 0
+        self.conns: list = []
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            u = socket.create_connection(("127.0.0.1", self.upstream))
+            self.conns += [c, u]
+            for src, dst, resp in ((c, u, False), (u, c, True)):
+                t = threading.Thread(target=self._pump, args=(src, dst, resp), daemon=True)
+                t.start()
+                self.threads.append(t)
+
+    def _pump(self, src, dst, is_response: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if is_response and data.startswith(b"HTTP/1.1 100 "):
+                    if self.drop_continue.is_set():     # hang up before the body is sent
+                        self.drop_continue.clear()
+                        self.dropped += 1
+                        break
+                    dst.sendall(data)       # interim "100 Continue": not the response
+                    continue
+                if (not is_response and self.cut.is_set() and len(data) > 64
+                        and not data[:8].split(b" ")[0].isalpha()):     # body bytes, not headers
+                    self.cut.clear()        # forward a part of the request, then hang up
+                    dst.sendall(data[:len(data) // 2])
+                    self.dropped += 1
+                    break
+                if is_response and self.drop.is_set():
+                    self.drop.clear()
+                    self.dropped += 1
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            _shut(s)
+
+    def close(self) -> None:
+        import socket
+        self.lsock.shutdown(socket.SHUT_RDWR)
+        self.lsock.close()
+        for s in self.conns:
+            _shut(s)
+        for t in self.threads:
+            t.join(5)
+
+
+@pytest.fixture
+def proxied_store(seaweed):
+    proxy = DroppingProxy(seaweed.ports["s3.port"])
+    store = S3Store(seaweed.url(f"px-{os.urandom(4).hex()}"),
+                    endpoint_url=f"http://127.0.0.1:{proxy.port}", access_key=seaweed.access_key,
+                    secret_key=seaweed.secret_key, retries=Retry(attempts=4, base_s=0.01))
+    yield store, proxy
+    proxy.close()
+
+
+@pytest.mark.s3
+def test_conditional_create_whose_response_was_lost_still_succeeds(proxied_store):
+    store, proxy = proxied_store
+    store.put("warm", b"x")
+    proxy.drop.set()
+    etag = store.put("names/lost", b"mine", if_none_match=True)
+    assert proxy.dropped == 1 and store.stats.retries >= 1
+    assert store.get("names/lost") == (b"mine", etag)
+    with pytest.raises(PreconditionFailed):              # a real second create still loses
+        store.put("names/lost", b"other", if_none_match=True)
+
+
+@pytest.mark.s3
+def test_if_match_whose_response_was_lost_still_succeeds(proxied_store):
+    store, proxy = proxied_store
+    e1 = store.put("rec", b"v1")
+    proxy.drop.set()
+    e2 = store.put("rec", b"v2", if_match=e1)
+    assert proxy.dropped == 1 and store.get("rec") == (b"v2", e2)
+    with pytest.raises(PreconditionFailed):
+        store.put("rec", b"v3", if_match=e1)
+
+
+@pytest.mark.s3
+def test_put_cut_off_midway_leaves_no_truncated_object(proxied_store):
+    store, proxy = proxied_store
+    store.put("warm", b"x")
+    body = os.urandom(3 << 20)
+    proxy.cut.set()
+    assert store.put("chunk", body) and proxy.dropped == 1
+    assert store.get("chunk")[0] == body
+    proxy.cut.set()
+    store.put("names/cut", body, if_none_match=True)
+    assert store.get("names/cut")[0] == body
+
+
+@pytest.mark.s3
+def test_put_lost_before_its_body_leaves_no_empty_object(proxied_store):
+    # without a body checksum SeaweedFS keeps such a PUT as an empty object, and the retried
+    # If-None-Match create then fails against it
+    store, proxy = proxied_store
+    store.put("warm", b"x")
+    proxy.drop_continue.set()
+    store.put("names/early", b"mine", if_none_match=True)
+    assert proxy.dropped == 1 and store.get("names/early")[0] == b"mine"
+
+
+@pytest.mark.s3
+def test_get_retries_after_a_dropped_response(proxied_store):
+    store, proxy = proxied_store
+    store.put("g", b"data" * 1000)
+    proxy.drop.set()
+    assert store.get("g")[0] == b"data" * 1000 and proxy.dropped == 1

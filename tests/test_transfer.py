@@ -283,3 +283,13 @@ def test_hydrate_outage_is_store_error(seaweed, tmp_path):
         assert not isinstance(ei.value, ChunkCorrupted)
     hydrate(store, m, dest)
     assert _sha(dest) == _sha(src)
+
+
+def test_damaged_existing_chunk_is_uploaded_again(store, tmp_path):
+    src = make_image(tmp_path / "src.img")["path"]
+    m, _ = flush(store, src, SIZE, CS, ranges=file_data_extents(src))
+    key = chunk_key(m.entries[0])
+    store.put(key, b"")                                   # an empty leftover object
+    m2, st = flush(store, src, SIZE, CS, ranges=file_data_extents(src), check_exists=True)
+    assert st.chunks_uploaded == 1 and m2.entries == m.entries
+    assert store.head(key).size == CS + 1

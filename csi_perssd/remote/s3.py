@@ -156,13 +156,15 @@ class S3Store:
         self.list_page_size = max(1, min(1000, list_page_size))
         self.stats = StoreStats()
         cfg = botocore.config.Config(
-            retries={"max_attempts": 1, "mode": "standard"},        # our own loop retries
+            retries={"total_max_attempts": 1, "mode": "standard"},  # our own loop retries
             max_pool_connections=max_pool_connections,
             connect_timeout=self.retry.connect_timeout_s,
             read_timeout=self.retry.read_timeout_s,
             s3={"addressing_style": "path", "payload_signing_enabled": sign_payload},
             signature_version="s3v4",
-            request_checksum_calculation="when_required",
+            # CRC32 on every PUT: without a body checksum SeaweedFS stores a PUT whose body was
+            # cut off (connection lost after "100 Continue") as an empty object
+            request_checksum_calculation="when_supported",
             response_checksum_validation="when_required",
         )
         session = boto3.session.Session()

@@ -380,14 +380,16 @@ def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
                 st.claimed.add(h)
             key = chunk_key(h)
             reqs = 0
-            if st.should_head():
-                reqs += 1
-                info = store.head(key)
-                st.headed(info is not None and info.size > 0)
-                if info is not None and info.size > 0:
-                    return _Result(i, "known", h, info.size, read=length, requests=reqs)
             blob, _ = compress(buf, compression_level)
             del buf
+            if st.should_head():
+                # an object of another size is not trusted (a damaged or foreign upload):
+                # it is overwritten with the same plaintext
+                reqs += 1
+                info = store.head(key)
+                st.headed(info is not None and info.size == len(blob))
+                if info is not None and info.size == len(blob):
+                    return _Result(i, "known", h, info.size, read=length, requests=reqs)
             store.put(key, blob)
             return _Result(i, "uploaded", h, len(blob), read=length, uploaded=len(blob),
                            requests=reqs + 1)
