@@ -264,6 +264,19 @@ class VolumeSync:
             metrics.FLUSH_JOBS.dec()
 
     def _flush(self, vid: str, job: FlushJob) -> None:
+        # the final pass commits: it follows gc's handshake (claim its chunks, repair what a
+        # concurrent garbage collection deleted) before the generation is committed
+        from . import gc
+        guard = (gc.FlushGuard.begin(self.stores.catalog().store, f"{self.node_id}/{vid}",
+                                     resumed=Path(self.state.journal_path(vid)).exists())
+                 if job.final else None)
+        try:
+            self._flush_guarded(vid, job, guard)
+        finally:
+            if guard is not None:
+                guard.release()
+
+    def _flush_guarded(self, vid: str, job: FlushJob, guard: Any) -> None:
         from .remote import transfer
         # only the final pass (after unmount, no writer left) may trust its journal on resume:
         # a pre-flush runs while the file system is still mounted and its chunks may change
@@ -312,6 +325,10 @@ class VolumeSync:
             self._update(vid, uploaded)
             log.info("volume %s: background flush uploaded %d bytes in %.2fs", vid, stats.bytes_uploaded, dt)
             return
+        if guard is not None:
+            from .remote.catalog import manifest_key
+            guard.claim(manifest, source_path=dev, compression_level=rec.compression,
+                        manifests=[manifest_key(vid, rec.generation + 1)])
         gen = cat.put_manifest(vid, rec.generation + 1, manifest.encode())
         cat.commit_generation(vid, gen, self.node_id, job.epoch)
         job.state, job.manifest_gen, job.done_bytes = "committed", gen, total
