@@ -293,3 +293,23 @@ def test_damaged_existing_chunk_is_uploaded_again(store, tmp_path):
     m2, st = flush(store, src, SIZE, CS, ranges=file_data_extents(src), check_exists=True)
     assert st.chunks_uploaded == 1 and m2.entries == m.entries
     assert store.head(key).size == CS + 1
+
+
+@pytest.mark.root
+def test_hydrate_into_a_dirty_loop_device_with_zero_holes(store, tmp_path):
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("needs root for losetup")
+    src = make_image(tmp_path / "src.img")["path"]
+    m, _ = flush(store, src, SIZE, CS, ranges=file_data_extents(src))
+    backing = tmp_path / "dev.img"
+    backing.write_bytes(os.urandom(SIZE))
+    res = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    dev = res.stdout.strip()
+    try:
+        hs = hydrate(store, m, dev, zero_holes=True)
+        assert hs.hole_chunks == 64 - 14
+        assert _sha(dev) == _sha(src)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)

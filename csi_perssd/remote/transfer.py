@@ -340,7 +340,8 @@ def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
     journal: Journal | None = None
     if journal_path:
         journal = Journal(journal_path, {
-            "size": size, "chunk_size": chunk_size, "source": os.path.abspath(source_path),
+            # not the source path: a loop device may get another number after a restart
+            "size": size, "chunk_size": chunk_size,
             "base": base.generation if base is not None else None,
             "base_chunks": len(base_entries)})
         for i, (h, sz) in journal.entries.items():
