@@ -7,8 +7,6 @@ import grpc
 import pytest
 
 from csi_perssd.csi import csi_pb2 as pb
-from csi_perssd.remote.catalog import Catalog
-from csi_perssd.remote.s3 import S3Store
 from csi_perssd.tools.cluster import Cluster, mount_cap
 
 from .helpers import MiB, code, image, loop_of, mounted, tree_sums, unstage_once, write_tree
@@ -21,15 +19,9 @@ def _publish(cl: Cluster, vid: str, node: str) -> tuple[grpc.StatusCode, str]:
         volume_id=vid, node_id=node, volume_capability=mount_cap()))
 
 
-def _catalog(cl: Cluster) -> Catalog:
-    sw = cl.seaweed
-    return Catalog(S3Store(sw.url(cl.prefix), endpoint_url=sw.endpoint, access_key=sw.access_key,
-                           secret_key=sw.secret_key))
-
-
 def test_takeover_fences_the_old_owner(cluster: Cluster, tmp_path):
     cl = cluster
-    cat = _catalog(cl)
+    cat = cl.catalog()
     vid = cl.create("fencing", 64 * MiB)
     target = cl.attach("node-a", vid)
     committed = write_tree(target, random_mib=4)
