@@ -313,3 +313,25 @@ def test_hydrate_into_a_dirty_loop_device_with_zero_holes(store, tmp_path):
         assert _sha(dev) == _sha(src)
     finally:
         subprocess.run(["losetup", "-d", dev], check=True)
+
+
+def test_untrusted_journal_rereads_but_uploads_only_new_content(store, tmp_path):
+    src = make_image(tmp_path / "src.img")["path"]
+    journal = str(tmp_path / "flush.journal")
+
+    def stop_midway(done, total):
+        if done >= total // 2:
+            raise KeyboardInterrupt()
+
+    with pytest.raises(KeyboardInterrupt):
+        flush(store, src, SIZE, CS, ranges=None, journal_path=journal, workers=2,
+              progress=stop_midway)
+    present = _chunk_objects(store)
+    _pwrite(src, 0, os.urandom(CS))                      # changed after the interrupted pass
+    m, st = flush(store, src, SIZE, CS, ranges=None, journal_path=journal, trust_journal=False)
+    assert st.chunks_from_journal == 0 and st.bytes_read == SIZE
+    assert st.chunks_uploaded == len({chunk_key(h) for h in m.referenced_hashes()} - present)
+    assert 0 < st.chunks_uploaded < 13
+    dest = _sparse(tmp_path / "dest.img")
+    hydrate(store, m, dest)
+    assert _sha(dest) == _sha(src)

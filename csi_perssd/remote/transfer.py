@@ -362,6 +362,8 @@ def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
         done_bytes = 0
     total_bytes = done_bytes + sum(chunk_span(i, size, chunk_size)[1] for i in to_read)
 
+    if progress is not None:
+        progress(done_bytes, total_bytes)
     fd = os.open(source_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if _device_size(fd) < size:
@@ -526,7 +528,7 @@ def hydrate(store: ObjectStore, manifest: Manifest, dest_path: str, *, workers: 
                 raise ChunkCorrupted(key, str(e)) from None
             if verify and chunk_hash(raw) != h:
                 raise ChunkCorrupted(key, "content does not match its BLAKE3 hash")
-            written = 0
+            written = slots = 0
             for i in by_hash[h]:
                 off, length = chunk_span(i, size, cs)
                 if len(raw) > length:
@@ -537,7 +539,8 @@ def hydrate(store: ObjectStore, manifest: Manifest, dest_path: str, *, workers: 
                 if zero_holes and len(raw) < length:
                     zero_range(fd, off + len(raw), length - len(raw))
                 written += len(raw)
-            return len(blob), written, len(by_hash[h])
+                slots += length
+            return len(blob), written, slots
 
         if zero_holes:
             for off, length in _coalesce(holes, size, cs):
@@ -561,12 +564,12 @@ def hydrate(store: ObjectStore, manifest: Manifest, dest_path: str, *, workers: 
                 finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     del inflight[fut]
-                    down, written, _ = fut.result()
+                    down, written, slots = fut.result()
                     stats.requests += 1
                     stats.chunks_downloaded += 1
                     stats.bytes_downloaded += down
                     stats.bytes_written += written
-                    done += written
+                    done += slots
                     if progress is not None:
                         progress(done, total)
         finally:
