@@ -375,3 +375,16 @@ def test_get_retries_after_a_dropped_response(proxied_store):
     store.put("g", b"data" * 1000)
     proxy.drop.set()
     assert store.get("g")[0] == b"data" * 1000 and proxy.dropped == 1
+
+
+@pytest.mark.s3
+def test_missing_bucket_is_a_store_error_not_a_lost_race(seaweed):
+    store = S3Store("s3://no-such-bucket-perssd/x", endpoint_url=seaweed.endpoint,
+                    access_key=seaweed.access_key, secret_key=seaweed.secret_key,
+                    retries=Retry(attempts=2, base_s=0.01))
+    # (SeaweedFS checks If-Match before the bucket: a conditional put answers 412 there)
+    for call in (lambda: store.put("k", b"v"), lambda: store.get("k"),
+                 lambda: list(store.list(""))):
+        with pytest.raises(StoreError) as ei:
+            call()
+        assert type(ei.value) is StoreError

@@ -231,7 +231,7 @@ class S3Store:
         try:
             return self._call("get", key, once)
         except botocore.exceptions.ClientError as e:
-            if _status(e) == 404 or _code(e) in ("NoSuchKey", "NotFound"):
+            if _code(e) != "NoSuchBucket" and (_status(e) == 404 or _code(e) == "NoSuchKey"):
                 raise NotFound(key) from None
             raise self._fail("get", key, e) from e
 
@@ -269,10 +269,9 @@ class S3Store:
                 return _etag(self._client.put_object(**kw).get("ETag"))
             except botocore.exceptions.ClientError as e:
                 if conditional and (_status(e) in (409, 412) or _code(e) in _PRECONDITION):
-                    if _status(e) == 409 and _code(e) not in _PRECONDITION:
-                        raise
-                    raise _Precondition(tries) from e
-                if if_match is not None and (_status(e) == 404 or _code(e) == "NoSuchKey"):
+                    raise _Precondition(tries) from e       # 409: a concurrent conditional write
+                if (if_match is not None and _code(e) != "NoSuchBucket"
+                        and (_status(e) == 404 or _code(e) == "NoSuchKey")):
                     raise _Precondition(tries) from e       # AWS: If-Match on a missing key
                 raise
 
@@ -296,7 +295,7 @@ class S3Store:
         try:
             self._call("delete", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=k))
         except botocore.exceptions.ClientError as e:
-            if _status(e) == 404:
+            if _status(e) == 404 and _code(e) != "NoSuchBucket":
                 return
             raise self._fail("delete", key, e) from e
 

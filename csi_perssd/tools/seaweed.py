@@ -94,7 +94,8 @@ class Seaweed:
         argv = [self.weed, f"-logdir={self.workdir / 'log'}", "mini",
                 f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 "-master.telemetry=false", f"-s3.config={self.workdir / 'identities.json'}",
-                "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+                "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                "-s3.autoCreateBucket=false"]   # like AWS: a missing bucket is an error
         argv += [f"-{name}={port}" for name, port in self.ports.items()]
         # unix sockets default to /tmp/seaweedfs-*-<port>.sock: keep the ones we can in workdir
         for flag, name in (("filer.localSocket", "filer.sock"), ("s3.localSocket", "s3.sock")):
