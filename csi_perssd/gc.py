@@ -54,6 +54,8 @@ CLAIMS = "gc/claims/"
 TOMB_TTL_S = 600.0                 # a collector's tomb older than this is dead (crashed collector)
 SWEEP_LIMIT_S = TOMB_TTL_S / 2     # a collector stops deleting this long after writing its tomb
 CLAIM_TTL_S = 6 * 3600.0           # a claim left behind by a crashed writer stops protecting
+CLONE_CLAIM_TTL_S = 120.0          # a clone's claim whose volume record never appeared (crash)
+REQUEST_MIN_AGE_S = 3600.0         # snapshot requests without a snapshot record: removed after this
 WAIT_POLL_S = 0.2
 _GEN_RE = re.compile(r"volumes/([^/]+)/gen/(\d+)\.manifest")
 _SNAP_MANIFEST_RE = re.compile(r"snapshots/([^/]+)\.manifest")
@@ -113,9 +115,12 @@ class FlushGuard:
         return last, tombs
 
     def claim(self, manifest: Manifest, *, source_path: str | None = None, compression_level: int = 3,
-              manifests: list[str] | tuple[str, ...] = ()) -> GuardStats:
+              manifests: list[str] | tuple[str, ...] = (), volume: str = "") -> GuardStats:
+        """`volume`: the claim protects a new volume's first manifest until its record exists
+        (a clone); a collector drops it once it sees that record."""
         hashes = sorted(manifest.referenced_hashes())
-        doc = {"owner": self.owner, "created_at": time.time(), "hashes": hashes, "manifests": list(manifests)}
+        doc = {"owner": self.owner, "created_at": time.time(), "hashes": hashes, "manifests": list(manifests),
+               "volume": volume}
         try:
             self.store.put(self.key, json.dumps(doc, separators=(",", ":")).encode())
             self.claimed = True
@@ -218,7 +223,8 @@ class GcReport:
         return s + ("; stopped early (time limit), the next run continues" if self.stopped_early else "")
 
 
-def _live_claims(store: ObjectStore, now: float, dry_run: bool, rep: GcReport) -> tuple[set[str], set[str]]:
+def _live_claims(cat: Catalog, now: float, dry_run: bool, rep: GcReport) -> tuple[set[str], set[str]]:
+    store = cat.store
     hashes: set[str] = set()
     manifests: set[str] = set()
     for info in list(store.list(CLAIMS)):
@@ -228,7 +234,14 @@ def _live_claims(store: ObjectStore, now: float, dry_run: bool, rep: GcReport) -
             continue                        # released meanwhile
         except ValueError:
             doc = {}
-        if now - info.mtime > CLAIM_TTL_S or not isinstance(doc, dict):
+        done = False
+        if isinstance(doc, dict) and doc.get("volume"):
+            try:
+                # the clone's record exists: its generations protect the manifest from now on
+                done = cat.get_volume(str(doc["volume"])) is not None or now - info.mtime > CLONE_CLAIM_TTL_S
+            except CsiError:
+                done = True
+        if done or now - info.mtime > CLAIM_TTL_S or not isinstance(doc, dict):
             rep.deleted_other.append(info.key)
             rep.deleted_other_bytes += info.size
             if not dry_run:
@@ -270,7 +283,7 @@ def _collect(cat: Catalog, rep: GcReport, t_start: float, *, grace: float, keep:
     store = cat.store
     # order matters (see the module docstring): chunks, then claims, then manifests
     chunks = list(store.list("chunks/"))
-    referenced, claimed_manifests = _live_claims(store, t_start, dry_run, rep)
+    referenced, claimed_manifests = _live_claims(cat, t_start, dry_run, rep)
     volumes = {v.id: v for v in cat.list_volumes()}
     snap_ids = {s.id for s in cat.list_snapshots()}
     keep_keys: list[str] = []
@@ -308,7 +321,7 @@ def _collect(cat: Catalog, rep: GcReport, t_start: float, *, grace: float, keep:
     rep.chunk_objects = len(chunks)
     for info in store.list("requests/"):
         m = _REQUEST_RE.fullmatch(info.key)
-        if m and m.group(2) not in snap_ids and t_start - info.mtime > grace:
+        if m and m.group(2) not in snap_ids and t_start - info.mtime > max(grace, REQUEST_MIN_AGE_S):
             rep.deleted_other.append(info.key)
             rep.deleted_other_bytes += info.size
             if not dry_run:

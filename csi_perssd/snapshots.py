@@ -263,6 +263,7 @@ class Snapshots:
         try:
             m = self.source_manifest(cat, rec.source)
             if m is None:
+                guard.release()
                 return
             rec.size = max(rec.size, m.volume_size)
             if rec.size > m.volume_size:
@@ -270,12 +271,28 @@ class Snapshots:
             rec.chunk_size = m.chunk_size
             rec.parameters["chunkSize"] = str(m.chunk_size)
             m.generation, m.parent = 1, None
-            guard.claim(m, manifests=[manifest_key(rec.id, 1)])
+            guard.claim(m, manifests=[manifest_key(rec.id, 1)], volume=rec.id)
             rec.generation = cat.put_manifest(rec.id, 1, m.encode())
-        finally:
+        except BaseException:
             guard.release()
+            raise
+        # the claim protects generation 1 until the caller has written the volume record
+        threading.Thread(target=self._release_when_recorded, args=(cat, guard, rec.id),
+                         name=f"clone-claim-{rec.id}", daemon=True).start()
         log.info("volume %s: generation %d is a copy of %s's manifest (%d data chunks, none copied)",
                  rec.id, rec.generation, rec.source, m.data_chunks)
+
+    @staticmethod
+    def _release_when_recorded(cat: Catalog, guard: gc.FlushGuard, vid: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if cat.get_volume(vid) is not None:
+                    break
+            except CsiError:
+                pass
+            time.sleep(0.05)
+        guard.release()         # also after the timeout: CreateVolume failed, gen 1 is garbage
 
     # -- periodic work ---------------------------------------------------------------------
     def start_background(self, runtime: Any) -> None:

@@ -121,7 +121,7 @@ def test_gc_loop_racing_guarded_flushes(s3_store, tmp_path) -> None:
     try:
         results = []
         overlaps: list[gc.GuardStats] = []
-        for r in range(6):
+        for r in range(4):
             garbage = str(tmp_path / f"g{r}.img")
             _image(garbage, pool)
             transfer.flush(s3_store, garbage, 8 * CS, CS, check_exists=False)      # old, unreferenced

@@ -159,7 +159,7 @@ def test_snapshot_of_staged_256mib_volume_with_1pct_changed(cluster) -> None:
         cluster.release("node-b", rid)
 
 
-def test_ls_inspect_and_gc_dry_run(cluster) -> None:
+def test_ls_and_inspect(cluster, capsys, monkeypatch) -> None:
     vols = [e.volume.volume_id for e in cluster.ctl.ListVolumes(pb.ListVolumesRequest()).entries]
     snaps = [e.snapshot.snapshot_id for e in cluster.ctl.ListSnapshots(pb.ListSnapshotsRequest()).entries]
     assert vols and snaps
@@ -167,11 +167,19 @@ def test_ls_inspect_and_gc_dry_run(cluster) -> None:
     for i in vols + snaps:
         assert i in out, f"{i} missing from ls:\n{out}"
     assert "dedup" in out and "GENS" in out and "OWNER" in out
-    doc = json.loads(cluster.cli("inspect", vols[0]).stdout)
+    # inspect in-process (the same entry point as the CLI, without another interpreter start)
+    from csi_perssd import cli
+    argv = ["--catalog", cluster.seaweed.url(cluster.prefix), *cluster.store_args()]
+    for k, v in cluster.env.items():
+        monkeypatch.setenv(k, v)
+    capsys.readouterr()
+    assert cli.main(["inspect", vols[0], *argv]) == 0
+    doc = json.loads(capsys.readouterr().out)
     assert doc["id"] == vols[0] and "generations" in doc
-    doc = json.loads(cluster.cli("inspect", snaps[0]).stdout)
-    assert doc["id"] == snaps[0] and doc["source_volume"]
-    assert cluster.cli("inspect", "pvol-" + "0" * 32, check=False).returncode == 1
+    assert cli.main(["inspect", snaps[0], *argv]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["id"] == snaps[0] and doc["source_volume"] and doc["ready"]
+    assert cli.main(["inspect", "pvol-" + "0" * 32, *argv]) == 1
 
 
 def test_delete_everything_then_gc_leaves_no_chunk(cluster) -> None:
