@@ -102,7 +102,7 @@ class TextSource:
     (generated once), assembled per file with a unique sequence number on every line, so files
     compress like real ones (about 2-4x with zstd -3) instead of trivially."""
 
-    def __init__(self, rnd: random.Random, pool: int = 60_000):
+    def __init__(self, rnd: random.Random, pool: int = 1 << 15):
         self.rnd = rnd
         self.csv = [f"{1763880000 + k * 7},s{rnd.randrange(64):02d},{rnd.gauss(20, 5):.4f},"
                     f"{rnd.random():.3f},{rnd.choice(WORDS)}\n" for k in range(pool)]
@@ -115,10 +115,12 @@ class TextSource:
 
     def _make(self, pool: list[str], fmt: str, target: int) -> bytes:
         out, n, seq = [], 0, self.rnd.randrange(10**9)
+        mask = len(pool) - 1                        # pools are a power of two long
         while n < target:
-            k = min(4000, (target - n) // 40 + 1)
-            lines = self.rnd.choices(pool, k=k)
-            b = "".join([fmt % (seq + j) + line for j, line in enumerate(lines)]).encode()
+            k = min(4096, (target - n) // 40 + 1)
+            idx = memoryview(self.rnd.randbytes(2 * k)).cast("H")
+            b = "".join(map(str.__add__, map(fmt.__mod__, range(seq, seq + k)),
+                            [pool[i & mask] for i in idx])).encode()
             seq += k
             out.append(b)
             n += len(b)

@@ -13,6 +13,7 @@ each run first. Writes benchmarks/results/<date>-<host>[-quick].json and .md, pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -34,6 +35,7 @@ import data  # noqa: E402
 import peers  # noqa: E402
 import report  # noqa: E402
 from procstat import Watch  # noqa: E402
+from spy import PySpy, summarize  # noqa: E402
 
 from csi_perssd.csi import csi_pb2 as pb  # noqa: E402
 from csi_perssd.demo import scrape  # noqa: E402
@@ -75,6 +77,15 @@ class Bench:
         self.s5 = peers.S5cmd(self.target)
         self.rc = peers.Rclone(self.target, str(work))
         self.change = data.plan_change(size)
+        self.profile_dir: Path | None = None     # set: py-spy the node in run 1
+        self.profiles: dict[str, str] = {}
+        self.run_no = 0
+
+    def spy(self, pid: int, phase: str) -> Any:
+        if self.profile_dir is None or self.run_no != 1:
+            return contextlib.nullcontext()
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        return _Profiled(self, pid, phase)
 
     # -- data ---------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -88,13 +99,13 @@ class Bench:
         self.tree_digest = data.tree_digest(self.tree)
 
     # -- one run ------------------------------------------------------------------------------
-    def node_flush(self, cl: Cluster, node: str, vid: str, port: int) -> dict[str, Any]:
+    def node_flush(self, cl: Cluster, node: str, vid: str, port: int, phase: str = "") -> dict[str, Any]:
         """NodeUnpublish + NodeUnstage (retried while ABORTED) until the generation is
         committed, then ControllerUnpublish; with the node's resource use and metric deltas."""
         proc = cl.nodes[node].proc
         assert proc is not None
         m0 = scrape(port)
-        with Watch(proc.pid) as w:
+        with self.spy(proc.pid, phase), Watch(proc.pid) as w:
             t0 = time.monotonic()
             cl.unpublish(node, vid)
             t1 = time.monotonic()
@@ -109,11 +120,12 @@ class Bench:
                 "s3_requests": s3_requests(m1) - s3_requests(m0),
                 "cpu_seconds": w.cpu, "peak_rss_bytes": w.peak_rss_bytes}
 
-    def node_stage(self, cl: Cluster, node: str, vid: str, port: int, cap: pb.VolumeCapability) -> tuple[str, dict[str, Any]]:
+    def node_stage(self, cl: Cluster, node: str, vid: str, port: int, cap: pb.VolumeCapability,
+                   phase: str = "") -> tuple[str, dict[str, Any]]:
         proc = cl.nodes[node].proc
         assert proc is not None
         m0 = scrape(port)
-        with Watch(proc.pid) as w:
+        with self.spy(proc.pid, phase), Watch(proc.pid) as w:
             t0 = time.monotonic()
             target = cl.attach(node, vid, cap)
             dt = time.monotonic() - t0
@@ -139,11 +151,21 @@ class Bench:
             got = next(dl.iterdir())
             if got.stat().st_size != self.size:
                 raise RuntimeError(f"{name} downloaded {got.stat().st_size} bytes, not {self.size}")
+            t0 = time.monotonic()           # the driver's hydrate ends durable (fsync): same here
+            fd = os.open(got, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            sync_s = time.monotonic() - t0
             shutil.rmtree(dl)
             dl.mkdir()
             for kind, r in (("upload", u), ("download", d)):
                 out[f"{name}_{kind}"] = {"seconds": r.seconds, "mb_s": self.size / r.seconds / 1e6,
                                          "cpu_seconds": r.cpu_seconds, "peak_rss_bytes": r.peak_rss_bytes}
+            out[f"{name}_download"]["fsync_seconds"] = sync_s
+            out[f"{name}_download_synced"] = {"seconds": d.seconds + sync_s,
+                                              "mb_s": self.size / (d.seconds + sync_s) / 1e6}
             log(f"  {name} {tag}: upload {self.size / u.seconds / 1e6:.0f} MB/s, "
                 f"download {self.size / d.seconds / 1e6:.0f} MB/s")
         shutil.rmtree(dl, ignore_errors=True)
@@ -151,6 +173,7 @@ class Bench:
 
     def one_run(self, run: int) -> dict[str, Any]:
         rdir = self.work / f"run{run}"
+        self.run_no = run
         ports = {"node-a": free_port(), "node-b": free_port()}
         cl = Cluster(rdir, nodes=(), seaweed=self.sw, prefix=f"bench-r{run}")
         res: dict[str, Any] = {"run": run}
@@ -185,11 +208,11 @@ class Bench:
         dev = cl.attach("node-a", vid, block_cap())
         data.copy_to_device(img, dev)
         log(f"run {run} (a): flush node-a")
-        res["flush_a"] = self.node_flush(cl, "node-a", vid, ports["node-a"])
+        res["flush_a"] = self.node_flush(cl, "node-a", vid, ports["node-a"], "flush-a")
         log(f"  flush (a): {res['flush_a']['mb_s']:.0f} MB/s, {res['flush_a']['seconds']:.2f}s, "
             f"uploaded {res['flush_a']['uploaded_bytes'] / MiB:.0f} MiB, RSS {res['flush_a']['peak_rss_bytes'] / MiB:.0f} MiB")
         log(f"run {run} (a): hydrate node-b")
-        dev_b, res["hydrate_a"] = self.node_stage(cl, "node-b", vid, ports["node-b"], block_cap())
+        dev_b, res["hydrate_a"] = self.node_stage(cl, "node-b", vid, ports["node-b"], block_cap(), "hydrate-a")
         log(f"  hydrate (a): {res['hydrate_a']['mb_s']:.0f} MB/s, {res['hydrate_a']['seconds']:.2f}s")
         if data.digest(dev_b, self.size) != self.a_digest:
             raise RuntimeError("hydrated volume (a) differs from the image")
@@ -202,7 +225,7 @@ class Bench:
 
         log(f"run {run} (c): rewrite {len(self.change.offsets)} x 1 MiB on node-b, incremental flush")
         data.apply_change(self.change, [dev_b, img], seed=100 + run)
-        res["flush_c"] = self.node_flush(cl, "node-b", vid, ports["node-b"])
+        res["flush_c"] = self.node_flush(cl, "node-b", vid, ports["node-b"], "flush-c")
         changed = len(self.change.chunks(CHUNK)) * CHUNK
         res["flush_c"]["changed_chunk_bytes"] = changed
         res["flush_c"]["changed_bytes"] = self.change.bytes()
@@ -234,7 +257,7 @@ class Bench:
         data.copy_tree(self.tree, tgt)
         os.sync()
         log(f"run {run} (b): flush node-a")
-        res["flush_b"] = self.node_flush(cl, "node-a", vid, ports["node-a"])
+        res["flush_b"] = self.node_flush(cl, "node-a", vid, ports["node-a"], "flush-b")
         log(f"  flush (b): {res['flush_b']['mb_s']:.0f} MB/s, {res['flush_b']['seconds']:.2f}s, "
             f"read {res['flush_b']['read_bytes'] / MiB:.0f} MiB uploaded {res['flush_b']['uploaded_bytes'] / MiB:.0f} MiB")
         raw = cl.nodes["node-a"].rawfile_dir + f"/{vid}/{DISK}"
@@ -249,6 +272,9 @@ class Bench:
         if data.tree_digest(tgt_b) != self.tree_digest:
             raise RuntimeError("hydrated volume (b) holds other files than were written")
         res.update({f"{k}_b": v for k, v in self.peer_copy(img, "b", run).items()})
+        if self.quick:          # keep QUICK short: no restic (b), node-b keeps it (cleaned at stop)
+            os.unlink(img)
+            return res
         first = restic.backup(img)
         res["restic_first_b"] = {"seconds": first.run.seconds, "mb_s": self.size / first.run.seconds / 1e6,
                                  "data_added_bytes": first.data_added, "cpu_seconds": first.run.cpu_seconds,
@@ -259,6 +285,23 @@ class Bench:
         cl.delete(vid)
         os.unlink(img)
         return res
+
+
+class _Profiled:
+    def __init__(self, b: Bench, pid: int, phase: str):
+        assert b.profile_dir is not None
+        self.b, self.phase = b, phase
+        self.path = b.profile_dir / f"{phase}.folded"
+        self.spy = PySpy(pid, self.path)
+
+    def __enter__(self) -> None:
+        self.spy.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.spy.__exit__(*exc)
+        text = summarize(str(self.path))
+        (self.path.with_suffix(".txt")).write_text(text)
+        self.b.profiles[self.phase] = str(self.path.with_suffix(".txt"))
 
 
 def versions(b: Bench) -> dict[str, str]:
@@ -284,11 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--workdir", default="/var/tmp", help="parent of the scratch directory")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy the node during run 1's flushes and hydrate (results/<stem>-profile/)")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("make bench needs root (loop devices and mounts)", file=sys.stderr)
         return 1
     size = a.size or (256 * MiB if a.quick else 2 * GiB)
+    quick = bool(a.quick and not a.size)
+    stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}{'-quick' if quick else ''}"
+    out = Path(a.out)
     work = Path(tempfile.mkdtemp(prefix="perssd-bench-", dir=a.workdir))
     t_start = time.monotonic()
     sw = Seaweed(work / "seaweed")
@@ -296,13 +344,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sw.start()
         b = Bench(work, sw, size, a.quick)
+        if a.profile:
+            b.profile_dir = out / f"{stem}-profile"
         log(f"SeaweedFS on {sw.endpoint}; scratch {work}; volumes {size // MiB} MiB; {a.runs} runs")
         b.prepare()
         for r in range(1, a.runs + 1):
             runs.append(b.one_run(r))
         meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "host": socket.gethostname(), "cpus": os.cpu_count(), "volume_bytes": size,
-                "chunk_bytes": CHUNK, "runs": a.runs, "quick": bool(a.quick and not a.size),
+                "chunk_bytes": CHUNK, "runs": a.runs, "quick": quick, "profiles": b.profiles,
                 "change": {"extents": len(b.change.offsets), "extent_bytes": b.change.extent,
                            "chunks": len(b.change.chunks(CHUNK))},
                 "tree_b": b.tree_counts, "versions": versions(b),
@@ -312,9 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
     doc = report.build(meta, runs)
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}{'-quick' if meta['quick'] else ''}"
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     md = report.markdown(doc)
     (out / f"{stem}.md").write_text(md)
