@@ -346,6 +346,9 @@ def _collect(cat: Catalog, rep: GcReport, t_start: float, *, grace: float, keep:
         if not dry_run:
             store.delete(info.key)
     for key, size in drop:
+        if not dry_run and time.monotonic() > deadline:
+            rep.stopped_early = True
+            break
         rep.deleted_manifests.append(key)
         rep.deleted_other_bytes += size
         if not dry_run:

@@ -32,9 +32,15 @@ def summary(cat: Catalog) -> dict[str, Any]:
     logical = 0
     refs: set[str] = set()
     out_v = []
+    problems: list[str] = []
     for v in vols:
         gens = cat.list_generations(v.id)
-        m = Manifest.decode(cat.get_manifest(v.id, v.generation)) if v.generation else None
+        m = None
+        if v.generation:
+            try:
+                m = Manifest.decode(cat.get_manifest(v.id, v.generation))
+            except CsiError as e:
+                problems.append(f"volume {v.id}: {e}")
         if m is not None:
             logical += m.logical_bytes
             refs |= m.referenced_hashes()
@@ -44,16 +50,23 @@ def summary(cat: Catalog) -> dict[str, Any]:
                       "data_bytes": m.logical_bytes if m else 0})
     out_s = []
     for s in snaps:
-        m = read_manifest(cat, s.manifest_key) if s.manifest_key else None
+        m = None
+        if s.manifest_key:
+            try:
+                m = read_manifest(cat, s.manifest_key)
+            except CsiError as e:
+                problems.append(f"snapshot {s.id}: {e}")
         if m is not None:
             logical += m.logical_bytes
             refs |= m.referenced_hashes()
         out_s.append({"id": s.id, "name": s.name, "source": s.source_volume, "size": s.size,
-                      "ready": s.ready, "created": s.created_at, "data_bytes": m.logical_bytes if m else 0})
+                      "ready": s.ready, "created": s.created_at, "data_bytes": m.logical_bytes if m else 0,
+                      "progress": s.progress, "error": s.error})
     stored = sum(chunk_bytes.values())
     return {"volumes": out_v, "snapshots": out_s, "chunks": len(chunk_bytes), "stored_bytes": stored,
             "logical_bytes": logical, "unreferenced_chunks": len(set(chunk_bytes) - refs),
-            "dedup_ratio": (logical / stored) if stored else 0.0}
+            "dedup_ratio": (logical / stored) if stored else 0.0, "problems": problems,
+            "flushes_in_progress": sum(1 for _ in cat.store.list("gc/claims/"))}
 
 
 def ls(cfg: Config) -> int:
@@ -65,10 +78,14 @@ def ls(cfg: Config) -> int:
     print(f"\n{'SNAPSHOT':40} {'NAME':24} {'SOURCE':40} {'SIZE':>9} {'DATA':>9} READY CREATED")
     for sn in s["snapshots"]:
         print(f"{sn['id']:40} {sn['name'][:24]:24} {sn['source']:40} {_h(sn['size']):>9} {_h(sn['data_bytes']):>9} "
-              f"{'yes' if sn['ready'] else 'no':5} {_t(sn['created'])}")
+              f"{'yes' if sn['ready'] else 'no':5} {_t(sn['created'])}"
+              + ("" if sn["ready"] else f"  ({sn['error'] or sn['progress']})"))
     print(f"\nchunks: {s['chunks']} objects, {_h(s['stored_bytes'])} stored for {_h(s['logical_bytes'])} of data "
-          f"(dedup+compression ratio {s['dedup_ratio']:.2f}x); {s['unreferenced_chunks']} unreferenced (gc)")
-    return 0
+          f"(dedup+compression ratio {s['dedup_ratio']:.2f}x); {s['unreferenced_chunks']} unreferenced (gc); "
+          f"{s['flushes_in_progress']} flushes in progress")
+    for p in s["problems"]:
+        print(f"PROBLEM: {p}")
+    return 1 if s["problems"] else 0
 
 
 def inspect(cfg: Config, ident: str) -> int:
