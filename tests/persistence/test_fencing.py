@@ -43,6 +43,9 @@ def test_takeover_fences_the_old_owner(cluster: Cluster, tmp_path):
     # the takeover is refused when the named node is not the owner (no blind steal)
     bad = cl.cli("takeover", vid, "--from", "node-a", "--to", "node-c")
     assert bad.returncode == 1 and "owned by node-b" in bad.stderr
+    hostile = cl.cli("takeover", "../" + vid, "--from", "node-b", "--to", "node-a")
+    assert hostile.returncode == 1 and "INVALID_ARGUMENT" in hostile.stderr
+    assert cat.volume(vid).owner == "node-b"
 
     # node-a lets go: its stale epoch cannot commit; NodeUnstage says so, every time
     cl.unpublish("node-a", vid)
