@@ -35,7 +35,6 @@ import ctypes.util
 import json
 import logging
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
