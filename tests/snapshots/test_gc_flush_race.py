@@ -5,6 +5,8 @@ finds them with a HEAD and reuses them). Every committed generation and every sn
 then hydrate on node-b to exactly the bytes written."""
 from __future__ import annotations
 
+import pytest
+
 import os
 import threading
 import time
@@ -13,6 +15,8 @@ from csi_perssd import gc
 from csi_perssd.tools.cluster import block_cap
 
 from .conftest import MiB
+
+pytestmark = [pytest.mark.root, pytest.mark.s3]
 
 PARAMS = {"chunkSize": "1Mi"}
 SIZE = 16 * MiB

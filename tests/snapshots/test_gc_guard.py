@@ -16,6 +16,7 @@ from csi_perssd.remote.manifest import Manifest
 
 MiB = 1 << 20
 CS = 1 << 20
+pytestmark = pytest.mark.s3
 
 
 def _image(path: str, chunks: list[bytes]) -> None:

@@ -5,6 +5,8 @@ everything deleted: `csi-perssd gc` leaves no chunk object. Also `ls`, `inspect`
 and the measurement of a snapshot of a staged 256 MiB volume with 1% changed."""
 from __future__ import annotations
 
+import pytest
+
 import hashlib
 import json
 import os
@@ -16,6 +18,8 @@ from pathlib import Path
 from csi_perssd.csi import csi_pb2 as pb
 
 from .conftest import MiB, write_file
+
+pytestmark = [pytest.mark.root, pytest.mark.s3]
 
 RESULTS = Path(os.environ.get("PERSSD_SNAPSHOT_RESULTS", "/tmp/perssd-snapshot-results.json"))
 

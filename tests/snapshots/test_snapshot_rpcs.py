@@ -12,6 +12,8 @@ from csi_perssd.csi import csi_pb2 as pb
 
 from .conftest import MiB, expect_code
 
+pytestmark = [pytest.mark.root, pytest.mark.s3]
+
 C = grpc.StatusCode
 
 
