@@ -45,13 +45,15 @@ def is_ro_mount(path: str) -> bool:
 class Setup:
     """A mount volume (published rw and ro) and a block volume, with data written."""
 
-    def __init__(self, d):
+    def __init__(self, d, persistence: str = "local"):
         self.d = d
-        self.vid, self.staging, self.target = d.published(size=32 * MiB)
+        params = {"persistence": persistence}
+        self.persistence = persistence
+        self.vid, self.staging, self.target = d.published(size=32 * MiB, parameters=params)
         self.ro_target = d.path("ro")
         d.node.NodePublishVolume(d.publish_request(self.vid, self.staging, self.ro_target, readonly=True))
         write_file(os.path.join(self.target, "data"), b"survives" * 1000)
-        self.bvid, self.bstaging, self.btarget = d.published(block_cap(), size=8 * MiB)
+        self.bvid, self.bstaging, self.btarget = d.published(block_cap(), size=8 * MiB, parameters=params)
         self.payload = os.urandom(4096)
         fd = os.open(self.btarget, os.O_RDWR)
         try:
@@ -99,22 +101,28 @@ class Setup:
                 assert not os.path.exists(t)
             d.node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging))
             assert not mounts_under(staging)
+        if self.persistence == "object":       # written, then unstaged: each committed a generation
+            from csi_perssd.remote.catalog import Catalog
+            from csi_perssd.remote.filestore import FileStore
+            cat = Catalog(FileStore(d.proc.catalog.removeprefix("file://")))
+            assert cat.volume(self.vid).generation >= 1 and cat.volume(self.bvid).generation >= 1
         # staged again after all that, the data is still there
         d.node.NodeStageVolume(d.stage_request(self.vid, self.staging))
         assert read_file(os.path.join(self.staging, "data")) == b"survives" * 1000
 
 
+@pytest.mark.parametrize("persistence", ["local", "object"])
 class TestRestartRecovery:
-    def test_sigkill_keeps_staged_and_published_volumes(self, fresh_driver):
-        s = Setup(fresh_driver)
+    def test_sigkill_keeps_staged_and_published_volumes(self, fresh_driver, persistence):
+        s = Setup(fresh_driver, persistence)
         fresh_driver.proc.kill()
         fresh_driver.proc.start()
         s.check_intact()
 
-    def test_recovers_mounts_and_loop_devices_lost_with_the_process(self, fresh_driver):
+    def test_recovers_mounts_and_loop_devices_lost_with_the_process(self, fresh_driver, persistence):
         """SIGKILL, then everything the kernel held for the driver goes away (as in a reboot):
         the restarted driver reattaches the devices and restores staging and target mounts."""
-        s = Setup(fresh_driver)
+        s = Setup(fresh_driver, persistence)
         fresh_driver.proc.kill()
         cleanup_under(str(fresh_driver.base))
         assert not mounts_under(s.staging) and not mounts_under(s.target)

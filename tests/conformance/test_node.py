@@ -176,14 +176,17 @@ class TestNodeStageVolume:
         vid, staging = driver.staged(block_cap())
         assert mount_entry(staging) is None
 
-    def test_should_format_only_on_first_use(self, driver):
-        vid, staging, target = driver.published()
+    @pytest.mark.parametrize("fs_type", ["ext4", "xfs"])
+    @pytest.mark.parametrize("persistence", ["local", "object"])
+    def test_should_format_only_on_first_use(self, driver, fs_type, persistence):
+        cap = mount_cap(fs_type)
+        vid, staging, target = driver.published(cap, size=XFS_SIZE, parameters={"persistence": persistence})
         write_file(os.path.join(target, "keep"), b"still here")
         unpublish(driver, vid, target)
         unstage(driver, vid, staging)
         assert mount_entry(staging) is None
-        driver.node.NodeStageVolume(driver.stage_request(vid, staging))
-        driver.node.NodePublishVolume(driver.publish_request(vid, staging, target))
+        driver.node.NodeStageVolume(driver.stage_request(vid, staging, cap))
+        driver.node.NodePublishVolume(driver.publish_request(vid, staging, target, cap))
         with open(os.path.join(target, "keep"), "rb") as f:
             assert f.read() == b"still here"
 
