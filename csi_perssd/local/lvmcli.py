@@ -21,7 +21,9 @@ from ..errors import Code, CsiError, internal
 
 log = logging.getLogger(__name__)
 
-NO_UDEV_CONFIG = ("activation{udev_sync=0 udev_rules=0} "
+# For hosts without udev rules for lvm and without dmeventd (the test VM): lvm creates the /dev
+# nodes itself and does not try to start thin-pool monitoring.
+NO_UDEV_CONFIG = ("activation{udev_sync=0 udev_rules=0 monitoring=0} "
                   "devices{obtain_device_list_from_udev=0}")
 
 LV_FIELDS = ("lv_name", "vg_name", "lv_path", "lv_dm_path", "lv_size", "lv_tags", "lv_attr",

@@ -15,6 +15,7 @@ import pytest
 from csi_perssd import pool_cli
 from csi_perssd.local.lvm import LvmBackend
 from csi_perssd.local.lvmcli import NO_UDEV_CONFIG
+from csi_perssd.remote.s3 import Retry, S3Store
 
 from tests.lvm.util import IN_VM, POOL, POOL_DEVICE, VG
 
@@ -52,3 +53,14 @@ def vid(backend: LvmBackend) -> Iterator[str]:
     v = f"pvol-{uuid.uuid4().hex}"
     yield v
     backend.delete(v)
+
+
+@pytest.fixture
+def s3_store() -> S3Store:
+    """An S3Store on the SeaweedFS that tests/vm/run.py started on the host (fresh prefix)."""
+    endpoint = os.environ.get("PERSSD_VM_S3_ENDPOINT")
+    if not endpoint:
+        pytest.fail("PERSSD_VM_S3_ENDPOINT is not set: run the suite through tests/vm/run.py")
+    return S3Store(f"s3://{os.environ['PERSSD_VM_S3_BUCKET']}/lvm-{uuid.uuid4().hex[:12]}",
+                   endpoint_url=endpoint, access_key=os.environ["PERSSD_VM_S3_ACCESS_KEY"],
+                   secret_key=os.environ["PERSSD_VM_S3_SECRET_KEY"], retries=Retry())

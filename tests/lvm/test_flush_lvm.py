@@ -48,7 +48,8 @@ def test_incremental_flush_reads_and_uploads_only_changed_chunks(
                     ranges_mode="changed")
     assert st2.bytes_read == 2 * FLUSH_CHUNK                   # chunks 5 and 12, nothing else
     assert st2.chunks_uploaded == 2
-    assert st2.chunks_unchanged == 32 - 2
+    assert st2.chunks_unchanged == 2                           # chunks 0 and 1 kept from base
+    assert st2.hole_chunks == 32 - 4
     # uploaded: the random bytes of chunks 5 and 12 (zstd squeezes their zero parts away)
     assert 4096 + 1100 < st2.bytes_uploaded < 16 * 1024
     assert m2.entries[0] == m1.entries[0] and m2.entries[1] == m1.entries[1]

@@ -1,18 +1,25 @@
 #!/bin/bash
 # Runs INSIDE the test VM (started by tests/vm/run.py): load modules, then the LVM pytest suite.
-# Args: <work dir> [pytest args...]. Writes <work dir>/guest.rc; prints PERSSD-VM-BOOTED first.
+# Args: <work dir> <pytest args: selection and options>. Writes <work dir>/guest.rc; prints PERSSD-VM-BOOTED first.
 set -u
 work="$1"; shift
 echo "PERSSD-VM-BOOTED $(cut -d' ' -f1 /proc/uptime)"
 for m in loop dm_mod dm_thin_pool nvme; do
     modprobe "$m" || echo "guest: modprobe $m failed"
 done
+# S3 runs on the host (tests/vm/run.py): QEMU user networking, guest 10.0.2.15, host 10.0.2.2.
+ip link set lo up
+nic=$(ls /sys/class/net | grep -v '^lo$' | head -n1)
+if [ -n "$nic" ]; then
+    ip link set "$nic" up && ip addr add 10.0.2.15/24 dev "$nic" || echo "guest: network setup failed"
+fi
+if [ -f "$work/s3.env" ]; then set -a; . "$work/s3.env"; set +a; fi
 # The guest sees the host's /tmp through an overlay; give pytest its own tmpfs.
 mkdir -p /tmp/perssd-vm && mount -t tmpfs -o size=512m perssd-vm-tmp /tmp/perssd-vm
 export PERSSD_VM=1 LVM_SUPPRESS_FD_WARNINGS=1 TMPDIR=/tmp/perssd-vm PYTHONUNBUFFERED=1
 export PATH="$PWD/.venv/bin:$PATH"
 rc=0
-.venv/bin/python -m pytest tests/lvm -p no:cacheprovider --junitxml="$work/junit.xml" \
+.venv/bin/python -m pytest -p no:cacheprovider --junitxml="$work/junit.xml" \
     -o junit_family=xunit2 "$@" || rc=$?
 umount /tmp/perssd-vm || true
 echo "$rc" > "$work/guest.rc"

@@ -71,13 +71,33 @@ def make_disks() -> list[str]:
 
 
 def vng_argv(kernel: str, qemu_opts: list[str], pytest_args: list[str], cpus: int,
-             memory: str) -> list[str]:
+             memory: str, network: bool) -> list[str]:
     vng = str(Path(sys.executable).parent / "vng")
     guest = ["bash", "tests/vm/guest.sh", str(WORK), *pytest_args]
     return [vng, "--run", kernel, "--user", "root", "--force-9p", "--disable-kvm",
             "--memory", memory, "--cpus", str(cpus), f"--rwdir={ROOT}", "--cwd", str(ROOT),
             "-a", "mitigations=off modprobe.blacklist=kvm,kvm_amd,kvm_intel",
+            *(["--network", "user", "--no-dhcp"] if network else []),
             f"--qemu-opts={' '.join(qemu_opts)}", "--", *guest]
+
+
+def start_s3() -> object:
+    """SeaweedFS on the host's loopback; the guest reaches it at 10.0.2.2 (QEMU user network).
+
+    Running it inside the TCG guest is too slow (not ready within minutes on a loaded host)."""
+    sys.path.insert(0, str(ROOT))
+    from csi_perssd.tools.seaweed import Seaweed
+    sw = Seaweed(WORK / "seaweed")
+    sw.start()
+    env = WORK / "s3.env"
+    env.unlink(missing_ok=True)
+    fd = os.open(env, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"PERSSD_VM_S3_ENDPOINT=http://10.0.2.2:{sw.ports['s3.port']}\n"
+                f"PERSSD_VM_S3_BUCKET={sw.bucket}\n"
+                f"PERSSD_VM_S3_ACCESS_KEY={sw.access_key}\n"
+                f"PERSSD_VM_S3_SECRET_KEY={sw.secret_key}\n")
+    return sw
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +122,23 @@ def main(argv: list[str] | None = None) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     for stale in ("guest.rc", "junit.xml"):
         (WORK / stale).unlink(missing_ok=True)
-    argv_ = vng_argv(kernel, make_disks(), args.pytest_args or ["-q"], args.cpus, args.memory)
+    shutil.rmtree(WORK / "seaweed", ignore_errors=True)
+    t_s3 = time.monotonic()
+    sw = start_s3()
+    print(f"test VM: SeaweedFS on the host ready in {time.monotonic() - t_s3:.1f}s")
+    try:
+        return run_vm(args, kernel)
+    finally:
+        sw.stop()                                   # type: ignore[attr-defined]
+        (WORK / "s3.env").unlink(missing_ok=True)
+        shutil.rmtree(WORK / "seaweed", ignore_errors=True)
+
+
+def run_vm(args: argparse.Namespace, kernel: str) -> int:
+    pytest_args = list(args.pytest_args)
+    if not any(a.startswith("tests/") for a in pytest_args):
+        pytest_args.insert(0, "tests/lvm")
+    argv_ = vng_argv(kernel, make_disks(), pytest_args, args.cpus, args.memory, network=True)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     t0 = time.monotonic()
     booted = None
@@ -120,12 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(int(args.timeout))
     with open(WORK / "vm.log", "wb") as log:
-        for line in proc.stdout:
-            log.write(line)
+        while True:
+            data = proc.stdout.read1(65536)     # not line by line: pytest's dots have no newline
+            if not data:
+                break
+            log.write(data)
             log.flush()
-            sys.stdout.buffer.write(line)
+            sys.stdout.buffer.write(data)
             sys.stdout.flush()
-            if booted is None and line.startswith(b"PERSSD-VM-BOOTED"):
+            if booted is None and b"PERSSD-VM-BOOTED" in data:
                 booted = time.monotonic() - t0
     rc = proc.wait()
     signal.alarm(0)
