@@ -161,6 +161,8 @@ class Controller(rpc.ControllerServicer):
                 raise invalid(why)
         if len({c["access_type"] for c in cap_list}) > 1:
             raise invalid("a volume cannot be both block and mount")
+        if request.mutable_parameters:     # spec: SHALL NOT be given unless the SP has MODIFY_VOLUME
+            raise invalid("mutable_parameters are not supported: this driver has no MODIFY_VOLUME capability")
         vp = params.parse(dict(request.parameters))
         if vp.fs_type:
             for c in cap_list:
@@ -334,6 +336,8 @@ class Controller(rpc.ControllerServicer):
                     why = f"volume holds {'/'.join(sorted(fss))}, not {c['fs_type']}"
             if why is None and request.parameters and (vp.mobility != rec.mobility or vp.persistence != rec.persistence):
                 why = "parameters differ from the volume's"
+            if why is None and request.mutable_parameters:
+                why = "mutable_parameters are not supported (no MODIFY_VOLUME capability)"
             if why:
                 return pb.ValidateVolumeCapabilitiesResponse(message=why)
         return pb.ValidateVolumeCapabilitiesResponse(confirmed=pb.ValidateVolumeCapabilitiesResponse.Confirmed(
