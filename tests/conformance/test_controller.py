@@ -219,6 +219,11 @@ class TestCreateVolume:
         vol = driver.create(create_request(cap=mount_cap(flags=["noatime", "nodiratime"])))
         assert vol.volume_id
 
+    def test_should_fail_for_mutable_parameters_without_modify_volume(self, driver):
+        req = create_request()
+        req.mutable_parameters["iops"] = "1000"
+        expect(C.INVALID_ARGUMENT, driver.controller.CreateVolume, req)
+
     def test_should_fail_for_an_invalid_mount_flag(self, driver):
         expect(C.INVALID_ARGUMENT, driver.controller.CreateVolume, create_request(cap=mount_cap(flags=["a\x00b"])))
 
@@ -392,6 +397,12 @@ class TestValidateVolumeCapabilities:
             volume_id=vol.volume_id, volume_capabilities=[cap]))
         assert not resp.HasField("confirmed")
         assert resp.message
+
+    def test_should_not_confirm_mutable_parameters(self, driver):
+        vol = driver.create(create_request())
+        resp = driver.controller.ValidateVolumeCapabilities(pb.ValidateVolumeCapabilitiesRequest(
+            volume_id=vol.volume_id, volume_capabilities=[mount_cap()], mutable_parameters={"iops": "1"}))
+        assert not resp.HasField("confirmed") and resp.message
 
     def test_should_not_confirm_different_parameters(self, driver):
         vol = driver.create(create_request())
