@@ -692,3 +692,77 @@ class TestControllerHostileInput:
         vol = driver.create(create_request(name="../../etc/passwd"))
         again = driver.create(create_request(name="../../etc/passwd"))
         assert vol.volume_id == again.volume_id
+
+
+# ----------------------------------------------------------------------------- concurrency
+
+class TestControllerPerVolumeLock:
+    """The file:// store serialises conditional writes with an flock on its directory: holding that
+    lock from the test makes the first call on a volume wait inside its critical section, so a
+    second call on the same volume (or name) must be ABORTED, deterministically."""
+
+    def _holding_store_lock(self, driver):
+        import fcntl
+        import os
+        from contextlib import contextmanager
+
+        @contextmanager
+        def held():
+            fd = os.open(os.path.join(driver.proc.catalog.removeprefix("file://"), ".lock"), os.O_RDWR | os.O_CREAT)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+        return held()
+
+    def _in_thread(self, fn, req):
+        import threading
+        out: dict[str, object] = {}
+
+        def run() -> None:
+            try:
+                out["resp"] = fn(req, timeout=60)
+            except grpc.RpcError as e:
+                out["error"] = e
+        t = threading.Thread(target=run)
+        t.start()
+        return t, out
+
+    def _wait_aborted(self, fn, req, timeout: float = 10.0) -> None:
+        import time
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if code_of(fn, req, timeout=2) == C.ABORTED:      # a blocked call would time out instead
+                return
+            time.sleep(0.02)
+        raise AssertionError("the second call was never ABORTED")
+
+    def test_a_concurrent_call_on_the_same_volume_should_get_aborted(self, driver):
+        vol = driver.create(create_request())
+        other = driver.create(create_request())
+        ctl = driver.controller
+        pub = pb.ControllerPublishVolumeRequest(volume_id=vol.volume_id, node_id=NODE_ID, volume_capability=mount_cap())
+        with self._holding_store_lock(driver):
+            t, out = self._in_thread(ctl.ControllerPublishVolume, pub)
+            self._wait_aborted(ctl.ControllerUnpublishVolume, pb.ControllerUnpublishVolumeRequest(volume_id=vol.volume_id))
+            expect(C.ABORTED, ctl.DeleteVolume, pb.DeleteVolumeRequest(volume_id=vol.volume_id), timeout=5)
+            expect(C.ABORTED, ctl.ControllerExpandVolume, pb.ControllerExpandVolumeRequest(
+                volume_id=vol.volume_id, capacity_range=pb.CapacityRange(required_bytes=64 * MiB)), timeout=5)
+            # reads and other volumes are not blocked by the volume's lock
+            ctl.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=other.volume_id), timeout=10)
+        t.join(60)
+        assert "error" not in out, out.get("error")
+        got = ctl.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=vol.volume_id))
+        assert list(got.status.published_node_ids) == [NODE_ID]
+
+    def test_a_concurrent_create_of_the_same_name_should_get_aborted(self, driver):
+        req = create_request()
+        ctl = driver.controller
+        with self._holding_store_lock(driver):
+            t, out = self._in_thread(ctl.CreateVolume, req)
+            self._wait_aborted(ctl.CreateVolume, req)
+        t.join(60)
+        assert "error" not in out, out.get("error")
+        driver.created.append(out["resp"].volume.volume_id)
+        assert driver.create(req).volume_id == out["resp"].volume.volume_id
