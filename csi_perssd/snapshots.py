@@ -98,6 +98,8 @@ class Snapshots:
             if same is not None and same.source_volume != src:
                 raise CsiError(Code.ALREADY_EXISTS, f"snapshot name {name!r} already names {same.id} "
                                f"of volume {same.source_volume}, not of {src}")
+            if same is not None and same.ready:
+                return pb.CreateSnapshotResponse(snapshot=self.proto(same))    # even if the source is gone now
             vol = cat.volume(src)
             if vol.persistence != "object":
                 raise CsiError(Code.FAILED_PRECONDITION, f"volume {vol.id} has persistence=local: its data never "
