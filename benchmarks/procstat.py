@@ -109,16 +109,33 @@ def run_child(argv: list[str], env: dict[str, str] | None = None, cwd: str | Non
         r.start()
     timer = threading.Timer(timeout, p.kill)
     timer.start()
+    # peak RSS: poll the child's VmHWM (rusage's ru_maxrss is no use here: Linux carries the
+    # forking parent's high-water mark across exec, so a small tool reports the runner's size)
+    peak = [0]
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            try:
+                peak[0] = max(peak[0], status_kib(p.pid, "VmHWM") * 1024)
+            except (OSError, ValueError):
+                pass
+            done.wait(0.02)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
     try:
         _, status, ru = os.wait4(p.pid, 0)
     finally:
+        done.set()
         timer.cancel()
+        poller.join()
     dt = time.monotonic() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
     for r in readers:
         r.join()
     res = ChildRun(argv=argv, returncode=p.returncode, seconds=dt, cpu_seconds=ru.ru_utime + ru.ru_stime,
-                   peak_rss_bytes=ru.ru_maxrss * 1024,
+                   peak_rss_bytes=peak[0],
                    stdout=b"".join(chunks[out_r[0]]).decode(errors="replace"),
                    stderr=b"".join(chunks[err_r[0]]).decode(errors="replace"))
     if res.returncode != 0:

@@ -23,7 +23,13 @@ FIGURES: list[tuple[str, str, str]] = [
     ("hydrate_b.mb_s", "driver hydrate (b)", "MB/s"),
     ("s5cmd_download_b.mb_s", "s5cmd cp download (b)", "MB/s"),
     ("rclone_download_b.mb_s", "rclone copy download (b)", "MB/s"),
+    ("flush_a.pre_flush_seconds", "driver flush (a): pre-flush pass", "s"),
+    ("flush_a.final_pass_seconds", "driver flush (a): final pass", "s"),
+    ("flush_b.pre_flush_seconds", "driver flush (b): pre-flush pass", "s"),
+    ("flush_b.final_pass_seconds", "driver flush (b): final pass", "s"),
     ("flush_c.seconds", "driver incremental flush (c)", "s"),
+    ("flush_c.pre_flush_seconds", "driver flush (c): pre-flush pass", "s"),
+    ("flush_c.final_pass_seconds", "driver flush (c): final pass", "s"),
     ("restic_incremental_c.seconds", "restic incremental backup (c)", "s"),
     ("flush_c.uploaded_bytes", "driver uploaded (c)", "MiB"),
     ("flush_c.changed_chunk_bytes", "changed chunks (c)", "MiB"),
@@ -48,6 +54,7 @@ FIGURES: list[tuple[str, str, str]] = [
     ("flush_b.peak_rss_bytes", "node peak RSS, flush (b)", "MiB"),
     ("hydrate_a.peak_rss_bytes", "node peak RSS, hydrate (a)", "MiB"),
     ("s5cmd_upload_a.peak_rss_bytes", "s5cmd peak RSS, upload (a)", "MiB"),
+    ("rclone_upload_a.peak_rss_bytes", "rclone peak RSS, upload (a)", "MiB"),
     ("restic_first_a.peak_rss_bytes", "restic peak RSS, first (a)", "MiB"),
 ]
 

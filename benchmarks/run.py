@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -47,6 +48,7 @@ from csi_perssd.tools.seaweed import Seaweed  # noqa: E402
 MiB = 1 << 20
 GiB = 1 << 30
 CHUNK = 4 * MiB          # the StorageClass default
+DATA_VERSION = 1         # bump when data.py changes what it generates
 UPLOADED = 'perssd_transfer_bytes_total{kind="uploaded"}'
 READ = 'perssd_transfer_bytes_total{kind="flushed_read"}'
 HYDRATED = 'perssd_transfer_bytes_total{kind="hydrated"}'
@@ -60,6 +62,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def flush_passes(log_path: Path, vid: str) -> dict[str, float]:
+    """Durations of the last pre-flush and final pass of `vid`, from the node's log (the driver
+    logs both; absent keys when a pass did not run or the format changed)."""
+    out: dict[str, float] = {}
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return out
+    for key, pat in (("pre_flush_seconds", r"volume %s: background flush uploaded \d+ bytes in ([0-9.]+)s"),
+                     ("final_pass_seconds", r"volume %s: committed generation \d+: .* in ([0-9.]+)s \(")):
+        found = re.findall(pat % re.escape(vid), text)
+        if found:
+            out[key] = float(found[-1])
+    return out
 
 
 def s3_requests(m: dict[str, float]) -> float:
@@ -88,15 +106,26 @@ class Bench:
         return _Profiled(self, pid, phase)
 
     # -- data ---------------------------------------------------------------------------------
-    def prepare(self) -> None:
-        self.a_img = str(self.work / "a.img")
+    def prepare(self, cache: Path | None) -> None:
+        """The inputs: (a) random image, (b) file tree. Kept in `cache` between invocations
+        (each run still gets its own catalog prefix, so reuse dedups nothing)."""
+        base = (cache / f"v{DATA_VERSION}-{self.size}") if cache else self.work / "inputs"
+        stamp = base / "complete.json"
+        self.a_img, self.tree = str(base / "a.img"), str(base / "tree-b")
+        if stamp.exists():
+            meta = json.loads(stamp.read_text())
+            self.a_digest, self.tree_counts, self.tree_digest = meta["a"], meta["tree"], meta["tree_digest"]
+            log(f"inputs from {base}")
+            return
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True)
         log(f"generating (a): {self.size // MiB} MiB of random data")
         self.a_digest = data.random_image(self.a_img, self.size)
-        self.tree = str(self.work / "tree-b")
         log(f"generating (b): a file tree of {0.4 * self.size / MiB:.0f} MiB (realistic mix)")
         os.makedirs(self.tree)
         self.tree_counts = data.write_tree(self.tree, int(self.size * 0.4))
         self.tree_digest = data.tree_digest(self.tree)
+        stamp.write_text(json.dumps({"a": self.a_digest, "tree": self.tree_counts, "tree_digest": self.tree_digest}))
 
     # -- one run ------------------------------------------------------------------------------
     def node_flush(self, cl: Cluster, node: str, vid: str, port: int, phase: str = "") -> dict[str, Any]:
@@ -114,7 +143,8 @@ class Bench:
         cl.controller.controller.ControllerUnpublishVolume(   # type: ignore[union-attr]
             pb.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=node))
         m1 = scrape(port)
-        return {"seconds": t2 - t0, "unstage_seconds": t2 - t1, "unstage_calls": calls,
+        passes = flush_passes(cl.nodes[node].log_path, vid)
+        return {"seconds": t2 - t0, "unstage_seconds": t2 - t1, "unstage_calls": calls, **passes,
                 "mb_s": self.size / (t2 - t0) / 1e6,
                 "uploaded_bytes": delta(m0, m1, UPLOADED), "read_bytes": delta(m0, m1, READ),
                 "s3_requests": s3_requests(m1) - s3_requests(m0),
@@ -327,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--workdir", default="/var/tmp", help="parent of the scratch directory")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--cache", default="/var/tmp/perssd-bench-cache", help="generated inputs, reused")
+    ap.add_argument("--no-cache", action="store_true", help="generate the inputs in the scratch directory")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy the node during run 1's flushes and hydrate (results/<stem>-profile/)")
     a = ap.parse_args(argv)
@@ -347,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.profile:
             b.profile_dir = out / f"{stem}-profile"
         log(f"SeaweedFS on {sw.endpoint}; scratch {work}; volumes {size // MiB} MiB; {a.runs} runs")
-        b.prepare()
+        b.prepare(None if a.no_cache else Path(a.cache))
         for r in range(1, a.runs + 1):
             runs.append(b.one_run(r))
         meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
