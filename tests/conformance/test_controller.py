@@ -729,6 +729,22 @@ class TestControllerPerVolumeLock:
         t.start()
         return t, out
 
+    def _wait_blocked(self, driver, timeout: float = 10.0) -> None:
+        """Wait until the driver process waits for the store's flock (a "->" line in /proc/locks)."""
+        import os
+        import time
+        ino = os.stat(os.path.join(driver.proc.catalog.removeprefix("file://"), ".lock")).st_ino
+        pid = str(driver.proc.proc.pid)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with open("/proc/locks") as f:
+                for line in f:
+                    parts = line.split()
+                    if "->" in parts and pid in parts and any(p.endswith(f":{ino}") for p in parts):
+                        return
+            time.sleep(0.02)
+        raise AssertionError("the first call never reached the store")
+
     def _wait_aborted(self, fn, req, timeout: float = 10.0) -> None:
         import time
         end = time.monotonic() + timeout
@@ -745,6 +761,7 @@ class TestControllerPerVolumeLock:
         pub = pb.ControllerPublishVolumeRequest(volume_id=vol.volume_id, node_id=NODE_ID, volume_capability=mount_cap())
         with self._holding_store_lock(driver):
             t, out = self._in_thread(ctl.ControllerPublishVolume, pub)
+            self._wait_blocked(driver)
             self._wait_aborted(ctl.ControllerUnpublishVolume, pb.ControllerUnpublishVolumeRequest(volume_id=vol.volume_id))
             expect(C.ABORTED, ctl.DeleteVolume, pb.DeleteVolumeRequest(volume_id=vol.volume_id), timeout=5)
             expect(C.ABORTED, ctl.ControllerExpandVolume, pb.ControllerExpandVolumeRequest(
@@ -761,6 +778,7 @@ class TestControllerPerVolumeLock:
         ctl = driver.controller
         with self._holding_store_lock(driver):
             t, out = self._in_thread(ctl.CreateVolume, req)
+            self._wait_blocked(driver)
             self._wait_aborted(ctl.CreateVolume, req)
         t.join(60)
         assert "error" not in out, out.get("error")
