@@ -152,6 +152,7 @@ class TestGracefulShutdown:
         thawed = False
         try:
             t.start()
+            d.wait_for_child("xfs_growfs")
             d.wait_until_busy(vid)
             d.proc.proc.send_signal(15)
             time.sleep(1.0)

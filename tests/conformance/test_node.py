@@ -543,6 +543,7 @@ class TestPerVolumeLock:
         t = threading.Thread(target=slow)
         try:
             t.start()
+            driver.wait_for_child("xfs_growfs")
             driver.wait_until_busy(vid)
             expect(C.ABORTED, driver.node.NodeStageVolume, driver.stage_request(vid, staging, cap))
             expect(C.ABORTED, driver.node.NodePublishVolume, driver.publish_request(vid, staging, target, cap))

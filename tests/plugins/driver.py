@@ -214,6 +214,26 @@ class Csi:
         if errors:
             raise AssertionError("cleaning up volumes failed: " + "; ".join(errors))
 
+    def wait_for_child(self, comm: str, timeout: float = 10.0) -> None:
+        """Wait until the driver runs a child process named `comm` (e.g. a tool blocked on a frozen fs)."""
+        end = time.monotonic() + timeout
+        ppid = str(self.proc.proc.pid)
+        while time.monotonic() < end:
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        stat = f.read()
+                except OSError:
+                    continue
+                name = stat[stat.index("(") + 1:stat.rindex(")")]
+                parent = stat[stat.rindex(")") + 2:].split()[1]
+                if parent == ppid and name == comm[:15]:
+                    return
+            time.sleep(0.02)
+        raise AssertionError(f"the driver never ran {comm} within {timeout}s")
+
     def wait_until_busy(self, vid: str, timeout: float = 10.0) -> None:
         """Poll a cheap call on the volume until the driver rejects it as busy (ABORTED): another
         call holds the volume's lock."""
