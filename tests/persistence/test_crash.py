@@ -1,10 +1,12 @@
 """Crash: SIGKILL the node process in the middle of a flush — twice — restart it each time;
 NodeUnstage completes, the data is intact on the other node, and the resumed flush neither
-re-reads what the journal recorded nor re-uploads what was already uploaded."""
+re-reads what the journal recorded nor re-uploads what was already uploaded. The other node is
+killed in the middle of hydrating too: after its restart the half-written copy is not reused."""
 from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 from csi_perssd.csi import csi_pb2 as pb
 from csi_perssd.tools.cluster import Cluster, block_cap
 
-from .helpers import CHUNK, MiB, chunk_hashes, chunk_keys, image, sha256_file
+from .helpers import CHUNK, MiB, chunk_hashes, chunk_keys, code, image, sha256_file
 
 pytestmark = [pytest.mark.root, pytest.mark.s3]
 # one upload at a time and short NodeUnstage waits: the flush takes seconds and reports progress
@@ -60,8 +62,8 @@ def test_sigkill_during_flush_resumes_without_reuploading(cluster: Cluster):
     seen = ""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        code, msg = _unstage_once(cl, "node-a", vid)
-        assert code == grpc.StatusCode.ABORTED, f"flush ended before the kill ({code}: {msg})"
+        c, msg = _unstage_once(cl, "node-a", vid)
+        assert c == grpc.StatusCode.ABORTED, f"flush ended before the kill ({c}: {msg})"
         m = re.search(r"(\d+)/(\d+) bytes \((\d+)%\)", msg)
         assert m, f"no progress in the ABORTED message: {msg!r}"
         if int(m.group(1)) > 0:
@@ -98,11 +100,29 @@ def test_sigkill_during_flush_resumes_without_reuploading(cluster: Cluster):
     assert set(end) == chunk_keys(chunk_hashes(image(cl, "node-a", vid)), cl.prefix)
     assert "resuming the interrupted flush" in cl.nodes["node-a"].log_path.read_text()
 
-    # the data is intact on node-b
+    # the data is intact on node-b, even when node-b is killed while hydrating it
+    cl.controller.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+        volume_id=vid, node_id="node-b", volume_capability=cap))
+    staging_b, _ = cl.paths("node-b", vid)
+    Path(staging_b).mkdir(parents=True, exist_ok=True)
+    stage = threading.Thread(target=lambda: code(cl.nodes["node-b"].node.NodeStageVolume, pb.NodeStageVolumeRequest(
+        volume_id=vid, staging_target_path=staging_b, volume_capability=cap), timeout=120))
+    stage.start()
+    img_b = image(cl, "node-b", vid)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not img_b.exists() or img_b.stat().st_blocks * 512 < 24 * MiB):
+        time.sleep(0.005)
+    cl.nodes["node-b"].kill()
+    stage.join()
+    half = img_b.stat().st_blocks * 512
+    assert half < RANDOM, "node-b finished hydrating before the kill"
+    cl.nodes["node-b"].start()
     target_b = cl.attach("node-b", vid, cap=cap)
+    assert cl.transferred("node-b", "hydrated") > 0, "the half-hydrated copy was reused"
     assert sha256_file(target_b) == want
     cl.release("node-b", vid)
     cl.delete(vid)
     print(f"\nPERF crash: killed at {seen!r}; {len(at_kill1)} chunks stored at kill #1, {len(at_kill2)} at kill #2 "
           f"({journaled} journaled); resumed run read {read3 / MiB:.0f} MiB and uploaded {len(new)} chunks "
-          f"({uploaded3 / MiB:.0f} MiB); {calls} NodeUnstage calls after the restart")
+          f"({uploaded3 / MiB:.0f} MiB); {calls} NodeUnstage calls after the restart; node-b killed with "
+          f"{half / MiB:.0f} MiB hydrated")
