@@ -31,6 +31,22 @@ def _cap_matches(lv: LocalVolume, cap: dict[str, Any]) -> bool:
     return cap["access_type"] == "block" or (lv.fs_type == cap["fs_type"] and lv.mount_flags == cap["mount_flags"])
 
 
+def _lookup_path(value: str) -> str | None:
+    """volume_path of NodeGetVolumeStats/NodeExpandVolume: only compared with the paths this node
+    staged or published, never used before it matched one. A missing, NUL-bearing or oversize path
+    is INVALID_ARGUMENT; any other path that is not one of the volume's (relative, with '..')
+    is the spec's "volume does not exist on specified volume_path": NOT_FOUND (as csi-sanity expects),
+    signalled by None."""
+    if not value:
+        raise invalid("volume_path is required")
+    try:
+        return ids.host_path(value, "volume_path")
+    except CsiError:
+        if "\x00" in value or len(value.encode("utf-8")) > ids.MAX_PATH_BYTES:
+            raise
+        return None                  # cannot be one of the volume's paths
+
+
 class Node(rpc.NodeServicer):
     def __init__(self, cfg: Config, stores: Stores, backend: Backend, state: NodeState, sync: VolumeSync):
         self.cfg = cfg
@@ -246,12 +262,12 @@ class Node(rpc.NodeServicer):
     # -- stats / expand --------------------------------------------------------------------
     def NodeGetVolumeStats(self, request: Any, context: Any) -> Any:
         vid = ids.volume_id(request.volume_id)
-        path = ids.host_path(request.volume_path, "volume_path")
+        path = _lookup_path(request.volume_path)
         lv = self.state.get(vid)
         if lv is None:
             raise not_found(f"volume {vid} is not on this node")
-        if path != lv.staged_path and path not in lv.targets:
-            raise not_found(f"{path} is not a path of volume {vid}")
+        if path is None or (path != lv.staged_path and path not in lv.targets):
+            raise not_found(f"{request.volume_path[:200]!r} is not a path of volume {vid}")
         if not os.path.exists(path):
             raise not_found(f"volume path {path} does not exist")
         Usage = pb.VolumeUsage
@@ -272,14 +288,14 @@ class Node(rpc.NodeServicer):
 
     def NodeExpandVolume(self, request: Any, context: Any) -> Any:
         vid = ids.volume_id(request.volume_id)
-        path = ids.host_path(request.volume_path, "volume_path")
+        path = _lookup_path(request.volume_path)
         cap = caps.to_dict(request.volume_capability) if request.HasField("volume_capability") else None
         with self.locks.hold(vid):
             lv = self.state.get(vid)
             if lv is None or not lv.staged:
                 raise not_found(f"volume {vid} is not staged on this node")
-            if path != lv.staged_path and path not in lv.targets:
-                raise not_found(f"{path} is not a path of volume {vid}")
+            if path is None or (path != lv.staged_path and path not in lv.targets):
+                raise not_found(f"{request.volume_path[:200]!r} is not a path of volume {vid}")
             if cap is not None and cap["access_type"] != lv.access_type:   # spec: "Exceeds capabilities"
                 raise invalid(f"volume {vid} is staged for {lv.access_type} access, not {cap['access_type']}")
             size = request.capacity_range.required_bytes if request.HasField("capacity_range") else 0
