@@ -394,10 +394,16 @@ class TestNodeGetVolumeStats:
 
     def test_should_fail_for_a_path_that_is_not_the_volumes(self, driver):
         vid, staging = driver.staged()
+        for path in (driver.path("t"), "/", "some/path", staging + "/../x"):
+            expect(C.NOT_FOUND, driver.node.NodeGetVolumeStats,
+                   pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=path))
+
+    def test_should_fail_with_not_found_for_an_unknown_volume_and_a_relative_path(self, driver):
+        # csi-sanity: "should fail when volume is not found" uses VolumePath "some/path"
         expect(C.NOT_FOUND, driver.node.NodeGetVolumeStats,
-               pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=driver.path("t")))
-        expect(C.NOT_FOUND, driver.node.NodeGetVolumeStats,
-               pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path="/"))
+               pb.NodeGetVolumeStatsRequest(volume_id=GONE, volume_path="some/path"))
+        expect(C.NOT_FOUND, driver.node.NodeExpandVolume,
+               pb.NodeExpandVolumeRequest(volume_id=GONE, volume_path="some/path"))
 
     @pytest.mark.parametrize("fs_type", ["ext4", "xfs"])
     def test_should_report_bytes_and_inodes(self, driver, fs_type):
@@ -565,10 +571,12 @@ HOSTILE_PATHS = ["relative/path", "/tmp/x/../../etc", "/tmp/a\x00b", "/" + "a" *
 
 
 def snapshot_tree(*roots: str) -> set[str]:
+    """Every path under the roots, except the driver's own atomic-write temp files (its heartbeat
+    rewrites the node record in the background)."""
     out = set()
     for root in roots:
         for r, dirs, files in os.walk(root):
-            out.update(os.path.join(r, n) for n in dirs + files)
+            out.update(os.path.join(r, n) for n in dirs + files if not n.startswith(".tmp-"))
     return out
 
 
@@ -603,7 +611,11 @@ class TestNodeHostileInput:
         expect(C.INVALID_ARGUMENT, n.NodePublishVolume, driver.publish_request(vid, staging, path))
         expect(C.INVALID_ARGUMENT, n.NodeUnpublishVolume, pb.NodeUnpublishVolumeRequest(volume_id=vid,
                                                                                         target_path=path))
-        expect(C.INVALID_ARGUMENT, n.NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=path))
-        expect(C.INVALID_ARGUMENT, n.NodeExpandVolume, pb.NodeExpandVolumeRequest(volume_id=vid, volume_path=path))
+        # stats/expand only look a volume_path up among the volume's own paths: a malformed one
+        # (NUL, oversize) is INVALID_ARGUMENT, any other that is not the volume's NOT_FOUND
+        # (csi-sanity sends the relative "some/path" and expects NOT_FOUND)
+        lookup = C.INVALID_ARGUMENT if "\x00" in path or len(path) > 4096 else C.NOT_FOUND
+        expect(lookup, n.NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=path))
+        expect(lookup, n.NodeExpandVolume, pb.NodeExpandVolumeRequest(volume_id=vid, volume_path=path))
         assert snapshot_tree(str(driver.base), "/etc") - before == set()
         assert mount_entry(staging) is not None
