@@ -21,6 +21,18 @@ from .procs import DriverProcess
 
 DEFAULT_PARAMS = {"persistence": "local"}      # no object-store round trip per test volume
 TEST_VOLUME_SIZE = 64 << 20
+XFS_VOLUME_SIZE = 320 << 20                     # mkfs.xfs wants >= 300 MiB (sparse: costs nothing)
+
+
+def default_params() -> tuple[dict[str, str], int, str]:
+    """Parameters and volume size for csi-sanity's test volumes, and why. Without CAP_SYS_RESOURCE
+    (some sandboxes) ext4 cannot grow while mounted, which csi-sanity's "node-expand after
+    node-publish" needs: use xfs there, which grows online without it."""
+    from ..local import fs
+    if fs.can_grow_ext_online():
+        return dict(DEFAULT_PARAMS), TEST_VOLUME_SIZE, ""
+    return (dict(DEFAULT_PARAMS, fsType="xfs"), XFS_VOLUME_SIZE,
+            "no CAP_SYS_RESOURCE here (online ext4 resize impossible): test volumes use xfs")
 
 
 def sanity_argv(binary: str, socket: str, workdir: Path, params_file: Path, size: int, extra: list[str]) -> list[str]:
@@ -78,7 +90,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("binary", help="path to the csi-sanity executable")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help=f"StorageClass parameter for test volumes (default {DEFAULT_PARAMS})")
-    p.add_argument("--volume-size", type=int, default=TEST_VOLUME_SIZE, help="test volume size in bytes")
+    p.add_argument("--volume-size", type=int, default=0, help="test volume size in bytes (default 64 MiB; "
+                   "320 MiB with xfs when online ext4 resize is impossible)")
     p.add_argument("--node-id", default="sanity-node")
     p.add_argument("--pool", default="sanity-pool")
     p.add_argument("--workdir", default=None, help="create the temporary directory under this one")
@@ -91,7 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (os.path.isfile(args.binary) and os.access(args.binary, os.X_OK)):
         print(f"sanity: {args.binary} is not an executable file", file=sys.stderr)
         return 2
-    params = dict(DEFAULT_PARAMS)
+    params, size, why = default_params()
+    if args.param or args.volume_size:
+        params, size, why = dict(DEFAULT_PARAMS), TEST_VOLUME_SIZE, ""
+    if args.volume_size:
+        size = args.volume_size
+    if why:
+        print(f"sanity: {why}", flush=True)
     for kv in args.param:
         key, sep, value = kv.partition("=")
         if not sep:
@@ -109,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = 1
     try:
         driver.start()
-        cmd = sanity_argv(args.binary, driver.socket, work, params_file, args.volume_size, extra)
+        cmd = sanity_argv(args.binary, driver.socket, work, params_file, size, extra)
         print("sanity: " + " ".join(cmd), flush=True)
         rc = subprocess.run(cmd).returncode
     except RuntimeError as e:           # the driver did not come up

@@ -23,6 +23,7 @@ report = {{"flags": flags, "argv": sys.argv[1:]}}
 report["mountdir_exists"] = os.path.exists(flags["csi.mountdir"])
 report["stagingdir_exists"] = os.path.exists(flags["csi.stagingdir"])
 params = json.load(open(flags["csi.testvolumeparameters"]))
+report["params"] = params
 ch = grpc.insecure_channel(flags["csi.endpoint"])
 report["ready"] = rpc.IdentityStub(ch).Probe(pb.ProbeRequest()).ready.value
 cap = pb.VolumeCapability(mount=pb.VolumeCapability.MountVolume(),
@@ -57,9 +58,12 @@ def test_runs_csi_sanity_against_a_live_driver_and_returns_its_exit_code(stand_i
     assert report["ready"] is True
     assert report["flags"]["csi.endpoint"].startswith("unix:///")
     assert not report["mountdir_exists"] and not report["stagingdir_exists"]
-    assert int(report["flags"]["csi.testvolumesize"]) == sanity.TEST_VOLUME_SIZE
-    assert report["capacity"] >= sanity.TEST_VOLUME_SIZE
+    params, size, _ = sanity.default_params()
+    assert int(report["flags"]["csi.testvolumesize"]) == size
+    assert int(report["flags"]["csi.testvolumeexpandsize"]) == 2 * size
+    assert report["capacity"] >= size
     assert report["context"]["persistence"] == "local"
+    assert report["params"] == params
     assert "-ginkgo.focus=Node" in report["argv"]
     assert "csi-sanity exited with 7" in capsys.readouterr().out
 
