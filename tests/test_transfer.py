@@ -335,3 +335,21 @@ def test_untrusted_journal_rereads_but_uploads_only_new_content(store, tmp_path)
     dest = _sparse(tmp_path / "dest.img")
     hydrate(store, m, dest)
     assert _sha(dest) == _sha(src)
+
+
+def test_known_chunks_from_an_earlier_pass_are_not_headed_or_uploaded(store, tmp_path):
+    img = make_image(tmp_path / "k.img")
+    first, st1 = flush(store, img["path"], SIZE, CS, ranges=file_data_extents(img["path"]))
+    assert st1.chunks_uploaded == img["distinct"]
+    _pwrite(img["path"], 40 * CS, os.urandom(CS))               # one chunk changes after the pass
+    before = dict(store.stats.snapshot()["requests"])
+    known = {h: first.sizes[h] for h in first.entries if h is not None}
+    second, st2 = flush(store, img["path"], SIZE, CS, ranges=file_data_extents(img["path"]), known=known)
+    after = store.stats.snapshot()["requests"]
+    assert st2.chunks_uploaded == 1                             # only the changed chunk
+    assert after.get("put", 0) - before.get("put", 0) == 1
+    assert after.get("head", 0) - before.get("head", 0) <= 1    # no HEAD for the known ones
+    assert second.entries[40] != first.entries[40]
+    assert [e for i, e in enumerate(second.entries) if i != 40] == [e for i, e in enumerate(first.entries) if i != 40]
+    with pytest.raises(ValueError):
+        flush(store, img["path"], SIZE, CS, known={"not-a-hash": 1})

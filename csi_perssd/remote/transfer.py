@@ -37,7 +37,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -306,9 +306,13 @@ def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
           ranges_mode: str = "allocated", compression_level: int = 3, workers: int = 8,
           journal_path: str | None = None, trust_journal: bool = True,
           check_exists: bool | str = "auto", progress: Progress | None = None,
-          generation: int | None = None) -> tuple[Manifest, FlushStats]:
+          generation: int | None = None,
+          known: Mapping[str, int] | None = None) -> tuple[Manifest, FlushStats]:
     """Upload the chunks of `source_path` that are not stored yet and return the new manifest
     (generation = base.generation + 1 unless given; parent = base's) and the stats.
+    `known` (hash -> stored size) adds chunks the caller knows are stored and safe from garbage
+    collection until this flush's manifest claims them (e.g. the pre-flush of the same volume a
+    moment ago): they are neither compressed, HEADed nor uploaded again.
     Store errors propagate (StoreError); an exception from `progress` aborts the flush (the
     journal keeps what was done)."""
     t0 = time.monotonic()
@@ -327,6 +331,8 @@ def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
     st = _FlushState(known={h: (base.sizes.get(h, 0) if base else 0)
                             for h in (base.referenced_hashes() if base else ())},
                      check_exists=check_exists)
+    for h, sz in (known or {}).items():
+        st.known.setdefault(check_hash(h), sz)
 
     to_read = list(range(n)) if ranges is None else chunks_in(ranges, size, chunk_size)
     if ranges is not None and ranges_mode == "changed":
