@@ -325,14 +325,15 @@ class Controller(rpc.ControllerServicer):
         cat = self.stores.catalog(dict(request.secrets))
         rec = cat.volume(vid)
         vp = params.parse(dict(request.parameters))
-        for c in cap_list:
+        for raw, c in zip(request.volume_capabilities, cap_list):
             why = caps.unsupported_reason(c)
             if why is None:
                 kinds = {x["access_type"] for x in rec.capabilities}
                 fss = {x["fs_type"] for x in rec.capabilities if x["access_type"] == "mount"}
                 if c["access_type"] not in kinds:
                     why = f"volume is {'/'.join(sorted(kinds))}, not {c['access_type']}"
-                elif c["access_type"] == "mount" and c["fs_type"] not in fss:
+                elif c["access_type"] == "mount" and raw.mount.fs_type and c["fs_type"] not in fss:
+                    # an empty fs_type asks for no particular file system (NodeStage uses the volume's)
                     why = f"volume holds {'/'.join(sorted(fss))}, not {c['fs_type']}"
             if why is None and request.parameters and (vp.mobility != rec.mobility or vp.persistence != rec.persistence):
                 why = "parameters differ from the volume's"
