@@ -254,6 +254,13 @@ class TestCreateVolumeParameters:
             volume_id=vol.volume_id, volume_capabilities=[mount_cap("xfs")]))
         assert resp.HasField("confirmed"), resp.message
 
+    def test_an_empty_fs_type_should_be_confirmed_for_any_file_system(self, driver):
+        vol = driver.create(create_request(cap=mount_cap(""), size=XFS_SIZE,
+                                           parameters={"fsType": "xfs", "persistence": "local"}))
+        resp = driver.controller.ValidateVolumeCapabilities(pb.ValidateVolumeCapabilitiesRequest(
+            volume_id=vol.volume_id, volume_capabilities=[mount_cap("")]))
+        assert resp.HasField("confirmed"), resp.message
+
     def test_fs_type_parameter_should_not_contradict_the_capability(self, driver):
         expect(C.INVALID_ARGUMENT, driver.controller.CreateVolume,
                create_request(cap=mount_cap("xfs"), size=XFS_SIZE, parameters={"fsType": "ext4"}))

@@ -143,6 +143,11 @@ class TestNodeStageVolume:
         vid, staging = driver.staged(mount_cap(fs_type), size=XFS_SIZE)
         assert mount_entry(staging)[0] == fs_type
 
+    def test_should_use_the_volumes_file_system_when_the_capability_names_none(self, driver):
+        vid, staging = driver.staged(mount_cap(""), size=XFS_SIZE, parameters={"persistence": "local", "fsType": "xfs"})
+        assert mount_entry(staging)[0] == "xfs"
+        driver.node.NodeStageVolume(driver.stage_request(vid, staging, mount_cap("")))      # idempotent
+
     def test_should_mount_with_the_requested_flags(self, driver):
         vid, staging = driver.staged(mount_cap(flags=["noatime", "nodiratime"]))
         assert {"noatime", "nodiratime"} <= mount_entry(staging)[2]
