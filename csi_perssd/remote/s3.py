@@ -68,6 +68,7 @@ class StoreStats:
     """Counters of one store (thread-safe increments; read the fields or snapshot())."""
     requests: dict[str, int] = field(default_factory=dict)     # by operation
     errors: int = 0               # failed attempts (each retry counts)
+    errors_by_op: dict[str, int] = field(default_factory=dict)
     retries: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -79,16 +80,18 @@ class StoreStats:
             self.bytes_up += up
             self.bytes_down += down
 
-    def add(self, *, errors: int = 0, retries: int = 0, down: int = 0) -> None:
+    def add(self, *, errors: int = 0, retries: int = 0, down: int = 0, op: str = "") -> None:
         with self._lock:
             self.errors += errors
+            if errors and op:
+                self.errors_by_op[op] = self.errors_by_op.get(op, 0) + errors
             self.retries += retries
             self.bytes_down += down
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {"requests": dict(self.requests), "total_requests": sum(self.requests.values()),
-                    "errors": self.errors, "retries": self.retries,
+                    "errors": self.errors, "errors_by_op": dict(self.errors_by_op), "retries": self.retries,
                     "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
 
 
@@ -195,10 +198,10 @@ class S3Store:
                     if isinstance(e, botocore.exceptions.ClientError):
                         raise
                     if isinstance(e, botocore.exceptions.BotoCoreError):
-                        self.stats.add(errors=1)
+                        self.stats.add(errors=1, op=op)
                         raise StoreError(f"{op} {self.url}/{key}: {_describe(e)}") from e
                     raise
-                self.stats.add(errors=1)
+                self.stats.add(errors=1, op=op)
                 attempt += 1
                 elapsed = time.monotonic() - start
                 if attempt >= self.retry.attempts or elapsed >= self.retry.deadline_s:
@@ -211,7 +214,7 @@ class S3Store:
                 time.sleep(pause)
 
     def _fail(self, op: str, key: str, e: botocore.exceptions.ClientError) -> StoreError:
-        self.stats.add(errors=1)
+        self.stats.add(errors=1, op=op)
         return StoreError(f"{op} {self.url}/{key}: {_describe(e)}")
 
     # -- ObjectStore ------------------------------------------------------------------------
