@@ -14,6 +14,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import time
 import re
 import stat
 import struct
@@ -331,18 +332,27 @@ def ensure_bind(source: str, target: str, readonly: bool = False, options: Seque
     return True
 
 
+BUSY_RETRY_S = 3.0
+
+
 def ensure_unmounted(target: str) -> int:
     """Unmount everything stacked at `target`; not mounted (or missing) is fine. Returns the count."""
     count = 0
-    for _ in range(64):
+    busy_until = time.monotonic() + BUSY_RETRY_S
+    for _ in range(64 + int(BUSY_RETRY_S / 0.1)):
         if mount_info(target) is None:
             return count
         res = run(["umount", target], ok=(0, 32), what="umount")
         if res.returncode == 32:
             still = mount_info(target)
-            if still is not None:   # a real failure (busy, ...), not a race with another unmount
-                raise internal(f"umount {target} failed: {(res.stderr or '').strip()}")
-            return count
+            if still is None:       # a race with another unmount
+                return count
+            err = (res.stderr or "").strip()
+            # "target is busy": a short-lived opener (udev/blkid probe, a closing process)
+            if "busy" in err and time.monotonic() < busy_until:
+                time.sleep(0.1)
+                continue
+            raise internal(f"umount {target} failed: {err}")
         count += 1
     raise internal(f"{target} still mounted after {count} unmounts")
 
