@@ -92,6 +92,7 @@ def test_dm_names_double_dashes() -> None:
     ("Insufficient free space: 1024 extents needed, but only 10 available", Code.RESOURCE_EXHAUSTED),
     ("Cannot create new thin volume, free space in thin pool perssd/pool reached threshold.",
      Code.RESOURCE_EXHAUSTED),
+    ("Logical volume perssd/pv-x in use.", Code.FAILED_PRECONDITION),
     ("Size is not a multiple of 512.", Code.INTERNAL),
 ])
 def test_lvm_errors_map_to_csi_codes(stderr: str, code: Code) -> None:

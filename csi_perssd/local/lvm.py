@@ -26,7 +26,7 @@ from typing import Iterator
 
 from .. import ids
 from ..errors import Code, CsiError, not_found, precondition
-from .backend import Capacity, Extent
+from .backend import Backend, Capacity, Extent
 from .lvmcli import DmCli, LvInfo, LvmCli, ThinRange, ToolRunner, dm_name
 
 log = logging.getLogger(__name__)
@@ -232,9 +232,8 @@ class LvmBackend:
         doomed = [lv for lv in lvs if self.tag in lv.tags and self._of_tag(vid) in lv.tags]
         if vol is not None:
             doomed.append(vol)
-        busy = [lv.name for lv in doomed if lv.open]
-        if busy:
-            raise precondition(f"volume {vid}: {', '.join(busy)} still open, cannot delete")
+        # no "open" pre-check: udev probing a fresh device opens it for a moment, and lvremove
+        # retries that itself; a device really in use fails with FAILED_PRECONDITION ("in use")
         if doomed:
             self.lvm.run("lvremove", "-y", *[f"{self.vg}/{lv.name}" for lv in doomed],
                          what=f"delete volume {vid}")
@@ -279,8 +278,6 @@ class LvmBackend:
         lv = self._snapshot(self._lvs(), vid, snap)
         if lv is None:
             return
-        if lv.open:
-            raise precondition(f"snapshot {snap} of {vid} is still open")
         self.lvm.run("lvremove", "-y", f"{self.vg}/{lv.name}", what=f"delete snapshot {snap}")
 
     def snapshot_path(self, vid: str, snap: str) -> str | None:
@@ -391,3 +388,8 @@ class LvmBackend:
         except CsiError as e:
             problems.append(e.message)
         return problems
+
+
+def startup_problems(backend: Backend) -> list[str]:
+    """What the node lacks to serve volumes (logged at startup, Probe not ready while non-empty)."""
+    return backend.check()

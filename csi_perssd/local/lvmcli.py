@@ -107,8 +107,13 @@ def dm_name(vg: str, lv: str) -> str:
     return f"{vg.replace('-', '--')}-{lv.replace('-', '--')}"
 
 
+_IN_USE = ("in use", "contains a filesystem in use", "device or resource busy")
+
+
 def classify(stderr: str) -> Code:
     low = stderr.lower()
+    if any(s in low for s in _IN_USE):
+        return Code.FAILED_PRECONDITION
     if any(s in low for s in _EXHAUSTED):
         return Code.RESOURCE_EXHAUSTED
     if any(s in low for s in _NOT_FOUND):

@@ -118,6 +118,21 @@ def test_untagged_lvs_are_never_touched(backend: LvmBackend, vid: str) -> None:
         lvm("lvremove", "-y", f"{backend.vg}/{name}", f"{backend.vg}/foreign")
 
 
+def test_delete_of_an_open_volume_fails_and_keeps_it(backend: LvmBackend, vid: str) -> None:
+    backend.create(vid, 8 * MiB)
+    fd = os.open(backend.device(vid), os.O_RDONLY)
+    try:
+        with pytest.raises(CsiError) as e:
+            backend.delete(vid)
+        assert e.value.code == Code.FAILED_PRECONDITION and "in use" in e.value.message
+        assert backend.exists(vid)
+        backend.release(vid)                                # open: stays active, no error
+    finally:
+        os.close(fd)
+    backend.delete(vid)
+    assert not backend.exists(vid)
+
+
 def test_snapshot_is_a_point_in_time_copy(backend: LvmBackend, vid: str) -> None:
     backend.create(vid, 16 * MiB)
     dev = backend.device(vid)
