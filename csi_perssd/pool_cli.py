@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     st = status(args.volume_group, args.thin_pool, args.tag, args.lvm_config)
     print(json.dumps(st, indent=1, sort_keys=True) if args.json else format_status(st))
-    return 0
+    return 1 if st["problems"] else 0
 
 
 def plan(devs: list[devices.BlockDevice], in_vg: set[str], auto: bool, force: bool
@@ -100,7 +100,9 @@ def init(spec: str, vg: str, pool: str, *, force: bool = False, chunk_size: str 
     in_vg = {pv.name for pv in lvm.pvs() if pv.vg == vg}
     take, wipe, msgs = plan(devs, in_vg, auto, force)
     if not take and not in_vg:
-        raise precondition(f"no empty device found for {spec!r}: " + "; ".join(msgs or ["none at all"]))
+        if not devs:
+            raise precondition("no NVMe namespace found on this node" if auto else "no device given")
+        raise precondition(f"no empty device found for {spec!r}: " + "; ".join(msgs))
     for d in wipe:
         runner.run(["wipefs", "--all", d.path], what=f"wipefs {d.path}")
     paths = [d.path for d in take]

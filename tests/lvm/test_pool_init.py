@@ -5,6 +5,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -20,13 +21,23 @@ from tests.lvm.util import POOL_DEVICE, SCRATCH_DEVICE, lvm
 SCRATCH_VG = "perssd-scratch"
 
 
+def _reread_partitions(dev: str) -> None:
+    """BLKRRPART, retried: udev in the guest probes a device right after it was written."""
+    for _ in range(40):
+        subprocess.run(["udevadm", "settle"], capture_output=True)
+        if subprocess.run(["blockdev", "--rereadpt", dev], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"blockdev --rereadpt {dev} kept failing (device busy)")
+
+
 def _wipe(dev: str) -> None:
     subprocess.run(["lvm", "vgremove", "--config", NO_UDEV_CONFIG, "-ff", "-y", SCRATCH_VG],
                    capture_output=True)
     subprocess.run(["lvm", "pvremove", "--config", NO_UDEV_CONFIG, "-ff", "-y", dev],
                    capture_output=True)
     subprocess.run(["wipefs", "--all", dev], check=True, capture_output=True)
-    subprocess.run(["blockdev", "--rereadpt", dev], capture_output=True)
+    _reread_partitions(dev)
 
 
 @pytest.fixture
@@ -81,7 +92,7 @@ def test_partitions_are_refused(scratch: str) -> None:
         f.write(entry)
         f.seek(510)
         f.write(b"\x55\xaa")
-    subprocess.run(["blockdev", "--rereadpt", scratch], check=True)
+    _reread_partitions(scratch)
     assert devices.lookup(scratch).signature == "dos"
     d = devices.lookup(scratch)
     assert d.partitions == [os.path.basename(scratch) + "p1"]
