@@ -277,7 +277,3 @@ def parse_thin_dump(text: str, dev_id: int) -> list[ThinRange]:
                 out.append(ThinRange(int(el.get("origin_begin", "0")), int(el.get("length", "0"))))
     return out
 
-
-def data_block_size(text: str) -> int:
-    """The pool's data block size in 512-byte sectors, from a thin_* XML superblock."""
-    return int(_xml(text, "thin").get("data_block_size", "0"))
