@@ -54,6 +54,7 @@ class VolumeSync:
         self._state_mu = threading.Lock()
         self._threads: dict[str, threading.Thread] = {}
         self._preparing: set[str] = set()
+        self._secrets: dict[str, dict[str, str]] = {}     # NodeStage secrets, memory only
         self._progress: dict[str, tuple[int, int]] = {}
         self._stop = threading.Event()
         self.last_flush: dict[str, Any] = {}
@@ -66,6 +67,8 @@ class VolumeSync:
             raise aborted(f"volume {vid}: a flush of its previous use is still running; try again")
         with self._mu:
             self._preparing.add(vid)         # not evictable while it is being made current
+            if secrets:
+                self._secrets[vid] = dict(secrets)   # the flush at NodeUnstage (which has none) uses them
         try:
             return self._prepare(rec, lv, secrets)
         finally:
@@ -280,7 +283,9 @@ class VolumeSync:
         from .remote import transfer
         # only the final pass (after unmount, no writer left) may trust its journal on resume:
         # a pre-flush runs while the file system is still mounted and its chunks may change
-        cat = self.stores.catalog()
+        with self._mu:
+            secrets = self._secrets.get(vid)
+        cat = self.stores.catalog(secrets)
         rec = cat.volume(vid)
         if rec.owner != self.node_id or rec.epoch != job.epoch:
             raise CsiError(Code.FAILED_PRECONDITION,
