@@ -324,29 +324,46 @@ class LvmBackend:
             finally:
                 os.close(fd)
 
-    def allocated_ranges(self, vid: str) -> list[Extent]:
-        lvs = self._lvs()
+    def _source(self, lvs: list[LvInfo], vid: str, snap: str | None) -> LvInfo:
+        """The volume itself, or its snapshot `snap` (NOT_FOUND if missing)."""
         vol = self._need_volume(lvs, vid)
-        pool = self._pool(lvs)
-        self._flush_device(vol)
-        assert vol.thin_id is not None
-        with self._metadata_snapshot(lvs) as tmeta:
-            mapped = self.dm.thin_dump(tmeta, vol.thin_id)
-        return blocks_to_extents(mapped, pool.chunk_size, vol.size)
+        if snap is None:
+            self._flush_device(vol)
+            return vol
+        lv = self._snapshot(lvs, vid, snap)
+        if lv is None:
+            raise not_found(f"snapshot {snap} of volume {vid} not found")
+        return lv
 
-    def changed_ranges(self, vid: str, base_snap: str) -> list[Extent] | None:
+    def allocated_ranges(self, vid: str, snap: str | None = None) -> list[Extent]:
+        """Mapped ranges of the volume, or of its snapshot `snap` when given.
+
+        For a flush read from a snapshot, pass that snapshot: the volume may have discarded
+        blocks since, which the snapshot still holds."""
         lvs = self._lvs()
-        vol = self._need_volume(lvs, vid)
+        src = self._source(lvs, vid, snap)
+        pool = self._pool(lvs)
+        assert src.thin_id is not None
+        with self._metadata_snapshot(lvs) as tmeta:
+            mapped = self.dm.thin_dump(tmeta, src.thin_id)
+        return blocks_to_extents(mapped, pool.chunk_size, src.size)
+
+    def changed_ranges(self, vid: str, base_snap: str, snap: str | None = None
+                       ) -> list[Extent] | None:
+        """Ranges that differ between snapshot `base_snap` and the volume (or its snapshot
+        `snap` when given — use that when the flush reads from `snap`); None without the base.
+        Blocks mapped in only one of the two (written, or discarded) count as changed."""
+        lvs = self._lvs()
         base = self._snapshot(lvs, vid, base_snap)
+        src = self._source(lvs, vid, snap)
         if base is None or base.thin_id is None:
             return None
         pool = self._pool(lvs)
-        self._flush_device(vol)
-        assert vol.thin_id is not None
+        assert src.thin_id is not None
         with self._metadata_snapshot(lvs) as tmeta:
-            delta = self.dm.thin_delta(tmeta, base.thin_id, vol.thin_id)
+            delta = self.dm.thin_delta(tmeta, base.thin_id, src.thin_id)
         changed = [r for r in delta if r.kind in ("different", "left_only", "right_only")]
-        return blocks_to_extents(changed, pool.chunk_size, vol.size)
+        return blocks_to_extents(changed, pool.chunk_size, src.size)
 
     # -- pool ---------------------------------------------------------------------------------
     def capacity(self) -> Capacity:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 
 from csi_perssd.local.backend import Extent
 from csi_perssd.local.lvm import LvmBackend
@@ -31,8 +32,9 @@ def test_incremental_flush_reads_and_uploads_only_changed_chunks(
     g1 = backend.snapshot(vid, "gen-1")
 
     # full flush of generation 1: only the allocated chunks are read
-    allocated = backend.allocated_ranges(vid)
+    allocated = backend.allocated_ranges(vid, "gen-1")
     assert allocated == [Extent(0, MiB + 64 * 1024), Extent(12 * MiB, 64 * 1024)]
+    assert backend.allocated_ranges(vid) == allocated
     m1, st1 = flush(s3_store, g1, size, FLUSH_CHUNK, ranges=allocated)
     assert st1.bytes_read == 3 * FLUSH_CHUNK
     assert st1.chunks_uploaded == 3
@@ -42,8 +44,11 @@ def test_incremental_flush_reads_and_uploads_only_changed_chunks(
     write_at(dev, 5 * MiB + 123, os.urandom(4096))             # chunk 5 (new)
     write_at(dev, 12 * MiB + 70 * 1024, os.urandom(100))       # chunk 12 (changed)
     g2 = backend.snapshot(vid, "gen-2")
-    changed = backend.changed_ranges(vid, "gen-1")
+    # the volume moves on after gen-2: a discard there must not leak into gen-2's flush
+    subprocess.run(["blkdiscard", "-o", str(5 * MiB), "-l", str(MiB), dev], check=True)
+    changed = backend.changed_ranges(vid, "gen-1", "gen-2")
     assert changed == [Extent(5 * MiB, 64 * 1024), Extent(12 * MiB + 64 * 1024, 64 * 1024)]
+    assert backend.changed_ranges(vid, "gen-1") == [Extent(12 * MiB + 64 * 1024, 64 * 1024)]
     m2, st2 = flush(s3_store, g2, size, FLUSH_CHUNK, base=m1, ranges=changed,
                     ranges_mode="changed")
     assert st2.bytes_read == 2 * FLUSH_CHUNK                   # chunks 5 and 12, nothing else

@@ -224,6 +224,11 @@ def test_changed_ranges_via_thin_delta(backend: LvmBackend, vid: str) -> None:
     assert backend.changed_ranges(vid, "base") == expected
     assert backend.changed_ranges(vid, "base") == expected   # metadata snap was released
     assert backend.changed_ranges(vid, "no-such-snap") is None
+    for call in (lambda: backend.changed_ranges(vid, "base", "no-such-snap"),
+                 lambda: backend.allocated_ranges(vid, "no-such-snap")):
+        with pytest.raises(CsiError) as e:
+            call()
+        assert e.value.code == Code.NOT_FOUND
 
 
 def test_discarded_blocks_count_as_changed(backend: LvmBackend, vid: str) -> None:
