@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "--gc-grace-seconds", c.gc_grace_seconds, "chunks younger than this are never collected")
     _add(s, "--gc-keep-generations", c.gc_keep_generations, "generations kept per volume")
     _add(s, "--grace-seconds", c.grace_seconds, "SIGTERM: time for in-flight RPCs")
+    _add(s, "--unstage-wait-seconds", c.unstage_wait_seconds,
+         "NodeUnstage waits this long for the flush before answering ABORTED with its progress")
+    _add(s, "--freeze-timeout-seconds", c.freeze_timeout_seconds, "snapshots: longest file system freeze")
     _add(s, "--enable-alpha", c.enable_alpha, "enable alpha CSI capabilities")
     _store_flags(s)
 

@@ -35,6 +35,7 @@ class Config:
     gc_keep_generations: int = 2
     grace_seconds: float = 30.0               # SIGTERM: time for in-flight RPCs
     freeze_timeout_seconds: float = 10.0
+    unstage_wait_seconds: float = 20.0        # NodeUnstage waits this long for a flush before ABORTED
     enable_alpha: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 

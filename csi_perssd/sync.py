@@ -9,12 +9,11 @@
 - resume (restart): a job that was running continues; the journal skips chunks already uploaded.
 
 NodeUnstage waits up to `unstage_wait` seconds (default 20, environment variable
-PERSSD_UNSTAGE_WAIT_SECONDS) for the flush before answering ABORTED with its progress.
+--unstage-wait-seconds) for the flush before answering ABORTED with its progress.
 """
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -47,9 +46,7 @@ class VolumeSync:
         self.stores = stores
         self.backend = backend
         self.state = state
-        if unstage_wait is None:
-            unstage_wait = float(os.environ.get("PERSSD_UNSTAGE_WAIT_SECONDS", "20"))
-        self.unstage_wait = unstage_wait
+        self.unstage_wait = cfg.unstage_wait_seconds if unstage_wait is None else unstage_wait
         self._mu = threading.Lock()
         self._state_mu = threading.Lock()
         self._threads: dict[str, threading.Thread] = {}
