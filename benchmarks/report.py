@@ -138,7 +138,8 @@ def _fmt(v: float, unit: str) -> str:
 
 def markdown(doc: dict[str, Any]) -> str:
     m = doc["meta"]
-    lines = [f"## csi-perssd benchmark {m['date']} on {m['host']} ({m['cpus']} CPUs)", "",
+    lines = [f"## csi-perssd benchmark {m['date']} on {m['host']} ({m['cpus']} CPUs), "
+             f"commit {m.get('commit', '?')}", "",
              f"Volumes of {m['volume_bytes'] / MiB:.0f} MiB, chunks of {m['chunk_bytes'] / MiB:.0f} MiB, "
              f"{m['runs']} runs (median, min-max), one SeaweedFS for all tools. "
              f"MB/s are of the logical volume size (1 MB = 10^6 bytes). Change (c): "

