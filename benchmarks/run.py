@@ -165,7 +165,7 @@ class Bench:
                         "s3_requests": s3_requests(m1) - s3_requests(m0),
                         "cpu_seconds": w.cpu, "peak_rss_bytes": w.peak_rss_bytes}
 
-    def peer_copy(self, img: str, tag: str, run: int) -> dict[str, Any]:
+    def peer_copy(self, img: str, tag: str, run: int, rclone: bool = True) -> dict[str, Any]:
         """s5cmd and rclone: upload the image, download it again (then delete the copy)."""
         out: dict[str, Any] = {}
         dl = self.work / f"dl-{run}"
@@ -176,6 +176,8 @@ class Bench:
                  lambda: self.s5.download(f"{key}/s5cmd/{tag}.img", str(dl / f"{tag}.img"))),
                 ("rclone", lambda: self.rc.upload(img, f"{key}/rclone"),
                  lambda: self.rc.download(f"{key}/rclone/{os.path.basename(img)}", str(dl)))):
+            if name == "rclone" and not rclone:
+                continue
             u = up()
             d = down()
             got = next(dl.iterdir())
@@ -301,7 +303,8 @@ class Bench:
         log(f"  hydrate (b): {res['hydrate_b']['mb_s']:.0f} MB/s, {res['hydrate_b']['seconds']:.2f}s")
         if data.tree_digest(tgt_b) != self.tree_digest:
             raise RuntimeError("hydrated volume (b) holds other files than were written")
-        res.update({f"{k}_b": v for k, v in self.peer_copy(img, "b", run).items()})
+        # QUICK keeps to the peers the targets need: no rclone for (b)
+        res.update({f"{k}_b": v for k, v in self.peer_copy(img, "b", run, rclone=not self.quick).items()})
         if self.quick:          # keep QUICK short: no restic (b), node-b keeps it (cleaned at stop)
             os.unlink(img)
             return res
