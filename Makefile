@@ -28,12 +28,18 @@ deps: sysdeps $(STAMP)
 proto: $(STAMP)
 	$(PY) -m csi_perssd.tools.genproto
 
+# The whole suite: host tests (real loop devices, mounts, SeaweedFS, gRPC), then the LVM suite in
+# a QEMU VM wherever one can run (x86_64 with apt-get: test-lvm installs QEMU and a kernel itself).
+# pytest exits 5 when it collects nothing, which fails the target like any other error.
 test: deps
 	@modprobe loop 2>/dev/null || true
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests --ignore=tests/lvm $(PYTEST_ARGS)
+	@if [ "$$(uname -m)" = x86_64 ] && command -v apt-get >/dev/null && [ -z "$(SKIP_LVM)" ]; then \
+	  $(MAKE) --no-print-directory test-lvm; \
+	else echo "make test: the LVM VM suite cannot run on this machine (needs x86_64 + apt-get; SKIP_LVM=$(SKIP_LVM)): skipped"; fi
 
 unit: deps
-	$(PY) -m pytest tests -m "not root and not s3" $(PYTEST_ARGS)
+	$(PY) -m pytest tests --ignore=tests/lvm -m "not root and not s3" $(PYTEST_ARGS)
 
 demo: deps
 	$(PY) -m csi_perssd.demo
