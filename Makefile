@@ -7,7 +7,7 @@ APT_PKGS := util-linux mount e2fsprogs xfsprogs btrfs-progs kmod procps openssl
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all deps sysdeps proto test unit demo sanity bench image test-lvm clean
+.PHONY: all deps sysdeps proto test demo sanity bench image test-lvm clean
 
 all: test
 
@@ -37,9 +37,6 @@ test: deps
 	@if [ "$$(uname -m)" = x86_64 ] && command -v apt-get >/dev/null && [ -z "$(SKIP_LVM)" ]; then \
 	  $(MAKE) --no-print-directory test-lvm; \
 	else echo "make test: the LVM VM suite cannot run on this machine (needs x86_64 + apt-get; SKIP_LVM=$(SKIP_LVM)): skipped"; fi
-
-unit: deps
-	$(PY) -m pytest tests --ignore=tests/lvm -m "not root and not s3" $(PYTEST_ARGS)
 
 demo: deps
 	$(PY) -m csi_perssd.demo
