@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "--rawfile-dir", c.rawfile_dir, "directory of the rawfile backend")
     _add(s, "--volume-group", c.volume_group, "LVM volume group (lvm backend)")
     _add(s, "--thin-pool", c.thin_pool, "LVM thin pool name (lvm backend)")
+    _add(s, "--lvm-config", c.lvm_config, "extra lvm --config settings (lvm backend)")
     _add(s, "--max-volume-bytes", c.max_volume_bytes, "largest volume to create (0 = capacity)")
     _add(s, "--reserve-bytes", c.reserve_bytes, "space of the backend kept free")
     _add(s, "--max-volumes-per-node", c.max_volumes_per_node, "reported in NodeGetInfo")

@@ -18,6 +18,7 @@ class Config:
     rawfile_dir: str = "/var/lib/perssd/volumes"
     volume_group: str = ""
     thin_pool: str = "perssd-pool"
+    lvm_config: str = ""                      # extra lvm --config (e.g. no udev inside a VM)
     max_volume_bytes: int = 0                 # 0 = no limit beyond capacity
     reserve_bytes: int = 0
     max_volumes_per_node: int = 256

@@ -9,33 +9,15 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from .tools.cluster import Cluster
+from .tools.cluster import Cluster, free_port, scrape
 
 MiB = 1 << 20
 HYDRATED = 'perssd_transfer_bytes_total{kind="hydrated"}'
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scrape(port: int) -> dict[str, float]:
-    out: dict[str, float] = {}
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("perssd_") and not line.startswith("#"):
-                k, _, v = line.rpartition(" ")
-                out[k] = float(v)
-    return out
 
 
 def write_tree(root: str, seed: int = 7) -> dict[str, str]:
@@ -75,7 +57,7 @@ def main() -> int:
         return 1
     work = tempfile.mkdtemp(prefix="perssd-demo-")
     size = 512 * MiB
-    ports = {"node-a": _free_port(), "node-b": _free_port()}
+    ports = {"node-a": free_port(), "node-b": free_port()}
     cl = Cluster(work, nodes=())
     try:
         step(f"starting SeaweedFS, controller, node-a and node-b under {work}")

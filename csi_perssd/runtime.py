@@ -27,7 +27,8 @@ def make_backend(cfg: Config) -> Backend:
         from .local.lvm import LvmBackend
         if not cfg.volume_group:
             raise ValueError("--backend lvm needs --volume-group")
-        return LvmBackend(cfg.volume_group, thin_pool=cfg.thin_pool)
+        return LvmBackend(cfg.volume_group, thin_pool=cfg.thin_pool, lvm_config=cfg.lvm_config or None,
+                          max_volume_bytes=cfg.max_volume_bytes, reserve_bytes=cfg.reserve_bytes)
     raise ValueError(f"unknown backend {cfg.backend!r} (rawfile or lvm)")
 
 

@@ -398,7 +398,7 @@ class NodeSnapshotWorker:
         vol = cat.volume(vid)          # read after the guard began: its base cannot vanish unnoticed
         base = Manifest.decode(cat.get_manifest(vid, vol.generation)) if vol.generation else None
         size = os.path.getsize(path) if os.path.isfile(path) else fs.block_size(path)
-        ranges = transfer.file_data_extents(path) if os.path.isfile(path) else backend.allocated_ranges(vid)
+        ranges = backend.allocated_ranges(vid, snap.id)    # the snapshot's own map, not the live volume's
         last = [0.0]
 
         def progress(done: int, total: int) -> None:

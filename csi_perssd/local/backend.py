@@ -58,8 +58,9 @@ class Backend(Protocol):
     def expand(self, vid: str, size: int) -> None:
         """Grow the volume to at least `size` bytes (never shrinks); the device sees the new size."""
 
-    def allocated_ranges(self, vid: str) -> list[Extent]:
-        """Byte ranges that may hold data (everything else reads as zeros), sorted, merged."""
+    def allocated_ranges(self, vid: str, snap: str | None = None) -> list[Extent]:
+        """Byte ranges that may hold data (everything else reads as zeros), sorted, merged; of the
+        snapshot `snap` when given (a flush reading a snapshot must use the snapshot's map)."""
 
     def snapshot(self, vid: str, snap: str) -> str:
         """Take a point-in-time copy named `snap`; return a path (file or device) it can be read from."""

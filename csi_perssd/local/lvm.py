@@ -214,7 +214,12 @@ class LvmBackend:
     def size(self, vid: str) -> int:
         return self._need_volume(self._lvs(), vid).size
 
-    def device(self, vid: str) -> str:
+    def device(self, vid: str, read_only: bool = False) -> str:
+        if read_only:
+            # a read-only bind of a device node does not stop writes, and flipping the LV's
+            # permission would also stop a read-write user of the same volume: refuse clearly
+            raise CsiError(Code.FAILED_PRECONDITION, f"volume {vid}: read-only raw block publishing is not "
+                           "supported by the lvm backend (read-only mounts are)")
         return self._activate(self._need_volume(self._lvs(), vid))
 
     def release(self, vid: str) -> None:

@@ -192,11 +192,13 @@ class RawfileBackend:
             if fs.block_size(dev) != os.stat(path).st_size:
                 loop.refresh_size(dev)
 
-    def allocated_ranges(self, vid: str) -> list[Extent]:
+    def allocated_ranges(self, vid: str, snap: str | None = None) -> list[Extent]:
+        path = self._snap(vid, snap) if snap else self._disk(vid)
         try:
-            fd = os.open(self._disk(vid), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise not_found(f"volume {vid} does not exist on this node") from None
+            what = f"snapshot {snap} of volume {vid}" if snap else f"volume {vid}"
+            raise not_found(f"{what} does not exist on this node") from None
         try:
             return data_extents(fd)
         finally:

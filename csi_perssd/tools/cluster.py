@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from ..csi import csi_pb2 as pb
+from .cleanup import cleanup_under
 from .procs import DriverProcess
 from .seaweed import Seaweed
 
@@ -233,23 +234,3 @@ def scrape(port: int) -> dict[str, float]:
                 k, _, v = line.rpartition(" ")
                 out[k] = float(v)
     return out
-
-
-def cleanup_under(root: str | os.PathLike[str]) -> None:
-    """Unmount everything below root (deepest first) and detach loop devices backed by files below it."""
-    root = os.path.realpath(root)
-    mounts = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4].encode().decode("unicode_escape")
-            if mp == root or mp.startswith(root + "/"):
-                mounts.append(mp)
-    for mp in sorted(mounts, key=len, reverse=True):
-        if subprocess.run(["umount", mp], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", mp], capture_output=True)      # busy: detach lazily
-    res = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
-                         capture_output=True, text=True)
-    for line in res.stdout.splitlines():
-        parts = line.split(None, 1)
-        if len(parts) == 2 and (parts[1].startswith(root + "/") or parts[1].startswith(root + " ")):
-            subprocess.run(["losetup", "-d", parts[0]], capture_output=True)

@@ -35,52 +35,7 @@ SNW = AccessMode.SINGLE_NODE_WRITER
 
 # ----------------------------------------------------------------------------- cleanup
 
-def _mount_points() -> list[str]:
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return [line.split()[4].encode().decode("unicode_escape") for line in f if line.strip()]
-
-
-def _loop_devices() -> dict[str, str]:
-    res = subprocess.run(["losetup", "--json", "--list", "--output", "NAME,BACK-FILE"],
-                         capture_output=True, text=True)
-    if res.returncode != 0 or not res.stdout.strip():
-        return {}
-    rows = json.loads(res.stdout).get("loopdevices", [])
-    return {r["name"]: (r.get("back-file") or "").removesuffix(" (deleted)") for r in rows}
-
-
-def mounts_under(base: str) -> list[str]:
-    base = os.path.realpath(base).rstrip("/")
-    return [m for m in _mount_points() if m == base or m.startswith(base + "/")]
-
-
-def loops_under(base: str) -> list[str]:
-    base = os.path.realpath(base).rstrip("/")
-    return sorted(dev for dev, back in _loop_devices().items() if back.startswith(base + "/"))
-
-
-def cleanup_under(base: str) -> list[str]:
-    """Unmount everything under `base` (deepest first) and detach its loop devices; return
-    what was left behind (for the caller's report). Raises when something cannot be removed."""
-    left: list[str] = []
-    for _ in range(8):
-        mounts = sorted(set(mounts_under(base)), key=lambda m: m.count("/"), reverse=True)
-        if not mounts:
-            break
-        for m in mounts:
-            left.append(m)
-            subprocess.run(["umount", m], capture_output=True)
-    else:
-        for m in mounts_under(base):
-            subprocess.run(["umount", "-l", m], capture_output=True)
-    for dev in loops_under(base):
-        left.append(dev)
-        res = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"cannot detach {dev}: {res.stderr.strip()}")
-    if mounts_under(base):
-        raise RuntimeError(f"still mounted under {base}: {mounts_under(base)}")
-    return left
+from csi_perssd.tools.cleanup import cleanup_under, loops_under, mounts_under  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------- requests
