@@ -73,6 +73,7 @@ def blocks_to_extents(ranges: list[ThinRange], chunk: int, size: int) -> list[Ex
 
 class LvmBackend:
     name = "lvm"
+    tracks_changes = True       # thin_delta between thin snapshots: sync.py flushes only changed blocks
 
     def __init__(self, volume_group: str, thin_pool: str = "perssd-pool", tag: str = "perssd",
                  lvm_config: str | None = None, *, metadata_full_ratio: float = 0.90,

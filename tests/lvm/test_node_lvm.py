@@ -1,0 +1,93 @@
+"""The node on LVM end to end (inside the VM): a real `csi-perssd serve --backend lvm` process
+flushes the second generation of a volume by thin_delta — only the changed blocks are read."""
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from pathlib import Path
+
+from csi_perssd.csi import csi_pb2 as pb
+from csi_perssd.local.lvm import LvmBackend
+from csi_perssd.local.lvmcli import NO_UDEV_CONFIG
+from csi_perssd.tools.cluster import block_cap
+from csi_perssd.tools.procs import DriverProcess
+
+from tests.lvm.util import MiB, POOL, read_at, write_at
+
+CHUNK = 1 * MiB
+
+
+def _driver(tmp: Path, vg: str) -> DriverProcess:
+    endpoint = os.environ["PERSSD_VM_S3_ENDPOINT"]
+    cat = f"s3://{os.environ['PERSSD_VM_S3_BUCKET']}/node-lvm-{uuid.uuid4().hex[:10]}"
+    env = {"AWS_ACCESS_KEY_ID": os.environ["PERSSD_VM_S3_ACCESS_KEY"],
+           "AWS_SECRET_ACCESS_KEY": os.environ["PERSSD_VM_S3_SECRET_KEY"]}
+    # later flags win: the LVM backend replaces DriverProcess's rawfile default
+    return DriverProcess(tmp, mode="all", catalog=cat, env=env, extra=[
+        "--backend", "lvm", "--volume-group", vg, "--thin-pool", POOL, "--lvm-config", NO_UDEV_CONFIG,
+        "--s3-endpoint", endpoint, "--s3-region", "us-east-1", "--unstage-wait-seconds", "60"])
+
+
+def _committed(log: str, gen: int) -> tuple[int, int]:
+    m = re.search(rf"committed generation {gen}: read (\d+) bytes, uploaded (\d+) bytes", log)
+    assert m, f"generation {gen} was not committed:\n{log[-3000:]}"
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_second_flush_reads_only_thin_delta_changes(tmp_path: Path, backend: LvmBackend) -> None:
+    d = _driver(tmp_path, backend.vg).start(timeout=120)
+    vid = ""
+    try:
+        c, n = d.controller, d.node
+        cap = block_cap()
+        vid = c.CreateVolume(pb.CreateVolumeRequest(
+            name="lvm-e2e", volume_capabilities=[cap], capacity_range=pb.CapacityRange(required_bytes=64 * MiB),
+            parameters={"chunkSize": "1Mi"})).volume.volume_id
+        staging, target = str(tmp_path / "staging"), str(tmp_path / "target")
+        os.makedirs(staging)
+
+        def attach() -> None:
+            ctx = c.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+                volume_id=vid, node_id="node-a", volume_capability=cap)).publish_context
+            n.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=staging,
+                                                        volume_capability=cap, publish_context=ctx))
+            n.NodePublishVolume(pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=staging,
+                                                            target_path=target, volume_capability=cap))
+
+        def release() -> None:
+            n.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target))
+            n.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging))
+            c.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(volume_id=vid, node_id="node-a"))
+
+        attach()
+        first = os.urandom(8 * MiB)
+        write_at(target, 0, first)
+        release()
+        read1, _ = _committed(d.log_path.read_text(), 1)
+        assert read1 >= 8 * MiB                           # first flush: everything allocated
+
+        attach()                                          # the local copy is current: reused
+        patch = os.urandom(MiB)
+        write_at(target, 32 * MiB, patch)                 # one new 1 MiB chunk
+        release()
+        log = d.log_path.read_text()
+        # both passes (the pre-flush at NodeUnpublish and the final one) ask thin_delta
+        assert log.count("changed bytes since generation 1 (thin_delta)") == 2, log[-3000:]
+        read2, up2 = _committed(log, 2)
+        assert read2 == CHUNK, f"the second flush read {read2} bytes, not just the changed chunk"
+        pre = [int(x) for x in re.findall(r"background flush uploaded (\d+) bytes", log)][-1]
+        assert MiB <= pre + up2 <= MiB + 4096, (pre, up2)  # the changed chunk, uploaded once
+
+        attach()
+        assert read_at(target, 0, 8 * MiB) == first and read_at(target, 32 * MiB, MiB) == patch
+        release()
+    finally:
+        if vid:
+            try:
+                d.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
+            except Exception:
+                pass
+        d.stop()
+        if vid and backend.exists(vid):
+            backend.delete(vid)
