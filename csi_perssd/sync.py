@@ -55,6 +55,9 @@ class VolumeSync:
         self._progress: dict[str, tuple[int, int]] = {}
         self._stop = threading.Event()
         self.last_flush: dict[str, Any] = {}
+        # chunks the pre-flush stored, per volume: (base generation, size, time, {hash: stored size});
+        # the final pass reads and hashes again but neither compresses, HEADs nor uploads them
+        self._preflushed: dict[str, tuple[int, int, float, dict[str, int]]] = {}
         self.last_hydrate: dict[str, Any] = {}
 
     # -- stage -----------------------------------------------------------------------------
@@ -307,7 +310,8 @@ class VolumeSync:
         t0 = time.monotonic()
         try:
             manifest, stats = transfer.flush(cat.store, dev, size, rec.chunk_size, base=base, ranges=ranges,
-                                             ranges_mode=mode, compression_level=rec.compression, workers=self.cfg.flush_workers,
+                                             ranges_mode=mode, known=self._known(vid, job, rec.generation, size),
+                                             compression_level=rec.compression, workers=self.cfg.flush_workers,
                                              journal_path=self.state.journal_path(vid) if job.final else None,
                                              progress=progress)
         finally:
@@ -321,6 +325,9 @@ class VolumeSync:
         self.last_flush[vid] = stats
         if not job.final:
             # a pre-flush while still staged: chunks are stored, the final pass commits
+            with self._mu:
+                self._preflushed[vid] = (rec.generation, size, time.time(),
+                                         {h: manifest.sizes.get(h, 0) for h in manifest.referenced_hashes()})
             job.state, job.done_bytes = "uploaded", total
 
             def uploaded(lv: LocalVolume) -> None:
@@ -345,6 +352,21 @@ class VolumeSync:
                  "(%d known, %d holes) in %.2fs (%.1f MB/s of volume)", vid, gen, stats.bytes_read,
                  stats.bytes_uploaded, stats.chunks_uploaded, stats.chunks_skipped_known, stats.hole_chunks,
                  dt, size / max(dt, 1e-6) / 1e6)
+
+    def _known(self, vid: str, job: FlushJob, base_gen: int, size: int) -> dict[str, int] | None:
+        """The pre-flush's chunks, for the final pass: only when it flushed from the same base
+        generation and size, recently enough that garbage collection's grace period covers its
+        uploads until the final pass claims them."""
+        if not job.final:
+            return None
+        with self._mu:
+            pre = self._preflushed.pop(vid, None)
+        if pre is None:
+            return None
+        gen, psize, at, hashes = pre
+        if gen != base_gen or psize != size or time.time() - at > min(600.0, self.cfg.gc_grace_seconds / 2):
+            return None
+        return hashes
 
     # -- change tracking (LVM thin: thin_delta between generation snapshots) ----------------
     @staticmethod
