@@ -307,7 +307,7 @@ class VolumeSync:
             metrics.FLUSH_BACKLOG.dec(done - last[0])
             last[0] = done
 
-        t0 = time.monotonic()
+        t0, started_at = time.monotonic(), time.time()     # uploads are as old as the pass's start
         try:
             manifest, stats = transfer.flush(cat.store, dev, size, rec.chunk_size, base=base, ranges=ranges,
                                              ranges_mode=mode, known=self._known(vid, job, rec.generation, size),
@@ -326,7 +326,7 @@ class VolumeSync:
         if not job.final:
             # a pre-flush while still staged: chunks are stored, the final pass commits
             with self._mu:
-                self._preflushed[vid] = (rec.generation, size, time.time(),
+                self._preflushed[vid] = (rec.generation, size, started_at,
                                          {h: manifest.sizes.get(h, 0) for h in manifest.referenced_hashes()})
             job.state, job.done_bytes = "uploaded", total
 
