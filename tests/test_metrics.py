@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 
 from csi_perssd import metrics
 from csi_perssd.remote.s3 import Retry, S3Store
-from csi_perssd.tools.cluster import Cluster, block_cap
+from csi_perssd.tools.cluster import Cluster, block_cap, free_port, scrape
 from csi_perssd.tools.procs import DriverProcess
 from csi_perssd.tools.seaweed import Seaweed
 from tests.plugins.s3 import make_s3_store
@@ -21,22 +20,6 @@ from tests.plugins.s3 import make_s3_store
 MiB = 1 << 20
 CHUNK = 1 * MiB
 UPLOADED = 'perssd_transfer_bytes_total{kind="uploaded"}'
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scrape(port: int) -> dict[str, float]:
-    out: dict[str, float] = {}
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("perssd_"):
-                k, _, v = line.rpartition(" ")
-                out[k] = float(v)
-    return out
 
 
 def moved(before: dict[str, float], after: dict[str, float], key: str) -> float:
@@ -86,7 +69,7 @@ def test_s3_errors_are_counted() -> None:
 def node_with_metrics(seaweed: Seaweed, tmp_path: Path) -> Iterator[tuple[Cluster, int]]:
     if not seaweed.running:
         seaweed.start()
-    port = _free_port()
+    port = free_port()
     cl = Cluster(tmp_path / "cl", nodes=(), seaweed=seaweed, prefix=f"m-{secrets.token_hex(5)}")
     try:
         cl.start()

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import ids
+from ..atomic import write_atomic
 
 SCHEMA = 1
 
@@ -87,16 +86,7 @@ class NodeState:
         data = json.dumps(dataclasses.asdict(lv), sort_keys=True, indent=1).encode()
         path = self._path(lv.id)
         with self._mu:
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_atomic(path, data)
 
     def delete(self, vid: str) -> None:
         self._path(vid).unlink(missing_ok=True)
