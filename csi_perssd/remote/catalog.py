@@ -248,7 +248,8 @@ class Catalog:
         return sorted(self._list(VolumeRecord, "volumes/"), key=lambda r: (r.created_at, r.id))
 
     def delete_volume(self, rec: VolumeRecord) -> None:
-        """Remove the record, its name and its manifests (chunks are left to garbage collection)."""
+        """Remove the record and its name; manifests and chunks are left to garbage collection
+        (gc.py removes the manifests of volumes that no longer exist once they are past the grace period)."""
         self._delete(volume_key(rec.id))
         self._delete(name_key("names", rec.name))
 
