@@ -53,12 +53,9 @@ class VolumeSync:
         self._preparing: set[str] = set()
         self._secrets: dict[str, dict[str, str]] = {}     # NodeStage secrets, memory only
         self._progress: dict[str, tuple[int, int]] = {}
-        self._stop = threading.Event()
-        self.last_flush: dict[str, Any] = {}
         # chunks the pre-flush stored, per volume: (base generation, size, time, {hash: stored size});
         # the final pass reads and hashes again but neither compresses, HEADs nor uploads them
         self._preflushed: dict[str, tuple[int, int, float, dict[str, int]]] = {}
-        self.last_hydrate: dict[str, Any] = {}
 
     # -- stage -----------------------------------------------------------------------------
     def prepare(self, rec: VolumeRecord, lv: LocalVolume | None, secrets: dict[str, str]) -> LocalVolume:
@@ -146,7 +143,6 @@ class VolumeSync:
         dt = time.monotonic() - t0
         metrics.TRANSFER_SECONDS.labels("hydrate").observe(dt)
         metrics.BYTES.labels("hydrated").inc(stats.bytes_written)
-        self.last_hydrate[rec.id] = stats
         lv.generation = rec.generation
         self._mark_generation(rec.id, rec.generation)
         log.info("volume %s: hydrated generation %d: %d bytes in %.2fs (%.1f MB/s of volume)", rec.id,
@@ -322,7 +318,6 @@ class VolumeSync:
         metrics.BYTES.labels("uploaded").inc(stats.bytes_uploaded)
         metrics.BYTES.labels("skipped_hole").inc(stats.hole_chunks * rec.chunk_size)
         metrics.BYTES.labels("skipped_known").inc(stats.chunks_skipped_known * rec.chunk_size)
-        self.last_flush[vid] = stats
         if not job.final:
             # a pre-flush while still staged: chunks are stored, the final pass commits
             with self._mu:
@@ -457,11 +452,3 @@ class VolumeSync:
             if self.state.get(vid) is None and not exists(vid):
                 log.info("removing orphaned local volume %s", vid)
                 self.backend.delete(vid)
-
-    def wait_idle(self, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        for t in list(self._threads.values()):
-            t.join(max(0.0, end - time.monotonic()))
-
-    def stats_for(self, vid: str) -> Any:
-        return self.last_flush.get(vid)
