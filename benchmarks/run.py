@@ -44,6 +44,7 @@ from csi_perssd.local.rawfile import DISK  # noqa: E402
 from csi_perssd.tools.cluster import MODE, Cluster, block_cap, mount_cap  # noqa: E402
 from csi_perssd.tools.procs import DriverProcess  # noqa: E402
 from csi_perssd.tools.seaweed import Seaweed  # noqa: E402
+from csi_perssd.tools.xfsdir import xfs_dir  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -206,6 +207,12 @@ class Bench:
     def one_run(self, run: int) -> dict[str, Any]:
         rdir = self.work / f"run{run}"
         self.run_no = run
+        with xfs_dir(str(rdir), 6 * self.size + GiB):
+            return self._one_run(run, rdir)
+
+    def _one_run(self, run: int, rdir: Path) -> dict[str, Any]:
+        """One run in `rdir`, an XFS file system (the nodes' pools: a node's NVMe formatted XFS,
+        where the rawfile backend tracks changes with reflinks)."""
         ports = {"node-a": free_port(), "node-b": free_port()}
         cl = Cluster(rdir, nodes=(), seaweed=self.sw, prefix=f"bench-r{run}")
         res: dict[str, Any] = {"run": run}
@@ -229,7 +236,6 @@ class Bench:
             raise
         finally:
             cl.stop()
-        shutil.rmtree(rdir, ignore_errors=True)
         return res
 
     def run_a(self, cl: Cluster, ports: dict[str, int], run: int, restic: peers.Restic) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,24 @@ from .stores import Stores
 log = logging.getLogger(__name__)
 
 
+PRE_SNAP = "flush-pre"          # the point-in-time copy a pre-flush reads (change-tracking backends)
+
+
 def _clear_job(lv: LocalVolume) -> None:
     lv.flush, lv.dirty = None, False
+
+
+@dataclass
+class _PreFlush:
+    """A pre-flush's result, kept for the final pass of the same volume. With a change-tracking
+    backend it read the snapshot PRE_SNAP, so `manifest` is exact for that snapshot and the final
+    pass reads only what changed after it; otherwise it read the live device (a moving target)
+    and the final pass reads everything again, but uploads none of `hashes`."""
+    base_generation: int
+    size: int
+    started_at: float           # its uploads are at most this old (gc grace period)
+    hashes: dict[str, int]      # hash -> stored size
+    manifest: Manifest | None   # set when it read PRE_SNAP
 
 
 class VolumeSync:
@@ -53,9 +70,9 @@ class VolumeSync:
         self._preparing: set[str] = set()
         self._secrets: dict[str, dict[str, str]] = {}     # NodeStage secrets, memory only
         self._progress: dict[str, tuple[int, int]] = {}
-        # chunks the pre-flush stored, per volume: (base generation, size, time, {hash: stored size});
-        # the final pass reads and hashes again but neither compresses, HEADs nor uploads them
-        self._preflushed: dict[str, tuple[int, int, float, dict[str, int]]] = {}
+        # what the last pre-flush of each volume stored (see _PreFlush): the final pass starts
+        # from it instead of doing the work again
+        self._preflushed: dict[str, _PreFlush] = {}
 
     # -- stage -----------------------------------------------------------------------------
     def prepare(self, rec: VolumeRecord, lv: LocalVolume | None, secrets: dict[str, str]) -> LocalVolume:
@@ -291,7 +308,15 @@ class VolumeSync:
         base = Manifest.decode(cat.get_manifest(vid, rec.generation)) if rec.generation else None
         dev = self.backend.device(vid)
         size = self.backend.size(vid)
-        ranges, mode = self._ranges(vid, job, rec.generation if base is not None else 0)
+        pre = self._take_preflushed(vid, job, rec.generation, size)
+        source, snap = dev, None
+        if not job.final and getattr(self.backend, "tracks_changes", False):
+            # read a point-in-time copy: its manifest is exact, so the final pass (after
+            # unmount) only reads what changed after it
+            self.backend.delete_snapshot(vid, PRE_SNAP)
+            source, snap = self.backend.snapshot(vid, PRE_SNAP), PRE_SNAP
+        ranges, mode, flush_base = self._ranges(vid, base, rec.generation if base is not None else 0,
+                                                snap, pre)
         total = sum(r.length for r in ranges)
         job.total_bytes = total
         metrics.FLUSH_BACKLOG.inc(total)
@@ -305,8 +330,11 @@ class VolumeSync:
 
         t0, started_at = time.monotonic(), time.time()     # uploads are as old as the pass's start
         try:
-            manifest, stats = transfer.flush(cat.store, dev, size, rec.chunk_size, base=base, ranges=ranges,
-                                             ranges_mode=mode, known=self._known(vid, job, rec.generation, size),
+            manifest, stats = transfer.flush(cat.store, source, size, rec.chunk_size, base=flush_base,
+                                             ranges=ranges, ranges_mode=mode,
+                                             generation=rec.generation + 1,
+                                             parent=rec.generation if base is not None else None,
+                                             known=pre.hashes if pre is not None else None,
                                              compression_level=rec.compression, workers=self.cfg.flush_workers,
                                              journal_path=self.state.journal_path(vid) if job.final else None,
                                              progress=progress)
@@ -321,8 +349,10 @@ class VolumeSync:
         if not job.final:
             # a pre-flush while still staged: chunks are stored, the final pass commits
             with self._mu:
-                self._preflushed[vid] = (rec.generation, size, started_at,
-                                         {h: manifest.sizes.get(h, 0) for h in manifest.referenced_hashes()})
+                self._preflushed[vid] = _PreFlush(
+                    rec.generation, size, started_at,
+                    {h: manifest.sizes.get(h, 0) for h in manifest.referenced_hashes()},
+                    manifest if snap is not None else None)
             job.state, job.done_bytes = "uploaded", total
 
             def uploaded(lv: LocalVolume) -> None:
@@ -348,8 +378,8 @@ class VolumeSync:
                  stats.bytes_uploaded, stats.chunks_uploaded, stats.chunks_skipped_known, stats.hole_chunks,
                  dt, size / max(dt, 1e-6) / 1e6)
 
-    def _known(self, vid: str, job: FlushJob, base_gen: int, size: int) -> dict[str, int] | None:
-        """The pre-flush's chunks, for the final pass: only when it flushed from the same base
+    def _take_preflushed(self, vid: str, job: FlushJob, base_gen: int, size: int) -> _PreFlush | None:
+        """The pre-flush's result, for the final pass: only when it flushed from the same base
         generation and size, recently enough that garbage collection's grace period covers its
         uploads until the final pass claims them."""
         if not job.final:
@@ -358,42 +388,56 @@ class VolumeSync:
             pre = self._preflushed.pop(vid, None)
         if pre is None:
             return None
-        gen, psize, at, hashes = pre
-        if gen != base_gen or psize != size or time.time() - at > min(600.0, self.cfg.gc_grace_seconds / 2):
+        if (pre.base_generation != base_gen or pre.size != size
+                or time.time() - pre.started_at > min(600.0, self.cfg.gc_grace_seconds / 2)):
             return None
-        return hashes
+        return pre
 
-    # -- change tracking (LVM thin: thin_delta between generation snapshots) ----------------
+    # -- change tracking (LVM thin: thin_delta; rawfile on XFS/btrfs: reflinks + FIEMAP) ----
     @staticmethod
     def _gen_snap(gen: int) -> str:
         return f"gen-{gen}"
 
-    def _ranges(self, vid: str, job: FlushJob, base_gen: int) -> tuple[list[Any], str]:
-        """What the flush must read: the ranges changed since the committed generation where the
-        backend tracks changes, else all allocated. (A pre-flush may see a moving target; only the
-        final pass, after unmount, is committed.)"""
-        if base_gen and getattr(self.backend, "tracks_changes", False):
-            snap = self._gen_snap(base_gen)
-            try:
-                if self.backend.snapshot_path(vid, snap) is not None:
-                    changed = self.backend.changed_ranges(vid, snap)
+    def _ranges(self, vid: str, base: Manifest | None, base_gen: int, snap: str | None,
+                pre: _PreFlush | None) -> tuple[list[Any], str, Manifest | None]:
+        """What the flush must read, and the manifest whose entries the rest keeps:
+        - the final pass after a pre-flush that read PRE_SNAP: what changed since that snapshot,
+          on top of the pre-flush's manifest;
+        - otherwise, where the backend tracks changes: what changed since the committed
+          generation's snapshot (of `snap` when the flush reads that snapshot);
+        - else everything allocated (of `snap`), compared with `base` by hash."""
+        tracking = getattr(self.backend, "tracks_changes", False)
+        try:
+            if (pre is not None and pre.manifest is not None and tracking
+                    and self.backend.snapshot_path(vid, PRE_SNAP) is not None):
+                changed = self.backend.changed_ranges(vid, PRE_SNAP)
+                if changed is not None:
+                    log.info("volume %s: %d bytes changed since the pre-flush", vid,
+                             sum(r.length for r in changed))
+                    return changed, "changed", pre.manifest
+            if base is not None and tracking:
+                gen_snap = self._gen_snap(base_gen)
+                if self.backend.snapshot_path(vid, gen_snap) is not None:
+                    changed = self.backend.changed_ranges(vid, gen_snap, snap=snap)
                     if changed is not None:
-                        log.info("volume %s: %d changed bytes since generation %d (thin_delta)",
-                                 vid, sum(r.length for r in changed), base_gen)
-                        return changed, "changed"
-            except CsiError as e:
-                log.warning("volume %s: change tracking failed, hashing everything: %s", vid, e)
-        return self.backend.allocated_ranges(vid), "allocated"
+                        log.info("volume %s: %d bytes changed since generation %d", vid,
+                                 sum(r.length for r in changed), base_gen)
+                        return changed, "changed", base
+        except CsiError as e:
+            log.warning("volume %s: change tracking failed, hashing everything: %s", vid, e)
+        return self.backend.allocated_ranges(vid, snap=snap), "allocated", base
 
     def _mark_generation(self, vid: str, gen: int, previous: int = 0) -> None:
         """Keep a snapshot of the local copy as generation `gen` (the next flush's base) and drop
-        the previous one; only for backends that track changes (thin snapshots cost nothing)."""
+        the previous one and the pre-flush's; only for backends that track changes (thin
+        snapshots and reflinks cost nothing until the volume is written)."""
         if not getattr(self.backend, "tracks_changes", False):
             return
         try:
             self.backend.snapshot(vid, self._gen_snap(gen))
             if previous and previous != gen:
                 self.backend.delete_snapshot(vid, self._gen_snap(previous))
+            self.backend.delete_snapshot(vid, PRE_SNAP)
         except CsiError as e:
             log.warning("volume %s: no base snapshot for generation %d (next flush hashes everything): %s",
                         vid, gen, e)

@@ -388,3 +388,27 @@ def test_missing_bucket_is_a_store_error_not_a_lost_race(seaweed):
         with pytest.raises(StoreError) as ei:
             call()
         assert type(ei.value) is StoreError
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("sign, chunk_header", [(None, "UNSIGNED-PAYLOAD"), (True, "sha256")])
+def test_chunk_puts_go_unsigned_records_stay_signed(seaweed, sign, chunk_header):
+    """Chunk bodies are not SHA-256 signed by default (BLAKE3-named, verified on read; the server
+    still checks their CRC32); records are; sign_payload=True signs everything."""
+    store = make_s3_store(seaweed, sign_payload=sign)
+    seen: dict[str, str] = {}
+
+    def grab(request, **_):         # noqa: ANN001 - botocore event signature
+        seen[request.url.rsplit("/", 2)[-2]] = request.headers.get("x-amz-content-sha256", b"").decode()
+        assert request.headers.get("x-amz-checksum-crc32"), "every PUT carries a CRC32"
+
+    for client in {id(c): c for c in (store._client, store._chunk_client)}.values():
+        client.meta.events.register("before-send.s3.PutObject", grab)
+    h = "ab" * 32
+    store.put(f"chunks/ab/{h}", b"\x00chunk body")
+    store.put("volumes/rec.json", b"{}")
+    assert store.get(f"chunks/ab/{h}")[0] == b"\x00chunk body"
+    want_chunk = (lambda v: v == "UNSIGNED-PAYLOAD") if chunk_header == "UNSIGNED-PAYLOAD" \
+        else (lambda v: len(v) == 64 and v != "UNSIGNED-PAYLOAD")
+    assert want_chunk(seen["ab"]), seen
+    assert len(seen["volumes"]) == 64, f"record PUT not signed: {seen}"

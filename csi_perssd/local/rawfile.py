@@ -20,7 +20,7 @@ import uuid
 
 from .. import ids
 from ..errors import Code, CsiError, internal, not_found
-from . import fs, loop
+from . import fiemap, fs, loop
 from .backend import Capacity, Extent
 
 DISK = "disk.img"
@@ -46,6 +46,7 @@ class RawfileBackend:
         self.reserve_bytes = max(0, reserve_bytes)
         self.direct_io = direct_io
         self._space_lock = threading.Lock()     # capacity check + allocation are one step
+        self._tracks: bool | None = None
         try:
             os.makedirs(self.root, mode=0o700, exist_ok=True)
             self._remove_leftovers()
@@ -204,10 +205,34 @@ class RawfileBackend:
         finally:
             os.close(fd)
 
-    def changed_ranges(self, vid: str, base_snap: str) -> list[Extent] | None:
+    @property
+    def tracks_changes(self) -> bool:
+        """True when ROOT can reflink (XFS with reflink=1, btrfs): snapshots are then reflink
+        copies and `changed_ranges` compares block mappings (see local/fiemap.py). Probed once."""
+        if self._tracks is None:
+            self._tracks = _probe_reflink(self.root)
+        return self._tracks
+
+    def changed_ranges(self, vid: str, base_snap: str, snap: str | None = None) -> list[Extent] | None:
+        """Ranges where the volume (or its snapshot `snap`) differs from the reflink snapshot
+        `base_snap`; None when the base is missing or the file system cannot tell (the caller
+        then compares chunk hashes)."""
         ids.volume_id(vid)
-        ids.snapshot_id(base_snap)
-        return None         # a plain file keeps no change log: the caller compares chunk hashes
+        base = self._snap(vid, base_snap)
+        src = self._snap(vid, snap) if snap else self._disk(vid)
+        if not self.tracks_changes or not os.path.isfile(base):
+            return None
+        if not os.path.isfile(src):
+            what = f"snapshot {snap} of volume {vid}" if snap else f"volume {vid}"
+            raise not_found(f"{what} does not exist on this node")
+        if snap is None:
+            dev = loop.find(src)
+            if dev is not None:
+                fs.sync_fs(dev)             # raw block writers: their page cache reaches the file
+        try:
+            return fiemap.changed_between(src, base)
+        except (OSError, fiemap.Uncomparable):
+            return None
 
     # ------------------------------------------------------------------ snapshots
 
@@ -317,6 +342,9 @@ class RawfileBackend:
         """Finish deletes, drop half-created volumes and half-written snapshots left by a crash."""
         for n in os.listdir(self.root):
             path = os.path.join(self.root, n)
+            if n.startswith(".reflink-probe-"):
+                _unlink(path)
+                continue
             if not os.path.isdir(path):
                 continue
             if n.startswith((".tmp-", ".trash-")):
@@ -393,6 +421,27 @@ def try_reflink(src: str, dst: str) -> bool:
         os.close(sfd)
     _unlink(dst)
     return False
+
+
+def _probe_reflink(root: str) -> bool:
+    """Can files under `root` be reflinked, and does FIEMAP map them?"""
+    base = os.path.join(root, f".reflink-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"\xa5" * ALIGN)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if not try_reflink(base, base + ".clone"):
+            return False
+        a, b = fiemap.file_extents(base), fiemap.file_extents(base + ".clone")
+        return bool(a) and fiemap.extent_diff(a, b, ALIGN) == []
+    except (OSError, fiemap.Uncomparable):
+        return False
+    finally:
+        _unlink(base + ".clone")
+        _unlink(base)
 
 
 def sparse_copy(src: str, dst: str) -> None:

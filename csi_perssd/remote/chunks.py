@@ -24,6 +24,7 @@ MAX_CHUNK_SIZE = 64 << 20
 
 FORMAT_RAW = 0x00
 FORMAT_ZSTD = 0x01
+_RAW_TAG, _ZSTD_TAG = bytes((FORMAT_RAW,)), bytes((FORMAT_ZSTD,))
 
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 _local = threading.local()
@@ -145,8 +146,8 @@ def compress(buf: bytes | bytearray | memoryview, level: int = 3,
     if level != 0 and not (probe and len(buf) >= PROBE_MIN and _incompressible(buf, level)):
         z = _compressor(level).compress(buf)
         if len(z) < len(buf):
-            return bytes((FORMAT_ZSTD,)) + z, True
-    return bytes((FORMAT_RAW,)) + bytes(buf), False
+            return _ZSTD_TAG + z, True
+    return _RAW_TAG + buf, False           # one copy (buf may be a reused read buffer)
 
 
 def decompress(blob: bytes, max_size: int = MAX_CHUNK_SIZE) -> bytes:

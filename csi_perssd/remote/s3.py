@@ -158,23 +158,31 @@ class S3Store:
         self.retry = Retry(attempts=retries) if isinstance(retries, int) else (retries or Retry())
         self.list_page_size = max(1, min(1000, list_page_size))
         self.stats = StoreStats()
-        cfg = botocore.config.Config(
-            retries={"total_max_attempts": 1, "mode": "standard"},  # our own loop retries
-            max_pool_connections=max_pool_connections,
-            connect_timeout=self.retry.connect_timeout_s,
-            read_timeout=self.retry.read_timeout_s,
-            s3={"addressing_style": "path", "payload_signing_enabled": sign_payload},
-            signature_version="s3v4",
-            # CRC32 on every PUT: without a body checksum SeaweedFS stores a PUT whose body was
-            # cut off (connection lost after "100 Continue") as an empty object
-            request_checksum_calculation="when_supported",
-            response_checksum_validation="when_required",
-        )
         session = boto3.session.Session()
-        self._client = session.client(
-            "s3", endpoint_url=self.endpoint_url, region_name=region or "us-east-1",
-            aws_access_key_id=access_key or None, aws_secret_access_key=secret_key or None,
-            verify=ca_bundle if ca_bundle else None, config=cfg)
+
+        def client(payload_signing: bool | None) -> Any:
+            cfg = botocore.config.Config(
+                retries={"total_max_attempts": 1, "mode": "standard"},  # our own loop retries
+                max_pool_connections=max_pool_connections,
+                connect_timeout=self.retry.connect_timeout_s,
+                read_timeout=self.retry.read_timeout_s,
+                s3={"addressing_style": "path", "payload_signing_enabled": payload_signing},
+                signature_version="s3v4",
+                # CRC32 on every PUT: without a body checksum SeaweedFS stores a PUT whose body was
+                # cut off (connection lost after "100 Continue") as an empty object
+                request_checksum_calculation="when_supported",
+                response_checksum_validation="when_required",
+            )
+            return session.client(
+                "s3", endpoint_url=self.endpoint_url, region_name=region or "us-east-1",
+                aws_access_key_id=access_key or None, aws_secret_access_key=secret_key or None,
+                verify=ca_bundle if ca_bundle else None, config=cfg)
+
+        self._client = client(sign_payload)
+        # chunk bodies: SigV4 would SHA-256 every byte (botocore always does over http) on top of
+        # the CRC32 the server checks; a chunk's content is its BLAKE3 name, verified on every
+        # read, so its PUTs go unsigned unless sign_payload=True. Records stay signed.
+        self._chunk_client = self._client if sign_payload is not None else client(False)
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r}, endpoint={self.endpoint_url!r})"
@@ -265,11 +273,13 @@ class S3Store:
         conditional = if_none_match or if_match is not None
         tries = 0
 
+        cl = self._chunk_client if key.startswith("chunks/") else self._client
+
         def once() -> str:
             nonlocal tries
             tries += 1
             try:
-                return _etag(self._client.put_object(**kw).get("ETag"))
+                return _etag(cl.put_object(**kw).get("ETag"))
             except botocore.exceptions.ClientError as e:
                 if conditional and (_status(e) in (409, 412) or _code(e) in _PRECONDITION):
                     raise _Precondition(tries) from e       # 409: a concurrent conditional write
