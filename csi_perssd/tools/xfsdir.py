@@ -35,7 +35,7 @@ def xfs_dir(path: str, size: int) -> Iterator[str]:
         yield path
     finally:
         try:
-            cleanup_under(path)         # inner mounts and loop devices, then the XFS mount itself
+            cleanup_under(path)         # inner mounts, loop devices on it, then the XFS itself
         finally:
             if dev is not None and loop.is_attached(dev):
                 loop.detach(dev)
