@@ -141,7 +141,8 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"## csi-perssd benchmark {m['date']} on {m['host']} ({m['cpus']} CPUs), "
              f"commit {m.get('commit', '?')}", "",
              f"Volumes of {m['volume_bytes'] / MiB:.0f} MiB, chunks of {m['chunk_bytes'] / MiB:.0f} MiB, "
-             f"{m['runs']} runs (median, min-max), one SeaweedFS for all tools. "
+             f"{m['runs']} runs (median, min-max), one SeaweedFS for all tools; node pools and "
+             f"images on XFS (reflink) on a loop device. "
              f"MB/s are of the logical volume size (1 MB = 10^6 bytes). Change (c): "
              f"{m['change']['extents']} x {m['change']['extent_bytes'] / MiB:.0f} MiB extents in "
              f"{m['change']['chunks']} chunks.", "",

@@ -210,9 +210,10 @@ class VolumeSync:
                     log.info("volume %s: flush job was not running: starting the final pass", lv.id)
                 self._start(cur, final=True)
                 started = True
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 break
-            time.sleep(0.05)
+            self._wait(lv.id, min(left, 1.0))
         cur = self.state.get(lv.id) or lv
         done, total = self._progress.get(lv.id, (0, 0))
         err = f"; last error: {cur.flush.error}" if cur.flush and cur.flush.error else ""
@@ -226,6 +227,16 @@ class VolumeSync:
         if lv.flush is not None and lv.flush.state in ("running", "failed") and lv.persistence == "object":
             log.info("volume %s: resuming the interrupted flush", lv.id)
             self._start(lv, final=lv.flush.final or not lv.staged)
+
+    def _wait(self, vid: str, timeout: float) -> None:
+        """Until the volume's flush thread ends (at most `timeout` s): NodeUnstage goes on the
+        moment the pre-flush or the final pass is done, not at the next poll."""
+        with self._mu:
+            t = self._threads.get(vid)
+        if t is not None and t.is_alive():
+            t.join(timeout)
+        else:
+            time.sleep(min(timeout, 0.05))
 
     def _running(self, vid: str) -> bool:
         with self._mu:
