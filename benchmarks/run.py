@@ -59,6 +59,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def quiesce() -> None:
+    """Before every measured step: write back what earlier steps left dirty (SeaweedFS's files
+    after gigabytes of uploads, the images), so no tool pays for the previous one's writeback."""
+    os.sync()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -134,6 +140,7 @@ class Bench:
         committed, then ControllerUnpublish; with the node's resource use and metric deltas."""
         proc = cl.nodes[node].proc
         assert proc is not None
+        quiesce()
         m0 = scrape(port)
         with self.spy(proc.pid, phase), Watch(proc.pid) as w:
             t0 = time.monotonic()
@@ -155,6 +162,7 @@ class Bench:
                    phase: str = "") -> tuple[str, dict[str, Any]]:
         proc = cl.nodes[node].proc
         assert proc is not None
+        quiesce()
         m0 = scrape(port)
         with self.spy(proc.pid, phase), Watch(proc.pid) as w:
             t0 = time.monotonic()
@@ -179,7 +187,9 @@ class Bench:
                  lambda: self.rc.download(f"{key}/rclone/{os.path.basename(img)}", str(dl)))):
             if name == "rclone" and not rclone:
                 continue
+            quiesce()
             u = up()
+            quiesce()
             d = down()
             got = next(dl.iterdir())
             if got.stat().st_size != self.size:
@@ -255,6 +265,7 @@ class Bench:
         if data.digest(dev_b, self.size) != self.a_digest:
             raise RuntimeError("hydrated volume (a) differs from the image")
         res.update({f"{k}_a": v for k, v in self.peer_copy(img, "a", run).items()})
+        quiesce()
         first = restic.backup(img)
         res["restic_first_a"] = {"seconds": first.run.seconds, "mb_s": self.size / first.run.seconds / 1e6,
                                  "data_added_bytes": first.data_added, "cpu_seconds": first.run.cpu_seconds,
@@ -267,6 +278,7 @@ class Bench:
         changed = len(self.change.chunks(CHUNK)) * CHUNK
         res["flush_c"]["changed_chunk_bytes"] = changed
         res["flush_c"]["changed_bytes"] = self.change.bytes()
+        quiesce()
         inc = restic.backup(img)
         res["restic_incremental_c"] = {"seconds": inc.run.seconds, "data_added_bytes": inc.data_added,
                                        "cpu_seconds": inc.run.cpu_seconds, "peak_rss_bytes": inc.run.peak_rss_bytes}
@@ -314,6 +326,7 @@ class Bench:
         if self.quick:          # keep QUICK short: no restic (b), node-b keeps it (cleaned at stop)
             os.unlink(img)
             return res
+        quiesce()
         first = restic.backup(img)
         res["restic_first_b"] = {"seconds": first.run.seconds, "mb_s": self.size / first.run.seconds / 1e6,
                                  "data_added_bytes": first.data_added, "cpu_seconds": first.run.cpu_seconds,

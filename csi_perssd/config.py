@@ -28,7 +28,9 @@ class Config:
     s3_ca_bundle: str = ""
     metrics_address: str = ""
     log_level: str = "info"
-    flush_workers: int = 8
+    # 4 uploads in flight kept up with 8 and 16 against SeaweedFS on 2 cores (1 GiB: 141-148 vs
+    # 133-135 MB/s) at 110 instead of 155 MiB of node RSS; each in flight holds ~2 chunk buffers
+    flush_workers: int = 4
     hydrate_workers: int = 8
     heartbeat_seconds: float = 30.0
     gc_interval_seconds: float = 0.0          # 0 = no periodic GC in the controller

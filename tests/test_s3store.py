@@ -412,3 +412,28 @@ def test_chunk_puts_go_unsigned_records_stay_signed(seaweed, sign, chunk_header)
         else (lambda v: len(v) == 64 and v != "UNSIGNED-PAYLOAD")
     assert want_chunk(seen["ab"]), seen
     assert len(seen["volumes"]) == 64, f"record PUT not signed: {seen}"
+
+
+@pytest.mark.s3
+def test_put_sends_its_own_crc32_and_the_server_rejects_a_wrong_one(seaweed):
+    """The CRC32 is computed by S3Store (zlib, off the GIL) and sent with every PUT; SeaweedFS
+    refuses a body that does not match it, so a PUT cut short or damaged is never stored."""
+    import base64
+    import zlib
+
+    import botocore.exceptions
+
+    store = make_s3_store(seaweed)
+    sent: list[str] = []
+    store._chunk_client.meta.events.register(
+        "before-send.s3.PutObject", lambda request, **_: sent.append(request.headers["x-amz-checksum-crc32"]))
+    body = b"\x00" + bytes(range(256)) * 64
+    h = "cd" * 32
+    store.put(f"chunks/cd/{h}", body)
+    want = base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
+    assert [s.decode() if isinstance(s, bytes) else s for s in sent] == [want]
+    wrong = base64.b64encode(zlib.crc32(body + b"x").to_bytes(4, "big")).decode()
+    with pytest.raises(botocore.exceptions.ClientError):
+        store._chunk_client.put_object(Bucket=store.bucket, Key=store._key(f"chunks/cd/{'ef' * 32}"),
+                                       Body=body, ChecksumCRC32=wrong)
+    assert store.head(f"chunks/cd/{'ef' * 32}") is None

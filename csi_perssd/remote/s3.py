@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import atexit
+import base64
 import hashlib
 import logging
 import os
@@ -24,6 +25,7 @@ import shutil
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -263,7 +265,10 @@ class S3Store:
         if if_none_match and if_match is not None:
             raise ValueError("if_none_match and if_match are exclusive")
         k = self._key(key)
-        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": k, "Body": data}
+        # the body's CRC32, computed here: zlib releases the GIL on large buffers (botocore's
+        # own pass goes through binascii 1 MiB at a time and holds it: 19% of a flush's samples)
+        crc = base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": k, "Body": data, "ChecksumCRC32": crc}
         if if_none_match:
             kw["IfNoneMatch"] = "*"
         if if_match is not None:
