@@ -144,8 +144,9 @@ class VolumeSync:
         try:
             cat = self.stores.catalog(secrets)
             manifest = Manifest.decode(cat.get_manifest(rec.id, rec.generation))
-            dev = self.backend.device(rec.id)
-            stats = transfer.hydrate(cat.store, manifest, dev, workers=self.cfg.hydrate_workers)
+            # rawfile: straight into the backing file, before a loop device exists
+            dest = getattr(self.backend, "hydrate_path", self.backend.device)(rec.id)
+            stats = transfer.hydrate(cat.store, manifest, dest, workers=self.cfg.hydrate_workers)
         except BaseException as e:
             self._discard(rec.id)
             if isinstance(e, transfer.ChunkCorrupted):

@@ -319,3 +319,29 @@ def test_snapshot_of_a_frozen_mounted_volume(backend, tmp_path):
     finally:
         fs.ensure_unmounted(snapmnt)
         loop.detach(snapdev)
+
+
+def test_sector_size_stays_4k_after_a_reflink_and_the_file_system_still_mounts(tmp_path):
+    """On XFS a reflinked file needs 4 KiB-aligned direct I/O; a loop device left to pick its own
+    sector size would come back with 4 KiB after the first generation snapshot and refuse a
+    file system made with smaller blocks. Every attach uses 4 KiB sectors."""
+    from csi_perssd.tools.xfsdir import xfs_dir
+    with xfs_dir(str(tmp_path / "x"), 320 * MiB) as d:
+        b = RawfileBackend(os.path.join(d, "pool"))
+        assert b.tracks_changes
+        vid = "pvol-sector"
+        b.create(vid, 64 * MiB)
+        dev = b.device(vid)
+        name = os.path.basename(dev)
+        with open(f"/sys/block/{name}/queue/logical_block_size") as f:
+            assert f.read().strip() == "4096"
+        fs.ensure_fs(dev, "ext4")
+        b.release(vid)
+        b.snapshot(vid, "gen-1")                    # the file is now reflinked
+        dev = b.device(vid)
+        with open(f"/sys/block/{os.path.basename(dev)}/queue/logical_block_size") as f:
+            assert f.read().strip() == "4096"
+        target = str(tmp_path / "mnt")
+        fs.ensure_mounted(dev, target, "ext4", [])
+        fs.ensure_unmounted(target)
+        b.delete(vid)

@@ -18,6 +18,11 @@ from .fs import run
 
 _DEVICE_RE = re.compile(r"/dev/loop[0-9]{1,6}")
 _attach_lock = threading.Lock()
+# Every loop device gets 4 KiB logical sectors. Left to the kernel, a direct-I/O loop device takes
+# the backing file's DIO alignment, which XFS raises from 512 B to 4 KiB once the file is
+# reflinked (a generation's change-tracking copy): a volume made with 1 KiB ext4 blocks on a
+# 512 B device would then no longer mount. Fixed at 4 KiB, it looks the same at every attach.
+SECTOR_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,8 @@ def attach(backing_file: str, direct_io: bool = True, read_only: bool = False) -
         existing = find(backing_file, read_only)
         if existing is not None:
             return existing
-        base = ["losetup", "--find", "--show"] + (["--read-only"] if read_only else [])
+        base = (["losetup", "--find", "--show", "--sector-size", str(SECTOR_SIZE)]
+                + (["--read-only"] if read_only else []))
         if direct_io:
             try:
                 res = run(base + ["--direct-io=on", backing_file], what="losetup --find")

@@ -151,6 +151,15 @@ class RawfileBackend:
             loop.refresh_size(dev)
         return dev
 
+    def hydrate_path(self, vid: str) -> str:
+        """Where to write a fresh volume's content before first use: the backing file itself
+        while no loop device is attached (buffered writes, the file system allocates large
+        extents; no second pass through the loop device), else the device."""
+        path = self._disk(vid)
+        if not os.path.isfile(path):
+            raise not_found(f"volume {vid} does not exist on this node")
+        return loop.find(path) or path
+
     def attached_device(self, vid: str, read_only: bool = False) -> str | None:
         """The loop device of a volume if it is attached now (never attaches)."""
         return loop.find(self._disk(vid), read_only)

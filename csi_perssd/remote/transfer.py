@@ -44,8 +44,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..local.backend import Extent
-from .chunks import (CorruptBlob, check_chunk_size, check_hash, chunk_count, chunk_hash,
-                     chunk_key, chunk_span, compress, decompress, is_zero)
+from .chunks import (FORMAT_RAW, CorruptBlob, check_chunk_size, check_hash, chunk_count,
+                     chunk_hash, chunk_key, chunk_span, compress, decompress, is_zero)
 from .manifest import Manifest
 from .store import NotFound, ObjectStore
 
@@ -594,7 +594,9 @@ def hydrate(store: ObjectStore, manifest: Manifest, dest_path: str, *, workers: 
             except NotFound:
                 raise ChunkMissing(key, "missing from the store") from None
             try:
-                raw = decompress(blob, max_size=cs)
+                # a raw blob is used in place (no 4 MiB copy); zstd ones are decoded
+                raw = (memoryview(blob)[1:] if blob and blob[0] == FORMAT_RAW and len(blob) - 1 <= cs
+                       else decompress(blob, max_size=cs))
             except CorruptBlob as e:
                 raise ChunkCorrupted(key, str(e)) from None
             if verify and chunk_hash(raw) != h:
