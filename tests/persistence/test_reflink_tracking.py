@@ -16,7 +16,7 @@ from csi_perssd.tools.cluster import Cluster, block_cap, mount_cap
 from csi_perssd.tools.seaweed import Seaweed
 from csi_perssd.tools.xfsdir import xfs_dir
 
-from .helpers import CHUNK, MiB, tree_sums, write_tree
+from .helpers import CHUNK, MiB, sha256_file, tree_sums, write_tree
 
 pytestmark = [pytest.mark.root, pytest.mark.s3]
 SIZE = 64 * MiB
@@ -43,17 +43,6 @@ def _write(dev: str, offset: int, data: bytes) -> None:
         os.close(fd)
 
 
-def _sha(dev: str, size: int = SIZE) -> str:
-    h = hashlib.sha256()
-    with open(dev, "rb") as f:
-        left = size
-        while left:
-            b = f.read(min(left, 4 * MiB))
-            h.update(b)
-            left -= len(b)
-    return h.hexdigest()
-
-
 def test_block_volume_final_pass_and_incremental_read_only_changes(xcluster: Cluster):
     cl, cap = xcluster, block_cap()
     vid = cl.create("tracked-block", SIZE, cap=cap)
@@ -69,14 +58,14 @@ def test_block_volume_final_pass_and_incremental_read_only_changes(xcluster: Clu
     assert "0 bytes changed since the pre-flush" in cl.nodes["node-a"].log_path.read_text()
 
     dev_b = cl.attach("node-b", vid, cap=cap)
-    assert _sha(dev_b) == expected
+    assert sha256_file(dev_b) == expected
 
     offsets = [1 * MiB, 17 * MiB + 4096, 50 * MiB]
     for off in offsets:
         _write(dev_b, off, os.urandom(MiB))
     changed_chunks = {o // CHUNK for o in offsets} | {(o + MiB - 1) // CHUNK for o in offsets}
     read0, up0 = cl.transferred("node-b", "flushed_read"), cl.transferred("node-b", "uploaded")
-    want = _sha(dev_b)
+    want = sha256_file(dev_b)
     cl.release("node-b", vid)
     read = cl.transferred("node-b", "flushed_read") - read0
     uploaded = cl.transferred("node-b", "uploaded") - up0
@@ -85,7 +74,7 @@ def test_block_volume_final_pass_and_incremental_read_only_changes(xcluster: Clu
     assert 0 < uploaded <= len(changed_chunks) * CHUNK + 4096
 
     back = cl.attach("node-a", vid, cap=cap)   # node-a's cache is a generation behind: rehydrates
-    assert _sha(back) == want
+    assert sha256_file(back) == want
     cl.release("node-a", vid)
     cl.delete(vid)
 
