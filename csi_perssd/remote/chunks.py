@@ -150,15 +150,16 @@ def compress(buf: bytes | bytearray | memoryview, level: int = 3,
     return _RAW_TAG + buf, False           # one copy (buf may be a reused read buffer)
 
 
-def decompress(blob: bytes, max_size: int = MAX_CHUNK_SIZE) -> bytes:
-    """Decode a blob back to the chunk plaintext; CorruptBlob if malformed or over max_size."""
+def decompress(blob: bytes, max_size: int = MAX_CHUNK_SIZE) -> bytes | memoryview:
+    """Decode a blob back to the chunk plaintext; CorruptBlob if malformed or over max_size.
+    A raw blob's plaintext is returned as a view into `blob` (no copy of the chunk)."""
     if not blob:
         raise CorruptBlob("empty chunk object")
     tag = blob[0]
     if tag == FORMAT_RAW:
         if len(blob) - 1 > max_size:
             raise CorruptBlob(f"chunk of {len(blob) - 1} bytes exceeds {max_size}")
-        return blob[1:]
+        return memoryview(blob)[1:]
     if tag == FORMAT_ZSTD:
         body = memoryview(blob)[1:]
         try:

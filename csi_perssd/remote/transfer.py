@@ -44,8 +44,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..local.backend import Extent
-from .chunks import (FORMAT_RAW, CorruptBlob, check_chunk_size, check_hash, chunk_count,
-                     chunk_hash, chunk_key, chunk_span, compress, decompress, is_zero)
+from .chunks import (CorruptBlob, check_chunk_size, check_hash, chunk_count, chunk_hash,
+                     chunk_key, chunk_span, compress, decompress, is_zero)
 from .manifest import Manifest
 from .store import NotFound, ObjectStore
 
@@ -139,21 +139,6 @@ def file_data_extents(path: str) -> list[Extent]:
 
 def _device_size(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END)
-
-
-def _pread_full(fd: int, length: int, offset: int) -> bytes:
-    buf = os.pread(fd, length, offset)
-    if len(buf) == length:
-        return buf
-    parts = [buf]
-    got = len(buf)
-    while got < length:
-        more = os.pread(fd, length - got, offset + got)
-        if not more:
-            raise OSError(f"short read at offset {offset + got}: source ended early")
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
 
 
 class _Reader:
@@ -594,9 +579,7 @@ def hydrate(store: ObjectStore, manifest: Manifest, dest_path: str, *, workers: 
             except NotFound:
                 raise ChunkMissing(key, "missing from the store") from None
             try:
-                # a raw blob is used in place (no 4 MiB copy); zstd ones are decoded
-                raw = (memoryview(blob)[1:] if blob and blob[0] == FORMAT_RAW and len(blob) - 1 <= cs
-                       else decompress(blob, max_size=cs))
+                raw = decompress(blob, max_size=cs)
             except CorruptBlob as e:
                 raise ChunkCorrupted(key, str(e)) from None
             if verify and chunk_hash(raw) != h:

@@ -8,38 +8,31 @@ import json
 import os
 import subprocess
 
+from ..local import fs, loop
+
+
 def _mount_points() -> list[str]:
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         return [line.split()[4].encode().decode("unicode_escape") for line in f if line.strip()]
 
 
-def _loop_rows() -> list[dict[str, str]]:
-    res = subprocess.run(["losetup", "--json", "--list", "--output", "NAME,BACK-FILE,BACK-MAJ:MIN"],
+def _loop_devices() -> dict[str, str]:
+    res = subprocess.run(["losetup", "--json", "--list", "--output", "NAME,BACK-FILE"],
                          capture_output=True, text=True)
     if res.returncode != 0 or not res.stdout.strip():
-        return []
-    return list(json.loads(res.stdout).get("loopdevices", []))
-
-
-def _loop_devices() -> dict[str, str]:
-    return {r["name"]: (r.get("back-file") or "").removesuffix(" (deleted)") for r in _loop_rows()}
+        return {}
+    rows = json.loads(res.stdout).get("loopdevices", [])
+    return {r["name"]: (r.get("back-file") or "").removesuffix(" (deleted)") for r in rows}
 
 
 def _loops_on(mount_point: str) -> list[str]:
     """Loop devices whose backing file lives on the scratch file system (itself on a loop
     device) mounted at `mount_point`, by device number: they keep it busy, and once it is lazily
     unmounted their paths no longer show where they live."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        sources = {line.split()[4].encode().decode("unicode_escape"): line.split(" - ", 1)[1].split()[1]
-                   for line in f if " - " in line}
-    if not sources.get(mount_point, "").startswith("/dev/loop"):
+    m = fs.mount_info(mount_point)
+    if m is None or not m.source.startswith("/dev/loop"):
         return []
-    try:
-        st = os.stat(mount_point).st_dev
-    except OSError:
-        return []
-    want = f"{os.major(st)}:{os.minor(st)}"
-    return [r["name"] for r in _loop_rows() if (r.get("back-maj:min") or "").strip() == want]
+    return [d.name for d in loop.devices() if d.back_dev == (m.major, m.minor)]
 
 
 def _detach(dev: str) -> None:
