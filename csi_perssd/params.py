@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import invalid
+from .remote.chunks import DEFAULT_COMPRESSION
 
 MIN_CHUNK = 64 << 10
 MAX_CHUNK = 64 << 20
@@ -17,9 +18,7 @@ class VolumeParams:
     mobility: str = "pool"
     persistence: str = "object"
     chunk_size: int = 4 << 20
-    # zstd level 1: measured on the benchmark's file mix 387 MB/s per core at 0.48 of the size,
-    # level 3 238 MB/s at 0.45: 7% more bytes for 60% more speed (flush time is the point)
-    compression: int = 1
+    compression: int = DEFAULT_COMPRESSION       # remote/chunks.py says why level 1
     fs_type: str = ""
 
     def as_dict(self) -> dict[str, str]:
@@ -54,7 +53,7 @@ def parse(params: dict[str, str]) -> VolumeParams:
     chunk = parse_size(params.get("chunkSize", "4Mi"), "parameter chunkSize")
     if chunk < MIN_CHUNK or chunk > MAX_CHUNK or chunk & (chunk - 1):
         raise invalid(f"parameter chunkSize={chunk} must be a power of two between 64Ki and 64Mi")
-    comp_s = params.get("compression", "1")
+    comp_s = params.get("compression", str(DEFAULT_COMPRESSION))
     try:
         comp = int(comp_s)
     except ValueError:

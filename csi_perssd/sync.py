@@ -295,8 +295,8 @@ class VolumeSync:
     def _flush(self, vid: str, job: FlushJob) -> None:
         # the final pass commits: it follows gc's handshake (claim its chunks, repair what a
         # concurrent garbage collection deleted) before the generation is committed
-        from . import gc
-        guard = (gc.FlushGuard.begin(self.stores.catalog().store, f"{self.node_id}/{vid}",
+        from .remote.guard import FlushGuard
+        guard = (FlushGuard.begin(self.stores.catalog().store, f"{self.node_id}/{vid}",
                                      resumed=Path(self.state.journal_path(vid)).exists())
                  if job.final else None)
         try:
