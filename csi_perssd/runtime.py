@@ -83,7 +83,8 @@ class Runtime:
         metrics.POOL_BYTES.labels("available").set(avail)
         metrics.POOL_BYTES.labels("cache").set(reclaim)
         return NodeRecord(id=self.cfg.node_id, pool=self.cfg.pool, total_bytes=total, available_bytes=avail,
-                          reclaimable_bytes=reclaim, max_volume_bytes=biggest, version=__version__)
+                          reclaimable_bytes=reclaim, max_volume_bytes=biggest,
+                          max_volumes=self.cfg.max_volumes_per_node, version=__version__)
 
     def heartbeat(self) -> None:
         rec = self.node_record()

@@ -48,6 +48,8 @@ class VolumeRecord:
     generation: int = 0                 # committed generation, 0 = never flushed (all zero)
     generation_node: str = ""           # node that committed it (its local copy is current)
     source: dict[str, str] = field(default_factory=dict)   # {"snapshot": sid} | {"volume": vid}
+    mutable_parameters: dict[str, str] = field(default_factory=dict)   # applied (modify.py)
+    published: dict[str, Any] = field(default_factory=dict)  # {"capability", "readonly"} of the owner's publish
     state: str = "created"              # created | deleting
     created_at: float = field(default_factory=time.time)
     schema: int = SCHEMA
@@ -80,6 +82,7 @@ class NodeRecord:
     available_bytes: int = 0
     reclaimable_bytes: int = 0          # clean cached copies that may be evicted
     max_volume_bytes: int = 0
+    max_volumes: int = 0                # NodeGetInfo max_volumes_per_node (0 = no limit)
     version: str = ""
     heartbeat: float = field(default_factory=time.time)
     schema: int = SCHEMA
