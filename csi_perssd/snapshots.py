@@ -206,7 +206,8 @@ class Snapshots:
                     and (not request.source_volume_id or r.source_volume == request.source_volume_id)]
             return pb.ListSnapshotsResponse(entries=[pb.ListSnapshotsResponse.Entry(snapshot=self.proto(r))
                                                      for r in recs])
-        limit, out, more = request.max_entries, [], False
+        limit, more = request.max_entries, False
+        out: list[SnapshotRecord] = []
         while True:
             page = cat.snapshot_page(after, limit - len(out) if limit else 0)
             out += [r for r in page.records
@@ -351,7 +352,7 @@ class NodeSnapshotWorker:
         snap = cat.get_snapshot(sid)
         if snap is None or snap.ready:
             return True
-        node, backend, sync = self.rt.node, self.rt.backend, self.rt.sync
+        node, backend = self.rt.node, self.rt.backend
         lv = node.state.get(vid)
         vol = cat.get_volume(vid)
         if vol is None:

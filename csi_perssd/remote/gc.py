@@ -163,7 +163,7 @@ def collect(cat: Catalog, *, grace: float, keep: int, dry_run: bool,
             if not dry_run:
                 store.delete(tomb)
     rep.duration_s = time.monotonic() - t0
-    if before is not None:
+    if stats is not None and before is not None:
         after = stats.snapshot()["requests"]
         rep.requests = {op: n - before.get(op, 0) for op, n in after.items() if n - before.get(op, 0)}
     log.info("gc: %s", rep.summary())
