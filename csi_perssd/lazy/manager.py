@@ -123,13 +123,10 @@ class LazyManager:
 
     def _start(self, vid: str, secrets: dict[str, str]) -> None:
         d = self.dir(vid)
-        logf = open(d / "server.log", "ab")
-        try:
+        with open(d / "server.log", "ab") as logf:
             proc = subprocess.Popen([sys.executable, "-m", "csi_perssd.lazy.server", str(d)],
                                     stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT,
                                     start_new_session=True, close_fds=True, cwd="/")
-        finally:
-            logf.close()
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(secrets).encode())
         proc.stdin.close()
@@ -149,7 +146,7 @@ class LazyManager:
 
     def _clear_stale(self, vid: str) -> None:
         """What a dead server left: loop devices on its file, its (disconnected) FUSE mount."""
-        for dev in loop.find_all(self.file(vid), read_only=None):
+        for dev in self.attached(vid):
             loop.detach(dev, force=True)
         mnt = str(self.dir(vid) / "mnt")
         if fs.mount_info(mnt) is not None:
@@ -175,8 +172,16 @@ class LazyManager:
             raise CsiError(Code.UNAVAILABLE, f"volume {vid}: its lazy hydration server is not running")
         return loop.attach(self.file(vid), direct_io=True, read_only=read_only)
 
+    def refresh_size(self, vid: str) -> None:
+        """After the local volume grew: the loop devices on the served file see the new size."""
+        for dev in self.attached(vid):
+            loop.refresh_size(dev)
+
     def attached(self, vid: str) -> list[str]:
-        return loop.find_all(self.file(vid), read_only=None)
+        """Loop devices on the served file, by the path the kernel reports (no stat: the file of
+        a dead server cannot be stat'ed)."""
+        f = os.path.join(os.path.realpath(self.dir(vid)), "mnt", FILE)
+        return sorted(d.name for d in loop.devices() if d.back_file.removesuffix(" (deleted)") == f)
 
     def release(self, vid: str) -> None:
         """Detach the loop devices (refused while in use) and stop the server; state kept."""
@@ -218,9 +223,8 @@ class LazyManager:
         (everything else keeps the manifest's entries). None when the volume is not lazy."""
         if not self.active(vid):
             return None
-        if self._pid(vid):
-            if self.request(vid, "sync") is None:
-                raise CsiError(Code.UNAVAILABLE, f"volume {vid}: the lazy server does not answer")
+        if self._pid(vid) and self.request(vid, "sync") is None:
+            raise CsiError(Code.UNAVAILABLE, f"volume {vid}: the lazy server does not answer")
         st = self.state(vid)
         if st is None:
             raise internal(f"volume {vid}: its hydration state is unreadable")

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import mfusepy
+import mfusepy  # type: ignore[import-untyped]
 
 from ..remote.manifest import Manifest
 from ..remote.transfer import ChunkCorrupted
@@ -122,7 +122,7 @@ def _control(vol: LazyVolume, sock_path: str, stop: threading.Event) -> None:
     Path(sock_path).unlink(missing_ok=True)
 
 
-def _store(settings: dict[str, Any], secrets: dict[str, str]) -> Any:
+def _store(settings: dict[str, Any], secrets: dict[str, str]) -> Any:  # an ObjectStore
     """The object store, as the plugin opens it; its own retry budget capped by the fetch timeout
     (fetch.py retries on top of it until the timeout)."""
     import dataclasses
@@ -131,7 +131,7 @@ def _store(settings: dict[str, Any], secrets: dict[str, str]) -> Any:
     from ..stores import Stores
     cfg = Config(catalog=settings["catalog"], s3_endpoint=settings.get("s3_endpoint", ""),
                  s3_region=settings.get("s3_region", ""), s3_ca_bundle=settings.get("s3_ca_bundle", ""))
-    st = Stores(cfg).store(secrets)
+    st: Any = Stores(cfg).store(secrets)
     retry = getattr(st, "retry", None)
     if retry is not None:
         budget = max(1.0, float(settings["fetch_timeout"]) / 2)
@@ -164,7 +164,8 @@ def serve(d: Path, secrets: dict[str, str]) -> int:
              state.missing_count, mnt / FILE)
     try:
         mfusepy.FUSE(_Ops(vol), str(mnt), foreground=True, nothreads=False, fsname="perssd-lazy",
-                     subtype="perssd", default_permissions=True)
+                     subtype="perssd", default_permissions=True,
+                     attr_timeout=0, entry_timeout=0)
     finally:
         stop.set()
         vol.stop()

@@ -80,7 +80,7 @@ class HydrationState:
 
     @property
     def missing_count(self) -> int:
-        return self.chunks - sum(bin(b).count("1") for b in self.present)
+        return self.chunks - sum(b.bit_count() for b in self.present)
 
     @property
     def complete(self) -> bool:

@@ -45,7 +45,7 @@ class LazyVolume:
                  fetcher: Fetcher, workers: int = 8):
         self.manifest, self.state, self.state_path = manifest, state, state_path
         self.fetcher = fetcher
-        self.workers = max(1, workers)
+        self.workers = max(0, workers)      # 0: no background hydration, on demand only
         self.fd = os.open(disk_path, os.O_RDWR | os.O_CLOEXEC)
         self._mu = threading.Lock()             # state bits, in-flight table, hot queue
         self._persist_mu = threading.Lock()
@@ -201,25 +201,22 @@ class LazyVolume:
                 self._stop.wait(1.0)
 
     def _supervise(self) -> None:
-        """Start the workers, persist the state about once a second, note the completion."""
+        """Start the workers, persist the state about once a second (the resume point after a
+        restart), note the completion."""
         for k in range(self.workers):
             t = threading.Thread(target=self._hydrate_loop, name=f"hydrate-{k}", daemon=True)
             t.start()
             self._threads.append(t)
         seen = -1
         while not self._stop.wait(PERSIST_EVERY_S):
-            alive = any(t.is_alive() for t in self._threads)
             fetched = self.state.on_demand + self.state.background
-            if fetched != seen:             # resume point after a restart
+            if fetched != seen:
                 self.persist()
                 seen = fetched
-            if not alive:
-                break
-        if self.state.complete and self.completed_at is None:
-            self.completed_at = time.monotonic()
-            self.persist()
-            log.info("hydration complete: %d chunks on demand, %d in the background, %.2fs",
-                     self.state.on_demand, self.state.background, self.completed_at - self.started_at)
+            if self.state.complete and self.completed_at is None:
+                self.completed_at = time.monotonic()
+                log.info("hydration complete: %d chunks on demand, %d in the background, %.2fs",
+                         self.state.on_demand, self.state.background, self.completed_at - self.started_at)
 
     def start(self) -> None:
         t = threading.Thread(target=self._supervise, name="hydrate-supervisor", daemon=True)
