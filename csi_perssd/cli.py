@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
          "NodeUnstage waits this long for the flush before answering ABORTED with its progress")
     _add(s, "--freeze-timeout-seconds", c.freeze_timeout_seconds, "snapshots: longest file system freeze")
     _add(s, "--enable-alpha", c.enable_alpha, "enable alpha CSI capabilities")
+    _add(s, "--pvc-events", c.pvc_events, "post Events on volumes' PVCs (auto: in a pod or with --kubeconfig)",
+         choices=("auto", "on", "off"))
+    _add(s, "--kubeconfig", c.kubeconfig, "kubeconfig of the API server for events (default: the pod's service account)")
+    _add(s, "--events-progress-seconds", c.events_progress_seconds, "FlushProgress events at least this far apart")
     _store_flags(s)
 
     t = sub.add_parser("takeover", help="take a volume over from a dead node (loses its unflushed data)")

@@ -164,6 +164,7 @@ class Controller(rpc.ControllerServicer):
         if request.mutable_parameters:     # spec: SHALL NOT be given unless the SP has MODIFY_VOLUME
             raise invalid("mutable_parameters are not supported: this driver has no MODIFY_VOLUME capability")
         vp = params.parse(dict(request.parameters))
+        claim = params.claim(dict(request.parameters), name)
         if vp.fs_type:
             for c in cap_list:
                 if c["access_type"] == "mount" and c["fs_type"] != vp.fs_type and c["fs_type"] != caps.DEFAULT_FS:
@@ -184,7 +185,7 @@ class Controller(rpc.ControllerServicer):
             rec = VolumeRecord(id=ids.new_volume_id(), name=name, size=size, capabilities=cap_list,
                                mobility=vp.mobility, persistence=vp.persistence, pool=pool, node=node,
                                parameters=vp.as_dict(), chunk_size=vp.chunk_size, compression=vp.compression,
-                               source=source)
+                               source=source, claim=claim)
             existing = cat.volume_by_name(name)
             if existing is not None:
                 self._check_compatible(existing, cr, cap_list, vp, source)

@@ -50,6 +50,7 @@ class VolumeRecord:
     source: dict[str, str] = field(default_factory=dict)   # {"snapshot": sid} | {"volume": vid}
     state: str = "created"              # created | deleting
     created_at: float = field(default_factory=time.time)
+    claim: dict[str, str] = field(default_factory=dict)    # PVC {"namespace","name","uid"} (params.claim)
     schema: int = SCHEMA
     etag: str = field(default="", compare=False, repr=False)
 
