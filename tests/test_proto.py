@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_perssd.tools import genproto
+from tests.harness import genproto
 
 SPEC_PROTO = Path("/work/shared/csi-spec/csi.proto")
 STUBS = genproto.ROOT / "csi_perssd" / "csi"

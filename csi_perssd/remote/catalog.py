@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .. import ids
-from ..errors import CsiError, Code, not_found, precondition, unavailable
+from ..errors import CsiError, Code, Fenced, not_found, precondition, unavailable
 from .store import NotFound, ObjectStore, PreconditionFailed, StoreError
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,14 @@ def _decode(cls: type[R], data: bytes, etag: str) -> R:
     rec = cls(**{k: v for k, v in d.items() if k in known})
     rec.etag = etag
     return rec
+
+
+def check_owner(rec: VolumeRecord, node: str, epoch: int, consequence: str) -> None:
+    """Raise Fenced unless `node` holds the volume with ownership epoch `epoch`: the record is
+    the proof (epochs only grow, so another owner or epoch means the node was fenced out)."""
+    if rec.owner != node or rec.epoch != epoch:
+        raise Fenced(f"volume {rec.id}: node {node} (epoch {epoch}) no longer owns it "
+                     f"(owner {rec.owner or '-'}, epoch {rec.epoch}); {consequence}")
 
 
 class Catalog:
@@ -290,10 +298,7 @@ class Catalog:
         """Make `gen` the committed generation, fenced by ownership: only the owner with the
         current epoch may commit (a conditional write on the record's ETag)."""
         def apply(rec: VolumeRecord) -> None:
-            if rec.owner != node or rec.epoch != epoch:
-                raise precondition(
-                    f"volume {vid}: node {node} (epoch {epoch}) no longer owns it "
-                    f"(owner {rec.owner or '-'}, epoch {rec.epoch}); generation {gen} not committed")
+            check_owner(rec, node, epoch, f"generation {gen} not committed")
             if gen <= rec.generation:
                 raise precondition(f"volume {vid}: generation {rec.generation} is already committed")
             rec.generation = gen

@@ -1,4 +1,4 @@
-"""csi_perssd/tools/sanity.py (`make sanity`): starts a --mode all driver, hands csi-sanity the right
+"""tests/harness/sanity.py (`make sanity`): starts a --mode all driver, hands csi-sanity the right
 flags and returns its exit code. csi-sanity cannot be installed here, so a stand-in executable
 checks the flags against the real running driver."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from csi_perssd.tools import sanity
+from tests.harness import sanity
 
 pytestmark = pytest.mark.root
 

@@ -5,7 +5,7 @@ backend), runs csi-sanity with a small test volume, mount and staging directorie
 exist yet and a parameters file, then stops the server, unmounts what is left under the
 temporary directory, detaches its loop devices, and exits with csi-sanity's exit code.
 
-    python -m csi_perssd.tools.sanity /path/to/csi-sanity [--param persistence=object] [-- -ginkgo.focus=Node]
+    python -m tests.harness.sanity /path/to/csi-sanity [--param persistence=object] [-- -ginkgo.focus=Node]
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def default_params() -> tuple[dict[str, str], int, str]:
     """Parameters and volume size for csi-sanity's test volumes, and why. Without CAP_SYS_RESOURCE
     (some sandboxes) ext4 cannot grow while mounted, which csi-sanity's "node-expand after
     node-publish" needs: use xfs there, which grows online without it."""
-    from ..local import fs
+    from csi_perssd.local import fs
     if fs.can_grow_ext_online():
         return dict(DEFAULT_PARAMS), TEST_VOLUME_SIZE, ""
     return (dict(DEFAULT_PARAMS, fsType="xfs"), XFS_VOLUME_SIZE,
@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
-    p = argparse.ArgumentParser(prog="python -m csi_perssd.tools.sanity", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tests.harness.sanity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("binary", help="path to the csi-sanity executable")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
