@@ -142,7 +142,7 @@ class LocalVolumeCollector(Collector):
             log.warning("cannot count local volumes for metrics: %s", e)
             volumes = []
         for lv in volumes:
-            state = lv.flush.state if lv.flush is not None else "none"
+            state = str(getattr(lv.flush.state, "value", lv.flush.state)) if lv.flush is not None else "none"
             counts[state] = counts.get(state, 0) + 1
             unflushed += bool(lv.dirty and not lv.staged and lv.persistence == "object")
         g = GaugeMetricFamily("perssd_local_volumes", "Local volumes on this node by flush state",
