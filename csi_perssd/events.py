@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Protocol
 
@@ -86,7 +86,7 @@ class NullRecorder:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -215,6 +215,7 @@ class KubeRecorder:
             "type": item.type_.value, "count": 1, "firstTimestamp": item.at, "lastTimestamp": item.at,
             "source": {"component": COMPONENT, "host": self.host},
             "reportingComponent": COMPONENT, "reportingInstance": self.host})
+        assert body is not None
         self._api.create_namespaced_event(item.ref.namespace, body, _request_timeout=self._timeout)
         self._seen[key] = _Seen(name, 1, item.at)
         while len(self._seen) > self._correlate:
