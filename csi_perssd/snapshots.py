@@ -369,10 +369,10 @@ class NodeSnapshotWorker:
                 cut_at = time.time()
                 if lv.access_type == "mount" and fs.mount_info(lv.staged_path) is not None and not lv.readonly:
                     with fs.frozen(lv.staged_path, self.rt.cfg.freeze_timeout_seconds):
-                        changed = sync.lazy.changed_extents(vid)
+                        changed = self.rt.sync.lazy.changed_extents(vid)
                         path = backend.snapshot(vid, local)
                 else:
-                    changed = sync.lazy.changed_extents(vid)
+                    changed = self.rt.sync.lazy.changed_extents(vid)
                     path = backend.snapshot(vid, local)
                 frozen_s = time.monotonic() - t0
         except CsiError as e:

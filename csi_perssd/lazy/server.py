@@ -73,10 +73,10 @@ class _Ops(mfusepy.Operations):
         raise mfusepy.FuseOSError(errno.EIO)
 
     def read(self, path: str, size: int, offset: int, fh: Any) -> bytes:
-        return self._io(self.vol.read, offset, size)           # type: ignore[no-any-return]
+        return self._io(self.vol.read, offset, size)
 
     def write(self, path: str, data: bytes, offset: int, fh: Any) -> int:
-        return self._io(self.vol.write, offset, data)          # type: ignore[no-any-return]
+        return self._io(self.vol.write, offset, data)
 
     def fsync(self, path: str, datasync: int, fh: Any) -> int:
         self._io(self.vol.fsync)
