@@ -164,6 +164,7 @@ class Controller(rpc.ControllerServicer):
         if len({c["access_type"] for c in cap_list}) > 1:
             raise invalid("a volume cannot be both block and mount")
         vp = params.parse(dict(request.parameters))
+        claim = params.claim(dict(request.parameters), name)
         mutable = modify.parse(dict(request.mutable_parameters))
         if vp.fs_type:
             for c in cap_list:
@@ -185,7 +186,7 @@ class Controller(rpc.ControllerServicer):
             rec = VolumeRecord(id=ids.new_volume_id(), name=name, size=size, capabilities=cap_list,
                                mobility=vp.mobility, persistence=vp.persistence, pool=pool, node=node,
                                parameters=vp.as_dict(), chunk_size=vp.chunk_size, compression=vp.compression,
-                               source=source)
+                               source=source, claim=claim)
             modify.check_supported(rec, mutable)
             modify.apply(rec, mutable)          # spec: mutable_parameters take precedence over parameters
             existing = cat.volume_by_name(name)

@@ -51,7 +51,10 @@ class Runtime:
                 raise ValueError("--node-id is required in node and all modes")
             self.backend = make_backend(cfg)
             state = NodeState(cfg.state_dir)
-            self.sync = VolumeSync(cfg, self.stores, self.backend, state)
+            from . import events, metrics
+            self.sync = VolumeSync(cfg, self.stores, self.backend, state,
+                                   events=events.from_config(cfg))
+            metrics.watch_local_volumes(state.all)
             self.node = Node(cfg, self.stores, self.backend, state, self.sync)
             local_node = self.node_record()
         if cfg.mode in ("controller", "all"):

@@ -374,8 +374,10 @@ class NodeSnapshotWorker:
                 cut_at = time.time()
                 if lv.access_type == "mount" and fs.mount_info(lv.staged_path) is not None and not lv.readonly:
                     with fs.frozen(lv.staged_path, self.rt.cfg.freeze_timeout_seconds):
+                        changed = self.rt.sync.lazy.changed_extents(vid)
                         path = backend.snapshot(vid, local)
                 else:
+                    changed = self.rt.sync.lazy.changed_extents(vid)
                     path = backend.snapshot(vid, local)
                 frozen_s = time.monotonic() - t0
         except CsiError as e:
@@ -384,26 +386,32 @@ class NodeSnapshotWorker:
             raise
         log.info("snapshot %s of %s: point-in-time copy taken in %.3fs (file system frozen meanwhile)", sid, vid, frozen_s)
         try:
-            self._upload(cat, snap, path, vid, cut_at)
+            self._upload(cat, snap, path, vid, cut_at, changed)
         finally:
             backend.delete_snapshot(vid, local)
         return True
 
-    def _upload(self, cat: Catalog, snap: SnapshotRecord, path: str, vid: str, cut_at: float) -> None:
+    def _upload(self, cat: Catalog, snap: SnapshotRecord, path: str, vid: str, cut_at: float,
+                changed: list[Any] | None = None) -> None:
         guard = FlushGuard.begin(cat.store, f"snapshot {snap.id}")
         try:
-            self._upload_guarded(cat, snap, path, vid, cut_at, guard)
+            self._upload_guarded(cat, snap, path, vid, cut_at, guard, changed)
         finally:
             guard.release()
 
     def _upload_guarded(self, cat: Catalog, snap: SnapshotRecord, path: str, vid: str, cut_at: float,
-                        guard: FlushGuard) -> None:
+                        guard: FlushGuard, changed: list[Any] | None = None) -> None:
+        """`changed`: a lazily hydrated volume's chunks written on this node, taken with the copy
+        (the copy holds only the chunks fetched so far; the others keep the base's entries)."""
         from .remote import transfer
         backend = self.rt.backend
         vol = cat.volume(vid)          # read after the guard began: its base cannot vanish unnoticed
         base = Manifest.decode(cat.get_manifest(vid, vol.generation)) if vol.generation else None
         size = os.path.getsize(path) if os.path.isfile(path) else fs.block_size(path)
         ranges = backend.allocated_ranges(vid, snap.id)    # the snapshot's own map, not the live volume's
+        mode = "allocated"
+        if changed is not None and base is not None:
+            ranges, mode = changed, "changed"
         last = [0.0]
 
         def progress(done: int, total: int) -> None:
@@ -416,7 +424,7 @@ class NodeSnapshotWorker:
                     pass
         t0 = time.monotonic()
         m, stats = transfer.flush(cat.store, path, size, vol.chunk_size, base=base, ranges=ranges,
-                                  compression_level=vol.compression, workers=self.rt.cfg.flush_workers,
+                                  ranges_mode=mode, compression_level=vol.compression, workers=self.rt.cfg.flush_workers,
                                   progress=progress)
         g = guard.claim(m, source_path=path, compression_level=vol.compression,
                         manifests=[snapshot_manifest_key(snap.id)])

@@ -53,6 +53,7 @@ class VolumeRecord:
     published: dict[str, Any] = field(default_factory=dict)  # {"capability", "readonly"} of the owner's publish
     state: str = "created"              # created | deleting
     created_at: float = field(default_factory=time.time)
+    claim: dict[str, str] = field(default_factory=dict)    # PVC {"namespace","name","uid"} (params.claim)
     schema: int = SCHEMA
     etag: str = field(default="", compare=False, repr=False)
 
