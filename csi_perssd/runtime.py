@@ -1,8 +1,10 @@
 """Builds a running driver from a Config: stores, backend, services, background loops."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
 from typing import Any
 
 from . import __version__
@@ -42,6 +44,8 @@ class Runtime:
         self.sync: Any = None
         self.controller: Controller | None = None
         self._threads: list[threading.Thread] = []
+        self._last_node: NodeRecord | None = None     # what the heartbeat last wrote (heartbeat=0)
+        self._node_put_at = self._checked_at = -1e18
         local_node = None
         if cfg.mode in ("node", "all"):
             from .local.state import NodeState
@@ -92,13 +96,21 @@ class Runtime:
                           max_volumes=self.cfg.max_volumes_per_node, version=__version__)
 
     def heartbeat(self) -> None:
+        """Idle cost is bounded whatever the catalog holds: the node record is written when it
+        changed (or after node_refresh_seconds); each local copy costs one HEAD per
+        volume_check_seconds (was its volume deleted?); nothing lists the catalog."""
         rec = self.node_record()
         if self.controller is not None:
             self.controller.local_node = rec
         cat = self.stores.catalog()
-        cat.put_node(rec)
-        known = {v.id for v in cat.list_volumes()}
-        self.sync.drop_deleted(lambda vid: vid in known)
+        now = time.monotonic()
+        same = dataclasses.replace(rec, heartbeat=0.0) == self._last_node
+        if not same or now - self._node_put_at >= self.cfg.node_refresh_seconds:
+            cat.put_node(rec)
+            self._last_node, self._node_put_at = dataclasses.replace(rec, heartbeat=0.0), now
+        if now - self._checked_at >= self.cfg.volume_check_seconds:
+            self.sync.drop_deleted(cat.volume_exists)
+            self._checked_at = now
 
     def _loop(self, name: str, every: float, fn: Any) -> None:
         def run() -> None:
