@@ -18,6 +18,7 @@ from .server import Server
 from .stores import Stores
 
 log = logging.getLogger(__name__)
+CAPACITY_SLACK = 64 << 20      # free-space changes smaller than this (or 1% of the pool) wait for the refresh
 
 
 def make_backend(cfg: Config) -> Backend:
@@ -104,13 +105,23 @@ class Runtime:
             self.controller.local_node = rec
         cat = self.stores.catalog()
         now = time.monotonic()
-        same = dataclasses.replace(rec, heartbeat=0.0) == self._last_node
-        if not same or now - self._node_put_at >= self.cfg.node_refresh_seconds:
+        if self._node_changed(rec) or now - self._node_put_at >= self.cfg.node_refresh_seconds:
             cat.put_node(rec)
-            self._last_node, self._node_put_at = dataclasses.replace(rec, heartbeat=0.0), now
+            self._last_node, self._node_put_at = rec, now
         if now - self._checked_at >= self.cfg.volume_check_seconds:
             self.sync.drop_deleted(cat.volume_exists)
             self._checked_at = now
+
+    def _node_changed(self, rec: NodeRecord) -> bool:
+        """Whether the controller should hear about it: any field but the free-space figures, or
+        those by at least CAPACITY_SLACK (a busy pool's free space moves all the time)."""
+        last = self._last_node
+        if last is None:
+            return True
+        moved = max(abs(rec.available_bytes - last.available_bytes), abs(rec.reclaimable_bytes - last.reclaimable_bytes))
+        same = dataclasses.replace(rec, heartbeat=0.0, available_bytes=0, reclaimable_bytes=0) == dataclasses.replace(
+            last, heartbeat=0.0, available_bytes=0, reclaimable_bytes=0)
+        return not same or moved >= min(CAPACITY_SLACK, max(rec.total_bytes // 100, 1))
 
     def _loop(self, name: str, every: float, fn: Any) -> None:
         def run() -> None:
