@@ -3,7 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-APT_PKGS := util-linux mount e2fsprogs xfsprogs btrfs-progs kmod procps openssl
+# prometheus: its promtool checks and unit-tests deploy/monitoring/perssd-rules.yaml (tests/test_monitoring.py)
+APT_PKGS := util-linux mount e2fsprogs xfsprogs btrfs-progs kmod procps openssl prometheus
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
