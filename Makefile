@@ -23,7 +23,16 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	@touch $(STAMP)
 
-deps: sysdeps $(STAMP)
+# The Kubeflow Pipelines SDK (kfp, kfp-kubernetes) lives in its own venv: it pins kubernetes and
+# protobuf below the driver's. tests/test_kubeflow.py compiles deploy/examples/kubeflow with it.
+KFP_VENV ?= .venv-kfp
+KFP_STAMP := $(KFP_VENV)/.installed
+$(KFP_STAMP): deploy/examples/kubeflow/requirements.txt
+	@test -x $(KFP_VENV)/bin/python || python3 -m venv $(KFP_VENV)
+	$(KFP_VENV)/bin/pip install -q -r deploy/examples/kubeflow/requirements.txt
+	@touch $(KFP_STAMP)
+
+deps: sysdeps $(STAMP) $(KFP_STAMP)
 
 # Regenerate the gRPC stubs and their typing stubs (mypy-protobuf) from proto/csi.proto
 # (committed; tests/test_proto.py fails if stale).
@@ -87,4 +96,4 @@ test-lvm: deps
 	$(PY) tests/vm/run.py -- -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(KFP_VENV) build *.egg-info .pytest_cache
