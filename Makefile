@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # prometheus: its promtool checks and unit-tests deploy/monitoring/perssd-rules.yaml (tests/test_monitoring.py)
-APT_PKGS := util-linux mount e2fsprogs xfsprogs btrfs-progs kmod procps openssl prometheus
+APT_PKGS := util-linux mount e2fsprogs xfsprogs btrfs-progs kmod procps openssl fuse3 libfuse3-3 prometheus
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
@@ -39,9 +39,11 @@ deps: sysdeps $(STAMP) $(KFP_STAMP)
 proto: $(STAMP)
 	$(PY) -m tests.harness.genproto
 
-# Lint gate (binding on main): ruff and mypy on the package, configured in pyproject.toml.
+# Lint gate (binding on main): ruff and mypy on the package, configured in pyproject.toml;
+# tests and benchmarks get pyflakes (undefined names, unused imports) and syntax errors.
 lint: $(STAMP)
 	$(PY) -m ruff check csi_perssd
+	$(PY) -m ruff check --select E9,F tests benchmarks
 	$(PY) -m mypy
 
 # The whole suite: lint, then host tests (real loop devices, mounts, SeaweedFS, gRPC), then the LVM suite in

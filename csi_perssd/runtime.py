@@ -114,6 +114,7 @@ class Runtime:
     def start(self) -> None:
         if self.cfg.metrics_address:
             from . import metrics
+            metrics.watch_stores(self.stores.factory)
             metrics.serve(self.cfg.metrics_address)
         problems = self.problems()
         for p in problems:
