@@ -63,8 +63,13 @@ class Runtime:
                 self.controller.snapshots = Snapshots(cfg, self.stores, self.controller)
             except ImportError:
                 pass
-        self.identity = Identity(has_controller=self.controller is not None, problems=self.problems)
-        self.server = Server(cfg.socket_path, self.identity, self.controller, self.node)
+        group = None
+        if self.controller is not None and self.controller.snapshots is not None:
+            from .groupsnap import GroupSnapshots
+            group = GroupSnapshots(self.stores, self.controller)
+        self.identity = Identity(has_controller=self.controller is not None, problems=self.problems,
+                                 has_group_controller=group is not None)
+        self.server = Server(cfg.socket_path, self.identity, self.controller, self.node, group=group)
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -126,8 +131,11 @@ class Runtime:
             self.controller.snapshots.start_background(self)
         if self.node is not None:
             try:
+                from .groupcut import GroupCutWorker
                 from .snapshots import NodeSnapshotWorker
-                NodeSnapshotWorker(self).start()
+                single = NodeSnapshotWorker(self)
+                single.start()
+                GroupCutWorker(self, single).start()
             except ImportError:
                 pass
         self.server.start()

@@ -77,7 +77,7 @@ class _Interceptor(grpc.ServerInterceptor):
 
 class Server:
     def __init__(self, socket_path: str, identity: Any, controller: Any | None, node: Any | None,
-                 workers: int = 16):
+                 workers: int = 16, group: Any | None = None):
         self.socket_path = socket_path
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
                                 interceptors=[_Interceptor()])
@@ -86,6 +86,8 @@ class Server:
             rpc.add_ControllerServicer_to_server(controller, self.grpc)
         if node is not None:
             rpc.add_NodeServicer_to_server(node, self.grpc)
+        if group is not None:
+            rpc.add_GroupControllerServicer_to_server(group, self.grpc)
         self._stopped = threading.Event()
 
     def start(self) -> None:

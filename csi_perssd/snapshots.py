@@ -25,7 +25,7 @@ from google.protobuf import timestamp_pb2
 from . import gc, ids
 from .config import Config
 from .csi import csi_pb2 as pb
-from .errors import Code, CsiError, aborted, invalid, not_found
+from .errors import Code, CsiError, aborted, invalid, not_found, precondition
 from .local import fs
 from .remote.catalog import Catalog, SnapshotRecord, VolumeRecord, manifest_key, name_key
 from .remote.manifest import Manifest
@@ -85,7 +85,8 @@ class Snapshots:
 
     def proto(self, rec: SnapshotRecord) -> pb.Snapshot:
         return pb.Snapshot(size_bytes=rec.size, snapshot_id=rec.id, source_volume_id=rec.source_volume,
-                           creation_time=_ts(rec.created_at), ready_to_use=rec.ready)
+                           creation_time=_ts(rec.created_at), ready_to_use=rec.ready,
+                           group_snapshot_id=rec.group)
 
     # -- CreateSnapshot --------------------------------------------------------------------
     def create(self, request: Any) -> pb.CreateSnapshotResponse:
@@ -179,6 +180,9 @@ class Snapshots:
             rec = cat.get_snapshot(sid)
             if rec is None:
                 return pb.DeleteSnapshotResponse()
+            if rec.group and cat.get_group(rec.group) is not None:
+                raise precondition(f"snapshot {sid} is a member of group snapshot {rec.group}; "
+                                   "delete the group snapshot (DeleteVolumeGroupSnapshot) instead")
             if rec.node:
                 cat.store.delete(request_key(rec.node, sid))
             cat.store.delete(snapshot_manifest_key(sid))
@@ -378,11 +382,16 @@ class NodeSnapshotWorker:
                 return False            # an RPC holds the volume; next round
             raise
         log.info("snapshot %s of %s: point-in-time copy taken in %.3fs (file system frozen meanwhile)", sid, vid, frozen_s)
+        self.upload_copy(cat, snap, path, vid, cut_at)
+        return True
+
+    def upload_copy(self, cat: Catalog, snap: SnapshotRecord, path: str, vid: str, cut_at: float) -> None:
+        """Upload the point-in-time copy `backend.snapshot(vid, snap.id)` made, mark the snapshot
+        ready, and drop the local copy (also when the upload fails)."""
         try:
             self._upload(cat, snap, path, vid, cut_at)
         finally:
-            backend.delete_snapshot(vid, local)
-        return True
+            self.rt.backend.delete_snapshot(vid, snap.id)
 
     def _upload(self, cat: Catalog, snap: SnapshotRecord, path: str, vid: str, cut_at: float) -> None:
         guard = gc.FlushGuard.begin(cat.store, f"snapshot {snap.id}")

@@ -6,8 +6,11 @@ This is the driver's one state module. Layout under the store (see DESIGN.md):
   volumes/<vid>/gen/<n>.manifest  manifest of generation n (written once, If-None-Match)
   snapnames/<sha256(name)>        -> {"id": sid}
   snapshots/<sid>.json            SnapshotRecord
+  groupnames/<sha256(name)>       -> {"id": gid}
+  groupsnaps/<gid>.json           GroupSnapshotRecord (its members are normal snapshots)
   nodes/<node>.json               NodeRecord (heartbeat)
   requests/<node>/<sid>.json      work for a node (snapshot of a staged volume)
+  grouprequests/<node>/<gid>.json work for a node (group snapshot cut: groupcut.py)
 """
 from __future__ import annotations
 
@@ -69,7 +72,24 @@ class SnapshotRecord:
     progress: str = ""
     error: str = ""
     parameters: dict[str, str] = field(default_factory=dict)
+    group: str = ""                     # group snapshot this one is a member of
     created_at: float = field(default_factory=time.time)
+    schema: int = SCHEMA
+    etag: str = field(default="", compare=False, repr=False)
+
+
+@dataclass
+class GroupSnapshotRecord:
+    id: str
+    name: str
+    source_volumes: list[str]           # in request order
+    snapshots: list[str]                # member snapshot IDs, one per source volume, same order
+    parameters: dict[str, str] = field(default_factory=dict)
+    ready: bool = False
+    node: str = ""                      # node cutting it (members staged there), when not ready
+    error: str = ""
+    error_code: str = ""                # grpc.StatusCode name of the error
+    created_at: float = field(default_factory=time.time)   # the cut, once ready
     schema: int = SCHEMA
     etag: str = field(default="", compare=False, repr=False)
 
@@ -89,8 +109,8 @@ class NodeRecord:
     etag: str = field(default="", compare=False, repr=False)
 
 
-R = TypeVar("R", VolumeRecord, SnapshotRecord, NodeRecord)
-N = TypeVar("N", VolumeRecord, SnapshotRecord)     # the records that have a name
+R = TypeVar("R", VolumeRecord, SnapshotRecord, NodeRecord, GroupSnapshotRecord)
+N = TypeVar("N", VolumeRecord, SnapshotRecord, GroupSnapshotRecord)     # the records that have a name
 
 
 def name_key(kind: str, name: str) -> str:
@@ -107,6 +127,10 @@ def manifest_key(vid: str, gen: int) -> str:
 
 def snapshot_key(sid: str) -> str:
     return f"snapshots/{ids.snapshot_id(sid)}.json"
+
+
+def group_key(gid: str) -> str:
+    return f"groupsnaps/{ids.group_snapshot_id(gid)}.json"
 
 
 def node_key(node: str) -> str:
@@ -324,6 +348,20 @@ class Catalog:
     def delete_snapshot(self, rec: SnapshotRecord) -> None:
         self._delete(snapshot_key(rec.id))
         self._delete(name_key("snapnames", rec.name))
+
+    # -- group snapshots -------------------------------------------------------------------
+    def create_group(self, rec: GroupSnapshotRecord) -> tuple[GroupSnapshotRecord, bool]:
+        return self._create_named(GroupSnapshotRecord, "groupnames", rec, group_key(rec.id))
+
+    def get_group(self, gid: str) -> GroupSnapshotRecord | None:
+        return self._get(GroupSnapshotRecord, group_key(gid))
+
+    def update_group(self, gid: str, fn: Callable[[GroupSnapshotRecord], None]) -> GroupSnapshotRecord:
+        return self._update(GroupSnapshotRecord, group_key(gid), fn, f"group snapshot {gid}")
+
+    def delete_group(self, rec: GroupSnapshotRecord) -> None:
+        self._delete(group_key(rec.id))
+        self._delete(name_key("groupnames", rec.name))
 
     # -- nodes -----------------------------------------------------------------------------
     def put_node(self, rec: NodeRecord) -> None:
