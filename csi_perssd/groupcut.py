@@ -28,6 +28,7 @@ from .groupsnap import check_unchanged, fail_group, mark_group_ready, pin_member
 from .local import fs
 from .local.state import LocalVolume
 from .remote.catalog import Catalog, GroupSnapshotRecord, SnapshotRecord, VolumeRecord
+from .remote.layout import group_requests_prefix
 from .remote.store import NotFound
 from .snapshots import NodeSnapshotWorker, Snapshots
 
@@ -62,7 +63,7 @@ class GroupCutWorker:
     def poll_once(self) -> int:
         cat = self.rt.stores.catalog()
         done = 0
-        for info in list(cat.store.list(f"grouprequests/{ids.node_id(self.node_id)}/")):
+        for info in list(cat.store.list(group_requests_prefix(self.node_id))):
             try:
                 gid = ids.group_snapshot_id(json.loads(cat.store.get(info.key)[0])["group"])
             except (NotFound, ValueError, KeyError, CsiError):
@@ -114,19 +115,21 @@ class GroupCutWorker:
                                "be copied at the same instant as the group's other staged volumes")
         return out
 
-    def _copy(self, staged: list[Member]) -> tuple[float, dict[str, str]]:
-        """Freeze all, copy all, thaw all; the copies by volume ID (dropped again on failure)."""
+    def _copy(self, staged: list[Member]) -> tuple[float, dict[str, tuple[str, Any]]]:
+        """Freeze all, copy all, thaw all; the copies (and a lazy volume's written extents, taken
+        with its copy) by volume ID, dropped again on failure."""
         backend = self.rt.backend
         mounts = [m.lv.staged_path for m in staged if m.lv is not None and m.lv.access_type == "mount"
                   and not m.lv.readonly and fs.mount_info(m.lv.staged_path) is not None]
-        copies: dict[str, str] = {}
+        copies: dict[str, tuple[str, Any]] = {}
         names = {m.vol.id: m.snap.id for m in staged}
         t0 = time.monotonic()
         try:
             with fs.frozen_all(mounts, self.rt.cfg.freeze_timeout_seconds):
                 cut_at = time.time()
                 for m in staged:
-                    copies[m.vol.id] = backend.snapshot(m.vol.id, m.snap.id)
+                    changed = self.rt.sync.lazy.changed_extents(m.vol.id)
+                    copies[m.vol.id] = (backend.snapshot(m.vol.id, m.snap.id), changed)
         except BaseException:
             for vid in copies:
                 backend.delete_snapshot(vid, names[vid])
@@ -136,13 +139,14 @@ class GroupCutWorker:
         return cut_at, copies
 
     def _finish(self, cat: Catalog, grec: GroupSnapshotRecord, members: list[Member],
-                seen: dict[str, dict[str, Any]], cut_at: float, copies: dict[str, str]) -> None:
+                seen: dict[str, dict[str, Any]], cut_at: float, copies: dict[str, tuple[str, Any]]) -> None:
         pending = dict(copies)
         try:
             check_unchanged(cat, seen)
             for m in members:
                 if m.vol.id in pending:
-                    self.single.upload_copy(cat, m.snap, pending.pop(m.vol.id), m.vol.id, cut_at)
+                    path, changed = pending.pop(m.vol.id)
+                    self.single.upload_copy(cat, m.snap, path, m.vol.id, cut_at, changed)
                 else:
                     cat.update_snapshot(m.snap.id, lambda r: setattr(r, "created_at", cut_at))
         finally:

@@ -27,15 +27,12 @@ from .csi import csi_pb2 as pb
 from .csi import csi_pb2_grpc as rpc
 from .errors import Code, CsiError, invalid, not_found, precondition
 from .remote.catalog import Catalog, GroupSnapshotRecord, SnapshotRecord, VolumeRecord
-from .snapshots import Snapshots, _check_params, _ts, snapshot_by_name, snapshot_manifest_key
+from .remote.layout import group_request_key, snapshot_manifest_key
+from .snapshots import Snapshots, _check_params, _ts, snapshot_by_name
 from .stores import Stores
 
 log = logging.getLogger(__name__)
 GCap = pb.GroupControllerServiceCapability.RPC
-
-
-def group_request_key(node: str, gid: str) -> str:
-    return f"grouprequests/{ids.node_id(node)}/{ids.group_snapshot_id(gid)}.json"
 
 
 def member_name(gid: str, vid: str) -> str:

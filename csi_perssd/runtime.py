@@ -51,7 +51,10 @@ class Runtime:
                 raise ValueError("--node-id is required in node and all modes")
             self.backend = make_backend(cfg)
             state = NodeState(cfg.state_dir)
-            self.sync = VolumeSync(cfg, self.stores, self.backend, state)
+            from . import events, metrics
+            self.sync = VolumeSync(cfg, self.stores, self.backend, state,
+                                   events=events.from_config(cfg))
+            metrics.watch_local_volumes(state.all)
             self.node = Node(cfg, self.stores, self.backend, state, self.sync)
             local_node = self.node_record()
         if cfg.mode in ("controller", "all"):
@@ -116,6 +119,7 @@ class Runtime:
     def start(self) -> None:
         if self.cfg.metrics_address:
             from . import metrics
+            metrics.watch_stores(self.stores.factory)
             metrics.serve(self.cfg.metrics_address)
         problems = self.problems()
         for p in problems:

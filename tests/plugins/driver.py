@@ -9,9 +9,7 @@ backing file lives under it: the driver may keep volumes attached by design, the
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
