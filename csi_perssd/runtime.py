@@ -70,9 +70,14 @@ class Runtime:
         if self.controller is not None and self.controller.snapshots is not None:
             from .groupsnap import GroupSnapshots
             group = GroupSnapshots(self.stores, self.controller)
+        metadata = None
+        if self.controller is not None and cfg.enable_snapshot_metadata:
+            from .snapmeta import SnapshotMetadata
+            metadata = SnapshotMetadata(self.stores)
         self.identity = Identity(has_controller=self.controller is not None, problems=self.problems,
-                                 has_group_controller=group is not None)
-        self.server = Server(cfg.socket_path, self.identity, self.controller, self.node, group=group)
+                                 has_group_controller=group is not None, has_snapshot_metadata=metadata is not None)
+        self.server = Server(cfg.socket_path, self.identity, self.controller, self.node, group=group,
+                             metadata=metadata)
 
     def problems(self) -> list[str]:
         out: list[str] = []
