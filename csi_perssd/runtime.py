@@ -39,20 +39,22 @@ class Runtime:
         self.stop_event = threading.Event()
         self.backend: Backend | None = None
         self.node: Any = None
+        self.volumes: Any = None        # local.volumes.LocalVolumes (node and all modes)
         self.sync: Any = None
         self.controller: Controller | None = None
         self._threads: list[threading.Thread] = []
         local_node = None
         if cfg.mode in ("node", "all"):
             from .local.state import NodeState
+            from .local.volumes import LocalVolumes
             from .node import Node
             from .sync import VolumeSync
             if not cfg.node_id:
                 raise ValueError("--node-id is required in node and all modes")
             self.backend = make_backend(cfg)
-            state = NodeState(cfg.state_dir)
-            self.sync = VolumeSync(cfg, self.stores, self.backend, state)
-            self.node = Node(cfg, self.stores, self.backend, state, self.sync)
+            self.volumes = LocalVolumes(NodeState(cfg.state_dir))
+            self.sync = VolumeSync(cfg, self.stores, self.backend, self.volumes)
+            self.node = Node(cfg, self.stores, self.backend, self.volumes, self.sync)
             local_node = self.node_record()
         if cfg.mode in ("controller", "all"):
             self.controller = Controller(cfg, self.stores, local_node=local_node)

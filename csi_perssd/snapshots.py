@@ -27,6 +27,8 @@ from .config import Config
 from .csi import csi_pb2 as pb
 from .errors import Code, CsiError, aborted, invalid, not_found
 from .local import fs
+from .local.state import Phase
+from .local.volumes import STAGED_PHASES
 from .remote.catalog import Catalog, SnapshotRecord, VolumeRecord, manifest_key, name_key
 from .remote.manifest import Manifest
 from .remote.store import NotFound, StoreError
@@ -347,8 +349,8 @@ class NodeSnapshotWorker:
         snap = cat.get_snapshot(sid)
         if snap is None or snap.ready:
             return True
-        node, backend, sync = self.rt.node, self.rt.backend, self.rt.sync
-        lv = node.state.get(vid)
+        backend, vols = self.rt.backend, self.rt.volumes
+        lv = vols.get(vid)
         vol = cat.get_volume(vid)
         if vol is None:
             self._fail(cat, sid, f"source volume {vid} was deleted")
@@ -357,32 +359,44 @@ class NodeSnapshotWorker:
             # nothing local: the committed generation is the volume's content
             Snapshots(self.rt.cfg, self.rt.stores, None).pin_generation(cat, snap, vol)
             return True
-        if not lv.staged:
-            if lv.dirty:
+        if lv.phase not in STAGED_PHASES:
+            if lv.phase in (Phase.FLUSHING, Phase.DIRTY):
                 return False            # the unstage flush will commit; pin after it
             Snapshots(self.rt.cfg, self.rt.stores, None).pin_generation(cat, snap, vol)
             return True
         local = sid
         try:
-            with node.locks.hold(vid):
-                t0 = time.monotonic()
-                cut_at = time.time()
-                if lv.access_type == "mount" and fs.mount_info(lv.staged_path) is not None and not lv.readonly:
-                    with fs.frozen(lv.staged_path, self.rt.cfg.freeze_timeout_seconds):
-                        path = backend.snapshot(vid, local)
-                else:
-                    path = backend.snapshot(vid, local)
-                frozen_s = time.monotonic() - t0
+            cut = self._cut(vid, local)
         except CsiError as e:
             if e.code == Code.ABORTED:
                 return False            # an RPC holds the volume; next round
             raise
+        if cut is None:
+            return False                # unstaged meanwhile: the next round pins or waits
+        path, cut_at, frozen_s = cut
         log.info("snapshot %s of %s: point-in-time copy taken in %.3fs (file system frozen meanwhile)", sid, vid, frozen_s)
         try:
             self._upload(cat, snap, path, vid, cut_at)
         finally:
             backend.delete_snapshot(vid, local)
         return True
+
+    def _cut(self, vid: str, local: str) -> tuple[str, float, float] | None:
+        """Take the point-in-time copy `local` of a staged volume under its operation lock
+        (file system frozen while it is taken); None when it is no longer staged."""
+        backend, vols = self.rt.backend, self.rt.volumes
+        with vols.hold(vid):
+            lv = vols.get(vid)
+            if lv is None or lv.phase not in STAGED_PHASES:
+                return None
+            t0 = time.monotonic()
+            cut_at = time.time()
+            if lv.access_type == "mount" and fs.mount_info(lv.staged_path) is not None and not lv.readonly:
+                with fs.frozen(lv.staged_path, self.rt.cfg.freeze_timeout_seconds):
+                    path = backend.snapshot(vid, local)
+            else:
+                path = backend.snapshot(vid, local)
+            return path, cut_at, time.monotonic() - t0
 
     def _upload(self, cat: Catalog, snap: SnapshotRecord, path: str, vid: str, cut_at: float) -> None:
         guard = gc.FlushGuard.begin(cat.store, f"snapshot {snap.id}")
