@@ -40,6 +40,10 @@ class Config:
     freeze_timeout_seconds: float = 10.0
     unstage_wait_seconds: float = 20.0        # NodeUnstage waits this long for a flush before ABORTED
     enable_alpha: bool = False
+    # Events on the volume's PVC (events.py): auto = when running in a pod or with --kubeconfig
+    pvc_events: str = "auto"                  # auto | on | off
+    kubeconfig: str = ""                      # outside a pod: the API server to post events to
+    events_progress_seconds: float = 15.0     # FlushProgress events at least this far apart
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

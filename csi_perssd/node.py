@@ -111,14 +111,14 @@ class Node(rpc.NodeServicer):
                 return pb.NodeStageVolumeResponse()
             self._check_placement(rec, request.publish_context)
             lv = self.sync.prepare(rec, lv, secrets)       # local copy of the committed generation
-            lv = self._stage(lv, staging, cap)
+            readonly = caps.is_read_only_mode(cap) or request.publish_context.get("readonly") == "true"
+            lv = self._stage(lv, staging, cap, readonly)
         log.info("volume %s staged at %s (%s, generation %d)", vid, staging, lv.device, lv.generation)
         return pb.NodeStageVolumeResponse()
 
-    def _stage(self, lv: LocalVolume, staging: str, cap: dict[str, Any]) -> LocalVolume:
+    def _stage(self, lv: LocalVolume, staging: str, cap: dict[str, Any], readonly: bool) -> LocalVolume:
         """CLEAN | DIRTY -> STAGED: make the file system (mount access) and mount it."""
         device = self.backend.device(lv.id)
-        readonly = caps.is_read_only_mode(cap)
         if cap["access_type"] == "mount":
             formatted = fs.ensure_fs(device, cap["fs_type"])
             # a volume that grew while unstaged (expansion, restore to a larger size): ext4
@@ -196,11 +196,11 @@ class Node(rpc.NodeServicer):
     def NodePublishVolume(self, request: Any, context: Any) -> Any:
         vid = ids.volume_id(request.volume_id)
         target = ids.host_path(request.target_path, "target_path")
+        if not request.HasField("volume_capability"):   # required fields first, then the preconditions
+            raise invalid("volume_capability is required")
         if not request.staging_target_path:     # spec: "Staging target path not set" -> FAILED_PRECONDITION
             raise precondition("staging_target_path is required: this driver has STAGE_UNSTAGE_VOLUME")
         staging = ids.host_path(request.staging_target_path, "staging_target_path")
-        if not request.HasField("volume_capability"):
-            raise invalid("volume_capability is required")
         cap = caps.to_dict(request.volume_capability)
         why = caps.unsupported_reason(cap)
         if why:

@@ -1,6 +1,7 @@
 """StorageClass / VolumeSnapshotClass parameters: parsed and validated in one place."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .errors import invalid
@@ -10,6 +11,12 @@ MAX_CHUNK = 64 << 20
 # keys the external-provisioner adds with --extra-create-metadata, and other CO-reserved keys
 _RESERVED_PREFIXES = ("csi.storage.k8s.io/",)
 KNOWN = {"mobility", "persistence", "chunkSize", "compression", "fsType"}
+PVC_NAME = "csi.storage.k8s.io/pvc/name"
+PVC_NAMESPACE = "csi.storage.k8s.io/pvc/namespace"
+PV_NAME = "csi.storage.k8s.io/pv/name"
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_PV_OF_CLAIM = re.compile(r"pvc-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,16 @@ def parse_size(text: str, what: str) -> int:
     return int(num) * units[unit]
 
 
+def parse_compression(text: str) -> int:
+    try:
+        comp = int(text)
+    except ValueError:
+        raise invalid(f"parameter compression={text!r} must be a zstd level 0..19 (0 = off)") from None
+    if not 0 <= comp <= 19:
+        raise invalid(f"parameter compression={comp} must be a zstd level 0..19 (0 = off)")
+    return comp
+
+
 def parse(params: dict[str, str]) -> VolumeParams:
     unknown = sorted(k for k in params if k not in KNOWN and not k.startswith(_RESERVED_PREFIXES))
     if unknown:
@@ -54,14 +71,27 @@ def parse(params: dict[str, str]) -> VolumeParams:
     chunk = parse_size(params.get("chunkSize", "4Mi"), "parameter chunkSize")
     if chunk < MIN_CHUNK or chunk > MAX_CHUNK or chunk & (chunk - 1):
         raise invalid(f"parameter chunkSize={chunk} must be a power of two between 64Ki and 64Mi")
-    comp_s = params.get("compression", "1")
-    try:
-        comp = int(comp_s)
-    except ValueError:
-        raise invalid(f"parameter compression={comp_s!r} must be a zstd level 0..19 (0 = off)") from None
-    if not 0 <= comp <= 19:
-        raise invalid(f"parameter compression={comp} must be a zstd level 0..19 (0 = off)")
+    comp = parse_compression(params.get("compression", "1"))
     fs = params.get("fsType", "")
     if fs and fs not in ("ext4", "xfs"):
         raise invalid(f"parameter fsType={fs!r} must be ext4 or xfs")
     return VolumeParams(mobility, persistence, chunk, comp, fs)
+
+
+def claim(params: dict[str, str], volume_name: str) -> dict[str, str]:
+    """The PersistentVolumeClaim a volume is for, from the keys the external-provisioner adds with
+    --extra-create-metadata: {"namespace", "name", "uid"} ({} without them). The UID (which
+    `kubectl describe pvc` matches events on) comes from the PV name `pvc-<uid>` that the
+    provisioner gives the volume by default; another naming leaves it empty."""
+    name, ns = params.get(PVC_NAME, ""), params.get(PVC_NAMESPACE, "")
+    if not name and not ns:
+        return {}
+    if not name or not ns:
+        raise invalid(f"parameters {PVC_NAME} and {PVC_NAMESPACE} come together (got only "
+                      f"{PVC_NAME if name else PVC_NAMESPACE})")
+    if not _DNS_SUBDOMAIN.fullmatch(name):
+        raise invalid(f"parameter {PVC_NAME}={name[:300]!r} is not a Kubernetes object name")
+    if not _DNS_LABEL.fullmatch(ns):
+        raise invalid(f"parameter {PVC_NAMESPACE}={ns[:100]!r} is not a Kubernetes namespace name")
+    m = _PV_OF_CLAIM.fullmatch(params.get(PV_NAME, "") or volume_name)
+    return {"namespace": ns, "name": name, "uid": m.group(1) if m else ""}

@@ -53,11 +53,16 @@ class Runtime:
                 raise ValueError("--node-id is required in node and all modes")
             self.backend = make_backend(cfg)
             self.volumes = LocalVolumes(NodeState(cfg.state_dir))
-            self.sync = VolumeSync(cfg, self.stores, self.backend, self.volumes)
+            from . import events, metrics
+            self.sync = VolumeSync(cfg, self.stores, self.backend, self.volumes,
+                                   events=events.from_config(cfg))
+            metrics.watch_local_volumes(self.volumes.all)
             self.node = Node(cfg, self.stores, self.backend, self.volumes, self.sync)
             local_node = self.node_record()
         if cfg.mode in ("controller", "all"):
-            self.controller = Controller(cfg, self.stores, local_node=local_node)
+            # ignore[abstract] until Controller implements ControllerModifyVolume and GetSnapshot (the base
+            # servicer answers UNIMPLEMENTED; the typing stubs declare them abstract)
+            self.controller = Controller(cfg, self.stores, local_node=local_node)  # type: ignore[abstract]
             try:
                 from .snapshots import Snapshots
                 self.controller.snapshots = Snapshots(cfg, self.stores, self.controller)
@@ -85,7 +90,8 @@ class Runtime:
         metrics.POOL_BYTES.labels("available").set(avail)
         metrics.POOL_BYTES.labels("cache").set(reclaim)
         return NodeRecord(id=self.cfg.node_id, pool=self.cfg.pool, total_bytes=total, available_bytes=avail,
-                          reclaimable_bytes=reclaim, max_volume_bytes=biggest, version=__version__)
+                          reclaimable_bytes=reclaim, max_volume_bytes=biggest,
+                          max_volumes=self.cfg.max_volumes_per_node, version=__version__)
 
     def heartbeat(self) -> None:
         rec = self.node_record()

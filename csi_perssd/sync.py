@@ -24,6 +24,7 @@ from typing import Any
 from . import metrics
 from .config import Config
 from .errors import Code, CsiError, Fenced, aborted
+from .events import VolumeEvents
 from .local import fs
 from .local.backend import Backend
 from .local.state import FlushJob, FlushState, LocalVolume, Phase
@@ -58,8 +59,9 @@ class _PreFlush:
 
 class VolumeSync:
     def __init__(self, cfg: Config, stores: Stores, backend: Backend, vols: LocalVolumes,
-                 unstage_wait: float | None = None):
+                 unstage_wait: float | None = None, events: VolumeEvents | None = None):
         self.cfg = cfg
+        self.events = events if events is not None else VolumeEvents(node_id=cfg.node_id)
         self.node_id = cfg.node_id
         self.stores = stores
         self.backend = backend
@@ -92,6 +94,7 @@ class VolumeSync:
 
     def _prepare(self, rec: VolumeRecord, lv: LocalVolume | None, secrets: dict[str, str]) -> LocalVolume:
         vid = rec.id
+        self.events.track(rec)
         have = self.backend.exists(vid)
         if lv is not None and not have:
             log.warning("volume %s: its local data is gone; making it again", vid)
@@ -169,6 +172,7 @@ class VolumeSync:
         half-written volume and its state record are removed (nothing is left as "current")."""
         from .remote import transfer
         t0 = time.monotonic()
+        self.events.hydrate_started(rec)
         try:
             cat = self.stores.catalog(secrets)
             manifest = Manifest.decode(cat.get_manifest(rec.id, rec.generation))
@@ -177,6 +181,7 @@ class VolumeSync:
             stats = transfer.hydrate(cat.store, manifest, dest, workers=self.cfg.hydrate_workers)
         except BaseException as e:
             self._discard(rec.id)
+            self.events.hydrate_done(rec, 0, time.monotonic() - t0, error=str(e) or type(e).__name__)
             if isinstance(e, transfer.ChunkCorrupted):
                 log.error("volume %s generation %d: %s; the local copy was removed", rec.id, rec.generation, e)
                 raise CsiError(Code.DATA_LOSS, f"volume {rec.id} generation {rec.generation}: {e}") from e
@@ -190,6 +195,7 @@ class VolumeSync:
         metrics.TRANSFER_SECONDS.labels("hydrate").observe(dt)
         metrics.BYTES.labels("hydrated").inc(stats.bytes_written)
         self._mark_generation(rec.id, rec.generation)
+        self.events.hydrate_done(rec, stats.bytes_written, dt)
         log.info("volume %s: hydrated generation %d: %d bytes in %.2fs (%.1f MB/s of volume)", rec.id,
                  rec.generation, stats.bytes_written, dt, rec.size / max(dt, 1e-6) / 1e6)
 
@@ -316,6 +322,7 @@ class VolumeSync:
         # the final pass decides the unstaged volume's phase; a pre-flush leaves it staged
         to = (Phase.FENCED if fenced else Phase.DIRTY) if job.final else None
         self.vols.update_if(vid, record, to=to)
+        self.events.flush_failed(vid, job.error, fenced)
         if fenced:
             log.error("volume %s: flush not committed, local data kept: %s", vid, e)
         else:
@@ -342,6 +349,7 @@ class VolumeSync:
             secrets = self._secrets.get(vid)
         cat = self.stores.catalog(secrets)
         rec = cat.volume(vid)
+        self.events.track(rec)
         check_owner(rec, self.node_id, job.epoch, "local data kept, not committed")
         base = Manifest.decode(cat.get_manifest(vid, rec.generation)) if rec.generation else None
         dev = self.backend.device(vid)
@@ -358,6 +366,7 @@ class VolumeSync:
         total = sum(r.length for r in ranges)
         job.total_bytes = total
         metrics.FLUSH_BACKLOG.inc(total)
+        self.events.flush_started(vid, total, job.final)
         last = [0]
 
         def progress(done: int, tot: int) -> None:
@@ -365,6 +374,7 @@ class VolumeSync:
             job.done_bytes = done
             metrics.FLUSH_BACKLOG.dec(done - last[0])
             last[0] = done
+            self.events.flush_progress(vid, done, tot)
 
         t0, started_at = time.monotonic(), time.time()     # uploads are as old as the pass's start
         try:
@@ -396,6 +406,7 @@ class VolumeSync:
             def uploaded(lv: LocalVolume) -> None:
                 lv.flush = job
             self.vols.update_if(vid, uploaded)
+            self.events.flush_uploaded(vid, stats.bytes_uploaded, dt)
             log.info("volume %s: background flush uploaded %d bytes in %.2fs", vid, stats.bytes_uploaded, dt)
             return
         if guard is not None:
@@ -411,6 +422,7 @@ class VolumeSync:
         self.vols.update_if(vid, committed, to=Phase.CLEAN)
         Path(self.vols.journal_path(vid)).unlink(missing_ok=True)
         self._mark_generation(vid, gen, previous=rec.generation)
+        self.events.flush_committed(vid, gen, stats.bytes_read, stats.bytes_uploaded, dt)
         log.info("volume %s: committed generation %d: read %d bytes, uploaded %d bytes in %d chunks "
                  "(%d known, %d holes) in %.2fs (%.1f MB/s of volume)", vid, gen, stats.bytes_read,
                  stats.bytes_uploaded, stats.chunks_uploaded, stats.chunks_skipped_known, stats.hole_chunks,

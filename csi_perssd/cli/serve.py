@@ -42,6 +42,10 @@ def add_parser(sub: Any) -> None:
         "NodeUnstage waits this long for the flush before answering ABORTED with its progress")
     add(s, "--freeze-timeout-seconds", c.freeze_timeout_seconds, "snapshots: longest file system freeze")
     add(s, "--enable-alpha", c.enable_alpha, "enable alpha CSI capabilities")
+    add(s, "--pvc-events", c.pvc_events, "post Events on volumes' PVCs (auto: in a pod or with --kubeconfig)",
+        choices=("auto", "on", "off"))
+    add(s, "--kubeconfig", c.kubeconfig, "kubeconfig of the API server for events (default: the pod's service account)")
+    add(s, "--events-progress-seconds", c.events_progress_seconds, "FlushProgress events at least this far apart")
     store_flags(s)
     s.set_defaults(run=run)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .. import ids
-from ..errors import CsiError, Code, Fenced, not_found, precondition, unavailable
+from ..errors import Code, CsiError, Fenced, not_found, precondition, unavailable
 from .store import NotFound, ObjectStore, PreconditionFailed, StoreError
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,11 @@ class VolumeRecord:
     generation: int = 0                 # committed generation, 0 = never flushed (all zero)
     generation_node: str = ""           # node that committed it (its local copy is current)
     source: dict[str, str] = field(default_factory=dict)   # {"snapshot": sid} | {"volume": vid}
+    mutable_parameters: dict[str, str] = field(default_factory=dict)   # applied (modify.py)
+    published: dict[str, Any] = field(default_factory=dict)  # {"capability", "readonly"} of the owner's publish
     state: str = "created"              # created | deleting
     created_at: float = field(default_factory=time.time)
+    claim: dict[str, str] = field(default_factory=dict)    # PVC {"namespace","name","uid"} (params.claim)
     schema: int = SCHEMA
     etag: str = field(default="", compare=False, repr=False)
 
@@ -80,6 +83,7 @@ class NodeRecord:
     available_bytes: int = 0
     reclaimable_bytes: int = 0          # clean cached copies that may be evicted
     max_volume_bytes: int = 0
+    max_volumes: int = 0                # NodeGetInfo max_volumes_per_node (0 = no limit)
     version: str = ""
     heartbeat: float = field(default_factory=time.time)
     schema: int = SCHEMA
@@ -87,6 +91,7 @@ class NodeRecord:
 
 
 R = TypeVar("R", VolumeRecord, SnapshotRecord, NodeRecord)
+N = TypeVar("N", VolumeRecord, SnapshotRecord)     # the records that have a name
 
 
 def name_key(kind: str, name: str) -> str:
@@ -193,7 +198,7 @@ class Catalog:
             if rec is not None:
                 yield rec
 
-    def _create_named(self, cls: type[R], kind: str, rec: R, key: str) -> tuple[R, bool]:
+    def _create_named(self, cls: type[N], kind: str, rec: N, key: str) -> tuple[N, bool]:
         """Create rec unless `name` already maps to a record; return (record, created)."""
         nkey = name_key(kind, rec.name)
         for _ in range(CAS_RETRIES):
