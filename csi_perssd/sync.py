@@ -31,12 +31,22 @@ from .local.state import FlushJob, FlushState, LocalVolume, NodeState
 from .remote.catalog import VolumeRecord, check_owner
 from .remote.manifest import Manifest
 from .remote.store import StoreError
+from .remote.transfer import FlushStats
 from .stores import Stores
 
 log = logging.getLogger(__name__)
 
 
 PRE_SNAP = "flush-pre"          # the point-in-time copy a pre-flush reads (change-tracking backends)
+
+
+def _count_flush(stats: FlushStats, chunk_size: int, dt: float) -> None:
+    """A flush pass's duration and bytes, into the metrics."""
+    metrics.TRANSFER_SECONDS.labels("flush").observe(dt)
+    metrics.BYTES.labels("flushed_read").inc(stats.bytes_read)
+    metrics.BYTES.labels("uploaded").inc(stats.bytes_uploaded)
+    metrics.BYTES.labels("skipped_hole").inc(stats.hole_chunks * chunk_size)
+    metrics.BYTES.labels("skipped_known").inc(stats.chunks_skipped_known * chunk_size)
 
 
 def _clear_job(lv: LocalVolume) -> None:
@@ -348,8 +358,8 @@ class VolumeSync:
     def _flush(self, vid: str, job: FlushJob) -> None:
         # the final pass commits: it follows gc's handshake (claim its chunks, repair what a
         # concurrent garbage collection deleted) before the generation is committed
-        from . import gc
-        guard = (gc.FlushGuard.begin(self.stores.catalog().store, f"{self.node_id}/{vid}",
+        from .remote.guard import FlushGuard
+        guard = (FlushGuard.begin(self.stores.catalog().store, f"{self.node_id}/{vid}",
                                      resumed=Path(self.state.journal_path(vid)).exists())
                  if job.final else None)
         try:
@@ -406,11 +416,7 @@ class VolumeSync:
         finally:
             metrics.FLUSH_BACKLOG.dec(total - last[0])
         dt = time.monotonic() - t0
-        metrics.TRANSFER_SECONDS.labels("flush").observe(dt)
-        metrics.BYTES.labels("flushed_read").inc(stats.bytes_read)
-        metrics.BYTES.labels("uploaded").inc(stats.bytes_uploaded)
-        metrics.BYTES.labels("skipped_hole").inc(stats.hole_chunks * rec.chunk_size)
-        metrics.BYTES.labels("skipped_known").inc(stats.chunks_skipped_known * rec.chunk_size)
+        _count_flush(stats, rec.chunk_size, dt)
         if not job.final:
             # a pre-flush while still staged: chunks are stored, the final pass commits
             with self._mu:
@@ -439,6 +445,9 @@ class VolumeSync:
         self._update(vid, committed)
         Path(self.state.journal_path(vid)).unlink(missing_ok=True)
         self._mark_generation(vid, gen, previous=rec.generation)
+        self._report_committed(vid, gen, stats, size, dt)
+
+    def _report_committed(self, vid: str, gen: int, stats: FlushStats, size: int, dt: float) -> None:
         self.events.flush_committed(vid, gen, stats.bytes_read, stats.bytes_uploaded, dt)
         log.info("volume %s: committed generation %d: read %d bytes, uploaded %d bytes in %d chunks "
                  "(%d known, %d holes) in %.2fs (%.1f MB/s of volume)", vid, gen, stats.bytes_read,
