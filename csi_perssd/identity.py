@@ -16,8 +16,9 @@ Exp = pb.PluginCapability.VolumeExpansion
 
 
 class Identity(rpc.IdentityServicer):
-    def __init__(self, has_controller: bool, problems: Callable[[], list[str]]):
+    def __init__(self, has_controller: bool, problems: Callable[[], list[str]], has_group_controller: bool = False):
         self.has_controller = has_controller
+        self.has_group_controller = has_group_controller
         self.problems = problems
 
     def GetPluginInfo(self, request: Any, context: Any) -> pb.GetPluginInfoResponse:
@@ -28,6 +29,8 @@ class Identity(rpc.IdentityServicer):
                 pb.PluginCapability(volume_expansion=Exp(type=Exp.ONLINE))]
         if self.has_controller:
             caps.insert(0, pb.PluginCapability(service=Svc(type=Svc.CONTROLLER_SERVICE)))
+        if self.has_group_controller:
+            caps.append(pb.PluginCapability(service=Svc(type=Svc.GROUP_CONTROLLER_SERVICE)))
         return pb.GetPluginCapabilitiesResponse(capabilities=caps)
 
     def Probe(self, request: Any, context: Any) -> pb.ProbeResponse:

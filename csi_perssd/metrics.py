@@ -12,14 +12,14 @@ store's hot path, a collector reads those counters at scrape time:
                                           store only keeps a total)
     perssd_s3_bytes_total{direction="up"|"down"}
 
-Stores are found by `track_store(store)` and, automatically, in the store cache that
-`remote.s3.from_config` (and so the node's `Stores`) fills. A store once seen stays counted
-(its stats object is kept), so the counters never go backwards when a store leaves a cache.
+Stores are counted once they are registered: `track_store(store)` for one store, and
+`watch_stores(factory)` (the runtime calls it) for every store the process's store factory
+(remote/factory.py) has opened or will open. A store once seen stays counted (its stats object
+is kept), so the counters never go backwards when a store leaves the factory's cache.
 """
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -64,16 +64,8 @@ class StoreStatsCollector(Collector):
             if error:
                 self._extra_errors[op] = self._extra_errors.get(op, 0) + 1
 
-    def _discover(self) -> None:
-        s3 = sys.modules.get("csi_perssd.remote.s3")    # only once something imported it
-        cache = getattr(s3, "_store_cache", None) if s3 is not None else None
-        if isinstance(cache, dict):
-            for store in list(cache.values()):
-                self.track(store)
-
     def totals(self) -> dict[str, Any]:
         """{"requests": {op: n}, "errors": {op: n}, "bytes_up": n, "bytes_down": n}."""
-        self._discover()
         with self._mu:
             stats = list(self._stats.values())
             req = dict(self._extra_requests)
@@ -169,8 +161,13 @@ def watch_local_volumes(source: Callable[[], Iterable[Any]]) -> None:
 
 
 def track_store(store: Any) -> None:
-    """Count this store's requests in perssd_s3_* (stores from s3.from_config are found anyway)."""
+    """Count this store's requests in perssd_s3_*."""
     S3_STATS.track(store)
+
+
+def watch_stores(factory: Any) -> None:
+    """Count every store `factory` (a remote.factory.StoreFactory) opens, from now and before."""
+    factory.observe(S3_STATS.track)
 
 
 def serve(address: str) -> None:

@@ -5,12 +5,14 @@ import re
 from dataclasses import dataclass
 
 from .errors import invalid
+from .remote.chunks import DEFAULT_COMPRESSION
 
 MIN_CHUNK = 64 << 10
 MAX_CHUNK = 64 << 20
 # keys the external-provisioner adds with --extra-create-metadata, and other CO-reserved keys
 _RESERVED_PREFIXES = ("csi.storage.k8s.io/",)
-KNOWN = {"mobility", "persistence", "chunkSize", "compression", "fsType"}
+KNOWN = {"mobility", "persistence", "chunkSize", "compression", "fsType", "hydrate"}
+HYDRATE_MODES = ("full", "lazy")
 PVC_NAME = "csi.storage.k8s.io/pvc/name"
 PVC_NAMESPACE = "csi.storage.k8s.io/pvc/namespace"
 PV_NAME = "csi.storage.k8s.io/pv/name"
@@ -24,14 +26,18 @@ class VolumeParams:
     mobility: str = "pool"
     persistence: str = "object"
     chunk_size: int = 4 << 20
-    # zstd level 1: measured on the benchmark's file mix 387 MB/s per core at 0.48 of the size,
-    # level 3 238 MB/s at 0.45: 7% more bytes for 60% more speed (flush time is the point)
-    compression: int = 1
+    compression: int = DEFAULT_COMPRESSION       # remote/chunks.py says why level 1
     fs_type: str = ""
+    # NodeStage on a node without a current local copy: "full" downloads everything first,
+    # "lazy" stages at once and fetches chunks as they are read ("" = the node's --hydrate)
+    hydrate: str = ""
 
     def as_dict(self) -> dict[str, str]:
-        return {"mobility": self.mobility, "persistence": self.persistence,
-                "chunkSize": str(self.chunk_size), "compression": str(self.compression)}
+        d = {"mobility": self.mobility, "persistence": self.persistence,
+             "chunkSize": str(self.chunk_size), "compression": str(self.compression)}
+        if self.hydrate:
+            d["hydrate"] = self.hydrate
+        return d
 
 
 def parse_size(text: str, what: str) -> int:
@@ -71,11 +77,14 @@ def parse(params: dict[str, str]) -> VolumeParams:
     chunk = parse_size(params.get("chunkSize", "4Mi"), "parameter chunkSize")
     if chunk < MIN_CHUNK or chunk > MAX_CHUNK or chunk & (chunk - 1):
         raise invalid(f"parameter chunkSize={chunk} must be a power of two between 64Ki and 64Mi")
-    comp = parse_compression(params.get("compression", "1"))
+    comp = parse_compression(params.get("compression", str(DEFAULT_COMPRESSION)))
     fs = params.get("fsType", "")
     if fs and fs not in ("ext4", "xfs"):
         raise invalid(f"parameter fsType={fs!r} must be ext4 or xfs")
-    return VolumeParams(mobility, persistence, chunk, comp, fs)
+    hydrate = params.get("hydrate", "")
+    if hydrate and hydrate not in HYDRATE_MODES:
+        raise invalid(f"parameter hydrate={hydrate!r} must be 'full' or 'lazy'")
+    return VolumeParams(mobility, persistence, chunk, comp, fs, hydrate)
 
 
 def claim(params: dict[str, str], volume_name: str) -> dict[str, str]:

@@ -68,8 +68,13 @@ class Runtime:
                 self.controller.snapshots = Snapshots(cfg, self.stores, self.controller)
             except ImportError:
                 pass
-        self.identity = Identity(has_controller=self.controller is not None, problems=self.problems)
-        self.server = Server(cfg.socket_path, self.identity, self.controller, self.node)
+        group = None
+        if self.controller is not None and self.controller.snapshots is not None:
+            from .groupsnap import GroupSnapshots
+            group = GroupSnapshots(self.stores, self.controller)
+        self.identity = Identity(has_controller=self.controller is not None, problems=self.problems,
+                                 has_group_controller=group is not None)
+        self.server = Server(cfg.socket_path, self.identity, self.controller, self.node, group=group)
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -116,6 +121,7 @@ class Runtime:
     def start(self) -> None:
         if self.cfg.metrics_address:
             from . import metrics
+            metrics.watch_stores(self.stores.factory)
             metrics.serve(self.cfg.metrics_address)
         problems = self.problems()
         for p in problems:
@@ -131,8 +137,11 @@ class Runtime:
             self.controller.snapshots.start_background(self)
         if self.node is not None:
             try:
+                from .groupcut import GroupCutWorker
                 from .snapshots import NodeSnapshotWorker
-                NodeSnapshotWorker(self).start()
+                single = NodeSnapshotWorker(self)
+                single.start()
+                GroupCutWorker(self, single).start()
             except ImportError:
                 pass
         self.server.start()

@@ -14,7 +14,8 @@ import grpc
 
 from . import metrics
 from .csi import csi_pb2_grpc as rpc
-from .errors import CsiError
+from .errors import CsiError, unavailable
+from .remote.store import StoreError
 
 log = logging.getLogger("csi_perssd.rpc")
 
@@ -44,6 +45,9 @@ def _wrap(method: str, fn: Any) -> Any:
             return fn(request, context)
         except CsiError as e:
             code, msg = e.code, e.message
+        except StoreError as e:         # a raw store call the logic did not wrap: the store is unreachable
+            err = unavailable(f"object store: {e}")
+            code, msg = err.code, err.message
         except NotImplementedError:     # the generated servicer's default: an RPC this driver lacks
             code, msg = grpc.StatusCode.UNIMPLEMENTED, f"{short} is not implemented by this driver"
         except Exception as e:  # a bug: never leak a traceback to the CO, log it here
@@ -77,7 +81,7 @@ class _Interceptor(grpc.ServerInterceptor):
 
 class Server:
     def __init__(self, socket_path: str, identity: Any, controller: Any | None, node: Any | None,
-                 workers: int = 16):
+                 workers: int = 16, group: Any | None = None):
         self.socket_path = socket_path
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
                                 interceptors=[_Interceptor()])
@@ -86,6 +90,8 @@ class Server:
             rpc.add_ControllerServicer_to_server(controller, self.grpc)
         if node is not None:
             rpc.add_NodeServicer_to_server(node, self.grpc)
+        if group is not None:
+            rpc.add_GroupControllerServicer_to_server(group, self.grpc)
         self._stopped = threading.Event()
 
     def start(self) -> None:

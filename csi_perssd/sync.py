@@ -32,12 +32,22 @@ from .local.volumes import STAGED_PHASES, LocalVolumes
 from .remote.catalog import VolumeRecord, check_owner
 from .remote.manifest import Manifest
 from .remote.store import StoreError
+from .remote.transfer import FlushStats
 from .stores import Stores
 
 log = logging.getLogger(__name__)
 
 
 PRE_SNAP = "flush-pre"          # the point-in-time copy a pre-flush reads (change-tracking backends)
+
+
+def _count_flush(stats: FlushStats, chunk_size: int, dt: float) -> None:
+    """A flush pass's duration and bytes, into the metrics."""
+    metrics.TRANSFER_SECONDS.labels("flush").observe(dt)
+    metrics.BYTES.labels("flushed_read").inc(stats.bytes_read)
+    metrics.BYTES.labels("uploaded").inc(stats.bytes_uploaded)
+    metrics.BYTES.labels("skipped_hole").inc(stats.hole_chunks * chunk_size)
+    metrics.BYTES.labels("skipped_known").inc(stats.chunks_skipped_known * chunk_size)
 
 
 def _clear_job(lv: LocalVolume) -> None:
@@ -75,6 +85,23 @@ class VolumeSync:
         # what the last pre-flush of each volume stored (see _PreFlush): the final pass starts
         # from it instead of doing the work again
         self._preflushed: dict[str, _PreFlush] = {}
+        from .lazy.manager import LazyManager
+        self.lazy = LazyManager(cfg.state_dir, {"catalog": cfg.catalog, "s3_endpoint": cfg.s3_endpoint,
+                                                "s3_region": cfg.s3_region, "s3_ca_bundle": cfg.s3_ca_bundle},
+                                fetch_timeout=cfg.lazy_fetch_timeout_seconds,
+                                workers=cfg.lazy_background_workers)
+
+    def secrets_for(self, vid: str) -> dict[str, str]:
+        """The object store secrets of the volume's NodeStage (or what worked last)."""
+        with self._mu:
+            got = self._secrets.get(vid)
+        return dict(got) if got else dict(self.stores.last_secrets)
+
+    def _delete_local(self, vid: str) -> None:
+        """Remove the local copy, its lazy hydration state and its state record."""
+        self.lazy.discard(vid)
+        self.backend.delete(vid)
+        self.vols.remove(vid)
 
     # -- stage -----------------------------------------------------------------------------
     def prepare(self, rec: VolumeRecord, lv: LocalVolume | None, secrets: dict[str, str]) -> LocalVolume:
@@ -103,8 +130,7 @@ class VolumeSync:
         if lv is None and have:             # local data without a record: generation 0
             lv = self.vols.create(LocalVolume(id=vid, persistence=rec.persistence, epoch=rec.epoch))
         if lv is not None and rec.persistence == "object" and self._stale(rec, lv):
-            self.backend.delete(vid)
-            self.vols.remove(vid)
+            self._delete_local(vid)
             lv = None
         if lv is None:
             return self._fresh(rec, secrets)
@@ -147,7 +173,10 @@ class VolumeSync:
         # recorded before hydrating: a crash in the middle leaves generation 0, never "current"
         lv = self.vols.create(LocalVolume(id=vid, persistence=rec.persistence, epoch=rec.epoch))
         if rec.persistence == "object" and rec.generation > 0:
-            self._hydrate(rec, secrets)
+            if (rec.parameters.get("hydrate") or self.cfg.hydrate) == "lazy":
+                self._stage_lazy(rec, secrets)
+            else:
+                self._hydrate(rec, secrets)
         size = self.backend.size(vid)
 
         def hydrated(cur: LocalVolume) -> None:
@@ -199,8 +228,30 @@ class VolumeSync:
         log.info("volume %s: hydrated generation %d: %d bytes in %.2fs (%.1f MB/s of volume)", rec.id,
                  rec.generation, stats.bytes_written, dt, rec.size / max(dt, 1e-6) / 1e6)
 
+    def _stage_lazy(self, rec: VolumeRecord, secrets: dict[str, str]) -> None:
+        """Record the committed generation as the fresh local volume's content without copying it:
+        the node serves it through a lazy hydration server (lazy/), which fetches chunks as they
+        are read and the rest in the background."""
+        t0 = time.monotonic()
+        try:
+            cat = self.stores.catalog(secrets)
+            manifest = Manifest.decode(cat.get_manifest(rec.id, rec.generation))
+            disk = getattr(self.backend, "disk_path", self.backend.device)(rec.id)
+            self.lazy.begin(rec.id, disk, manifest)
+        except BaseException as e:
+            self._discard(rec.id)
+            if isinstance(e, StoreError):
+                raise CsiError(Code.UNAVAILABLE,
+                               f"volume {rec.id}: object store unreachable while staging: {e}") from e
+            if isinstance(e, (OSError, ValueError)):
+                raise CsiError(Code.INTERNAL, f"volume {rec.id}: lazy stage of generation {rec.generation}: {e}") from e
+            raise
+        log.info("volume %s: generation %d staged lazily (%d data chunks to fetch) in %.3fs", rec.id,
+                 rec.generation, manifest.data_chunks, time.monotonic() - t0)
+
     def _discard(self, vid: str) -> None:
         try:
+            self.lazy.discard(vid)
             self.backend.delete(vid)
         except CsiError as e:
             log.error("volume %s: cannot remove the half-hydrated local copy: %s", vid, e)
@@ -331,9 +382,9 @@ class VolumeSync:
     def _flush(self, vid: str, job: FlushJob) -> None:
         # the final pass commits: it follows gc's handshake (claim its chunks, repair what a
         # concurrent garbage collection deleted) before the generation is committed
-        from . import gc
-        guard = (gc.FlushGuard.begin(self.stores.catalog().store, f"{self.node_id}/{vid}",
-                                     resumed=Path(self.vols.journal_path(vid)).exists())
+        from .remote.guard import FlushGuard
+        guard = (FlushGuard.begin(self.stores.catalog().store, f"{self.node_id}/{vid}",
+                                  resumed=Path(self.vols.journal_path(vid)).exists())
                  if job.final else None)
         try:
             self._flush_guarded(vid, job, guard)
@@ -389,11 +440,7 @@ class VolumeSync:
         finally:
             metrics.FLUSH_BACKLOG.dec(total - last[0])
         dt = time.monotonic() - t0
-        metrics.TRANSFER_SECONDS.labels("flush").observe(dt)
-        metrics.BYTES.labels("flushed_read").inc(stats.bytes_read)
-        metrics.BYTES.labels("uploaded").inc(stats.bytes_uploaded)
-        metrics.BYTES.labels("skipped_hole").inc(stats.hole_chunks * rec.chunk_size)
-        metrics.BYTES.labels("skipped_known").inc(stats.chunks_skipped_known * rec.chunk_size)
+        _count_flush(stats, rec.chunk_size, dt)
         if not job.final:
             # a pre-flush while still staged: chunks are stored, the final pass commits
             with self._mu:
@@ -422,6 +469,9 @@ class VolumeSync:
         self.vols.update_if(vid, committed, to=Phase.CLEAN)
         Path(self.vols.journal_path(vid)).unlink(missing_ok=True)
         self._mark_generation(vid, gen, previous=rec.generation)
+        self._report_committed(vid, gen, stats, size, dt)
+
+    def _report_committed(self, vid: str, gen: int, stats: FlushStats, size: int, dt: float) -> None:
         self.events.flush_committed(vid, gen, stats.bytes_read, stats.bytes_uploaded, dt)
         log.info("volume %s: committed generation %d: read %d bytes, uploaded %d bytes in %d chunks "
                  "(%d known, %d holes) in %.2fs (%.1f MB/s of volume)", vid, gen, stats.bytes_read,
@@ -456,6 +506,13 @@ class VolumeSync:
         - otherwise, where the backend tracks changes: what changed since the committed
           generation's snapshot (of `snap` when the flush reads that snapshot);
         - else everything allocated (of `snap`), compared with `base` by hash."""
+        lazy = self.lazy.changed_extents(vid)
+        if lazy is not None and base is not None:
+            # not fully hydrated: chunks never fetched are unchanged by definition, and every
+            # chunk written here is in the (write-ahead) dirty set
+            log.info("volume %s: lazily hydrated, %d bytes written on this node", vid,
+                     sum(r.length for r in lazy))
+            return lazy, "changed", base
         tracking = self.backend.tracks_changes
         try:
             if (pre is not None and pre.manifest is not None and tracking
@@ -526,8 +583,7 @@ class VolumeSync:
                 if lv is None or not still(lv):
                     return False
                 log.info(why, vid)
-                self.backend.delete(vid)
-                self.vols.remove(vid)
+                self._delete_local(vid)
                 return True
         except CsiError as e:
             if e.code == Code.ABORTED:
@@ -559,4 +615,5 @@ class VolumeSync:
         for vid in self.backend.list_volumes():
             if self.vols.get(vid) is None and not exists(vid):
                 log.info("removing orphaned local volume %s", vid)
+                self.lazy.discard(vid)
                 self.backend.delete(vid)

@@ -66,9 +66,9 @@ class LocalVolumes:
         self.locks = IdLocks()          # per-volume: one RPC (or snapshot cut) at a time
 
     @contextmanager
-    def hold(self, vid: str) -> Iterator[None]:
-        """The volume's operation lock (ABORTED when another operation holds it)."""
-        with self.locks.hold(vid):
+    def hold(self, *vids: str) -> Iterator[None]:
+        """The volumes' operation locks (ABORTED when another operation holds one)."""
+        with self.locks.hold(*vids):
             yield
 
     def get(self, vid: str) -> LocalVolume | None:
