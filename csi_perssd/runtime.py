@@ -39,23 +39,25 @@ class Runtime:
         self.stop_event = threading.Event()
         self.backend: Backend | None = None
         self.node: Any = None
+        self.volumes: Any = None        # local.volumes.LocalVolumes (node and all modes)
         self.sync: Any = None
         self.controller: Controller | None = None
         self._threads: list[threading.Thread] = []
         local_node = None
         if cfg.mode in ("node", "all"):
             from .local.state import NodeState
+            from .local.volumes import LocalVolumes
             from .node import Node
             from .sync import VolumeSync
             if not cfg.node_id:
                 raise ValueError("--node-id is required in node and all modes")
             self.backend = make_backend(cfg)
-            state = NodeState(cfg.state_dir)
+            self.volumes = LocalVolumes(NodeState(cfg.state_dir))
             from . import events, metrics
-            self.sync = VolumeSync(cfg, self.stores, self.backend, state,
+            self.sync = VolumeSync(cfg, self.stores, self.backend, self.volumes,
                                    events=events.from_config(cfg))
-            metrics.watch_local_volumes(state.all)
-            self.node = Node(cfg, self.stores, self.backend, state, self.sync)
+            metrics.watch_local_volumes(self.volumes.all)
+            self.node = Node(cfg, self.stores, self.backend, self.volumes, self.sync)
             local_node = self.node_record()
         if cfg.mode in ("controller", "all"):
             # ignore[abstract] until Controller implements ControllerModifyVolume and GetSnapshot (the base
