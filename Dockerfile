@@ -24,6 +24,12 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && sed -i -e 's/^\(\s*\)# udev_sync = 1/\1udev_sync = 0/' \
            -e 's/^\(\s*\)# udev_rules = 1/\1udev_rules = 0/' /etc/lvm/lvm.conf
+# The runtime dependencies first, in their own layer: rebuilt only when pyproject.toml changes.
+COPY pyproject.toml /tmp/pyproject.toml
+RUN python -c "import tomllib; print(*tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies'], sep=chr(10))" \
+      > /tmp/requirements.txt \
+ && pip install --no-cache-dir -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt /tmp/pyproject.toml
 COPY --from=builder /dist/ /tmp/dist/
 RUN pip install --no-cache-dir /tmp/dist/*.whl \
  && rm -rf /tmp/dist \
