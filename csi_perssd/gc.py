@@ -40,7 +40,6 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from .config import Config
 from .errors import Code, CsiError, unavailable
 from .remote.catalog import Catalog
 from .remote.chunks import chunk_hash, chunk_key, chunk_span, compress
@@ -354,16 +353,3 @@ def _collect(cat: Catalog, rep: GcReport, t_start: float, *, grace: float, keep:
         if not dry_run:
             store.delete(key)
 
-
-def main(cfg: Config, *, dry_run: bool, grace: float, keep: int) -> int:
-    from .stores import Stores
-    try:
-        rep = collect(Stores(cfg).catalog(), grace=grace, keep=keep, dry_run=dry_run)
-    except CsiError as e:
-        print(f"gc failed: {e}")
-        return 1
-    verb = "would delete" if dry_run else "deleted"
-    for key in rep.deleted_manifests + rep.deleted_other + rep.deleted_chunks:
-        print(f"{verb} {key}")
-    print(rep.summary())
-    return 0

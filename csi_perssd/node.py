@@ -113,7 +113,7 @@ class Node(rpc.NodeServicer):
             lv = self.sync.prepare(rec, lv, secrets)       # local copy of the committed generation
             lv.access_type, lv.fs_type, lv.mount_flags = cap["access_type"], cap["fs_type"], cap["mount_flags"]
             lv.device = self.backend.device(vid)
-            readonly = caps.is_read_only_mode(cap)
+            readonly = caps.is_read_only_mode(cap) or request.publish_context.get("readonly") == "true"
             if cap["access_type"] == "mount":
                 formatted = fs.ensure_fs(lv.device, cap["fs_type"])
                 # a volume that grew while unstaged (expansion, restore to a larger size): ext4
@@ -190,11 +190,11 @@ class Node(rpc.NodeServicer):
     def NodePublishVolume(self, request: Any, context: Any) -> Any:
         vid = ids.volume_id(request.volume_id)
         target = ids.host_path(request.target_path, "target_path")
+        if not request.HasField("volume_capability"):   # required fields first, then the preconditions
+            raise invalid("volume_capability is required")
         if not request.staging_target_path:     # spec: "Staging target path not set" -> FAILED_PRECONDITION
             raise precondition("staging_target_path is required: this driver has STAGE_UNSTAGE_VOLUME")
         staging = ids.host_path(request.staging_target_path, "staging_target_path")
-        if not request.HasField("volume_capability"):
-            raise invalid("volume_capability is required")
         cap = caps.to_dict(request.volume_capability)
         why = caps.unsupported_reason(cap)
         if why:

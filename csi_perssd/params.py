@@ -37,6 +37,16 @@ def parse_size(text: str, what: str) -> int:
     return int(num) * units[unit]
 
 
+def parse_compression(text: str) -> int:
+    try:
+        comp = int(text)
+    except ValueError:
+        raise invalid(f"parameter compression={text!r} must be a zstd level 0..19 (0 = off)") from None
+    if not 0 <= comp <= 19:
+        raise invalid(f"parameter compression={comp} must be a zstd level 0..19 (0 = off)")
+    return comp
+
+
 def parse(params: dict[str, str]) -> VolumeParams:
     unknown = sorted(k for k in params if k not in KNOWN and not k.startswith(_RESERVED_PREFIXES))
     if unknown:
@@ -54,13 +64,7 @@ def parse(params: dict[str, str]) -> VolumeParams:
     chunk = parse_size(params.get("chunkSize", "4Mi"), "parameter chunkSize")
     if chunk < MIN_CHUNK or chunk > MAX_CHUNK or chunk & (chunk - 1):
         raise invalid(f"parameter chunkSize={chunk} must be a power of two between 64Ki and 64Mi")
-    comp_s = params.get("compression", "1")
-    try:
-        comp = int(comp_s)
-    except ValueError:
-        raise invalid(f"parameter compression={comp_s!r} must be a zstd level 0..19 (0 = off)") from None
-    if not 0 <= comp <= 19:
-        raise invalid(f"parameter compression={comp} must be a zstd level 0..19 (0 = off)")
+    comp = parse_compression(params.get("compression", "1"))
     fs = params.get("fsType", "")
     if fs and fs not in ("ext4", "xfs"):
         raise invalid(f"parameter fsType={fs!r} must be ext4 or xfs")

@@ -55,7 +55,9 @@ class Runtime:
             self.node = Node(cfg, self.stores, self.backend, state, self.sync)
             local_node = self.node_record()
         if cfg.mode in ("controller", "all"):
-            self.controller = Controller(cfg, self.stores, local_node=local_node)
+            # ignore[abstract] until Controller implements ControllerModifyVolume and GetSnapshot (the base
+            # servicer answers UNIMPLEMENTED; the typing stubs declare them abstract)
+            self.controller = Controller(cfg, self.stores, local_node=local_node)  # type: ignore[abstract]
             try:
                 from .snapshots import Snapshots
                 self.controller.snapshots = Snapshots(cfg, self.stores, self.controller)
@@ -83,7 +85,8 @@ class Runtime:
         metrics.POOL_BYTES.labels("available").set(avail)
         metrics.POOL_BYTES.labels("cache").set(reclaim)
         return NodeRecord(id=self.cfg.node_id, pool=self.cfg.pool, total_bytes=total, available_bytes=avail,
-                          reclaimable_bytes=reclaim, max_volume_bytes=biggest, version=__version__)
+                          reclaimable_bytes=reclaim, max_volume_bytes=biggest,
+                          max_volumes=self.cfg.max_volumes_per_node, version=__version__)
 
     def heartbeat(self) -> None:
         rec = self.node_record()

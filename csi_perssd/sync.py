@@ -23,11 +23,11 @@ from typing import Any
 
 from . import metrics
 from .config import Config
-from .errors import Code, CsiError, aborted
+from .errors import Code, CsiError, Fenced, aborted
 from .local import fs
 from .local.backend import Backend
-from .local.state import FlushJob, LocalVolume, NodeState
-from .remote.catalog import VolumeRecord
+from .local.state import FlushJob, FlushState, LocalVolume, NodeState
+from .remote.catalog import VolumeRecord, check_owner
 from .remote.manifest import Manifest
 from .remote.store import StoreError
 from .stores import Stores
@@ -77,7 +77,7 @@ class VolumeSync:
     # -- stage -----------------------------------------------------------------------------
     def prepare(self, rec: VolumeRecord, lv: LocalVolume | None, secrets: dict[str, str]) -> LocalVolume:
         vid = rec.id
-        if lv is not None and lv.flush is not None and lv.flush.state == "running" and self._running(vid):
+        if lv is not None and lv.flush is not None and lv.flush.state == FlushState.RUNNING and self._running(vid):
             raise aborted(f"volume {vid}: a flush of its previous use is still running; try again")
         with self._mu:
             self._preparing.add(vid)         # not evictable while it is being made current
@@ -95,7 +95,7 @@ class VolumeSync:
         if lv is None or not have:
             lv = LocalVolume(id=vid, persistence=rec.persistence)
         lv.persistence, lv.epoch, lv.last_used = rec.persistence, rec.epoch, time.time()
-        fenced = lv.flush is not None and lv.flush.state == "fenced"
+        fenced = lv.flush is not None and lv.flush.state == FlushState.FENCED
         if have and rec.persistence == "object" and (lv.generation != rec.generation or fenced):
             if lv.dirty:
                 log.error("volume %s: unflushed local changes on top of generation %d are discarded: "
@@ -196,16 +196,16 @@ class VolumeSync:
             cur = self.state.get(lv.id) or lv
             job = cur.flush
             if not self._running(lv.id):
-                if job is not None and job.state == "committed" and job.final:
+                if job is not None and job.state == FlushState.COMMITTED and job.final:
                     self._update(lv.id, _clear_job)
                     return
-                if job is not None and job.state == "fenced":
-                    raise CsiError(Code.FAILED_PRECONDITION, job.error)
-                if job is not None and job.state == "failed" and started:
+                if job is not None and job.state == FlushState.FENCED:
+                    raise Fenced(job.error)
+                if job is not None and job.state == FlushState.FAILED and started:
                     break           # failed again in this call: report, kubelet retries later
-                if job is not None and job.state == "failed":
+                if job is not None and job.state == FlushState.FAILED:
                     log.warning("volume %s: retrying flush after: %s", lv.id, job.error)
-                elif job is not None and job.state == "running":
+                elif job is not None and job.state == FlushState.RUNNING:
                     # no thread runs it: the process restarted before resume() or the record
                     # was overwritten; the final pass starts (again) from its journal
                     log.info("volume %s: flush job was not running: starting the final pass", lv.id)
@@ -218,14 +218,14 @@ class VolumeSync:
         cur = self.state.get(lv.id) or lv
         done, total = self._progress.get(lv.id, (0, 0))
         err = f"; last error: {cur.flush.error}" if cur.flush and cur.flush.error else ""
-        failed = cur.flush is not None and cur.flush.state == "failed"
-        code = Code.UNAVAILABLE if failed and "unreachable" in cur.flush.error else Code.ABORTED  # type: ignore[union-attr]
+        failed = cur.flush is not None and cur.flush.state == FlushState.FAILED
+        code = Code.UNAVAILABLE if failed and cur.flush.error_code == Code.UNAVAILABLE.name else Code.ABORTED  # type: ignore[union-attr]
         what = "failed" if failed else "in progress"
         raise CsiError(code, f"volume {lv.id}: flush to the object store {what}: "
                        f"{done}/{total} bytes ({100 * done // max(total, 1)}%){err}; local data kept, retry later")
 
     def resume(self, lv: LocalVolume) -> None:
-        if lv.flush is not None and lv.flush.state in ("running", "failed") and lv.persistence == "object":
+        if lv.flush is not None and lv.flush.state in (FlushState.RUNNING, FlushState.FAILED) and lv.persistence == "object":
             log.info("volume %s: resuming the interrupted flush", lv.id)
             self._start(lv, final=lv.flush.final or not lv.staged)
 
@@ -277,10 +277,14 @@ class VolumeSync:
         try:
             self._flush(vid, job)
         except Exception as e:     # recorded in the job; NodeUnstage reports it
-            fenced = isinstance(e, CsiError) and e.code == Code.FAILED_PRECONDITION
-            unreachable = isinstance(e, StoreError) or (isinstance(e, CsiError) and e.code == Code.UNAVAILABLE)
-            job.state = "fenced" if fenced else "failed"
-            job.error = f"object store unreachable: {e}" if unreachable and "unreachable" not in str(e) else str(e)
+            # only the catalog's proof fences; every other error (FAILED_PRECONDITION included)
+            # keeps the local data and is retried
+            fenced = isinstance(e, Fenced)
+            code = (Code.UNAVAILABLE if isinstance(e, StoreError)
+                    else e.code if isinstance(e, CsiError) else Code.INTERNAL)
+            job.state = FlushState.FENCED if fenced else FlushState.FAILED
+            job.error_code = code.name
+            job.error = f"object store unreachable: {e}" if code == Code.UNAVAILABLE else str(e)
 
             def record(lv: LocalVolume) -> None:
                 lv.flush = job
@@ -313,10 +317,7 @@ class VolumeSync:
             secrets = self._secrets.get(vid)
         cat = self.stores.catalog(secrets)
         rec = cat.volume(vid)
-        if rec.owner != self.node_id or rec.epoch != job.epoch:
-            raise CsiError(Code.FAILED_PRECONDITION,
-                           f"volume {vid}: node {self.node_id} (epoch {job.epoch}) no longer owns it "
-                           f"(owner {rec.owner or '-'}, epoch {rec.epoch}); local data kept, not committed")
+        check_owner(rec, self.node_id, job.epoch, "local data kept, not committed")
         base = Manifest.decode(cat.get_manifest(vid, rec.generation)) if rec.generation else None
         dev = self.backend.device(vid)
         size = self.backend.size(vid)
@@ -365,7 +366,7 @@ class VolumeSync:
                     rec.generation, size, started_at,
                     {h: manifest.sizes.get(h, 0) for h in manifest.referenced_hashes()},
                     manifest if snap is not None else None)
-            job.state, job.done_bytes = "uploaded", total
+            job.state, job.done_bytes = FlushState.UPLOADED, total
 
             def uploaded(lv: LocalVolume) -> None:
                 lv.flush = job
@@ -378,7 +379,7 @@ class VolumeSync:
                         manifests=[manifest_key(vid, rec.generation + 1)])
         gen = cat.put_manifest(vid, rec.generation + 1, manifest.encode())
         cat.commit_generation(vid, gen, self.node_id, job.epoch)
-        job.state, job.manifest_gen, job.done_bytes = "committed", gen, total
+        job.state, job.manifest_gen, job.done_bytes = FlushState.COMMITTED, gen, total
 
         def committed(lv: LocalVolume) -> None:
             lv.generation, lv.flush = gen, job
@@ -464,7 +465,7 @@ class VolumeSync:
             with self._mu:
                 if lv.id in self._preparing:
                     continue
-            if lv.flush is not None and lv.flush.state not in ("committed",):
+            if lv.flush is not None and lv.flush.state != FlushState.COMMITTED:
                 continue
             out.append(lv)
         return sorted(out, key=lambda v: v.last_used)

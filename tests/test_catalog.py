@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from csi_perssd import ids
-from csi_perssd.errors import Code, CsiError
+from csi_perssd.errors import Code, CsiError, Fenced
 from csi_perssd.remote import catalog as catmod
 from csi_perssd.remote.catalog import Catalog, NodeRecord, SnapshotRecord, VolumeRecord
 from csi_perssd.remote.filestore import FileStore
@@ -218,6 +218,7 @@ class TestCommitGenerationFencing:
         with pytest.raises(CsiError) as e:
             cat.commit_generation(owned.id, gen, node, epoch)
         assert e.value.code == Code.FAILED_PRECONDITION
+        assert isinstance(e.value, Fenced)     # the catalog's proof: the node may discard
         assert cat.volume(owned.id).generation == 0
 
     def test_an_older_generation_cannot_replace_a_newer_one(self, cat, owned):
@@ -226,6 +227,7 @@ class TestCommitGenerationFencing:
         with pytest.raises(CsiError) as e:
             cat.commit_generation(owned.id, 1, "node-a", 3)
         assert e.value.code == Code.FAILED_PRECONDITION
+        assert not isinstance(e.value, Fenced)  # not fencing: the local data must stay
         assert cat.volume(owned.id).generation == 2
 
     def test_manifests_are_written_once_at_the_next_free_generation(self, cat, owned):

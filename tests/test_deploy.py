@@ -1259,7 +1259,7 @@ def test_builder_stage_builds_a_wheel_from_exactly_what_it_copies(tmp_path: Path
     assert len(wheels) == 1
     with zipfile.ZipFile(wheels[0]) as z:
         names = z.namelist()
-        assert "csi_perssd/kube.py" in names and "csi_perssd/cli.py" in names
+        assert "csi_perssd/kube.py" in names and "csi_perssd/cli/__init__.py" in names
         assert any(n.startswith("csi_perssd/csi/") for n in names)
         ep = [n for n in names if n.endswith("entry_points.txt")]
         assert ep and "csi-perssd = csi_perssd.cli:main" in z.read(ep[0]).decode()

@@ -12,7 +12,7 @@ from csi_perssd.local.devices import BlockDevice, parse_blkid_export
 from csi_perssd.local.lvm import LvmBackend, blocks_to_extents, merge_extents
 from csi_perssd.local.lvmcli import (ThinRange, classify, dm_name, parse_thin_delta,
                                      parse_thin_dump)
-from csi_perssd.pool_cli import format_status, plan
+from csi_perssd.cli.pool import format_status, plan
 
 # Output of thin_delta / thin_dump 0.9.0 captured in the test VM.
 DELTA_TERSE = """<superblock uuid="" time="1" transaction="2" data_block_size="128" nr_data_blocks="0">

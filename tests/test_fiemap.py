@@ -8,7 +8,7 @@ import pytest
 from csi_perssd.local.backend import Extent
 from csi_perssd.local.fiemap import Mapping, changed_between, extent_diff
 from csi_perssd.local.rawfile import try_reflink
-from csi_perssd.tools.xfsdir import xfs_dir
+from tests.harness.xfsdir import xfs_dir
 
 K = 4096
 

@@ -12,9 +12,9 @@ import pytest
 
 from csi_perssd import metrics
 from csi_perssd.remote.s3 import Retry, S3Store
-from csi_perssd.tools.cluster import Cluster, block_cap, free_port, scrape
-from csi_perssd.tools.procs import DriverProcess
-from csi_perssd.tools.seaweed import Seaweed
+from tests.harness.cluster import Cluster, block_cap, free_port, scrape
+from tests.harness.procs import DriverProcess
+from tests.harness.seaweed import Seaweed
 from tests.plugins.s3 import make_s3_store
 
 MiB = 1 << 20

@@ -325,7 +325,7 @@ def test_sector_size_stays_4k_after_a_reflink_and_the_file_system_still_mounts(t
     """On XFS a reflinked file needs 4 KiB-aligned direct I/O; a loop device left to pick its own
     sector size would come back with 4 KiB after the first generation snapshot and refuse a
     file system made with smaller blocks. Every attach uses 4 KiB sectors."""
-    from csi_perssd.tools.xfsdir import xfs_dir
+    from tests.harness.xfsdir import xfs_dir
     with xfs_dir(str(tmp_path / "x"), 320 * MiB) as d:
         b = RawfileBackend(os.path.join(d, "pool"))
         assert b.tracks_changes

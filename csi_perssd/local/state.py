@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,26 @@ from ..atomic import write_atomic
 SCHEMA = 1
 
 
+class FlushState(str, Enum):
+    """Where a flush job stands. FENCED only when the catalog proved this node was fenced out
+    (errors.Fenced); any other failure is FAILED: the local data is kept and the flush retried."""
+    RUNNING = "running"
+    UPLOADED = "uploaded"           # a pre-flush stored its chunks; the final pass commits
+    COMMITTED = "committed"
+    FAILED = "failed"
+    FENCED = "fenced"
+
+
 @dataclass
 class FlushJob:
     generation_base: int            # committed generation the job started from
     epoch: int
-    state: str = "running"          # running | uploaded | committed | failed
+    state: FlushState = FlushState.RUNNING
     done_bytes: int = 0
     total_bytes: int = 0
     manifest_gen: int = 0           # generation number the manifest was stored under
     error: str = ""
+    error_code: str = ""            # gRPC status code name of the failure (FAILED, FENCED)
     started_at: float = field(default_factory=time.time)
     final: bool = False             # started after unmount (no more writes possible)
 
@@ -80,6 +92,7 @@ class NodeState:
         lv = LocalVolume(**{k: v for k, v in d.items() if k in known})
         if job:
             lv.flush = FlushJob(**{k: v for k, v in job.items() if k in {f.name for f in dataclasses.fields(FlushJob)}})
+            lv.flush.state = FlushState(lv.flush.state)
         return lv
 
     def put(self, lv: LocalVolume) -> None:

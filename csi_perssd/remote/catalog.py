@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .. import ids
-from ..errors import CsiError, Code, not_found, precondition, unavailable
+from ..errors import Code, CsiError, Fenced, not_found, precondition, unavailable
 from .store import NotFound, ObjectStore, PreconditionFailed, StoreError
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class VolumeRecord:
     generation: int = 0                 # committed generation, 0 = never flushed (all zero)
     generation_node: str = ""           # node that committed it (its local copy is current)
     source: dict[str, str] = field(default_factory=dict)   # {"snapshot": sid} | {"volume": vid}
+    mutable_parameters: dict[str, str] = field(default_factory=dict)   # applied (modify.py)
+    published: dict[str, Any] = field(default_factory=dict)  # {"capability", "readonly"} of the owner's publish
     state: str = "created"              # created | deleting
     created_at: float = field(default_factory=time.time)
     schema: int = SCHEMA
@@ -80,6 +82,7 @@ class NodeRecord:
     available_bytes: int = 0
     reclaimable_bytes: int = 0          # clean cached copies that may be evicted
     max_volume_bytes: int = 0
+    max_volumes: int = 0                # NodeGetInfo max_volumes_per_node (0 = no limit)
     version: str = ""
     heartbeat: float = field(default_factory=time.time)
     schema: int = SCHEMA
@@ -87,6 +90,7 @@ class NodeRecord:
 
 
 R = TypeVar("R", VolumeRecord, SnapshotRecord, NodeRecord)
+N = TypeVar("N", VolumeRecord, SnapshotRecord)     # the records that have a name
 
 
 def name_key(kind: str, name: str) -> str:
@@ -124,6 +128,14 @@ def _decode(cls: type[R], data: bytes, etag: str) -> R:
     rec = cls(**{k: v for k, v in d.items() if k in known})
     rec.etag = etag
     return rec
+
+
+def check_owner(rec: VolumeRecord, node: str, epoch: int, consequence: str) -> None:
+    """Raise Fenced unless `node` holds the volume with ownership epoch `epoch`: the record is
+    the proof (epochs only grow, so another owner or epoch means the node was fenced out)."""
+    if rec.owner != node or rec.epoch != epoch:
+        raise Fenced(f"volume {rec.id}: node {node} (epoch {epoch}) no longer owns it "
+                     f"(owner {rec.owner or '-'}, epoch {rec.epoch}); {consequence}")
 
 
 class Catalog:
@@ -185,7 +197,7 @@ class Catalog:
             if rec is not None:
                 yield rec
 
-    def _create_named(self, cls: type[R], kind: str, rec: R, key: str) -> tuple[R, bool]:
+    def _create_named(self, cls: type[N], kind: str, rec: N, key: str) -> tuple[N, bool]:
         """Create rec unless `name` already maps to a record; return (record, created)."""
         nkey = name_key(kind, rec.name)
         for _ in range(CAS_RETRIES):
@@ -289,10 +301,7 @@ class Catalog:
         """Make `gen` the committed generation, fenced by ownership: only the owner with the
         current epoch may commit (a conditional write on the record's ETag)."""
         def apply(rec: VolumeRecord) -> None:
-            if rec.owner != node or rec.epoch != epoch:
-                raise precondition(
-                    f"volume {vid}: node {node} (epoch {epoch}) no longer owns it "
-                    f"(owner {rec.owner or '-'}, epoch {rec.epoch}); generation {gen} not committed")
+            check_owner(rec, node, epoch, f"generation {gen} not committed")
             if gen <= rec.generation:
                 raise precondition(f"volume {vid}: generation {rec.generation} is already committed")
             rec.generation = gen

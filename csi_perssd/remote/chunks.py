@@ -150,7 +150,18 @@ def compress(buf: bytes | bytearray | memoryview, level: int = 3,
     return _RAW_TAG + buf, False           # one copy (buf may be a reused read buffer)
 
 
-def decompress(blob: bytes, max_size: int = MAX_CHUNK_SIZE) -> bytes | memoryview:
+def compress_parts(buf: bytes | bytearray | memoryview, level: int = 3,
+                   probe: bool = True) -> tuple[list[bytes | bytearray | memoryview], bool]:
+    """compress() without joining: the blob as pieces ([tag, payload]), so a raw chunk is not
+    copied before it is encrypted (crypto seals the pieces into one object)."""
+    if level != 0 and not (probe and len(buf) >= PROBE_MIN and _incompressible(buf, level)):
+        z = _compressor(level).compress(buf)
+        if len(z) < len(buf):
+            return [_ZSTD_TAG, z], True
+    return [_RAW_TAG, buf], False
+
+
+def decompress(blob: bytes | bytearray | memoryview, max_size: int = MAX_CHUNK_SIZE) -> bytes | memoryview:
     """Decode a blob back to the chunk plaintext; CorruptBlob if malformed or over max_size.
     A raw blob's plaintext is returned as a view into `blob` (no copy of the chunk)."""
     if not blob:

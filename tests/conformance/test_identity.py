@@ -87,7 +87,7 @@ class TestModes:
     @pytest.fixture
     def proc(self, request, tmp_path_factory):
         from tests.plugins.driver import cleanup_under
-        from csi_perssd.tools.procs import DriverProcess
+        from tests.harness.procs import DriverProcess
         base = tmp_path_factory.mktemp("mode")
         p = DriverProcess(base, mode=request.param, node_id="node-m", pool="pool-m").start()
         try:

@@ -13,7 +13,7 @@ import pytest
 from csi_perssd.csi import csi_pb2 as pb
 from csi_perssd.remote.catalog import Catalog
 from csi_perssd.remote.filestore import FileStore
-from csi_perssd.tools.procs import DriverProcess
+from tests.harness.procs import DriverProcess
 from tests.plugins.driver import MiB, NODE_ID, POOL, XFS_SIZE, block_cap, cleanup_under, create_request, mount_cap
 
 pytestmark = pytest.mark.root

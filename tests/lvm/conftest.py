@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from csi_perssd import pool_cli
+from csi_perssd.cli import pool as pool_cli
 from csi_perssd.local.lvm import LvmBackend
 from csi_perssd.local.lvmcli import NO_UDEV_CONFIG
 from csi_perssd.remote.s3 import Retry, S3Store

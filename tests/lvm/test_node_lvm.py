@@ -10,8 +10,8 @@ from pathlib import Path
 from csi_perssd.csi import csi_pb2 as pb
 from csi_perssd.local.lvm import LvmBackend
 from csi_perssd.local.lvmcli import NO_UDEV_CONFIG
-from csi_perssd.tools.cluster import block_cap
-from csi_perssd.tools.procs import DriverProcess
+from tests.harness.cluster import block_cap
+from tests.harness.procs import DriverProcess
 
 from tests.lvm.util import MiB, POOL, read_at, write_at
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from csi_perssd import pool_cli
+from csi_perssd.cli import pool as pool_cli
 from csi_perssd.errors import Code, CsiError
 from csi_perssd.local import devices
 from csi_perssd.local.lvm import LvmBackend
@@ -150,7 +150,7 @@ def test_auto_takes_only_the_empty_disk(scratch: str) -> None:
 
 def test_pool_status_cli(backend: LvmBackend, vid: str) -> None:
     backend.create(vid, 4 << 20)
-    res = subprocess.run([sys.executable, "-m", "csi_perssd.pool_cli", "pool", "status",
+    res = subprocess.run([sys.executable, "-m", "csi_perssd.cli", "pool", "status",
                           "--volume-group", backend.vg, "--lvm-config", NO_UDEV_CONFIG],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

@@ -13,7 +13,7 @@ import grpc
 
 from csi_perssd.local.rawfile import DISK
 from csi_perssd.remote.chunks import chunk_hash, chunk_key, is_zero
-from csi_perssd.tools.cluster import Cluster
+from tests.harness.cluster import Cluster
 
 MiB = 1 << 20
 CHUNK = 4 * MiB

@@ -11,7 +11,7 @@ import pytest
 
 from csi_perssd.csi import csi_pb2 as pb
 from csi_perssd.remote.chunks import compress
-from csi_perssd.tools.cluster import Cluster, mount_cap
+from tests.harness.cluster import Cluster, mount_cap
 
 from .helpers import MiB, code, image, tree_sums, write_tree
 

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from csi_perssd.csi import csi_pb2 as pb
-from csi_perssd.tools.cluster import Cluster, block_cap
+from tests.harness.cluster import Cluster, block_cap
 
 from .helpers import CHUNK, MiB, chunk_hashes, chunk_keys, code, image, sha256_file
 

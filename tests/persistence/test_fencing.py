@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from csi_perssd.csi import csi_pb2 as pb
-from csi_perssd.tools.cluster import Cluster, mount_cap
+from tests.harness.cluster import Cluster, mount_cap
 
 from .helpers import MiB, code, image, loop_of, mounted, tree_sums, unstage_once, write_tree
 
@@ -79,4 +79,54 @@ def test_takeover_fences_the_old_owner(cluster: Cluster, tmp_path):
     got = tree_sums(target_a)
     assert "from-b.txt" in got and not any(k.startswith("later/") for k in got)
     cl.release("node-a", vid)
+    cl.delete(vid)
+
+
+def _set_schema(cat, vid: str, schema: int) -> None:  # type: ignore[no-untyped-def]
+    """Rewrite the volume record with another schema number (as a newer driver would write it)."""
+    import json
+
+    from csi_perssd.remote.catalog import volume_key
+    data, _ = cat.store.get(volume_key(vid))
+    rec = json.loads(data)
+    rec["schema"] = schema
+    cat.store.put(volume_key(vid), json.dumps(rec, sort_keys=True, separators=(",", ":")).encode())
+
+
+def test_a_precondition_that_is_not_fencing_keeps_the_unflushed_writes(cluster: Cluster):
+    """Data-loss regression: the flush fails with a FAILED_PRECONDITION that is not fencing (the
+    volume record is of a newer schema than this driver reads). NodeUnstage answers a retriable
+    ABORTED, the local copy keeps its unflushed writes, the next NodeStage on the node reuses it
+    (it is not discarded as "fenced") and the next unstage commits them."""
+    from csi_perssd.remote.catalog import SCHEMA
+    cl = cluster
+    cat = cl.catalog()
+    vid = cl.create("not-fenced", 64 * MiB)
+    target = cl.attach("node-a", vid)
+    first = write_tree(target, random_mib=4)
+    cl.release("node-a", vid)
+    gen1 = cat.volume(vid).generation
+    assert gen1 >= 1
+
+    target = cl.attach("node-a", vid)
+    later = write_tree(f"{target}/later", random_mib=4, seed=5)
+    _set_schema(cat, vid, SCHEMA + 1)
+    cl.unpublish("node-a", vid)
+    c, msg = unstage_once(cl, "node-a", vid)
+    assert c == grpc.StatusCode.ABORTED, (c, msg)
+    assert "newer than this driver" in msg and "local data kept" in msg, msg
+    _set_schema(cat, vid, SCHEMA)          # the record is readable again
+    assert cat.volume(vid).generation == gen1
+
+    # the next stage on node-a reuses the local copy: the writes that were not flushed are there
+    target = cl.attach("node-a", vid)
+    want = {**first, **{f"later/{k}": v for k, v in later.items()}}
+    assert tree_sums(target) == want
+    cl.release("node-a", vid)
+    assert cat.volume(vid).generation > gen1
+
+    # ... and they were committed: node-b hydrates them
+    target_b = cl.attach("node-b", vid)
+    assert tree_sums(target_b) == want
+    cl.release("node-b", vid)
     cl.delete(vid)

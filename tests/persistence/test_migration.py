@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from csi_perssd.tools.cluster import Cluster, block_cap
+from tests.harness.cluster import Cluster, block_cap
 
 from .helpers import (CHUNK, MiB, chunk_hashes, chunk_keys, image, mounted, run, sha256_file,
                       tree_sums, write_tree)

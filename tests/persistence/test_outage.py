@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from csi_perssd.csi import csi_pb2 as pb
-from csi_perssd.tools.cluster import Cluster, mount_cap
+from tests.harness.cluster import Cluster, mount_cap
 from tests.plugins.s3 import seaweed_outage
 
 from .helpers import MiB, code, image, loop_of, mounted, tree_sums, unstage_once, write_tree

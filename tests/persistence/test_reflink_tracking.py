@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from csi_perssd.tools.cluster import Cluster, block_cap, mount_cap
-from csi_perssd.tools.seaweed import Seaweed
-from csi_perssd.tools.xfsdir import xfs_dir
+from tests.harness.cluster import Cluster, block_cap, mount_cap
+from tests.harness.seaweed import Seaweed
+from tests.harness.xfsdir import xfs_dir
 
 from .helpers import CHUNK, MiB, sha256_file, tree_sums, write_tree
 

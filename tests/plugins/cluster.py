@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from csi_perssd.tools.cluster import Cluster
-from csi_perssd.tools.seaweed import Seaweed
+from tests.harness.cluster import Cluster
+from tests.harness.seaweed import Seaweed
 
 
 @pytest.fixture(scope="module")

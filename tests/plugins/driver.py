@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from csi_perssd.csi import csi_pb2 as pb
-from csi_perssd.tools.procs import DriverProcess
+from tests.harness.procs import DriverProcess
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -35,7 +35,7 @@ SNW = AccessMode.SINGLE_NODE_WRITER
 
 # ----------------------------------------------------------------------------- cleanup
 
-from csi_perssd.tools.cleanup import cleanup_under, loops_under, mounts_under  # noqa: E402,F401
+from tests.harness.cleanup import cleanup_under, loops_under, mounts_under  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------- requests

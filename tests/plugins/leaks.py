@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from csi_perssd.tools.cleanup import cleanup_under, loops_under, mounts_under
+from tests.harness.cleanup import cleanup_under, loops_under, mounts_under
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import pytest
 
 from csi_perssd.remote.s3 import Retry, S3Store
-from csi_perssd.tools.seaweed import Seaweed
+from tests.harness.seaweed import Seaweed
 
 # a short budget so tests of an outage end within seconds
 TEST_RETRY = Retry(attempts=3, base_s=0.05, cap_s=0.5, deadline_s=5.0,

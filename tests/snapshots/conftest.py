@@ -17,8 +17,8 @@ import pytest
 from csi_perssd.csi import csi_pb2 as pb
 from csi_perssd.remote.catalog import Catalog
 from csi_perssd.remote.s3 import S3Store
-from csi_perssd.tools.cluster import Cluster, block_cap, cleanup_under, mount_cap
-from csi_perssd.tools.seaweed import Seaweed
+from tests.harness.cluster import Cluster, block_cap, cleanup_under, mount_cap
+from tests.harness.seaweed import Seaweed
 from tests.plugins.s3 import make_s3_store
 
 MiB = 1 << 20

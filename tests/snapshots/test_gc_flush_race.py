@@ -12,7 +12,7 @@ import threading
 import time
 
 from csi_perssd import gc
-from csi_perssd.tools.cluster import block_cap
+from tests.harness.cluster import block_cap
 
 from .conftest import MiB
 

@@ -86,7 +86,7 @@ def start_s3() -> object:
 
     Running it inside the TCG guest is too slow (not ready within minutes on a loaded host)."""
     sys.path.insert(0, str(ROOT))
-    from csi_perssd.tools.seaweed import Seaweed
+    from tests.harness.seaweed import Seaweed
     sw = Seaweed(WORK / "seaweed")
     sw.start()
     env = WORK / "s3.env"

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 from typing import Any
 
-from .errors import CsiError, invalid, precondition
-from .local import devices
-from .local.lvm import LvmBackend
-from .local.lvmcli import LvmCli, ToolRunner
+from ..errors import CsiError, invalid, precondition
+from ..local import devices
+from ..local.lvm import LvmBackend
+from ..local.lvmcli import LvmCli, ToolRunner
 
 DEFAULT_VG = "perssd"
 DEFAULT_POOL = "perssd-pool"
@@ -45,7 +44,7 @@ def add_parser(subparsers: Any) -> None:
     s = sub.add_parser("status", parents=[common], help="devices, pool usage and volumes")
     s.add_argument("--tag", default="perssd", help="tag of the driver's LVs")
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(handler=run)
+    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,18 +191,3 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"problem: {prob}")
     return "\n".join(lines)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (python -m csi_perssd.pool_cli ...), same as `csi-perssd pool ...`."""
-    parser = argparse.ArgumentParser(prog="csi-perssd")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except CsiError as e:
-        print(f"csi-perssd pool: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -216,7 +216,7 @@ class Seaweed:
         self.stop()
 
 
-if __name__ == "__main__":      # python -m csi_perssd.tools.seaweed DIR: run until Ctrl-C
+if __name__ == "__main__":      # python -m tests.harness.seaweed DIR: run until Ctrl-C
     import tempfile
     wd = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="seaweed-")
     with Seaweed(wd) as sw:

@@ -12,8 +12,8 @@ from typing import Any
 
 import grpc
 
-from ..csi import csi_pb2 as pb
-from ..csi import csi_pb2_grpc as rpc
+from csi_perssd.csi import csi_pb2 as pb
+from csi_perssd.csi import csi_pb2_grpc as rpc
 
 
 class DriverProcess:

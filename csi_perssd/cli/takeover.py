@@ -1,16 +1,17 @@
-"""Operator commands that read (and for takeover/gc, change) only the bucket."""
+"""`csi-perssd takeover`: move a volume's ownership away from a dead node (changes only the bucket)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
-import sys
+from typing import Any
 
-from . import ids
-from .config import Config
-from .errors import CsiError, precondition
-from .remote.catalog import VolumeRecord
-from .stores import Stores
+from .. import ids
+from ..config import Config
+from ..errors import precondition
+from ..remote.catalog import VolumeRecord
+from ..stores import Stores
+from .flags import config_from_args, store_flags
 
 log = logging.getLogger("csi_perssd.admin")
 
@@ -49,21 +50,15 @@ def takeover(cfg: Config, vid: str, from_node: str, to_node: str) -> int:
     return 0
 
 
-def run(args: argparse.Namespace, cfg: Config) -> int:
-    try:
-        if args.command == "takeover":
-            return takeover(cfg, args.volume_id, args.from_node, args.to_node)
-        if args.command in ("gc", "ls", "inspect"):
-            from . import gc, inventory
-            if args.command == "gc":
-                return gc.main(cfg, dry_run=args.dry_run, grace=args.grace_seconds, keep=args.keep_generations)
-            if args.command == "ls":
-                return inventory.ls(cfg)
-            return inventory.inspect(cfg, args.id)
-        if args.command == "pool":
-            return args.handler(args)
-    except CsiError as e:
-        print(f"csi-perssd {args.command}: {e}", file=sys.stderr)
-        return 1
-    print(f"unknown command {args.command}", file=sys.stderr)
-    return 2
+
+def add_parser(sub: Any) -> None:
+    t = sub.add_parser("takeover", help="take a volume over from a dead node (loses its unflushed data)")
+    t.add_argument("volume_id")
+    t.add_argument("--from", dest="from_node", required=True, help="the node that owns it now")
+    t.add_argument("--to", dest="to_node", default="", help="give ownership to this node (default: release)")
+    store_flags(t)
+    t.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return takeover(config_from_args(args), args.volume_id, args.from_node, args.to_node)

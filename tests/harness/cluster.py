@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from ..csi import csi_pb2 as pb
+from csi_perssd.csi import csi_pb2 as pb
 from .cleanup import cleanup_under
 from .procs import DriverProcess
 from .seaweed import Seaweed
@@ -109,16 +109,16 @@ class Cluster:
 
     def catalog(self) -> Any:
         """The cluster's catalog, read directly from the bucket (as the CLI does)."""
-        from ..remote.catalog import Catalog
-        from ..remote.s3 import S3Store
+        from csi_perssd.remote.catalog import Catalog
+        from csi_perssd.remote.s3 import S3Store
         sw = self.seaweed
         return Catalog(S3Store(sw.url(self.prefix), endpoint_url=sw.endpoint, access_key=sw.access_key,
                                secret_key=sw.secret_key))
 
     def committed_chunks(self, vid: str) -> set[str]:
         """Bucket keys of the data chunks the volume's committed generation references."""
-        from ..remote.chunks import chunk_key
-        from ..remote.manifest import Manifest
+        from csi_perssd.remote.chunks import chunk_key
+        from csi_perssd.remote.manifest import Manifest
         cat = self.catalog()
         rec = cat.volume(vid)
         if not rec.generation:

@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 
-from ..local import fs, loop
+from csi_perssd.local import fs, loop
 
 
 def _mount_points() -> list[str]:

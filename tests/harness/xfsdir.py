@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ..local import fs, loop
+from csi_perssd.local import fs, loop
 from .cleanup import cleanup_under
 
 MIN_BYTES = 320 << 20           # mkfs.xfs refuses file systems below 300 MiB

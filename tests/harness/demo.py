@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .tools.cluster import Cluster, free_port, scrape
+from .cluster import Cluster, free_port, scrape
 
 MiB = 1 << 20
 HYDRATED = 'perssd_transfer_bytes_total{kind="hydrated"}'
@@ -63,7 +63,7 @@ def main() -> int:
         step(f"starting SeaweedFS, controller, node-a and node-b under {work}")
         cl.start()
         for n, port in ports.items():
-            from .tools.procs import DriverProcess
+            from .procs import DriverProcess
             cl.nodes[n] = DriverProcess(work, mode="node", node_id=n, pool=cl.pool, catalog=cl.seaweed.url(cl.prefix),
                                         env=cl.env, extra=cl.store_args() + ["--metrics-address", f"127.0.0.1:{port}"]).start()
         print(f"    S3 endpoint {cl.seaweed.endpoint} bucket {cl.seaweed.bucket}; catalog {cl.seaweed.url(cl.prefix)}")

@@ -1,0 +1,48 @@
+"""`csi-perssd inspect`: one volume or snapshot in detail (record, generations, manifest), as JSON."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from .. import ids
+from ..config import Config
+from ..errors import CsiError
+from ..remote.manifest import Manifest
+from ..snapshots import read_manifest, snapshot_manifest_key
+from ..stores import Stores
+from .flags import config_from_args, store_flags
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("inspect", help="show one volume or snapshot in detail")
+    p.add_argument("id")
+    store_flags(p)
+    p.set_defaults(run=lambda args: inspect(config_from_args(args), args.id))
+
+
+def inspect(cfg: Config, ident: str) -> int:
+    cat = Stores(cfg).catalog()
+    try:
+        if ident.startswith(ids.SNAPSHOT_PREFIX):
+            rec: Any = cat.get_snapshot(ident)
+            m = read_manifest(cat, rec.manifest_key or snapshot_manifest_key(ident)) if rec and rec.ready else None
+        else:
+            rec = cat.get_volume(ident)
+            m = Manifest.decode(cat.get_manifest(ident, rec.generation)) if rec and rec.generation else None
+    except CsiError as e:
+        print(f"inspect {ident}: {e}")
+        return 1
+    if rec is None:
+        print(f"{ident}: not found")
+        return 1
+    d = dataclasses.asdict(rec)
+    d.pop("etag", None)
+    if not ident.startswith(ids.SNAPSHOT_PREFIX):
+        d["generations"] = cat.list_generations(ident)
+    if m is not None:
+        d["manifest"] = {"volume_size": m.volume_size, "chunk_size": m.chunk_size, "data_chunks": m.data_chunks,
+                         "hole_chunks": m.hole_chunks, "logical_bytes": m.logical_bytes,
+                         "stored_bytes": m.stored_bytes, "stats": m.stats}
+    print(json.dumps(d, indent=2, sort_keys=True))
+    return 0

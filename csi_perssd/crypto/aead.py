@@ -1,0 +1,79 @@
+"""AES-256-GCM over buffers of any size, in slices: no call into OpenSSL holds the GIL for more
+than SLICE bytes (`AESGCM.encrypt` holds it for the whole buffer: measured here, a Python thread
+ran at 13% of its speed beside one encrypting 256 MiB buffers; beside the sliced form at ~70%).
+
+Layout produced and read: prefix | nonce (12) | ciphertext | tag (16). The nonce is random
+(os.urandom) for every call. Decryption writes into a buffer of its own and returns it only
+after the tag verified, so unauthenticated plaintext never leaves this module.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from .errors import Tampered
+
+Buffer = bytes | bytearray | memoryview
+NONCE = 12
+TAG = 16
+OVERHEAD = NONCE + TAG
+SLICE = 256 << 10
+_SPARE = 15                 # update_into wants room for one more block than it writes
+
+
+def _check_key(key: bytes) -> None:
+    if len(key) != 32:
+        raise ValueError("AES-256-GCM needs a 32-byte key")
+
+
+def seal(key: bytes, aad: bytes, parts: Sequence[Buffer], prefix: bytes = b"") -> bytearray:
+    """prefix | nonce | AES-256-GCM(key, nonce, concatenated parts, aad) | tag."""
+    _check_key(key)
+    views = [memoryview(p).cast("B") for p in parts]
+    n = sum(len(v) for v in views)
+    nonce = os.urandom(NONCE)
+    start = len(prefix) + NONCE
+    out = bytearray(start + n + TAG)
+    out[:len(prefix)] = prefix
+    out[len(prefix):start] = nonce
+    enc = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+    enc.authenticate_additional_data(aad)
+    mo = memoryview(out)
+    pos = start
+    for v in views:
+        for off in range(0, len(v), SLICE):
+            piece = v[off:off + SLICE]
+            # the spare room of the last slice falls into the tag's place, written after
+            pos += enc.update_into(piece, mo[pos:pos + len(piece) + _SPARE])
+    enc.finalize()
+    mo[pos:pos + TAG] = enc.tag
+    mo.release()
+    return out
+
+
+def open_(key: bytes, aad: bytes, blob: Buffer, start: int = 0) -> memoryview:
+    """The plaintext of blob[start:] (nonce | ciphertext | tag); Tampered unless authentic."""
+    _check_key(key)
+    mv = memoryview(blob).cast("B")
+    if len(mv) < start + OVERHEAD:
+        raise Tampered(f"sealed object of {len(mv)} bytes is truncated")
+    nonce = bytes(mv[start:start + NONCE])
+    tag = bytes(mv[len(mv) - TAG:])
+    ct = mv[start + NONCE:len(mv) - TAG]
+    dec = Cipher(algorithms.AES(key), modes.GCM(nonce, tag)).decryptor()
+    dec.authenticate_additional_data(aad)
+    out = bytearray(len(ct) + _SPARE)
+    mo = memoryview(out)
+    pos = 0
+    for off in range(0, len(ct), SLICE):
+        piece = ct[off:off + SLICE]
+        pos += dec.update_into(piece, mo[pos:pos + len(piece) + _SPARE])
+    try:
+        dec.finalize()
+    except InvalidTag:
+        raise Tampered("authentication failed (wrong key, or the object was modified, "
+                       "truncated or moved)") from None
+    return mo[:pos]
