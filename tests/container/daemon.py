@@ -75,6 +75,7 @@ class Daemon:
         if self.started_pid is not None:
             _terminate(self.started_pid)
             self.started_pid = None
+            _unmount_exec_root()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
@@ -98,6 +99,15 @@ def _terminate(pid: int, timeout: float = 30.0) -> None:
     os.waitpid(pid, 0)
 
 
+def _unmount_exec_root() -> None:
+    """dockerd leaves its default netns mount under the exec-root when it stops."""
+    root = str(RUN_DIR / "exec")
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        mounts = [line.split()[4] for line in f if line.strip()]
+    for m in sorted((m for m in mounts if m.startswith(root + "/")), key=len, reverse=True):
+        subprocess.run(["umount", m], capture_output=True, timeout=30)
+
+
 def _take_lock(path: Path) -> IO[str]:
     f = open(path, "a+")
     deadline = time.monotonic() + LOCK_TIMEOUT_S
@@ -108,7 +118,7 @@ def _take_lock(path: Path) -> IO[str]:
         except BlockingIOError:
             if time.monotonic() > deadline:
                 f.close()
-                raise DaemonError(f"another test session holds {path} for over {LOCK_TIMEOUT_S:.0f}s")
+                raise DaemonError(f"another test session holds {path} for over {LOCK_TIMEOUT_S:.0f}s") from None
             time.sleep(2)
 
 
