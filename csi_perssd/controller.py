@@ -164,6 +164,7 @@ class Controller(rpc.ControllerServicer):
         if len({c["access_type"] for c in cap_list}) > 1:
             raise invalid("a volume cannot be both block and mount")
         vp = params.parse(dict(request.parameters))
+        claim = params.claim(dict(request.parameters), name)
         mutable = modify.parse(dict(request.mutable_parameters))
         if vp.fs_type:
             for c in cap_list:
@@ -185,7 +186,7 @@ class Controller(rpc.ControllerServicer):
             rec = VolumeRecord(id=ids.new_volume_id(), name=name, size=size, capabilities=cap_list,
                                mobility=vp.mobility, persistence=vp.persistence, pool=pool, node=node,
                                parameters=vp.as_dict(), chunk_size=vp.chunk_size, compression=vp.compression,
-                               source=source)
+                               source=source, claim=claim)
             modify.check_supported(rec, mutable)
             modify.apply(rec, mutable)          # spec: mutable_parameters take precedence over parameters
             existing = cat.volume_by_name(name)
@@ -366,36 +367,47 @@ class Controller(rpc.ControllerServicer):
             volume_context=request.volume_context, volume_capabilities=request.volume_capabilities,
             parameters=request.parameters, mutable_parameters=request.mutable_parameters))
 
-    def _status(self, rec: VolumeRecord, cat: Catalog) -> tuple[list[str], pb.VolumeCondition]:
+    @staticmethod
+    def _condition(rec: VolumeRecord, generations: set[int] | list[int]) -> tuple[list[str], pb.VolumeCondition]:
+        """Published nodes and condition from the record and the generations present in the store."""
         cond = pb.VolumeCondition(abnormal=False, message="ok")
-        if rec.persistence == "object" and rec.generation:
-            if rec.generation not in cat.list_generations(rec.id):
-                cond = pb.VolumeCondition(abnormal=True, message=f"manifest of committed generation {rec.generation} is missing")
+        if rec.persistence == "object" and rec.generation and rec.generation not in generations:
+            cond = pb.VolumeCondition(abnormal=True, message=f"manifest of committed generation {rec.generation} is missing")
         return ([rec.owner] if rec.owner else []), cond
 
+    def _status(self, rec: VolumeRecord, cat: Catalog) -> tuple[list[str], pb.VolumeCondition]:
+        gens = cat.list_generations(rec.id) if rec.persistence == "object" and rec.generation else []
+        return self._condition(rec, gens)
+
+    @staticmethod
+    def _token_after(token: str) -> str:
+        if not token:
+            return ""
+        if not token.startswith(TOKEN_PREFIX):
+            raise CsiError(Code.ABORTED, f"starting_token {token[:40]!r} was not issued by this driver")
+        after = token[len(TOKEN_PREFIX):]
+        try:
+            ids.volume_id(after)
+        except CsiError:
+            raise CsiError(Code.ABORTED, f"starting_token {token[:40]!r} was not issued by this driver") from None
+        return after
+
     def ListVolumes(self, request: Any, context: Any) -> Any:
+        """One page: a LIST from the token (records and their manifests' keys) and a GET for each
+        record of the page that changed since this controller last read it. The token is the last
+        volume ID returned, so it stays valid when volumes are deleted between pages."""
         if request.max_entries < 0:
             raise invalid("max_entries must not be negative")
-        after = ""
-        if request.starting_token:
-            tok = request.starting_token
-            if not tok.startswith(TOKEN_PREFIX):
-                raise CsiError(Code.ABORTED, f"starting_token {tok[:40]!r} was not issued by this driver")
-            after = tok[len(TOKEN_PREFIX):]
-            try:
-                ids.volume_id(after)
-            except CsiError:
-                raise CsiError(Code.ABORTED, f"starting_token {tok[:40]!r} was not issued by this driver") from None
+        after = self._token_after(request.starting_token)
         cat = self.stores.catalog()
-        recs = sorted((r for r in cat.list_volumes() if r.id > after), key=lambda r: r.id)
-        page = recs[:request.max_entries] if request.max_entries else recs
+        page = cat.volume_page(after, request.max_entries)
         resp = pb.ListVolumesResponse()
-        for r in page:
-            nodes, cond = self._status(r, cat)
+        for r in page.records:
+            nodes, cond = self._condition(r, page.generations.get(r.id, set()))
             resp.entries.add(volume=self.volume_proto(r),
                              status=pb.ListVolumesResponse.VolumeStatus(published_node_ids=nodes, volume_condition=cond))
-        if len(recs) > len(page):
-            resp.next_token = TOKEN_PREFIX + page[-1].id
+        if page.more:
+            resp.next_token = TOKEN_PREFIX + page.last
         return resp
 
     def ControllerGetVolume(self, request: Any, context: Any) -> Any:

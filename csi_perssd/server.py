@@ -14,11 +14,13 @@ import grpc
 
 from . import metrics
 from .csi import csi_pb2_grpc as rpc
-from .errors import CsiError
+from .errors import CsiError, unavailable
+from .remote.store import StoreError
 
 log = logging.getLogger("csi_perssd.rpc")
 
-_ID_FIELDS = ("volume_id", "snapshot_id", "source_volume_id", "name", "node_id")
+_ID_FIELDS = ("volume_id", "snapshot_id", "source_volume_id", "name", "node_id", "group_snapshot_id",
+              "base_snapshot_id", "target_snapshot_id")
 
 
 def _subject(request: Any) -> str:
@@ -44,6 +46,9 @@ def _wrap(method: str, fn: Any) -> Any:
             return fn(request, context)
         except CsiError as e:
             code, msg = e.code, e.message
+        except StoreError as e:         # a raw store call the logic did not wrap: the store is unreachable
+            err = unavailable(f"object store: {e}")
+            code, msg = err.code, err.message
         except NotImplementedError:     # the generated servicer's default: an RPC this driver lacks
             code, msg = grpc.StatusCode.UNIMPLEMENTED, f"{short} is not implemented by this driver"
         except Exception as e:  # a bug: never leak a traceback to the CO, log it here
@@ -64,9 +69,30 @@ def _wrap(method: str, fn: Any) -> Any:
     return handler
 
 
+def _wrap_stream(method: str, fn: Any) -> Any:
+    """A server-streaming RPC (SnapshotMetadata): the request is validated and the stream set up
+    through `_wrap` (status mapping, log line, metrics); an error while streaming aborts it."""
+    start = _wrap(method, fn)
+
+    def handler(request: Any, context: grpc.ServicerContext) -> Any:
+        stream = start(request, context)
+        try:
+            yield from stream
+        except CsiError as e:
+            log.warning("%s %s: stream aborted: %s", method.rsplit("/", 1)[-1], _subject(request), e)
+            context.abort(e.code, e.message)
+
+    return handler
+
+
 class _Interceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         h = continuation(details)
+        if h is not None and h.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(details.method, h.unary_stream),
+                request_deserializer=h.request_deserializer,
+                response_serializer=h.response_serializer)
         if h is None or h.unary_unary is None:
             return h
         return grpc.unary_unary_rpc_method_handler(
@@ -77,7 +103,7 @@ class _Interceptor(grpc.ServerInterceptor):
 
 class Server:
     def __init__(self, socket_path: str, identity: Any, controller: Any | None, node: Any | None,
-                 workers: int = 16):
+                 workers: int = 16, group: Any | None = None, metadata: Any | None = None):
         self.socket_path = socket_path
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
                                 interceptors=[_Interceptor()])
@@ -86,6 +112,10 @@ class Server:
             rpc.add_ControllerServicer_to_server(controller, self.grpc)
         if node is not None:
             rpc.add_NodeServicer_to_server(node, self.grpc)
+        if group is not None:
+            rpc.add_GroupControllerServicer_to_server(group, self.grpc)
+        if metadata is not None:
+            rpc.add_SnapshotMetadataServicer_to_server(metadata, self.grpc)
         self._stopped = threading.Event()
 
     def start(self) -> None:

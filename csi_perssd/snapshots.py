@@ -22,26 +22,22 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from . import gc, ids
+from . import ids
 from .config import Config
 from .csi import csi_pb2 as pb
-from .errors import Code, CsiError, aborted, invalid, not_found
+from .errors import Code, CsiError, aborted, invalid, not_found, precondition
 from .local import fs
-from .remote.catalog import Catalog, SnapshotRecord, VolumeRecord, manifest_key, name_key
+from .local.state import Phase
+from .local.volumes import STAGED_PHASES
+from .remote.catalog import Catalog, SnapshotRecord, VolumeRecord
+from .remote.guard import FlushGuard
+from .remote.layout import manifest_key, name_key, request_key, requests_prefix, snapshot_manifest_key
 from .remote.manifest import Manifest
-from .remote.store import NotFound, StoreError
+from .remote.store import NotFound, reachable
 from .stores import Stores
 
 log = logging.getLogger(__name__)
 TOKEN_PREFIX = "s1:"
-
-
-def snapshot_manifest_key(sid: str) -> str:
-    return f"snapshots/{ids.snapshot_id(sid)}.manifest"
-
-
-def request_key(node: str, sid: str) -> str:
-    return f"requests/{ids.node_id(node)}/{ids.snapshot_id(sid)}.json"
 
 
 def _ts(t: float) -> timestamp_pb2.Timestamp:
@@ -58,23 +54,22 @@ def _check_params(p: dict[str, str]) -> None:
 
 def snapshot_by_name(cat: Catalog, name: str) -> SnapshotRecord | None:
     try:
-        data, _ = cat.store.get(name_key("snapnames", name))
-        return cat.get_snapshot(json.loads(data)["id"])
+        with reachable(cat.store):
+            data, _ = cat.store.get(name_key("snapnames", name))
     except NotFound:
         return None
+    try:
+        return cat.get_snapshot(json.loads(data)["id"])
     except (ValueError, KeyError, CsiError):
         return None                 # a damaged name record: creation takes it over
-    except StoreError as e:
-        raise CsiError(Code.UNAVAILABLE, f"object store: {e}") from e
 
 
 def read_manifest(cat: Catalog, key: str) -> Manifest:
     try:
-        return Manifest.decode(cat.store.get(key)[0])
+        with reachable(cat.store):
+            return Manifest.decode(cat.store.get(key)[0])
     except NotFound:
         raise CsiError(Code.DATA_LOSS, f"manifest {key} is missing") from None
-    except StoreError as e:
-        raise CsiError(Code.UNAVAILABLE, f"object store: {e}") from e
 
 
 class Snapshots:
@@ -85,7 +80,8 @@ class Snapshots:
 
     def proto(self, rec: SnapshotRecord) -> pb.Snapshot:
         return pb.Snapshot(size_bytes=rec.size, snapshot_id=rec.id, source_volume_id=rec.source_volume,
-                           creation_time=_ts(rec.created_at), ready_to_use=rec.ready)
+                           creation_time=_ts(rec.created_at), ready_to_use=rec.ready,
+                           group_snapshot_id=rec.group)
 
     # -- CreateSnapshot --------------------------------------------------------------------
     def create(self, request: Any) -> pb.CreateSnapshotResponse:
@@ -137,7 +133,7 @@ class Snapshots:
     def pin_generation(self, cat: Catalog, snap: SnapshotRecord, vol: VolumeRecord) -> SnapshotRecord:
         """Make the snapshot refer to the volume's committed generation: copy its manifest.
         Guarded against a concurrent garbage collection that prunes that generation."""
-        guard = gc.FlushGuard.begin(cat.store, f"snapshot {snap.id}")
+        guard = FlushGuard.begin(cat.store, f"snapshot {snap.id}")
         try:
             vol = cat.volume(vol.id)
             if vol.generation:
@@ -145,10 +141,8 @@ class Snapshots:
             else:
                 m = Manifest.empty(vol.size, vol.chunk_size)
             guard.claim(m, manifests=[snapshot_manifest_key(snap.id)])
-            try:
+            with reachable(cat.store):
                 cat.store.put(snapshot_manifest_key(snap.id), m.encode())
-            except StoreError as e:
-                raise CsiError(Code.UNAVAILABLE, f"object store: {e}") from e
             rec = self._mark_ready(cat, snap.id, m.volume_size, vol.generation, "ready (pinned the committed generation)")
         finally:
             guard.release()
@@ -179,6 +173,9 @@ class Snapshots:
             rec = cat.get_snapshot(sid)
             if rec is None:
                 return pb.DeleteSnapshotResponse()
+            if rec.group and cat.get_group(rec.group) is not None:
+                raise precondition(f"snapshot {sid} is a member of group snapshot {rec.group}; "
+                                   "delete the group snapshot (DeleteVolumeGroupSnapshot) instead")
             if rec.node:
                 cat.store.delete(request_key(rec.node, sid))
             cat.store.delete(snapshot_manifest_key(sid))
@@ -186,34 +183,47 @@ class Snapshots:
         log.info("snapshot %s deleted; its chunks are left to garbage collection", sid)
         return pb.DeleteSnapshotResponse()
 
+    @staticmethod
+    def _token_after(token: str) -> str:
+        if not token:
+            return ""
+        if not token.startswith(TOKEN_PREFIX):
+            raise CsiError(Code.ABORTED, f"starting_token {token[:40]!r} was not issued by this driver")
+        after = token[len(TOKEN_PREFIX):]
+        try:
+            ids.snapshot_id(after)
+        except CsiError:
+            raise CsiError(Code.ABORTED, f"starting_token {token[:40]!r} is not valid") from None
+        return after
+
     def list(self, request: Any) -> pb.ListSnapshotsResponse:
+        """A page costs one LIST from the token plus a GET per changed record of the page (a
+        source_volume_id filter reads on until the page is full); one snapshot_id: one GET."""
         if request.max_entries < 0:
             raise invalid("max_entries must not be negative")
-        after = ""
-        if request.starting_token:
-            if not request.starting_token.startswith(TOKEN_PREFIX):
-                raise CsiError(Code.ABORTED, f"starting_token {request.starting_token[:40]!r} was not issued by this driver")
-            after = request.starting_token[len(TOKEN_PREFIX):]
-            try:
-                ids.snapshot_id(after)
-            except CsiError:
-                raise CsiError(Code.ABORTED, f"starting_token {request.starting_token[:40]!r} is not valid") from None
+        after = self._token_after(request.starting_token)
         cat = self.stores.catalog(dict(request.secrets))
         if request.snapshot_id:
             try:
                 one = cat.get_snapshot(ids.snapshot_id(request.snapshot_id))
             except CsiError:
                 one = None          # a malformed ID names no snapshot
-            recs = [one] if one is not None else []
-        else:
-            recs = cat.list_snapshots()
-        if request.source_volume_id:
-            recs = [r for r in recs if r.source_volume == request.source_volume_id]
-        recs = sorted((r for r in recs if r.id > after), key=lambda r: r.id)
-        page = recs[:request.max_entries] if request.max_entries else recs
-        resp = pb.ListSnapshotsResponse(entries=[pb.ListSnapshotsResponse.Entry(snapshot=self.proto(r)) for r in page])
-        if len(recs) > len(page):
-            resp.next_token = TOKEN_PREFIX + page[-1].id
+            recs = [r for r in [one] if r is not None and r.id > after
+                    and (not request.source_volume_id or r.source_volume == request.source_volume_id)]
+            return pb.ListSnapshotsResponse(entries=[pb.ListSnapshotsResponse.Entry(snapshot=self.proto(r))
+                                                     for r in recs])
+        limit, more = request.max_entries, False
+        out: list[SnapshotRecord] = []
+        while True:
+            page = cat.snapshot_page(after, limit - len(out) if limit else 0)
+            out += [r for r in page.records
+                    if not request.source_volume_id or r.source_volume == request.source_volume_id]
+            more, after = page.more, page.last
+            if not more or (limit and len(out) >= limit):
+                break
+        resp = pb.ListSnapshotsResponse(entries=[pb.ListSnapshotsResponse.Entry(snapshot=self.proto(r)) for r in out])
+        if more:
+            resp.next_token = TOKEN_PREFIX + after
         return resp
 
     # -- CreateVolume content sources ------------------------------------------------------
@@ -261,7 +271,7 @@ class Snapshots:
         """Write the new volume's generation 1 (the source's manifest) before its record exists.
         Guarded: if a garbage collection deleted a chunk of the source meanwhile (the source was
         deleted concurrently), ABORTED and nothing is written."""
-        guard = gc.FlushGuard.begin(cat.store, f"clone {rec.id}")
+        guard = FlushGuard.begin(cat.store, f"clone {rec.id}")
         try:
             m = self.source_manifest(cat, rec.source)
             if m is None:
@@ -285,7 +295,7 @@ class Snapshots:
                  rec.id, rec.generation, rec.source, m.data_chunks)
 
     @staticmethod
-    def _release_when_recorded(cat: Catalog, guard: gc.FlushGuard, vid: str, timeout: float = 60.0) -> None:
+    def _release_when_recorded(cat: Catalog, guard: FlushGuard, vid: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -299,11 +309,12 @@ class Snapshots:
     # -- periodic work ---------------------------------------------------------------------
     def start_background(self, runtime: Any) -> None:
         if self.cfg.gc_interval_seconds > 0:
-            from . import gc
+            from .remote import gc
+            cache = gc.ManifestCache()      # kept across runs: a run reads only new manifests
 
             def collect() -> None:
                 gc.collect(self.stores.catalog(), grace=self.cfg.gc_grace_seconds,
-                           keep=self.cfg.gc_keep_generations, dry_run=False)
+                           keep=self.cfg.gc_keep_generations, dry_run=False, cache=cache)
             runtime._loop("gc", self.cfg.gc_interval_seconds, collect)
 
 
@@ -328,7 +339,7 @@ class NodeSnapshotWorker:
 
     def poll_once(self) -> int:
         cat = self.rt.stores.catalog()
-        prefix = f"requests/{ids.node_id(self.node_id)}/"
+        prefix = requests_prefix(self.node_id)
         done = 0
         for info in list(cat.store.list(prefix)):
             try:
@@ -347,8 +358,8 @@ class NodeSnapshotWorker:
         snap = cat.get_snapshot(sid)
         if snap is None or snap.ready:
             return True
-        node, backend = self.rt.node, self.rt.backend
-        lv = node.state.get(vid)
+        backend, vols = self.rt.backend, self.rt.volumes
+        lv = vols.get(vid)
         vol = cat.get_volume(vid)
         if vol is None:
             self._fail(cat, sid, f"source volume {vid} was deleted")
@@ -357,48 +368,76 @@ class NodeSnapshotWorker:
             # nothing local: the committed generation is the volume's content
             Snapshots(self.rt.cfg, self.rt.stores, None).pin_generation(cat, snap, vol)
             return True
-        if not lv.staged:
-            if lv.dirty:
+        if lv.phase not in STAGED_PHASES:
+            if lv.phase in (Phase.FLUSHING, Phase.DIRTY):
                 return False            # the unstage flush will commit; pin after it
             Snapshots(self.rt.cfg, self.rt.stores, None).pin_generation(cat, snap, vol)
             return True
         local = sid
         try:
-            with node.locks.hold(vid):
-                t0 = time.monotonic()
-                cut_at = time.time()
-                if lv.access_type == "mount" and fs.mount_info(lv.staged_path) is not None and not lv.readonly:
-                    with fs.frozen(lv.staged_path, self.rt.cfg.freeze_timeout_seconds):
-                        path = backend.snapshot(vid, local)
-                else:
-                    path = backend.snapshot(vid, local)
-                frozen_s = time.monotonic() - t0
+            cut = self._cut(vid, local)
         except CsiError as e:
             if e.code == Code.ABORTED:
                 return False            # an RPC holds the volume; next round
             raise
+        if cut is None:
+            return False                # unstaged meanwhile: the next round pins or waits
+        path, cut_at, frozen_s, changed = cut
         log.info("snapshot %s of %s: point-in-time copy taken in %.3fs (file system frozen meanwhile)", sid, vid, frozen_s)
-        try:
-            self._upload(cat, snap, path, vid, cut_at)
-        finally:
-            backend.delete_snapshot(vid, local)
+        self.upload_copy(cat, snap, path, vid, cut_at, changed)
         return True
 
-    def _upload(self, cat: Catalog, snap: SnapshotRecord, path: str, vid: str, cut_at: float) -> None:
-        guard = gc.FlushGuard.begin(cat.store, f"snapshot {snap.id}")
+    def _cut(self, vid: str, local: str) -> tuple[str, float, float, list[Any] | None] | None:
+        """Take the point-in-time copy `local` of a staged volume under its operation lock
+        (file system frozen while it is taken, with the lazy volume's written extents);
+        None when it is no longer staged."""
+        backend, vols = self.rt.backend, self.rt.volumes
+        with vols.hold(vid):
+            lv = vols.get(vid)
+            if lv is None or lv.phase not in STAGED_PHASES:
+                return None
+            t0 = time.monotonic()
+            cut_at = time.time()
+            if lv.access_type == "mount" and fs.mount_info(lv.staged_path) is not None and not lv.readonly:
+                with fs.frozen(lv.staged_path, self.rt.cfg.freeze_timeout_seconds):
+                    changed = self.rt.sync.lazy.changed_extents(vid)
+                    path = backend.snapshot(vid, local)
+            else:
+                changed = self.rt.sync.lazy.changed_extents(vid)
+                path = backend.snapshot(vid, local)
+            return path, cut_at, time.monotonic() - t0, changed
+
+    def upload_copy(self, cat: Catalog, snap: SnapshotRecord, path: str, vid: str, cut_at: float,
+                    changed: list[Any] | None = None) -> None:
+        """Upload the point-in-time copy `backend.snapshot(vid, snap.id)` made (`changed`: the lazy
+        volume's written extents, taken with the copy), mark the snapshot ready, and drop the
+        local copy (also when the upload fails)."""
         try:
-            self._upload_guarded(cat, snap, path, vid, cut_at, guard)
+            self._upload(cat, snap, path, vid, cut_at, changed)
+        finally:
+            self.rt.backend.delete_snapshot(vid, snap.id)
+
+    def _upload(self, cat: Catalog, snap: SnapshotRecord, path: str, vid: str, cut_at: float,
+                changed: list[Any] | None = None) -> None:
+        guard = FlushGuard.begin(cat.store, f"snapshot {snap.id}")
+        try:
+            self._upload_guarded(cat, snap, path, vid, cut_at, guard, changed)
         finally:
             guard.release()
 
     def _upload_guarded(self, cat: Catalog, snap: SnapshotRecord, path: str, vid: str, cut_at: float,
-                        guard: gc.FlushGuard) -> None:
+                        guard: FlushGuard, changed: list[Any] | None = None) -> None:
+        """`changed`: a lazily hydrated volume's chunks written on this node, taken with the copy
+        (the copy holds only the chunks fetched so far; the others keep the base's entries)."""
         from .remote import transfer
         backend = self.rt.backend
         vol = cat.volume(vid)          # read after the guard began: its base cannot vanish unnoticed
         base = Manifest.decode(cat.get_manifest(vid, vol.generation)) if vol.generation else None
         size = os.path.getsize(path) if os.path.isfile(path) else fs.block_size(path)
         ranges = backend.allocated_ranges(vid, snap.id)    # the snapshot's own map, not the live volume's
+        mode = "allocated"
+        if changed is not None and base is not None:
+            ranges, mode = changed, "changed"
         last = [0.0]
 
         def progress(done: int, total: int) -> None:
@@ -411,7 +450,7 @@ class NodeSnapshotWorker:
                     pass
         t0 = time.monotonic()
         m, stats = transfer.flush(cat.store, path, size, vol.chunk_size, base=base, ranges=ranges,
-                                  compression_level=vol.compression, workers=self.rt.cfg.flush_workers,
+                                  ranges_mode=mode, compression_level=vol.compression, workers=self.rt.cfg.flush_workers,
                                   progress=progress)
         g = guard.claim(m, source_path=path, compression_level=vol.compression,
                         manifests=[snapshot_manifest_key(snap.id)])

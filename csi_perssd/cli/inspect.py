@@ -8,8 +8,9 @@ from typing import Any
 from .. import ids
 from ..config import Config
 from ..errors import CsiError
+from ..remote.layout import snapshot_manifest_key
 from ..remote.manifest import Manifest
-from ..snapshots import read_manifest, snapshot_manifest_key
+from ..snapshots import read_manifest
 from ..stores import Stores
 from .flags import config_from_args, store_flags
 
