@@ -3,6 +3,7 @@ translator (on the real rendering of deploy/kubernetes/base and on small specs) 
 that derives the driver's external tools from its source."""
 from __future__ import annotations
 
+import copy
 import textwrap
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def test_controller_deployment_is_non_root_read_only_without_privileges() -> Non
 
 
 def test_removing_a_hostpath_from_the_daemonset_changes_the_run() -> None:
-    pod = tr.workload(render("base"), "DaemonSet", "perssd-node")
+    pod = copy.deepcopy(tr.workload(render("base"), "DaemonSet", "perssd-node"))   # render() is cached
     c = next(c for c in pod["containers"] if c["name"] == "csi-perssd")
     c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "state-dir"]
     spec = tr.translate(pod, "csi-perssd", "img:t", kubelet())
