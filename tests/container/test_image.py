@@ -116,3 +116,24 @@ def test_image_size_is_reported(docker: Daemon, image: str) -> None:
     size = images.image_size(docker, image)
     assert size > 50e6, f"{size} bytes is too small for python + the driver + its tools"
     assert "image" in FIGURES
+
+
+IMPORT_ALL = r"""
+import importlib, json, pkgutil
+import csi_perssd
+failed = {}
+for m in pkgutil.walk_packages(csi_perssd.__path__, "csi_perssd."):
+    if m.name.endswith(".__main__"):
+        continue
+    try:
+        importlib.import_module(m.name)
+    except Exception as e:
+        failed[m.name] = f"{type(e).__name__}: {e}"
+print(json.dumps(failed))
+"""
+
+
+def test_every_module_of_the_package_imports_in_the_image(docker: Daemon, image: str) -> None:
+    """Shared libraries the Python dependencies load (libfuse for the FUSE server, ...)."""
+    failed = json.loads(docker.run("run", "--rm", "--entrypoint", "python", image, "-c", IMPORT_ALL).stdout)
+    assert failed == {}, f"modules that do not import in the image: {failed}"
