@@ -99,6 +99,9 @@ class Csi:
     @property
     def node(self): return self.proc.node                  # noqa: E704
 
+    @property
+    def group(self): return self.proc.group                # noqa: E704
+
     def path(self, *parts: str) -> str:
         """A path under the test's directory that does not exist yet."""
         return str(self.base.joinpath("paths", *parts, uuid.uuid4().hex[:8]))
