@@ -25,8 +25,10 @@ from google.protobuf import timestamp_pb2
 from . import ids
 from .config import Config
 from .csi import csi_pb2 as pb
-from .errors import Code, CsiError, aborted, invalid, not_found
+from .errors import Code, CsiError, aborted, invalid, not_found, precondition
 from .local import fs
+from .local.state import Phase
+from .local.volumes import STAGED_PHASES
 from .remote.catalog import Catalog, SnapshotRecord, VolumeRecord
 from .remote.guard import FlushGuard
 from .remote.layout import manifest_key, name_key, request_key, requests_prefix, snapshot_manifest_key, wake_key
@@ -78,7 +80,8 @@ class Snapshots:
 
     def proto(self, rec: SnapshotRecord) -> pb.Snapshot:
         return pb.Snapshot(size_bytes=rec.size, snapshot_id=rec.id, source_volume_id=rec.source_volume,
-                           creation_time=_ts(rec.created_at), ready_to_use=rec.ready)
+                           creation_time=_ts(rec.created_at), ready_to_use=rec.ready,
+                           group_snapshot_id=rec.group)
 
     # -- CreateSnapshot --------------------------------------------------------------------
     def create(self, request: Any) -> pb.CreateSnapshotResponse:
@@ -173,6 +176,9 @@ class Snapshots:
             rec = cat.get_snapshot(sid)
             if rec is None:
                 return pb.DeleteSnapshotResponse()
+            if rec.group and cat.get_group(rec.group) is not None:
+                raise precondition(f"snapshot {sid} is a member of group snapshot {rec.group}; "
+                                   "delete the group snapshot (DeleteVolumeGroupSnapshot) instead")
             if rec.node:
                 cat.store.delete(request_key(rec.node, sid))
             cat.store.delete(snapshot_manifest_key(sid))
@@ -341,8 +347,8 @@ class NodeSnapshotWorker:
 
     def _has_staged(self) -> bool:
         try:
-            return any(lv.staged for lv in self.rt.node.state.all())
-        except Exception:       # state being rewritten: poll fast, it costs one HEAD
+            return any(lv.phase in STAGED_PHASES for lv in self.rt.volumes.all())
+        except Exception:       # state unreadable: poll fast, it costs one HEAD
             return True
 
     def _loop(self) -> None:
@@ -394,8 +400,8 @@ class NodeSnapshotWorker:
         snap = cat.get_snapshot(sid)
         if snap is None or snap.ready:
             return True
-        node, backend = self.rt.node, self.rt.backend
-        lv = node.state.get(vid)
+        backend, vols = self.rt.backend, self.rt.volumes
+        lv = vols.get(vid)
         vol = cat.get_volume(vid)
         if vol is None:
             self._fail(cat, sid, f"source volume {vid} was deleted")
@@ -404,34 +410,54 @@ class NodeSnapshotWorker:
             # nothing local: the committed generation is the volume's content
             Snapshots(self.rt.cfg, self.rt.stores, None).pin_generation(cat, snap, vol)
             return True
-        if not lv.staged:
-            if lv.dirty:
+        if lv.phase not in STAGED_PHASES:
+            if lv.phase in (Phase.FLUSHING, Phase.DIRTY):
                 return False            # the unstage flush will commit; pin after it
             Snapshots(self.rt.cfg, self.rt.stores, None).pin_generation(cat, snap, vol)
             return True
         local = sid
         try:
-            with node.locks.hold(vid):
-                t0 = time.monotonic()
-                cut_at = time.time()
-                if lv.access_type == "mount" and fs.mount_info(lv.staged_path) is not None and not lv.readonly:
-                    with fs.frozen(lv.staged_path, self.rt.cfg.freeze_timeout_seconds):
-                        changed = self.rt.sync.lazy.changed_extents(vid)
-                        path = backend.snapshot(vid, local)
-                else:
-                    changed = self.rt.sync.lazy.changed_extents(vid)
-                    path = backend.snapshot(vid, local)
-                frozen_s = time.monotonic() - t0
+            cut = self._cut(vid, local)
         except CsiError as e:
             if e.code == Code.ABORTED:
                 return False            # an RPC holds the volume; next round
             raise
+        if cut is None:
+            return False                # unstaged meanwhile: the next round pins or waits
+        path, cut_at, frozen_s, changed = cut
         log.info("snapshot %s of %s: point-in-time copy taken in %.3fs (file system frozen meanwhile)", sid, vid, frozen_s)
+        self.upload_copy(cat, snap, path, vid, cut_at, changed)
+        return True
+
+    def _cut(self, vid: str, local: str) -> tuple[str, float, float, list[Any] | None] | None:
+        """Take the point-in-time copy `local` of a staged volume under its operation lock
+        (file system frozen while it is taken, with the lazy volume's written extents);
+        None when it is no longer staged."""
+        backend, vols = self.rt.backend, self.rt.volumes
+        with vols.hold(vid):
+            lv = vols.get(vid)
+            if lv is None or lv.phase not in STAGED_PHASES:
+                return None
+            t0 = time.monotonic()
+            cut_at = time.time()
+            if lv.access_type == "mount" and fs.mount_info(lv.staged_path) is not None and not lv.readonly:
+                with fs.frozen(lv.staged_path, self.rt.cfg.freeze_timeout_seconds):
+                    changed = self.rt.sync.lazy.changed_extents(vid)
+                    path = backend.snapshot(vid, local)
+            else:
+                changed = self.rt.sync.lazy.changed_extents(vid)
+                path = backend.snapshot(vid, local)
+            return path, cut_at, time.monotonic() - t0, changed
+
+    def upload_copy(self, cat: Catalog, snap: SnapshotRecord, path: str, vid: str, cut_at: float,
+                    changed: list[Any] | None = None) -> None:
+        """Upload the point-in-time copy `backend.snapshot(vid, snap.id)` made (`changed`: the lazy
+        volume's written extents, taken with the copy), mark the snapshot ready, and drop the
+        local copy (also when the upload fails)."""
         try:
             self._upload(cat, snap, path, vid, cut_at, changed)
         finally:
-            backend.delete_snapshot(vid, local)
-        return True
+            self.rt.backend.delete_snapshot(vid, snap.id)
 
     def _upload(self, cat: Catalog, snap: SnapshotRecord, path: str, vid: str, cut_at: float,
                 changed: list[Any] | None = None) -> None:
