@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import secrets
+import subprocess
 import sys
 import tempfile
 import time
@@ -166,11 +167,22 @@ def controller_ops(meter: Meter, ctl: Controller, snaps: Snapshots, n: int) -> d
 def idle_node(meter: Meter, cfg: Config, work: Path, local_copies: int) -> dict[str, Any]:
     """Per-event request counts of an idle node with `local_copies` cached (unstaged) volumes,
     a per-day model at the default cadences, and a real-time window that checks the model."""
-    from csi_perssd.runtime import Runtime
-    from csi_perssd.snapshots import NodeSnapshotWorker
     ncfg = Config(**{**cfg.__dict__, "mode": "node", "node_id": NODES[1], "backend": "rawfile",
                      "rawfile_dir": str(work / "raw"), "state_dir": str(work / "state"),
                      "endpoint": f"unix://{work}/csi.sock"})
+    (work / "raw").mkdir(parents=True)
+    # a private tmpfs: its free space moves only when this node writes (the host's /tmp is busy)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m,mode=0700", "perssd-scale", str(work / "raw")],
+                   check=True, capture_output=True, timeout=30)
+    try:
+        return _idle_node(meter, ncfg, local_copies)
+    finally:
+        subprocess.run(["umount", str(work / "raw")], check=True, capture_output=True, timeout=30)
+
+
+def _idle_node(meter: Meter, ncfg: Config, local_copies: int) -> dict[str, Any]:
+    from csi_perssd.runtime import Runtime
+    from csi_perssd.snapshots import NodeSnapshotWorker
     rt = Runtime(ncfg)
     rt.stores = meter.stores
     rt.sync.stores = rt.node.stores = meter.stores
@@ -191,7 +203,7 @@ def idle_node(meter: Meter, cfg: Config, work: Path, local_copies: int) -> dict[
     out["per day, volumes staged (model)"] = {k: round(v) for k, v in staged.items()}
     out["$/day, volumes staged"] = round(dollars(staged), 4)
     out["$/day, nothing staged"] = round(dollars(unstaged), 4)
-    window = 30.0
+    window = 60.0
 
     w = NodeSnapshotWorker(rt, poll_seconds=c.wake_poll_seconds)
     w.tick()                                          # its first round lists once

@@ -83,8 +83,9 @@ def test_a_list_volumes_page_costs_its_page_not_the_catalog(bucket: tuple[Seawee
     b = _requests(store)
     again = ctl.ListVolumes(pb.ListVolumesRequest(max_entries=100), None)
     warm = _delta(b, _requests(store))
-    assert warm == {"list": 1} and [e.volume.volume_id for e in again.entries] == \
-        [e.volume.volume_id for e in page.entries]         # unchanged records: their LIST line only
+    # unchanged records: their LIST line only (here not even that: the LIST page is moments old)
+    assert set(warm) <= {"list"} and warm.get("list", 0) <= 1, warm
+    assert [e.volume.volume_id for e in again.entries] == [e.volume.volume_id for e in page.entries]
 
 
 def test_an_unchanged_full_listing_costs_only_lists(bucket: tuple[Seaweed, str]) -> None:
@@ -99,7 +100,8 @@ def test_an_unchanged_full_listing_costs_only_lists(bucket: tuple[Seaweed, str])
         if not token:
             break
     cost = _delta(b, _requests(store))
-    assert seen == N and set(cost) == {"list"} and cost["list"] <= 2 * (N // 100 + 1), cost
+    # 5 pages of 100 from LIST pages of 1,000 keys (a record and 2 manifests per volume)
+    assert seen == N and set(cost) <= {"list"} and cost.get("list", 0) <= 3, cost
     snaps = Catalog(store).snapshot_page("", 10)
     assert len(snaps.records) == 10 and snaps.more
 
