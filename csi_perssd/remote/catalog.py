@@ -49,6 +49,7 @@ class VolumeRecord:
     generation_node: str = ""           # node that committed it (its local copy is current)
     source: dict[str, str] = field(default_factory=dict)   # {"snapshot": sid} | {"volume": vid}
     state: str = "created"              # created | deleting
+    encryption: dict[str, str] = field(default_factory=dict)  # wrapped lineage key (crypto.WrappedKey)
     created_at: float = field(default_factory=time.time)
     schema: int = SCHEMA
     etag: str = field(default="", compare=False, repr=False)
@@ -67,6 +68,7 @@ class SnapshotRecord:
     progress: str = ""
     error: str = ""
     parameters: dict[str, str] = field(default_factory=dict)
+    encryption: dict[str, str] = field(default_factory=dict)  # its source's lineage key, wrapped
     created_at: float = field(default_factory=time.time)
     schema: int = SCHEMA
     etag: str = field(default="", compare=False, repr=False)
