@@ -7,7 +7,7 @@ APT_PKGS := util-linux mount e2fsprogs xfsprogs btrfs-progs kmod procps openssl
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all deps sysdeps proto test demo sanity bench image test-lvm clean
+.PHONY: all deps sysdeps proto lint test demo sanity bench image test-lvm clean
 
 all: test
 
@@ -24,14 +24,21 @@ $(STAMP): pyproject.toml
 
 deps: sysdeps $(STAMP)
 
-# Regenerate the gRPC stubs from proto/csi.proto (committed; tests/test_proto.py fails if stale).
+# Regenerate the gRPC stubs and their typing stubs (mypy-protobuf) from proto/csi.proto
+# (committed; tests/test_proto.py fails if stale).
 proto: $(STAMP)
 	$(PY) -m tests.harness.genproto
 
-# The whole suite: host tests (real loop devices, mounts, SeaweedFS, gRPC), then the LVM suite in
+# Lint gate (binding on main): ruff and mypy on the package, configured in pyproject.toml.
+lint: $(STAMP)
+	$(PY) -m ruff check csi_perssd
+	$(PY) -m mypy
+
+# The whole suite: lint, then host tests (real loop devices, mounts, SeaweedFS, gRPC), then the LVM suite in
 # a QEMU VM wherever one can run (x86_64 with apt-get: test-lvm installs QEMU and a kernel itself).
 # pytest exits 5 when it collects nothing, which fails the target like any other error.
 test: deps
+	@$(MAKE) --no-print-directory lint
 	@modprobe loop 2>/dev/null || true
 	$(PY) -m pytest tests --ignore=tests/lvm $(PYTEST_ARGS)
 	@if [ "$$(uname -m)" = x86_64 ] && command -v apt-get >/dev/null && [ -z "$(SKIP_LVM)" ]; then \

@@ -72,7 +72,7 @@ class Controller(rpc.ControllerServicer):
         self.max_volume_bytes = cfg.max_volume_bytes
 
     # -- capabilities ----------------------------------------------------------------------
-    def _caps(self) -> list[int]:
+    def _caps(self) -> list[Cap.Type.ValueType]:
         c = [Cap.CREATE_DELETE_VOLUME, Cap.PUBLISH_UNPUBLISH_VOLUME, Cap.LIST_VOLUMES, Cap.GET_CAPACITY,
              Cap.EXPAND_VOLUME, Cap.GET_VOLUME, Cap.VOLUME_CONDITION, Cap.LIST_VOLUMES_PUBLISHED_NODES,
              Cap.SINGLE_NODE_MULTI_WRITER]

@@ -44,7 +44,7 @@ def pool_from_node_label(node_name: str, label_key: str, *,
     if not label_key or not label_key.strip():
         raise invalid("--pool-from-node-label needs a label key, e.g. nvme.perssd.io/pool")
     owned = api_client is None
-    api = in_cluster_api_client() if owned else api_client
+    api = api_client if api_client is not None else in_cluster_api_client()
     try:
         node = _read_node(api, node_name, label_key, timeout)
     finally:

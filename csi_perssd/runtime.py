@@ -55,7 +55,9 @@ class Runtime:
             self.node = Node(cfg, self.stores, self.backend, state, self.sync)
             local_node = self.node_record()
         if cfg.mode in ("controller", "all"):
-            self.controller = Controller(cfg, self.stores, local_node=local_node)
+            # ignore[abstract] until Controller implements ControllerModifyVolume and GetSnapshot (the base
+            # servicer answers UNIMPLEMENTED; the typing stubs declare them abstract)
+            self.controller = Controller(cfg, self.stores, local_node=local_node)  # type: ignore[abstract]
             try:
                 from .snapshots import Snapshots
                 self.controller.snapshots = Snapshots(cfg, self.stores, self.controller)

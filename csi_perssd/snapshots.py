@@ -347,7 +347,7 @@ class NodeSnapshotWorker:
         snap = cat.get_snapshot(sid)
         if snap is None or snap.ready:
             return True
-        node, backend, sync = self.rt.node, self.rt.backend, self.rt.sync
+        node, backend = self.rt.node, self.rt.backend
         lv = node.state.get(vid)
         vol = cat.get_volume(vid)
         if vol is None:

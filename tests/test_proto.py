@@ -13,7 +13,7 @@ STUBS = genproto.ROOT / "csi_perssd" / "csi"
 
 def test_generated_stubs_are_not_stale(tmp_path):
     files = genproto.generate(tmp_path)
-    assert {f.name for f in files} == {"csi_pb2.py", "csi_pb2_grpc.py"}
+    assert {f.name for f in files} == {"csi_pb2.py", "csi_pb2_grpc.py", "csi_pb2.pyi", "csi_pb2_grpc.pyi"}
     for f in files:
         committed = STUBS / f.name
         assert committed.read_bytes() == f.read_bytes(), f"{committed} is stale: run `make proto` and commit"

@@ -33,7 +33,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     out = tmp_path_factory.mktemp("wheel")
     src = out / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "*.egg-info", "__pycache__", "*.pyc", ".work", ".pytest_cache", "results"))
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "*.pyc", ".work", ".pytest_cache", ".mypy_cache", ".ruff_cache", "results"))
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                           "--no-cache-dir", "--wheel-dir", str(out), str(src)],
                          capture_output=True, text=True, timeout=240)

@@ -70,8 +70,9 @@ class Backend(Protocol):
     def snapshot_path(self, vid: str, snap: str) -> str | None:
         """Path of an existing snapshot, None if missing."""
 
-    def changed_ranges(self, vid: str, base_snap: str) -> list[Extent] | None:
-        """Ranges that changed since snapshot `base_snap`, or None when unknown (caller hashes all)."""
+    def changed_ranges(self, vid: str, base_snap: str, snap: str | None = None) -> list[Extent] | None:
+        """Ranges that changed since snapshot `base_snap` (in the volume, or in its snapshot `snap`
+        when given), or None when unknown (caller hashes all)."""
 
     def capacity(self) -> Capacity: ...
 

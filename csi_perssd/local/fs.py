@@ -14,12 +14,12 @@ import ctypes
 import errno
 import fcntl
 import os
-import time
 import re
 import stat
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field

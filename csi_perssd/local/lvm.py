@@ -21,8 +21,8 @@ import os
 import shutil
 import subprocess
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from .. import ids
 from ..errors import Code, CsiError, not_found, precondition

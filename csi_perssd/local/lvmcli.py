@@ -122,8 +122,8 @@ def classify(stderr: str) -> Code:
 
 
 def _clean(stderr: str) -> str:
-    lines = [l.strip() for l in stderr.splitlines()
-             if l.strip() and "leaked on" not in l and "File descriptor" not in l]
+    lines = [ln.strip() for ln in stderr.splitlines()
+             if ln.strip() and "leaked on" not in ln and "File descriptor" not in ln]
     return "; ".join(lines)[:2000]
 
 

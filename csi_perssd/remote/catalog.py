@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .. import ids
-from ..errors import CsiError, Code, Fenced, not_found, precondition, unavailable
+from ..errors import Code, CsiError, Fenced, not_found, precondition, unavailable
 from .store import NotFound, ObjectStore, PreconditionFailed, StoreError
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class NodeRecord:
 
 
 R = TypeVar("R", VolumeRecord, SnapshotRecord, NodeRecord)
+N = TypeVar("N", VolumeRecord, SnapshotRecord)     # the records that have a name
 
 
 def name_key(kind: str, name: str) -> str:
@@ -195,7 +196,7 @@ class Catalog:
             if rec is not None:
                 yield rec
 
-    def _create_named(self, cls: type[R], kind: str, rec: R, key: str) -> tuple[R, bool]:
+    def _create_named(self, cls: type[N], kind: str, rec: N, key: str) -> tuple[N, bool]:
         """Create rec unless `name` already maps to a record; return (record, created)."""
         nkey = name_key(kind, rec.name)
         for _ in range(CAS_RETRIES):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import functools
 import hashlib
 import logging
 import os
@@ -338,7 +339,7 @@ class S3Store:
             if token:
                 kw["ContinuationToken"] = token
             try:
-                page = self._call("list", prefix, lambda: self._client.list_objects_v2(**kw))
+                page = self._call("list", prefix, functools.partial(self._client.list_objects_v2, **kw))
             except botocore.exceptions.ClientError as e:
                 raise self._fail("list", prefix, e) from e
             for o in page.get("Contents", []):

@@ -44,7 +44,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..local.backend import Extent
-from .chunks import CorruptBlob, check_chunk_size, check_hash, chunk_count, chunk_key, chunk_span, is_zero
+from .chunks import (
+    CorruptBlob,
+    check_chunk_size,
+    check_hash,
+    chunk_count,
+    chunk_key,
+    chunk_span,
+    is_zero,
+)
 from .codec import PLAIN, Codec
 from .manifest import Manifest
 from .store import NotFound, ObjectStore
@@ -395,9 +403,9 @@ def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
             "size": size, "chunk_size": chunk_size,
             "base": base.generation if base is not None else None,
             "base_chunks": len(base_entries)})
-        for i, (h, sz) in journal.entries.items():
-            if h is not None:
-                st.known.setdefault(h, sz)
+        for jh, jsz in journal.entries.values():
+            if jh is not None:
+                st.known.setdefault(jh, jsz)
         if trust_journal:
             done = set()
             for i in to_read:
@@ -460,7 +468,7 @@ def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
         def settle(r: _Result) -> int:
             stats.bytes_read += r.read
             stats.requests += r.requests
-            if r.kind == "hole":
+            if r.kind == "hole" or r.hash is None:
                 record(r.index, None, 0)
             elif r.kind == "dup":
                 with st.lock:
@@ -495,11 +503,11 @@ def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
                 reader.prefetch(*chunk_span(j, size, chunk_size))
             while True:
                 while not exhausted and len(inflight) < max(1, workers):
-                    i = next(todo, None)
-                    if i is None:
+                    nxt = next(todo, None)
+                    if nxt is None:
                         exhausted = True
                         break
-                    inflight[pool.submit(work, i)] = i
+                    inflight[pool.submit(work, nxt)] = nxt
                     ahead = pos + max(1, workers)       # the chunk read after this window
                     if ahead < len(to_read):
                         reader.prefetch(*chunk_span(to_read[ahead], size, chunk_size))
@@ -532,9 +540,9 @@ def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
     finally:
         reader.close()
 
-    for h in entries:
-        if h is not None and h not in sizes and st.known.get(h):
-            sizes[h] = st.known[h]
+    for eh in entries:
+        if eh is not None and eh not in sizes and st.known.get(eh):
+            sizes[eh] = st.known[eh]
     stats.hole_chunks = sum(1 for h in entries if h is None)
     stats.duration_s = time.monotonic() - t0
     manifest = Manifest(
