@@ -7,10 +7,15 @@ CreateSnapshot), else the file named by --encryption-key-file (PERSSD_ENCRYPTION
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 from .config import Config
 from .crypto import keys as ck
 from .crypto.errors import CryptoError, KeyMalformed, KeyMissing, Tampered, WrongKey
 from .errors import Code, CsiError
+from .remote.catalog import Catalog
 from .remote.codec import PLAIN, Codec
 
 SECRET_KEY = "encryptionKey"
@@ -89,3 +94,62 @@ def public_view(encryption: dict[str, str]) -> dict[str, str]:
         return {}
     return {"alg": encryption.get("alg", ""), "lineage": encryption.get("lineage", ""),
             "kid": encryption.get("kid", "")}
+
+
+@dataclass
+class RekeyReport:
+    rewrapped: list[str] = field(default_factory=list)       # record ids whose key was rewrapped
+    current: int = 0                                        # already wrapped with the new KEK
+    failed: list[str] = field(default_factory=list)         # "<id>: <reason>" (no KEK matched, damaged)
+
+
+def _rewrap_field(enc: dict[str, str], olds: dict[str, ck.Kek], new: ck.Kek) -> dict[str, str] | None:
+    """The field rewrapped under `new`; None when it already is. CryptoError when no old KEK
+    opens it."""
+    wk = ck.WrappedKey.from_dict(enc)
+    if wk.kid == new.kid:
+        return None
+    old = olds.get(wk.kid)
+    if old is None:
+        raise WrongKey(f"wrapped with KEK {wk.kid}, which is not among the old KEKs given")
+    return ck.rewrap(old, new, wk).as_dict()
+
+
+def _rekey_record(update: Callable[[str, Callable[[Any], None]], Any], rid: str,
+                  olds: dict[str, ck.Kek], new: ck.Kek) -> bool:
+    changed = False
+
+    def apply(rec: Any) -> None:
+        nonlocal changed
+        got = _rewrap_field(rec.encryption, olds, new) if rec.encryption else None
+        changed = got is not None
+        if got is not None:
+            rec.encryption = got
+    update(rid, apply)
+    return changed
+
+
+def rekey(cat: Catalog, olds: list[ck.Kek], new: ck.Kek) -> RekeyReport:
+    """Rewrap every lineage key in the catalog (volume and snapshot records) under `new`.
+    Chunks and manifests are not touched: they are sealed with the data keys, which stay the
+    same. Each record is updated with a conditional write; running it again is harmless."""
+    rep = RekeyReport()
+    by_kid = {k.kid: k for k in olds}
+    updates: list[tuple[str, Callable[[str, Callable[[Any], None]], Any]]] = []
+    updates += [(v.id, cat.update_volume) for v in cat.list_volumes() if v.encryption]
+    updates += [(s.id, cat.update_snapshot) for s in cat.list_snapshots() if s.encryption]
+    for rid, update in updates:
+        try:
+            changed = _rekey_record(update, rid, by_kid, new)
+        except CryptoError as e:
+            rep.failed.append(f"{rid}: {e}")
+            continue
+        except CsiError as e:
+            if e.code != Code.NOT_FOUND:        # deleted meanwhile: nothing to rewrap
+                rep.failed.append(f"{rid}: {e.message}")
+            continue
+        if changed:
+            rep.rewrapped.append(rid)
+        else:
+            rep.current += 1
+    return rep

@@ -21,13 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import metrics
+from . import encryption, metrics
 from .config import Config
 from .errors import Code, CsiError, Fenced, aborted
 from .local import fs
 from .local.backend import Backend
+from .local.keyfiles import NodeKeys
 from .local.state import FlushJob, FlushState, LocalVolume, NodeState
 from .remote.catalog import VolumeRecord, check_owner
+from .remote.codec import PLAIN, Codec
 from .remote.manifest import Manifest
 from .remote.store import StoreError
 from .stores import Stores
@@ -69,6 +71,7 @@ class VolumeSync:
         self._threads: dict[str, threading.Thread] = {}
         self._preparing: set[str] = set()
         self._secrets: dict[str, dict[str, str]] = {}     # NodeStage secrets, memory only
+        self.keys = NodeKeys(cfg.state_dir)     # lineage keys of staged/dirty encrypted volumes
         self._progress: dict[str, tuple[int, int]] = {}
         # what the last pre-flush of each volume stored (see _PreFlush): the final pass starts
         # from it instead of doing the work again
@@ -79,10 +82,14 @@ class VolumeSync:
         vid = rec.id
         if lv is not None and lv.flush is not None and lv.flush.state == FlushState.RUNNING and self._running(vid):
             raise aborted(f"volume {vid}: a flush of its previous use is still running; try again")
+        if rec.encryption:          # before anything is created: a missing or wrong KEK fails here
+            self.keys.put(vid, encryption.open_lineage(rec.encryption, encryption.require_kek(
+                secrets, self.cfg, "NodeStageVolume", "node-stage"), f"volume {vid}"))
         with self._mu:
             self._preparing.add(vid)         # not evictable while it is being made current
             if secrets:
-                self._secrets[vid] = dict(secrets)   # the flush at NodeUnstage (which has none) uses them
+                # the flush at NodeUnstage (which has none) uses them; the KEK is not kept
+                self._secrets[vid] = {k: v for k, v in secrets.items() if k != encryption.SECRET_KEY}
         try:
             return self._prepare(rec, lv, secrets)
         finally:
@@ -143,10 +150,12 @@ class VolumeSync:
         t0 = time.monotonic()
         try:
             cat = self.stores.catalog(secrets)
-            manifest = Manifest.decode(cat.get_manifest(rec.id, rec.generation))
+            codec = self.codec(rec)
+            manifest = codec.open_manifest(cat.get_manifest(rec.id, rec.generation),
+                                           f"volume {rec.id} generation {rec.generation}")
             # rawfile: straight into the backing file, before a loop device exists
             dest = getattr(self.backend, "hydrate_path", self.backend.device)(rec.id)
-            stats = transfer.hydrate(cat.store, manifest, dest, workers=self.cfg.hydrate_workers)
+            stats = transfer.hydrate(cat.store, manifest, dest, workers=self.cfg.hydrate_workers, codec=codec)
         except BaseException as e:
             self._discard(rec.id)
             if isinstance(e, transfer.ChunkCorrupted):
@@ -172,6 +181,21 @@ class VolumeSync:
         except CsiError as e:
             log.error("volume %s: cannot remove the half-hydrated local copy: %s", vid, e)
         self.state.delete(vid)
+        self.keys.drop(vid)
+
+    def codec(self, rec: VolumeRecord) -> Codec:
+        """How the volume's chunks and manifests are encoded: PLAIN, or sealed with the lineage key
+        this node kept from NodeStage (else the configured fallback KEK). FAILED_PRECONDITION
+        when the volume is encrypted and this node has no key for it."""
+        if not rec.encryption:
+            return PLAIN
+        keys = self.keys.get(rec.id)
+        if keys is not None and keys.lineage == rec.encryption.get("lineage"):
+            return Codec(keys)
+        if self.cfg.encryption_key_file:
+            return encryption.codec_for(rec.encryption, None, self.cfg, f"volume {rec.id}", "node-stage")
+        raise CsiError(Code.FAILED_PRECONDITION, f"volume {rec.id} is encrypted and this node holds no key "
+                       f"for it (NodeStageVolume with its node-stage secret provides one)")
 
     # -- release / unstage -----------------------------------------------------------------
     def on_publish(self, lv: LocalVolume) -> None:
@@ -187,8 +211,10 @@ class VolumeSync:
         self._start(lv, final=False)
 
     def finish(self, lv: LocalVolume) -> None:
-        """Called by NodeUnstage after unmounting. Returns when the generation is committed."""
+        """Called by NodeUnstage after unmounting. Returns when the generation is committed; the
+        node's copy of the lineage key goes then (nothing is left to flush)."""
         if lv.persistence != "object" or not lv.dirty:
+            self.keys.drop(lv.id)
             return
         deadline = time.monotonic() + self.unstage_wait
         started = False
@@ -198,6 +224,7 @@ class VolumeSync:
             if not self._running(lv.id):
                 if job is not None and job.state == FlushState.COMMITTED and job.final:
                     self._update(lv.id, _clear_job)
+                    self.keys.drop(lv.id)
                     return
                 if job is not None and job.state == FlushState.FENCED:
                     raise Fenced(job.error)
@@ -318,7 +345,8 @@ class VolumeSync:
         cat = self.stores.catalog(secrets)
         rec = cat.volume(vid)
         check_owner(rec, self.node_id, job.epoch, "local data kept, not committed")
-        base = Manifest.decode(cat.get_manifest(vid, rec.generation)) if rec.generation else None
+        codec = self.codec(rec)
+        base = codec.open_manifest(cat.get_manifest(vid, rec.generation), f"volume {vid}") if rec.generation else None
         dev = self.backend.device(vid)
         size = self.backend.size(vid)
         pre = self._take_preflushed(vid, job, rec.generation, size)
@@ -350,7 +378,7 @@ class VolumeSync:
                                              known=pre.hashes if pre is not None else None,
                                              compression_level=rec.compression, workers=self.cfg.flush_workers,
                                              journal_path=self.state.journal_path(vid) if job.final else None,
-                                             progress=progress)
+                                             progress=progress, codec=codec)
         finally:
             metrics.FLUSH_BACKLOG.dec(total - last[0])
         dt = time.monotonic() - t0
@@ -375,9 +403,9 @@ class VolumeSync:
             return
         if guard is not None:
             from .remote.catalog import manifest_key
-            guard.claim(manifest, source_path=dev, compression_level=rec.compression,
+            guard.claim(manifest, source_path=dev, compression_level=rec.compression, codec=codec,
                         manifests=[manifest_key(vid, rec.generation + 1)])
-        gen = cat.put_manifest(vid, rec.generation + 1, manifest.encode())
+        gen = cat.put_manifest(vid, rec.generation + 1, codec.encode_manifest(manifest))
         cat.commit_generation(vid, gen, self.node_id, job.epoch)
         job.state, job.manifest_gen, job.done_bytes = FlushState.COMMITTED, gen, total
 
@@ -491,6 +519,7 @@ class VolumeSync:
                      lv.generation, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(lv.last_used)))
             self.backend.delete(lv.id)
             self.state.delete(lv.id)
+            self.keys.drop(lv.id)
             evicted = True
         return evicted and self.backend.capacity().available_bytes >= need
 
@@ -505,6 +534,7 @@ class VolumeSync:
             log.info("volume %s was deleted: removing its local copy", lv.id)
             self.backend.delete(lv.id)
             self.state.delete(lv.id)
+            self.keys.drop(lv.id)
         for vid in self.backend.list_volumes():
             if self.state.get(vid) is None and not exists(vid):
                 log.info("removing orphaned local volume %s", vid)

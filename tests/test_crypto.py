@@ -203,7 +203,7 @@ def test_sealed_manifest_roundtrip_header_is_public_and_positions_are_not():
     got = c.decode_manifest(data)
     assert got.entries == m.entries and got.generation == 3 and got.sizes == m.sizes
     assert manifest_refs(data) == m.referenced_hashes()
-    assert manifest_summary(data) == (m.referenced_hashes(), 12 << 20)
+    assert manifest_summary(data, "m") == (m.referenced_hashes(), 12 << 20)
     assert manifest_lineage(data) == lk.lineage and manifest_lineage(PLAIN.encode_manifest(m)) == ""
     assert manifest_refs(PLAIN.encode_manifest(m)) == m.referenced_hashes()
     assert b'"generation"' not in data and b"null" not in data
