@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-APT_PKGS := util-linux mount e2fsprogs xfsprogs btrfs-progs kmod procps openssl
+APT_PKGS := util-linux mount e2fsprogs xfsprogs btrfs-progs kmod procps openssl fuse3 libfuse3-3
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 

@@ -33,6 +33,9 @@ class Config:
     # 133-135 MB/s) at 110 instead of 155 MiB of node RSS; each in flight holds ~2 chunk buffers
     flush_workers: int = 4
     hydrate_workers: int = 8
+    hydrate: str = "full"                     # default of the StorageClass parameter hydrate
+    lazy_background_workers: int = 8          # lazy: parallel background fetches (0 = on demand only)
+    lazy_fetch_timeout_seconds: float = 60.0  # lazy: an on-demand read waits this long for S3, then EIO
     heartbeat_seconds: float = 30.0
     gc_interval_seconds: float = 0.0          # 0 = no periodic GC in the controller
     gc_grace_seconds: float = 3600.0
@@ -41,6 +44,10 @@ class Config:
     freeze_timeout_seconds: float = 10.0
     unstage_wait_seconds: float = 20.0        # NodeUnstage waits this long for a flush before ABORTED
     enable_alpha: bool = False
+    # Events on the volume's PVC (events.py): auto = when running in a pod or with --kubeconfig
+    pvc_events: str = "auto"                  # auto | on | off
+    kubeconfig: str = ""                      # outside a pod: the API server to post events to
+    events_progress_seconds: float = 15.0     # FlushProgress events at least this far apart
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

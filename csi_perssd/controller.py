@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any
 
 from google.protobuf import wrappers_pb2
 
-from . import TOPOLOGY_NODE_KEY, TOPOLOGY_POOL_KEY, caps, encryption, ids, params
+from . import TOPOLOGY_NODE_KEY, TOPOLOGY_POOL_KEY, attach, caps, encryption, ids, modify, params
 from .config import Config
 from .csi import csi_pb2 as pb
 from .csi import csi_pb2_grpc as rpc
@@ -69,6 +70,7 @@ class Controller(rpc.ControllerServicer):
         self.stores = stores
         self.local_node = local_node          # set in --mode all
         self.locks = IdLocks()
+        self._attach_locks: dict[str, threading.Lock] = {}
         self.snapshots: Any = None            # snapshots.Snapshots, attached by the runtime
         self.max_volume_bytes = cfg.max_volume_bytes
 
@@ -76,7 +78,7 @@ class Controller(rpc.ControllerServicer):
     def _caps(self) -> list[Cap.Type.ValueType]:
         c = [Cap.CREATE_DELETE_VOLUME, Cap.PUBLISH_UNPUBLISH_VOLUME, Cap.LIST_VOLUMES, Cap.GET_CAPACITY,
              Cap.EXPAND_VOLUME, Cap.GET_VOLUME, Cap.VOLUME_CONDITION, Cap.LIST_VOLUMES_PUBLISHED_NODES,
-             Cap.SINGLE_NODE_MULTI_WRITER]
+             Cap.SINGLE_NODE_MULTI_WRITER, Cap.PUBLISH_READONLY, Cap.MODIFY_VOLUME]
         if self.snapshots is not None:
             c += [Cap.CREATE_DELETE_SNAPSHOT, Cap.LIST_SNAPSHOTS, Cap.CLONE_VOLUME]
         return c
@@ -162,9 +164,9 @@ class Controller(rpc.ControllerServicer):
                 raise invalid(why)
         if len({c["access_type"] for c in cap_list}) > 1:
             raise invalid("a volume cannot be both block and mount")
-        if request.mutable_parameters:     # spec: SHALL NOT be given unless the SP has MODIFY_VOLUME
-            raise invalid("mutable_parameters are not supported: this driver has no MODIFY_VOLUME capability")
         vp = params.parse(dict(request.parameters))
+        claim = params.claim(dict(request.parameters), name)
+        mutable = modify.parse(dict(request.mutable_parameters))
         if vp.fs_type:
             for c in cap_list:
                 if c["access_type"] == "mount" and c["fs_type"] != vp.fs_type and c["fs_type"] != caps.DEFAULT_FS:
@@ -187,10 +189,12 @@ class Controller(rpc.ControllerServicer):
             rec = VolumeRecord(id=ids.new_volume_id(), name=name, size=size, capabilities=cap_list,
                                mobility=vp.mobility, persistence=vp.persistence, pool=pool, node=node,
                                parameters=vp.as_dict(), chunk_size=vp.chunk_size, compression=vp.compression,
-                               source=source, encryption=wrapped)
+                               source=source, claim=claim, encryption=wrapped)
+            modify.check_supported(rec, mutable)
+            modify.apply(rec, mutable)          # spec: mutable_parameters take precedence over parameters
             existing = cat.volume_by_name(name)
             if existing is not None:
-                self._check_compatible(existing, cr, cap_list, vp, source)
+                self._check_compatible(existing, cr, cap_list, vp, source, mutable)
                 self._check_accessible(cat, existing, request)
                 got, created = existing, False
             else:
@@ -199,7 +203,7 @@ class Controller(rpc.ControllerServicer):
                     self.snapshots.prepare_clone(cat, rec, codec)     # generation 1 = the source's manifest
                 got, created = cat.create_volume(rec)
                 if not created:
-                    self._check_compatible(got, cr, cap_list, vp, source)
+                    self._check_compatible(got, cr, cap_list, vp, source, mutable)
         log.info("volume %s %s for name %r: %d bytes, mobility=%s persistence=%s pool=%s%s",
                  got.id, "created" if created else "exists", name, got.size, got.mobility,
                  got.persistence, got.pool, f" node={got.node}" if got.node else "")
@@ -255,7 +259,7 @@ class Controller(rpc.ControllerServicer):
 
     @staticmethod
     def _check_compatible(got: VolumeRecord, cr: Any, cap_list: list[dict[str, Any]],
-                          vp: params.VolumeParams, source: dict[str, str]) -> None:
+                          vp: params.VolumeParams, source: dict[str, str], mutable: dict[str, str]) -> None:
         problems = []
         if not fits(got.size, cr):
             problems.append(f"its size {got.size} is outside the requested capacity range")
@@ -267,6 +271,8 @@ class Controller(rpc.ControllerServicer):
             problems.append("its parameters differ")
         if got.source != source:
             problems.append("its content source differs")
+        if got.mutable_parameters != mutable:
+            problems.append(f"its mutable parameters are {got.mutable_parameters or 'none'}")
         if problems:
             raise CsiError(Code.ALREADY_EXISTS, f"volume name {got.name!r} already exists as {got.id} but "
                            + "; ".join(problems))
@@ -290,14 +296,19 @@ class Controller(rpc.ControllerServicer):
         if not request.HasField("volume_capability"):
             raise invalid("volume_capability is required")
         cap = caps.to_dict(request.volume_capability)
+        want = attach.entry(cap, request.readonly)
         cat = self.stores.catalog(dict(request.secrets))
-        with self.locks.hold(vid):
+        # per node, blocking: the attach count and the ownership change happen together
+        with self.locks.hold(vid), self._attach_locks.setdefault(node, threading.Lock()):
             rec = cat.volume(vid)
             nrec = cat.get_node(node)
             if nrec is None and (self.local_node is None or self.local_node.id != node):
                 raise not_found(f"node {node} is unknown to this driver (it has not registered)")
             self._check_cap(rec, cap)
-            pool = nrec.pool if nrec else self.local_node.pool  # type: ignore[union-attr]
+            attach.check_republish(rec, node, want)
+            nrec = nrec or self.local_node
+            assert nrec is not None
+            pool = nrec.pool
             if rec.mobility == "node" and rec.node != node:
                 raise precondition(f"volume {vid} lives on node {rec.node} (mobility=node) and cannot be used on {node}")
             if rec.mobility == "pool" and rec.pool != pool:
@@ -307,11 +318,18 @@ class Controller(rpc.ControllerServicer):
                 if r.owner and r.owner != node:
                     raise precondition(f"volume {vid} is owned by node {r.owner} (epoch {r.epoch}) which has not "
                                        f"released it; use `csi-perssd takeover {vid} --from {r.owner}` if that node is dead")
+                attach.check_republish(r, node, want)
                 if r.owner != node:
                     r.owner = node
                     r.epoch += 1
+                r.published = want
+            if rec.owner != node:
+                attach.check_limit(cat, node, nrec.max_volumes, vid)
             rec = cat.update_volume(vid, take)
-        return pb.ControllerPublishVolumeResponse(publish_context={"epoch": str(rec.epoch)})
+        ctx = {"epoch": str(rec.epoch)}
+        if request.readonly:
+            ctx["readonly"] = "true"            # NodeStage mounts read-only
+        return pb.ControllerPublishVolumeResponse(publish_context=ctx)
 
     def ControllerUnpublishVolume(self, request: Any, context: Any) -> Any:
         vid = ids.volume_id(request.volume_id)
@@ -329,6 +347,7 @@ class Controller(rpc.ControllerServicer):
                                     "data written since generation %d (by %s) is not in the object store",
                                     vid, r.owner, r.generation, r.generation_node or "-")
                     r.owner = ""
+                    r.published = {}
             cat.update_volume(vid, release)
         return pb.ControllerUnpublishVolumeResponse()
 
@@ -360,43 +379,57 @@ class Controller(rpc.ControllerServicer):
             if why is None and request.parameters and (vp.mobility != rec.mobility or vp.persistence != rec.persistence):
                 why = "parameters differ from the volume's"
             if why is None and request.mutable_parameters:
-                why = "mutable_parameters are not supported (no MODIFY_VOLUME capability)"
+                try:
+                    modify.check_supported(rec, modify.parse(dict(request.mutable_parameters)))
+                except CsiError as e:
+                    why = e.message
             if why:
                 return pb.ValidateVolumeCapabilitiesResponse(message=why)
         return pb.ValidateVolumeCapabilitiesResponse(confirmed=pb.ValidateVolumeCapabilitiesResponse.Confirmed(
             volume_context=request.volume_context, volume_capabilities=request.volume_capabilities,
             parameters=request.parameters, mutable_parameters=request.mutable_parameters))
 
-    def _status(self, rec: VolumeRecord, cat: Catalog) -> tuple[list[str], pb.VolumeCondition]:
+    @staticmethod
+    def _condition(rec: VolumeRecord, generations: set[int] | list[int]) -> tuple[list[str], pb.VolumeCondition]:
+        """Published nodes and condition from the record and the generations present in the store."""
         cond = pb.VolumeCondition(abnormal=False, message="ok")
-        if rec.persistence == "object" and rec.generation:
-            if rec.generation not in cat.list_generations(rec.id):
-                cond = pb.VolumeCondition(abnormal=True, message=f"manifest of committed generation {rec.generation} is missing")
+        if rec.persistence == "object" and rec.generation and rec.generation not in generations:
+            cond = pb.VolumeCondition(abnormal=True, message=f"manifest of committed generation {rec.generation} is missing")
         return ([rec.owner] if rec.owner else []), cond
 
+    def _status(self, rec: VolumeRecord, cat: Catalog) -> tuple[list[str], pb.VolumeCondition]:
+        gens = cat.list_generations(rec.id) if rec.persistence == "object" and rec.generation else []
+        return self._condition(rec, gens)
+
+    @staticmethod
+    def _token_after(token: str) -> str:
+        if not token:
+            return ""
+        if not token.startswith(TOKEN_PREFIX):
+            raise CsiError(Code.ABORTED, f"starting_token {token[:40]!r} was not issued by this driver")
+        after = token[len(TOKEN_PREFIX):]
+        try:
+            ids.volume_id(after)
+        except CsiError:
+            raise CsiError(Code.ABORTED, f"starting_token {token[:40]!r} was not issued by this driver") from None
+        return after
+
     def ListVolumes(self, request: Any, context: Any) -> Any:
+        """One page: a LIST from the token (records and their manifests' keys) and a GET for each
+        record of the page that changed since this controller last read it. The token is the last
+        volume ID returned, so it stays valid when volumes are deleted between pages."""
         if request.max_entries < 0:
             raise invalid("max_entries must not be negative")
-        after = ""
-        if request.starting_token:
-            tok = request.starting_token
-            if not tok.startswith(TOKEN_PREFIX):
-                raise CsiError(Code.ABORTED, f"starting_token {tok[:40]!r} was not issued by this driver")
-            after = tok[len(TOKEN_PREFIX):]
-            try:
-                ids.volume_id(after)
-            except CsiError:
-                raise CsiError(Code.ABORTED, f"starting_token {tok[:40]!r} was not issued by this driver") from None
+        after = self._token_after(request.starting_token)
         cat = self.stores.catalog()
-        recs = sorted((r for r in cat.list_volumes() if r.id > after), key=lambda r: r.id)
-        page = recs[:request.max_entries] if request.max_entries else recs
+        page = cat.volume_page(after, request.max_entries)
         resp = pb.ListVolumesResponse()
-        for r in page:
-            nodes, cond = self._status(r, cat)
+        for r in page.records:
+            nodes, cond = self._condition(r, page.generations.get(r.id, set()))
             resp.entries.add(volume=self.volume_proto(r),
                              status=pb.ListVolumesResponse.VolumeStatus(published_node_ids=nodes, volume_condition=cond))
-        if len(recs) > len(page):
-            resp.next_token = TOKEN_PREFIX + page[-1].id
+        if page.more:
+            resp.next_token = TOKEN_PREFIX + page.last
         return resp
 
     def ControllerGetVolume(self, request: Any, context: Any) -> Any:
@@ -455,6 +488,18 @@ class Controller(rpc.ControllerServicer):
                 raise CsiError(Code.OUT_OF_RANGE, f"volume {vid} already has {rec.size} bytes, more than "
                                f"limit_bytes {cr.limit_bytes} (volumes never shrink)")
         return pb.ControllerExpandVolumeResponse(capacity_bytes=rec.size, node_expansion_required=True)
+
+    def ControllerModifyVolume(self, request: Any, context: Any) -> Any:
+        vid = ids.volume_id(request.volume_id)
+        if not request.mutable_parameters:
+            raise invalid("mutable_parameters is required")
+        mutable = modify.parse(dict(request.mutable_parameters))
+        cat = self.stores.catalog(dict(request.secrets))
+        with self.locks.hold(vid):
+            modify.check_supported(cat.volume(vid), mutable)
+            rec = cat.update_volume(vid, lambda r: modify.apply(r, mutable))
+        log.info("volume %s: mutable parameters now %s (effective at its next flush)", vid, rec.mutable_parameters)
+        return pb.ControllerModifyVolumeResponse()
 
     # -- snapshots: delegated ---------------------------------------------------------------
     def _snap(self) -> Any:

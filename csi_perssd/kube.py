@@ -30,6 +30,19 @@ def in_cluster_api_client() -> client.ApiClient:
     return client.ApiClient(cfg)
 
 
+def api_client(kubeconfig: str = "") -> client.ApiClient:
+    """An API client from a kubeconfig file, or (no file given) from the pod's service account."""
+    if not kubeconfig:
+        return in_cluster_api_client()
+    cfg = client.Configuration()
+    try:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    except (config.ConfigException, OSError, ValueError) as e:
+        raise unavailable(f"cannot configure the Kubernetes client from {kubeconfig}: {e}") from e
+    cfg.retries = 2
+    return client.ApiClient(cfg)
+
+
 def pool_from_node_label(node_name: str, label_key: str, *,
                          api_client: client.ApiClient | None = None,
                          timeout: float = DEFAULT_TIMEOUT_S) -> str:

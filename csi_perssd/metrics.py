@@ -2,7 +2,8 @@
 
 Most metrics are plain prometheus-client objects that the code updates where things happen
 (server.py: RPC latency; sync.py: transfer bytes, durations, flush jobs and backlog;
-runtime.py: pool usage). The object-store counters are different: every S3Store already counts
+runtime.py: pool usage; perssd_local_volumes* read from the node state at scrape time).
+The object-store counters are different: every S3Store already counts
 its requests in `store.stats` (remote/s3.py), so instead of a second set of increments in the
 store's hot path, a collector reads those counters at scrape time:
 
@@ -11,20 +12,20 @@ store's hot path, a collector reads those counters at scrape time:
                                           store only keeps a total)
     perssd_s3_bytes_total{direction="up"|"down"}
 
-Stores are found by `track_store(store)` and, automatically, in the store cache that
-`remote.s3.from_config` (and so the node's `Stores`) fills. A store once seen stays counted
-(its stats object is kept), so the counters never go backwards when a store leaves a cache.
+Stores are counted once they are registered: `track_store(store)` for one store, and
+`watch_stores(factory)` (the runtime calls it) for every store the process's store factory
+(remote/factory.py) has opened or will open. A store once seen stays counted (its stats object
+is kept), so the counters never go backwards when a store leaves the factory's cache.
 """
 from __future__ import annotations
 
 import logging
-import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -63,16 +64,8 @@ class StoreStatsCollector(Collector):
             if error:
                 self._extra_errors[op] = self._extra_errors.get(op, 0) + 1
 
-    def _discover(self) -> None:
-        s3 = sys.modules.get("csi_perssd.remote.s3")    # only once something imported it
-        cache = getattr(s3, "_store_cache", None) if s3 is not None else None
-        if isinstance(cache, dict):
-            for store in list(cache.values()):
-                self.track(store)
-
     def totals(self) -> dict[str, Any]:
         """{"requests": {op: n}, "errors": {op: n}, "bytes_up": n, "bytes_down": n}."""
-        self._discover()
         with self._mu:
             stats = list(self._stats.values())
             req = dict(self._extra_requests)
@@ -118,10 +111,63 @@ class StoreStatsCollector(Collector):
 S3_STATS = StoreStatsCollector()
 REGISTRY.register(S3_STATS)
 
+FLUSH_STATES = ("none", "running", "uploaded", "committed", "failed", "fenced")
+
+
+class LocalVolumeCollector(Collector):
+    """perssd_local_volumes{flush=STATE}: this node's local volumes by the state of their last
+    flush job ("none": never flushed here), and perssd_local_volumes_unflushed: volumes not
+    staged anywhere whose changes exist only on this node. Read from the node state at scrape."""
+
+    def __init__(self) -> None:
+        self._source: Callable[[], Iterable[Any]] | None = None
+
+    def watch(self, source: Callable[[], Iterable[Any]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = dict.fromkeys(FLUSH_STATES, 0)
+        unflushed = 0
+        try:
+            volumes = list(self._source()) if self._source is not None else []
+        except Exception as e:       # a scrape must not fail because one state file is odd
+            log.warning("cannot count local volumes for metrics: %s", e)
+            volumes = []
+        for lv in volumes:
+            state = str(getattr(lv.flush.state, "value", lv.flush.state)) if lv.flush is not None else "none"
+            counts[state] = counts.get(state, 0) + 1
+            unflushed += bool(lv.dirty and not lv.staged and lv.persistence == "object")
+        g = GaugeMetricFamily("perssd_local_volumes", "Local volumes on this node by flush state",
+                              labels=["flush"])
+        for state, n in counts.items():
+            g.add_metric([state], n)
+        yield g
+        yield GaugeMetricFamily("perssd_local_volumes_unflushed",
+                                "Unstaged local volumes with changes not committed to the object store",
+                                value=unflushed)
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("perssd_local_volumes", "", labels=["flush"])
+        yield GaugeMetricFamily("perssd_local_volumes_unflushed", "")
+
+
+LOCAL_VOLUMES = LocalVolumeCollector()
+REGISTRY.register(LOCAL_VOLUMES)
+
+
+def watch_local_volumes(source: Callable[[], Iterable[Any]]) -> None:
+    """Count these LocalVolume records (the node state's `all`) in perssd_local_volumes*."""
+    LOCAL_VOLUMES.watch(source)
+
 
 def track_store(store: Any) -> None:
-    """Count this store's requests in perssd_s3_* (stores from s3.from_config are found anyway)."""
+    """Count this store's requests in perssd_s3_*."""
     S3_STATS.track(store)
+
+
+def watch_stores(factory: Any) -> None:
+    """Count every store `factory` (a remote.factory.StoreFactory) opens, from now and before."""
+    factory.observe(S3_STATS.track)
 
 
 def serve(address: str) -> None:

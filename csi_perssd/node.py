@@ -112,8 +112,8 @@ class Node(rpc.NodeServicer):
             self._check_placement(rec, request.publish_context)
             lv = self.sync.prepare(rec, lv, secrets)       # local copy of the committed generation
             lv.access_type, lv.fs_type, lv.mount_flags = cap["access_type"], cap["fs_type"], cap["mount_flags"]
-            lv.device = self.backend.device(vid)
-            readonly = caps.is_read_only_mode(cap)
+            lv.device = self._device(vid)
+            readonly = caps.is_read_only_mode(cap) or request.publish_context.get("readonly") == "true"
             if cap["access_type"] == "mount":
                 formatted = fs.ensure_fs(lv.device, cap["fs_type"])
                 # a volume that grew while unstaged (expansion, restore to a larger size): ext4
@@ -151,8 +151,29 @@ class Node(rpc.NodeServicer):
         except fs.MountConflict as e:
             raise CsiError(Code.ALREADY_EXISTS, e.message) from e
 
+    def _device(self, vid: str, read_only: bool = False) -> str:
+        """The block device the volume is staged on: the loop device on its lazy hydration
+        server's file while it is lazily hydrated, else the backend's device."""
+        lazy = self.sync.lazy
+        if lazy.active(vid):
+            lazy.ensure_server(vid, self.sync.secrets_for(vid))
+            return lazy.device(vid, read_only=read_only)
+        return self.backend.device(vid, read_only=read_only)
+
+    def _recover_lazy(self, lv: LocalVolume) -> None:
+        """A plugin restart finds the volume's lazy server running (it outlives the plugin) and
+        changes nothing. After a node restart (or the server's death) the mounts on the dead
+        server's device are dropped first: they are made again on a new server's device."""
+        lazy = self.sync.lazy
+        if not lazy.active(lv.id) or lazy.serving(lv.id):
+            return
+        log.warning("volume %s: its lazy hydration server is gone: restarting it and remounting", lv.id)
+        for path in [*lv.targets, lv.staged_path]:
+            if fs.mount_info(path) is not None:
+                fs.run(["umount", "-l", path], ok=(0, 32), what="umount -l (device of a dead lazy server)")
+
     def _ensure_staged_mount(self, lv: LocalVolume) -> None:
-        lv.device = self.backend.device(lv.id)
+        lv.device = self._device(lv.id)
         if lv.access_type == "mount":
             Path(lv.staged_path).mkdir(parents=True, exist_ok=True)
             self._mount(lv.device, lv.staged_path, lv.fs_type, lv.mount_flags, readonly=lv.readonly)
@@ -179,6 +200,8 @@ class Node(rpc.NodeServicer):
                 lv.staged_path = ""
                 self.state.put(lv)
             self.sync.finish(lv)            # flush + commit; ABORTED with progress while it runs
+            if self.sync.lazy.active(vid):
+                self.sync.lazy.release(vid)  # hydration state kept: a later stage here resumes
             self.backend.release(vid)
             lv = self.state.get(vid) or lv
             lv.device = ""
@@ -190,11 +213,11 @@ class Node(rpc.NodeServicer):
     def NodePublishVolume(self, request: Any, context: Any) -> Any:
         vid = ids.volume_id(request.volume_id)
         target = ids.host_path(request.target_path, "target_path")
+        if not request.HasField("volume_capability"):   # required fields first, then the preconditions
+            raise invalid("volume_capability is required")
         if not request.staging_target_path:     # spec: "Staging target path not set" -> FAILED_PRECONDITION
             raise precondition("staging_target_path is required: this driver has STAGE_UNSTAGE_VOLUME")
         staging = ids.host_path(request.staging_target_path, "staging_target_path")
-        if not request.HasField("volume_capability"):
-            raise invalid("volume_capability is required")
         cap = caps.to_dict(request.volume_capability)
         why = caps.unsupported_reason(cap)
         if why:
@@ -224,7 +247,7 @@ class Node(rpc.NodeServicer):
                     Path(target).parent.mkdir(parents=True, exist_ok=True)
                     Path(target).touch()
                 # a read-only bind of a device node does not stop writes: use a read-only device
-                self._bind(self.backend.device(vid, read_only=readonly), target, readonly, [])
+                self._bind(self._device(vid, read_only=readonly), target, readonly, [])
             lv.targets[target] = want
             self.sync.on_publish(lv)
             self.state.put(lv)
@@ -304,6 +327,7 @@ class Node(rpc.NodeServicer):
             if request.capacity_range.limit_bytes and size > request.capacity_range.limit_bytes:
                 raise CsiError(Code.OUT_OF_RANGE, "required_bytes exceeds limit_bytes")
             self.backend.expand(vid, size)
+            self.sync.lazy.refresh_size(vid)
             if lv.access_type == "mount":
                 fs.grow_fs(lv.device, lv.staged_path, lv.fs_type)
             lv.size = self.backend.size(vid)
@@ -319,11 +343,12 @@ class Node(rpc.NodeServicer):
                     log.warning("volume %s is in the node state but its local data is gone", lv.id)
                     continue
                 if lv.staged:
+                    self._recover_lazy(lv)
                     self._ensure_staged_mount(lv)
                     for target, opts in lv.targets.items():
                         # a read-only block target gets the read-only device again, as in NodePublish
                         src = lv.staged_path if lv.access_type == "mount" else \
-                            self.backend.device(lv.id, read_only=bool(opts["readonly"]))
+                            self._device(lv.id, read_only=bool(opts["readonly"]))
                         fs.ensure_bind(src, target, readonly=opts["readonly"], options=opts.get("mount_flags", []))
                     log.info("recovered staged volume %s at %s", lv.id, lv.staged_path)
                 self.sync.resume(lv)

@@ -51,7 +51,10 @@ class Runtime:
                 raise ValueError("--node-id is required in node and all modes")
             self.backend = make_backend(cfg)
             state = NodeState(cfg.state_dir)
-            self.sync = VolumeSync(cfg, self.stores, self.backend, state)
+            from . import events, metrics
+            self.sync = VolumeSync(cfg, self.stores, self.backend, state,
+                                   events=events.from_config(cfg))
+            metrics.watch_local_volumes(state.all)
             self.node = Node(cfg, self.stores, self.backend, state, self.sync)
             local_node = self.node_record()
         if cfg.mode in ("controller", "all"):
@@ -85,7 +88,8 @@ class Runtime:
         metrics.POOL_BYTES.labels("available").set(avail)
         metrics.POOL_BYTES.labels("cache").set(reclaim)
         return NodeRecord(id=self.cfg.node_id, pool=self.cfg.pool, total_bytes=total, available_bytes=avail,
-                          reclaimable_bytes=reclaim, max_volume_bytes=biggest, version=__version__)
+                          reclaimable_bytes=reclaim, max_volume_bytes=biggest,
+                          max_volumes=self.cfg.max_volumes_per_node, version=__version__)
 
     def heartbeat(self) -> None:
         rec = self.node_record()
@@ -110,6 +114,7 @@ class Runtime:
     def start(self) -> None:
         if self.cfg.metrics_address:
             from . import metrics
+            metrics.watch_stores(self.stores.factory)
             metrics.serve(self.cfg.metrics_address)
         problems = self.problems()
         for p in problems:

@@ -14,7 +14,8 @@ import grpc
 
 from . import metrics
 from .csi import csi_pb2_grpc as rpc
-from .errors import CsiError
+from .errors import CsiError, unavailable
+from .remote.store import StoreError
 
 log = logging.getLogger("csi_perssd.rpc")
 
@@ -44,6 +45,9 @@ def _wrap(method: str, fn: Any) -> Any:
             return fn(request, context)
         except CsiError as e:
             code, msg = e.code, e.message
+        except StoreError as e:         # a raw store call the logic did not wrap: the store is unreachable
+            err = unavailable(f"object store: {e}")
+            code, msg = err.code, err.message
         except NotImplementedError:     # the generated servicer's default: an RPC this driver lacks
             code, msg = grpc.StatusCode.UNIMPLEMENTED, f"{short} is not implemented by this driver"
         except Exception as e:  # a bug: never leak a traceback to the CO, log it here

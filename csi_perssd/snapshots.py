@@ -23,27 +23,21 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from . import encryption, gc, ids
+from . import encryption, ids
 from .config import Config
 from .csi import csi_pb2 as pb
 from .errors import Code, CsiError, aborted, invalid, not_found
 from .local import fs
-from .remote.catalog import Catalog, SnapshotRecord, VolumeRecord, manifest_key, name_key
+from .remote.catalog import Catalog, SnapshotRecord, VolumeRecord
 from .remote.codec import PLAIN, Codec, manifest_summary
+from .remote.guard import FlushGuard
+from .remote.layout import manifest_key, name_key, request_key, requests_prefix, snapshot_manifest_key
 from .remote.manifest import Manifest
-from .remote.store import NotFound, StoreError
+from .remote.store import NotFound, reachable
 from .stores import Stores
 
 log = logging.getLogger(__name__)
 TOKEN_PREFIX = "s1:"
-
-
-def snapshot_manifest_key(sid: str) -> str:
-    return f"snapshots/{ids.snapshot_id(sid)}.manifest"
-
-
-def request_key(node: str, sid: str) -> str:
-    return f"requests/{ids.node_id(node)}/{ids.snapshot_id(sid)}.json"
 
 
 def _ts(t: float) -> timestamp_pb2.Timestamp:
@@ -60,23 +54,22 @@ def _check_params(p: dict[str, str]) -> None:
 
 def snapshot_by_name(cat: Catalog, name: str) -> SnapshotRecord | None:
     try:
-        data, _ = cat.store.get(name_key("snapnames", name))
-        return cat.get_snapshot(json.loads(data)["id"])
+        with reachable(cat.store):
+            data, _ = cat.store.get(name_key("snapnames", name))
     except NotFound:
         return None
+    try:
+        return cat.get_snapshot(json.loads(data)["id"])
     except (ValueError, KeyError, CsiError):
         return None                 # a damaged name record: creation takes it over
-    except StoreError as e:
-        raise CsiError(Code.UNAVAILABLE, f"object store: {e}") from e
 
 
 def read_manifest(cat: Catalog, key: str, codec: Codec = PLAIN) -> Manifest:
     try:
-        return codec.open_manifest(cat.store.get(key)[0], f"manifest {key}")
+        with reachable(cat.store):
+            return codec.open_manifest(cat.store.get(key)[0], f"manifest {key}")
     except NotFound:
         raise CsiError(Code.DATA_LOSS, f"manifest {key} is missing") from None
-    except StoreError as e:
-        raise CsiError(Code.UNAVAILABLE, f"object store: {e}") from e
 
 
 class Snapshots:
@@ -145,7 +138,7 @@ class Snapshots:
         Guarded against a concurrent garbage collection that prunes that generation. A volume
         never flushed gets an empty manifest, encoded by `empty_codec()` (its lineage's, for
         an encrypted volume: the one case that needs the KEK)."""
-        guard = gc.FlushGuard.begin(cat.store, f"snapshot {snap.id}")
+        guard = FlushGuard.begin(cat.store, f"snapshot {snap.id}")
         try:
             vol = cat.volume(vol.id)
             if vol.generation:
@@ -154,10 +147,8 @@ class Snapshots:
                 data = empty_codec().encode_manifest(Manifest.empty(vol.size, vol.chunk_size))
             refs, size = manifest_summary(data, f"volume {vol.id} generation {vol.generation}")
             guard.claim(refs, manifests=[snapshot_manifest_key(snap.id)])
-            try:
+            with reachable(cat.store):
                 cat.store.put(snapshot_manifest_key(snap.id), data)
-            except StoreError as e:
-                raise CsiError(Code.UNAVAILABLE, f"object store: {e}") from e
             rec = self._mark_ready(cat, snap.id, size, vol.generation, "ready (pinned the committed generation)")
         finally:
             guard.release()
@@ -195,34 +186,47 @@ class Snapshots:
         log.info("snapshot %s deleted; its chunks are left to garbage collection", sid)
         return pb.DeleteSnapshotResponse()
 
+    @staticmethod
+    def _token_after(token: str) -> str:
+        if not token:
+            return ""
+        if not token.startswith(TOKEN_PREFIX):
+            raise CsiError(Code.ABORTED, f"starting_token {token[:40]!r} was not issued by this driver")
+        after = token[len(TOKEN_PREFIX):]
+        try:
+            ids.snapshot_id(after)
+        except CsiError:
+            raise CsiError(Code.ABORTED, f"starting_token {token[:40]!r} is not valid") from None
+        return after
+
     def list(self, request: Any) -> pb.ListSnapshotsResponse:
+        """A page costs one LIST from the token plus a GET per changed record of the page (a
+        source_volume_id filter reads on until the page is full); one snapshot_id: one GET."""
         if request.max_entries < 0:
             raise invalid("max_entries must not be negative")
-        after = ""
-        if request.starting_token:
-            if not request.starting_token.startswith(TOKEN_PREFIX):
-                raise CsiError(Code.ABORTED, f"starting_token {request.starting_token[:40]!r} was not issued by this driver")
-            after = request.starting_token[len(TOKEN_PREFIX):]
-            try:
-                ids.snapshot_id(after)
-            except CsiError:
-                raise CsiError(Code.ABORTED, f"starting_token {request.starting_token[:40]!r} is not valid") from None
+        after = self._token_after(request.starting_token)
         cat = self.stores.catalog(dict(request.secrets))
         if request.snapshot_id:
             try:
                 one = cat.get_snapshot(ids.snapshot_id(request.snapshot_id))
             except CsiError:
                 one = None          # a malformed ID names no snapshot
-            recs = [one] if one is not None else []
-        else:
-            recs = cat.list_snapshots()
-        if request.source_volume_id:
-            recs = [r for r in recs if r.source_volume == request.source_volume_id]
-        recs = sorted((r for r in recs if r.id > after), key=lambda r: r.id)
-        page = recs[:request.max_entries] if request.max_entries else recs
-        resp = pb.ListSnapshotsResponse(entries=[pb.ListSnapshotsResponse.Entry(snapshot=self.proto(r)) for r in page])
-        if len(recs) > len(page):
-            resp.next_token = TOKEN_PREFIX + page[-1].id
+            recs = [r for r in [one] if r is not None and r.id > after
+                    and (not request.source_volume_id or r.source_volume == request.source_volume_id)]
+            return pb.ListSnapshotsResponse(entries=[pb.ListSnapshotsResponse.Entry(snapshot=self.proto(r))
+                                                     for r in recs])
+        limit, more = request.max_entries, False
+        out: list[SnapshotRecord] = []
+        while True:
+            page = cat.snapshot_page(after, limit - len(out) if limit else 0)
+            out += [r for r in page.records
+                    if not request.source_volume_id or r.source_volume == request.source_volume_id]
+            more, after = page.more, page.last
+            if not more or (limit and len(out) >= limit):
+                break
+        resp = pb.ListSnapshotsResponse(entries=[pb.ListSnapshotsResponse.Entry(snapshot=self.proto(r)) for r in out])
+        if more:
+            resp.next_token = TOKEN_PREFIX + after
         return resp
 
     # -- CreateVolume content sources ------------------------------------------------------
@@ -281,7 +285,7 @@ class Snapshots:
         """Write the new volume's generation 1 (the source's manifest) before its record exists.
         Guarded: if a garbage collection deleted a chunk of the source meanwhile (the source was
         deleted concurrently), ABORTED and nothing is written."""
-        guard = gc.FlushGuard.begin(cat.store, f"clone {rec.id}")
+        guard = FlushGuard.begin(cat.store, f"clone {rec.id}")
         try:
             m = self.source_manifest(cat, rec.source, codec)
             if m is None:
@@ -305,7 +309,7 @@ class Snapshots:
                  rec.id, rec.generation, rec.source, m.data_chunks)
 
     @staticmethod
-    def _release_when_recorded(cat: Catalog, guard: gc.FlushGuard, vid: str, timeout: float = 60.0) -> None:
+    def _release_when_recorded(cat: Catalog, guard: FlushGuard, vid: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -319,11 +323,12 @@ class Snapshots:
     # -- periodic work ---------------------------------------------------------------------
     def start_background(self, runtime: Any) -> None:
         if self.cfg.gc_interval_seconds > 0:
-            from . import gc
+            from .remote import gc
+            cache = gc.ManifestCache()      # kept across runs: a run reads only new manifests
 
             def collect() -> None:
                 gc.collect(self.stores.catalog(), grace=self.cfg.gc_grace_seconds,
-                           keep=self.cfg.gc_keep_generations, dry_run=False)
+                           keep=self.cfg.gc_keep_generations, dry_run=False, cache=cache)
             runtime._loop("gc", self.cfg.gc_interval_seconds, collect)
 
 
@@ -348,7 +353,7 @@ class NodeSnapshotWorker:
 
     def poll_once(self) -> int:
         cat = self.rt.stores.catalog()
-        prefix = f"requests/{ids.node_id(self.node_id)}/"
+        prefix = requests_prefix(self.node_id)
         done = 0
         for info in list(cat.store.list(prefix)):
             try:
@@ -391,8 +396,10 @@ class NodeSnapshotWorker:
                 cut_at = time.time()
                 if lv.access_type == "mount" and fs.mount_info(lv.staged_path) is not None and not lv.readonly:
                     with fs.frozen(lv.staged_path, self.rt.cfg.freeze_timeout_seconds):
+                        changed = self.rt.sync.lazy.changed_extents(vid)
                         path = backend.snapshot(vid, local)
                 else:
+                    changed = self.rt.sync.lazy.changed_extents(vid)
                     path = backend.snapshot(vid, local)
                 frozen_s = time.monotonic() - t0
         except CsiError as e:
@@ -401,20 +408,23 @@ class NodeSnapshotWorker:
             raise
         log.info("snapshot %s of %s: point-in-time copy taken in %.3fs (file system frozen meanwhile)", sid, vid, frozen_s)
         try:
-            self._upload(cat, snap, path, vid, cut_at)
+            self._upload(cat, snap, path, vid, cut_at, changed)
         finally:
             backend.delete_snapshot(vid, local)
         return True
 
-    def _upload(self, cat: Catalog, snap: SnapshotRecord, path: str, vid: str, cut_at: float) -> None:
-        guard = gc.FlushGuard.begin(cat.store, f"snapshot {snap.id}")
+    def _upload(self, cat: Catalog, snap: SnapshotRecord, path: str, vid: str, cut_at: float,
+                changed: list[Any] | None = None) -> None:
+        guard = FlushGuard.begin(cat.store, f"snapshot {snap.id}")
         try:
-            self._upload_guarded(cat, snap, path, vid, cut_at, guard)
+            self._upload_guarded(cat, snap, path, vid, cut_at, guard, changed)
         finally:
             guard.release()
 
     def _upload_guarded(self, cat: Catalog, snap: SnapshotRecord, path: str, vid: str, cut_at: float,
-                        guard: gc.FlushGuard) -> None:
+                        guard: FlushGuard, changed: list[Any] | None = None) -> None:
+        """`changed`: a lazily hydrated volume's chunks written on this node, taken with the copy
+        (the copy holds only the chunks fetched so far; the others keep the base's entries)."""
         from .remote import transfer
         backend = self.rt.backend
         vol = cat.volume(vid)          # read after the guard began: its base cannot vanish unnoticed
@@ -423,6 +433,9 @@ class NodeSnapshotWorker:
                 if vol.generation else None)
         size = os.path.getsize(path) if os.path.isfile(path) else fs.block_size(path)
         ranges = backend.allocated_ranges(vid, snap.id)    # the snapshot's own map, not the live volume's
+        mode = "allocated"
+        if changed is not None and base is not None:
+            ranges, mode = changed, "changed"
         last = [0.0]
 
         def progress(done: int, total: int) -> None:
@@ -435,7 +448,7 @@ class NodeSnapshotWorker:
                     pass
         t0 = time.monotonic()
         m, stats = transfer.flush(cat.store, path, size, vol.chunk_size, base=base, ranges=ranges,
-                                  compression_level=vol.compression, workers=self.rt.cfg.flush_workers,
+                                  ranges_mode=mode, compression_level=vol.compression, workers=self.rt.cfg.flush_workers,
                                   progress=progress, codec=codec)
         g = guard.claim(m, source_path=path, compression_level=vol.compression, codec=codec,
                         manifests=[snapshot_manifest_key(snap.id)])

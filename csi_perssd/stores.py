@@ -1,6 +1,6 @@
 """Opens the catalog's object store from the driver's configuration or a call's CSI secrets.
 
-Stores are cached per (url, credentials digest) so repeated calls share connection pools.
+Stores come from the process's one cache (remote/factory.py), per distinct settings.
 Secrets are never logged; only the digest's first characters identify a cached store.
 
 Calls without secrets (NodeUnstage, the flush, heartbeats) reuse the secrets the CO gave last,
@@ -13,14 +13,16 @@ import hashlib
 import json
 import re
 import threading
+import weakref
 
 from .config import Config
-from .errors import invalid, unavailable
-from .remote.catalog import Catalog
-from .remote.store import ObjectStore, StoreError
+from .errors import invalid
+from .remote.catalog import Catalog, RecordCache
+from .remote.factory import STORES, StoreFactory
+from .remote.layout import PROBE_KEY
+from .remote.store import ObjectStore, reachable
 
 SECRET_KEYS = ("endpoint", "region", "accessKeyId", "secretAccessKey", "caBundle")
-PROBE_KEY = "nodes/probe.json"          # HEAD only: absent is fine, any answer proves the settings
 _CREDENTIAL_RE = re.compile(r"[\x21-\x7e]{1,256}")       # printable ASCII, no whitespace
 
 
@@ -32,45 +34,35 @@ def _check_secrets(secrets: dict[str, str]) -> None:
 
 
 class Stores:
-    def __init__(self, cfg: Config):
+    """The driver's view of its object store: opened through the process's one factory
+    (`remote.factory.STORES`, which caches the stores), one record cache per store."""
+
+    def __init__(self, cfg: Config, factory: StoreFactory = STORES):
         self.cfg = cfg
+        self.factory = factory
         self._mu = threading.Lock()
-        self._cache: dict[str, ObjectStore] = {}
+        self._records: weakref.WeakKeyDictionary[ObjectStore, RecordCache] = weakref.WeakKeyDictionary()
         self._proven: set[str] = set()
         self.last_secrets: dict[str, str] = {}
 
     def _open(self, secrets: dict[str, str]) -> ObjectStore:
         url = self.cfg.catalog
-        if url.startswith("file://"):
-            from .remote.filestore import FileStore
-            return FileStore(url[len("file://"):])
+        if not url.startswith(("file://", "s3://")):
+            raise invalid(f"catalog URL {url!r} must be file:///DIR or s3://BUCKET/PREFIX")
         if url.startswith("s3://"):
-            from .remote import s3
             _check_secrets(secrets)
-            defaults = {"endpoint": self.cfg.s3_endpoint, "region": self.cfg.s3_region,
-                        "caBundle": self.cfg.s3_ca_bundle}
-            try:
-                return s3.from_config(url, secrets, defaults)
-            except ValueError as e:
-                raise invalid(f"object store settings: {e}") from e
-        raise invalid(f"catalog URL {url!r} must be file:///DIR or s3://BUCKET/PREFIX")
+        try:
+            with reachable(url):
+                return self.factory.open(url, secrets, self.cfg)
+        except ValueError as e:
+            raise invalid(f"object store settings: {e}") from e
 
     @staticmethod
     def _digest(secrets: dict[str, str]) -> str:
         return hashlib.sha256(json.dumps(secrets, sort_keys=True).encode()).hexdigest()
 
     def store(self, secrets: dict[str, str] | None = None) -> ObjectStore:
-        secrets = {k: v for k, v in (secrets or {}).items() if k in SECRET_KEYS}
-        digest = self._digest(secrets)
-        with self._mu:
-            st = self._cache.get(digest)
-            if st is None:
-                try:
-                    st = self._open(secrets)
-                except StoreError as e:
-                    raise unavailable(f"object store {self.cfg.catalog}: {e}") from e
-                self._cache[digest] = st
-            return st
+        return self._open({k: v for k, v in (secrets or {}).items() if k in SECRET_KEYS})
 
     def _adopt(self, secrets: dict[str, str], st: ObjectStore) -> None:
         """Remember secrets for calls that come without them, once they have worked."""
@@ -79,21 +71,27 @@ class Stores:
             proven = digest in self._proven
         if not proven:
             try:
-                st.head(PROBE_KEY)
-            except StoreError as e:
-                raise unavailable(f"object store {self.cfg.catalog} with the call's secrets: {e}") from e
+                with reachable(st):
+                    st.head(PROBE_KEY)
             except ValueError as e:
                 raise invalid(f"object store settings: {e}") from e
         with self._mu:
             self._proven.add(digest)
             self.last_secrets = secrets
 
+    def _catalog(self, st: ObjectStore) -> Catalog:
+        with self._mu:
+            cache = self._records.get(st)
+            if cache is None:
+                cache = self._records[st] = RecordCache()
+        return Catalog(st, cache)
+
     def catalog(self, secrets: dict[str, str] | None = None) -> Catalog:
         given = {k: v for k, v in (secrets or {}).items() if k in SECRET_KEYS}
         if not given:
             with self._mu:
                 given = dict(self.last_secrets)  # calls without secrets reuse what worked last
-            return Catalog(self.store(given))
+            return self._catalog(self.store(given))
         st = self.store(given)
         self._adopt(given, st)
-        return Catalog(st)
+        return self._catalog(st)

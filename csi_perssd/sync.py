@@ -24,6 +24,7 @@ from typing import Any
 from . import encryption, metrics
 from .config import Config
 from .errors import Code, CsiError, Fenced, aborted
+from .events import VolumeEvents
 from .local import fs
 from .local.backend import Backend
 from .local.keyfiles import NodeKeys
@@ -59,8 +60,9 @@ class _PreFlush:
 
 class VolumeSync:
     def __init__(self, cfg: Config, stores: Stores, backend: Backend, state: NodeState,
-                 unstage_wait: float | None = None):
+                 unstage_wait: float | None = None, events: VolumeEvents | None = None):
         self.cfg = cfg
+        self.events = events if events is not None else VolumeEvents(node_id=cfg.node_id)
         self.node_id = cfg.node_id
         self.stores = stores
         self.backend = backend
@@ -76,6 +78,24 @@ class VolumeSync:
         # what the last pre-flush of each volume stored (see _PreFlush): the final pass starts
         # from it instead of doing the work again
         self._preflushed: dict[str, _PreFlush] = {}
+        from .lazy.manager import LazyManager
+        self.lazy = LazyManager(cfg.state_dir, {"catalog": cfg.catalog, "s3_endpoint": cfg.s3_endpoint,
+                                                "s3_region": cfg.s3_region, "s3_ca_bundle": cfg.s3_ca_bundle},
+                                fetch_timeout=cfg.lazy_fetch_timeout_seconds,
+                                workers=cfg.lazy_background_workers)
+
+    def secrets_for(self, vid: str) -> dict[str, str]:
+        """The object store secrets of the volume's NodeStage (or what worked last)."""
+        with self._mu:
+            got = self._secrets.get(vid)
+        return dict(got) if got else dict(self.stores.last_secrets)
+
+    def _delete_local(self, vid: str) -> None:
+        """Remove the local copy, its lazy hydration state and its state record."""
+        self.lazy.discard(vid)
+        self.backend.delete(vid)
+        self.state.delete(vid)
+        self.keys.drop(vid)
 
     # -- stage -----------------------------------------------------------------------------
     def prepare(self, rec: VolumeRecord, lv: LocalVolume | None, secrets: dict[str, str]) -> LocalVolume:
@@ -98,6 +118,7 @@ class VolumeSync:
 
     def _prepare(self, rec: VolumeRecord, lv: LocalVolume | None, secrets: dict[str, str]) -> LocalVolume:
         vid = rec.id
+        self.events.track(rec)
         have = self.backend.exists(vid)
         if lv is None or not have:
             lv = LocalVolume(id=vid, persistence=rec.persistence)
@@ -112,8 +133,7 @@ class VolumeSync:
             else:
                 log.info("volume %s: local copy holds generation %d, committed is %d: rehydrating",
                          vid, lv.generation, rec.generation)
-            self.backend.delete(vid)
-            self.state.delete(vid)
+            self._delete_local(vid)
             have = False
             lv = LocalVolume(id=vid, persistence=rec.persistence, epoch=rec.epoch)
         if have:
@@ -127,7 +147,11 @@ class VolumeSync:
             # recorded before hydrating: a crash in the middle leaves generation 0, never "current"
             self.state.put(lv)
             if rec.persistence == "object" and rec.generation > 0:
-                self._hydrate(rec, lv, secrets)
+                # the lazy server (another process) has no lineage keys: encrypted volumes hydrate fully
+                if (rec.parameters.get("hydrate") or self.cfg.hydrate) == "lazy" and not rec.encryption:
+                    self._stage_lazy(rec, lv, secrets)
+                else:
+                    self._hydrate(rec, lv, secrets)
         lv.size = self.backend.size(vid)
         self.state.put(lv)
         return lv
@@ -148,6 +172,7 @@ class VolumeSync:
         half-written volume and its state record are removed (nothing is left as "current")."""
         from .remote import transfer
         t0 = time.monotonic()
+        self.events.hydrate_started(rec)
         try:
             cat = self.stores.catalog(secrets)
             codec = self.codec(rec)
@@ -158,6 +183,7 @@ class VolumeSync:
             stats = transfer.hydrate(cat.store, manifest, dest, workers=self.cfg.hydrate_workers, codec=codec)
         except BaseException as e:
             self._discard(rec.id)
+            self.events.hydrate_done(rec, 0, time.monotonic() - t0, error=str(e) or type(e).__name__)
             if isinstance(e, transfer.ChunkCorrupted):
                 log.error("volume %s generation %d: %s; the local copy was removed", rec.id, rec.generation, e)
                 raise CsiError(Code.DATA_LOSS, f"volume {rec.id} generation {rec.generation}: {e}") from e
@@ -172,11 +198,35 @@ class VolumeSync:
         metrics.BYTES.labels("hydrated").inc(stats.bytes_written)
         lv.generation = rec.generation
         self._mark_generation(rec.id, rec.generation)
+        self.events.hydrate_done(rec, stats.bytes_written, dt)
         log.info("volume %s: hydrated generation %d: %d bytes in %.2fs (%.1f MB/s of volume)", rec.id,
                  rec.generation, stats.bytes_written, dt, rec.size / max(dt, 1e-6) / 1e6)
 
+    def _stage_lazy(self, rec: VolumeRecord, lv: LocalVolume, secrets: dict[str, str]) -> None:
+        """Record the committed generation as the fresh local volume's content without copying it:
+        the node serves it through a lazy hydration server (lazy/), which fetches chunks as they
+        are read and the rest in the background."""
+        t0 = time.monotonic()
+        try:
+            cat = self.stores.catalog(secrets)
+            manifest = Manifest.decode(cat.get_manifest(rec.id, rec.generation))
+            disk = getattr(self.backend, "disk_path", self.backend.device)(rec.id)
+            self.lazy.begin(rec.id, disk, manifest)
+        except BaseException as e:
+            self._discard(rec.id)
+            if isinstance(e, StoreError):
+                raise CsiError(Code.UNAVAILABLE,
+                               f"volume {rec.id}: object store unreachable while staging: {e}") from e
+            if isinstance(e, (OSError, ValueError)):
+                raise CsiError(Code.INTERNAL, f"volume {rec.id}: lazy stage of generation {rec.generation}: {e}") from e
+            raise
+        lv.generation = rec.generation
+        log.info("volume %s: generation %d staged lazily (%d data chunks to fetch) in %.3fs", rec.id,
+                 rec.generation, manifest.data_chunks, time.monotonic() - t0)
+
     def _discard(self, vid: str) -> None:
         try:
+            self.lazy.discard(vid)
             self.backend.delete(vid)
         except CsiError as e:
             log.error("volume %s: cannot remove the half-hydrated local copy: %s", vid, e)
@@ -316,6 +366,7 @@ class VolumeSync:
             def record(lv: LocalVolume) -> None:
                 lv.flush = job
             self._update(vid, record)
+            self.events.flush_failed(vid, job.error, fenced)
             if fenced:
                 log.error("volume %s: flush not committed, local data kept: %s", vid, e)
             else:
@@ -326,8 +377,8 @@ class VolumeSync:
     def _flush(self, vid: str, job: FlushJob) -> None:
         # the final pass commits: it follows gc's handshake (claim its chunks, repair what a
         # concurrent garbage collection deleted) before the generation is committed
-        from . import gc
-        guard = (gc.FlushGuard.begin(self.stores.catalog().store, f"{self.node_id}/{vid}",
+        from .remote.guard import FlushGuard
+        guard = (FlushGuard.begin(self.stores.catalog().store, f"{self.node_id}/{vid}",
                                      resumed=Path(self.state.journal_path(vid)).exists())
                  if job.final else None)
         try:
@@ -344,6 +395,7 @@ class VolumeSync:
             secrets = self._secrets.get(vid)
         cat = self.stores.catalog(secrets)
         rec = cat.volume(vid)
+        self.events.track(rec)
         check_owner(rec, self.node_id, job.epoch, "local data kept, not committed")
         codec = self.codec(rec)
         base = codec.open_manifest(cat.get_manifest(vid, rec.generation), f"volume {vid}") if rec.generation else None
@@ -361,6 +413,7 @@ class VolumeSync:
         total = sum(r.length for r in ranges)
         job.total_bytes = total
         metrics.FLUSH_BACKLOG.inc(total)
+        self.events.flush_started(vid, total, job.final)
         last = [0]
 
         def progress(done: int, tot: int) -> None:
@@ -368,6 +421,7 @@ class VolumeSync:
             job.done_bytes = done
             metrics.FLUSH_BACKLOG.dec(done - last[0])
             last[0] = done
+            self.events.flush_progress(vid, done, tot)
 
         t0, started_at = time.monotonic(), time.time()     # uploads are as old as the pass's start
         try:
@@ -399,6 +453,7 @@ class VolumeSync:
             def uploaded(lv: LocalVolume) -> None:
                 lv.flush = job
             self._update(vid, uploaded)
+            self.events.flush_uploaded(vid, stats.bytes_uploaded, dt)
             log.info("volume %s: background flush uploaded %d bytes in %.2fs", vid, stats.bytes_uploaded, dt)
             return
         if guard is not None:
@@ -414,6 +469,7 @@ class VolumeSync:
         self._update(vid, committed)
         Path(self.state.journal_path(vid)).unlink(missing_ok=True)
         self._mark_generation(vid, gen, previous=rec.generation)
+        self.events.flush_committed(vid, gen, stats.bytes_read, stats.bytes_uploaded, dt)
         log.info("volume %s: committed generation %d: read %d bytes, uploaded %d bytes in %d chunks "
                  "(%d known, %d holes) in %.2fs (%.1f MB/s of volume)", vid, gen, stats.bytes_read,
                  stats.bytes_uploaded, stats.chunks_uploaded, stats.chunks_skipped_known, stats.hole_chunks,
@@ -447,6 +503,13 @@ class VolumeSync:
         - otherwise, where the backend tracks changes: what changed since the committed
           generation's snapshot (of `snap` when the flush reads that snapshot);
         - else everything allocated (of `snap`), compared with `base` by hash."""
+        lazy = self.lazy.changed_extents(vid)
+        if lazy is not None and base is not None:
+            # not fully hydrated: chunks never fetched are unchanged by definition, and every
+            # chunk written here is in the (write-ahead) dirty set
+            log.info("volume %s: lazily hydrated, %d bytes written on this node", vid,
+                     sum(r.length for r in lazy))
+            return lazy, "changed", base
         tracking = getattr(self.backend, "tracks_changes", False)
         try:
             if (pre is not None and pre.manifest is not None and tracking
@@ -517,9 +580,7 @@ class VolumeSync:
                 break
             log.info("evicting cached copy of volume %s (generation %d, last used %s)", lv.id,
                      lv.generation, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(lv.last_used)))
-            self.backend.delete(lv.id)
-            self.state.delete(lv.id)
-            self.keys.drop(lv.id)
+            self._delete_local(lv.id)
             evicted = True
         return evicted and self.backend.capacity().available_bytes >= need
 
@@ -532,10 +593,9 @@ class VolumeSync:
                 if lv.id in self._preparing:
                     continue
             log.info("volume %s was deleted: removing its local copy", lv.id)
-            self.backend.delete(lv.id)
-            self.state.delete(lv.id)
-            self.keys.drop(lv.id)
+            self._delete_local(lv.id)
         for vid in self.backend.list_volumes():
             if self.state.get(vid) is None and not exists(vid):
                 log.info("removing orphaned local volume %s", vid)
+                self.lazy.discard(vid)
                 self.backend.delete(vid)

@@ -120,8 +120,10 @@ REQUIRED_RBAC: dict[str, list[Rule]] = {
         _r("cluster", "storage.k8s.io", "volumeattributesclasses", "get list watch"),
         LEADER_ELECTION, S3_SECRET_GET,
     ],
-    # The node plugin reads its own Node for the pool label (--pool-from-node-label).
-    DRIVER_CONTAINER + "@node": [_r("cluster", "", "nodes", "get")],
+    # The node plugin reads its own Node for the pool label (--pool-from-node-label) and posts
+    # Events on its volumes' PVCs, in their namespaces (csi_perssd/events.py).
+    DRIVER_CONTAINER + "@node": [_r("cluster", "", "nodes", "get"),
+                                 _r("cluster", "", "events", "create patch")],
     "csi-node-driver-registrar": [],
     "livenessprobe": [],
 }

@@ -20,7 +20,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..gc import collect
+    from ..remote.gc import collect
     from ..stores import Stores
     cfg = config_from_args(args)
     dry_run = args.dry_run

@@ -9,9 +9,9 @@ from .. import encryption, ids
 from ..config import Config
 from ..crypto import envelope
 from ..errors import CsiError
+from ..remote.layout import snapshot_manifest_key
 from ..remote.manifest import Manifest
 from ..remote.store import StoreError
-from ..snapshots import snapshot_manifest_key
 from ..stores import Stores
 from .flags import config_from_args, store_flags
 

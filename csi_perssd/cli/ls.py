@@ -6,6 +6,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import CsiError
+from ..remote import layout
 from ..remote.catalog import Catalog
 from ..remote.codec import manifest_refs
 from ..remote.manifest import Manifest
@@ -35,7 +36,7 @@ def _t(t: float) -> str:
 
 def summary(cat: Catalog) -> dict[str, Any]:
     vols, snaps = cat.list_volumes(), cat.list_snapshots()
-    chunk_bytes = {i.key.rsplit("/", 1)[-1]: i.size for i in cat.store.list("chunks/")}
+    chunk_bytes = {i.key.rsplit("/", 1)[-1]: i.size for i in cat.store.list(layout.CHUNKS)}
     logical = 0
     refs: set[str] = set()
     out_v = []
@@ -80,7 +81,7 @@ def summary(cat: Catalog) -> dict[str, Any]:
     return {"volumes": out_v, "snapshots": out_s, "chunks": len(chunk_bytes), "stored_bytes": stored,
             "logical_bytes": logical, "unreferenced_chunks": len(set(chunk_bytes) - refs),
             "dedup_ratio": (logical / stored) if stored else 0.0, "problems": problems,
-            "flushes_in_progress": sum(1 for _ in cat.store.list("gc/claims/"))}
+            "flushes_in_progress": sum(1 for _ in cat.store.list(layout.GC_CLAIMS))}
 
 
 def ls(cfg: Config) -> int:

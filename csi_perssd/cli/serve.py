@@ -33,6 +33,13 @@ def add_parser(sub: Any) -> None:
     add(s, "--metrics-address", c.metrics_address, "serve Prometheus metrics here, e.g. :9808 (off when empty)")
     add(s, "--flush-workers", c.flush_workers, "parallel uploads per flush")
     add(s, "--hydrate-workers", c.hydrate_workers, "parallel downloads per hydrate")
+    add(s, "--hydrate", c.hydrate, "default hydration of volumes whose StorageClass sets none: "
+        "full (download, then mount) or lazy (mount at once, fetch chunks as they are read)",
+        choices=("full", "lazy"))
+    add(s, "--lazy-background-workers", c.lazy_background_workers,
+        "lazy hydration: parallel background fetches per volume (0 = fetch on demand only)")
+    add(s, "--lazy-fetch-timeout-seconds", c.lazy_fetch_timeout_seconds,
+        "lazy hydration: how long a read of a missing chunk waits for the object store before EIO")
     add(s, "--heartbeat-seconds", c.heartbeat_seconds, "node heartbeat interval")
     add(s, "--gc-interval-seconds", c.gc_interval_seconds, "controller: garbage collection interval (0 = off)")
     add(s, "--gc-grace-seconds", c.gc_grace_seconds, "chunks younger than this are never collected")
@@ -44,6 +51,10 @@ def add_parser(sub: Any) -> None:
     add(s, "--enable-alpha", c.enable_alpha, "enable alpha CSI capabilities")
     add(s, "--encryption-key-file", c.encryption_key_file,
         "KEK for encrypted volumes when the call's secret has no encryptionKey (file: base64 of 32 bytes)")
+    add(s, "--pvc-events", c.pvc_events, "post Events on volumes' PVCs (auto: in a pod or with --kubeconfig)",
+        choices=("auto", "on", "off"))
+    add(s, "--kubeconfig", c.kubeconfig, "kubeconfig of the API server for events (default: the pod's service account)")
+    add(s, "--events-progress-seconds", c.events_progress_seconds, "FlushProgress events at least this far apart")
     store_flags(s)
     s.set_defaults(run=run)
 

@@ -1,29 +1,30 @@
 """The catalog: typed records for volumes, snapshots and nodes, kept in the ObjectStore.
 
-This is the driver's one state module. Layout under the store (see DESIGN.md):
-  names/<sha256(name)>            -> {"id": vid}           (CreateVolume idempotency, If-None-Match)
-  volumes/<vid>.json              VolumeRecord             (updated with If-Match on the ETag)
-  volumes/<vid>/gen/<n>.manifest  manifest of generation n (written once, If-None-Match)
-  snapnames/<sha256(name)>        -> {"id": sid}
-  snapshots/<sid>.json            SnapshotRecord
-  nodes/<node>.json               NodeRecord (heartbeat)
-  requests/<node>/<sid>.json      work for a node (snapshot of a staged volume)
+This is the driver's one state module; the keys it uses are built in `remote.layout`.
+Listings cost O(what they return): `volume_page` and `snapshot_page` read one LIST page from a
+token and GET only the records of that page that changed since this process last read them
+(a `RecordCache` keyed by key and the LIST's version tag).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .. import ids
-from ..errors import Code, CsiError, Fenced, not_found, precondition, unavailable
-from .store import NotFound, ObjectStore, PreconditionFailed, StoreError
+from ..errors import Code, CsiError, Fenced, not_found, precondition
+from . import layout
+from .chunks import DEFAULT_COMPRESSION
+from .layout import manifest_key, name_key, node_key, snapshot_key, volume_key
+from .store import NotFound, ObjectInfo, ObjectStore, PreconditionFailed, reachable
 
+__all__ = ["Catalog", "NodeRecord", "RecordCache", "SnapshotRecord", "VolumeRecord", "manifest_key",
+           "name_key", "node_key", "snapshot_key", "volume_key"]
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
@@ -42,15 +43,18 @@ class VolumeRecord:
     node: str = ""                      # the node a mobility=node volume lives on
     parameters: dict[str, str] = field(default_factory=dict)
     chunk_size: int = 4 << 20
-    compression: int = 3
+    compression: int = DEFAULT_COMPRESSION
     owner: str = ""                     # node that holds ownership (ControllerPublish)
     epoch: int = 0                      # bumped on every ownership change
     generation: int = 0                 # committed generation, 0 = never flushed (all zero)
     generation_node: str = ""           # node that committed it (its local copy is current)
     source: dict[str, str] = field(default_factory=dict)   # {"snapshot": sid} | {"volume": vid}
+    mutable_parameters: dict[str, str] = field(default_factory=dict)   # applied (modify.py)
+    published: dict[str, Any] = field(default_factory=dict)  # {"capability", "readonly"} of the owner's publish
     state: str = "created"              # created | deleting
     encryption: dict[str, str] = field(default_factory=dict)  # wrapped lineage key (crypto.WrappedKey)
     created_at: float = field(default_factory=time.time)
+    claim: dict[str, str] = field(default_factory=dict)    # PVC {"namespace","name","uid"} (params.claim)
     schema: int = SCHEMA
     etag: str = field(default="", compare=False, repr=False)
 
@@ -82,6 +86,7 @@ class NodeRecord:
     available_bytes: int = 0
     reclaimable_bytes: int = 0          # clean cached copies that may be evicted
     max_volume_bytes: int = 0
+    max_volumes: int = 0                # NodeGetInfo max_volumes_per_node (0 = no limit)
     version: str = ""
     heartbeat: float = field(default_factory=time.time)
     schema: int = SCHEMA
@@ -90,26 +95,6 @@ class NodeRecord:
 
 R = TypeVar("R", VolumeRecord, SnapshotRecord, NodeRecord)
 N = TypeVar("N", VolumeRecord, SnapshotRecord)     # the records that have a name
-
-
-def name_key(kind: str, name: str) -> str:
-    return f"{kind}/{hashlib.sha256(name.encode()).hexdigest()}"
-
-
-def volume_key(vid: str) -> str:
-    return f"volumes/{ids.volume_id(vid)}.json"
-
-
-def manifest_key(vid: str, gen: int) -> str:
-    return f"volumes/{ids.volume_id(vid)}/gen/{gen:010d}.manifest"
-
-
-def snapshot_key(sid: str) -> str:
-    return f"snapshots/{ids.snapshot_id(sid)}.json"
-
-
-def node_key(node: str) -> str:
-    return f"nodes/{ids.node_id(node)}.json"
 
 
 def _encode(rec: Any) -> bytes:
@@ -137,37 +122,97 @@ def check_owner(rec: VolumeRecord, node: str, epoch: int, consequence: str) -> N
                      f"(owner {rec.owner or '-'}, epoch {rec.epoch}); {consequence}")
 
 
+class RecordCache:
+    """Record bytes by key, valid while the LIST's version tag of the key is unchanged: a listing
+    of records that did not change costs its LIST lines only. Bounded (least recently used go)."""
+
+    def __init__(self, max_entries: int = 50_000):
+        self.max_entries = max_entries
+        self._mu = threading.Lock()
+        self._d: OrderedDict[str, tuple[str, bytes, str]] = OrderedDict()   # key -> (tag, data, etag)
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str, tag: str) -> tuple[bytes, str] | None:
+        with self._mu:
+            hit = self._d.get(key)
+            if hit is None or not tag or hit[0] != tag:
+                self.misses += 1
+                return None
+            self._d.move_to_end(key)
+            self.hits += 1
+            return hit[1], hit[2]
+
+    def put(self, key: str, tag: str, data: bytes, etag: str) -> None:
+        if not tag:
+            return
+        with self._mu:
+            self._d[key] = (tag, data, etag)
+            self._d.move_to_end(key)
+            while len(self._d) > self.max_entries:
+                self._d.popitem(last=False)
+
+    def drop(self, key: str) -> None:
+        with self._mu:
+            self._d.pop(key, None)
+
+
+@dataclass
+class VolumePage:
+    records: list[VolumeRecord]
+    generations: dict[str, set[int]]    # manifests present in the store, per listed volume
+    more: bool                          # records after the last one exist
+    last: str = ""                      # the last ID listed: the next page starts after it
+    manifests: list[tuple[str, int, ObjectInfo]] = field(default_factory=list)  # (vid, gen, info) seen
+
+
+@dataclass
+class SnapshotPage:
+    records: list[SnapshotRecord]
+    more: bool
+    last: str = ""
+
+
 class Catalog:
     """Typed records with conditional updates. All methods raise CsiError (UNAVAILABLE when the
     store cannot be reached), never StoreError."""
 
-    def __init__(self, store: ObjectStore):
+    def __init__(self, store: ObjectStore, cache: RecordCache | None = None):
         self.store = store
+        self.cache = cache if cache is not None else RecordCache()
 
     # -- low level -------------------------------------------------------------------------
     def _get(self, cls: type[R], key: str) -> R | None:
         try:
-            data, etag = self.store.get(key)
+            with reachable(self.store):
+                data, etag = self.store.get(key)
         except NotFound:
             return None
-        except StoreError as e:
-            raise unavailable(f"object store {self.store.url}: {e}") from e
         return _decode(cls, data, etag)
 
-    def _put(self, key: str, rec: Any, *, create: bool = False) -> None:
+    def _listed(self, cls: type[R], info: ObjectInfo) -> R | None:
+        """The record a listing names: from the cache while its version tag is unchanged."""
+        hit = self.cache.get(info.key, info.etag)
+        if hit is not None:
+            return _decode(cls, hit[0], hit[1])
         try:
+            with reachable(self.store):
+                data, etag = self.store.get(info.key)
+        except NotFound:
+            return None                 # deleted since the LIST
+        rec = _decode(cls, data, etag)
+        self.cache.put(info.key, info.etag, data, etag)
+        return rec
+
+    def _put(self, key: str, rec: Any, *, create: bool = False) -> None:
+        with reachable(self.store):
             rec.etag = self.store.put(key, _encode(rec), if_none_match=create,
                                       if_match=None if create or not rec.etag else rec.etag)
-        except PreconditionFailed:
-            raise
-        except StoreError as e:
-            raise unavailable(f"object store {self.store.url}: {e}") from e
 
     def _delete(self, key: str) -> None:
-        try:
+        with reachable(self.store):
             self.store.delete(key)
-        except StoreError as e:
-            raise unavailable(f"object store {self.store.url}: {e}") from e
+        self.cache.drop(key)
 
     def _update(self, cls: type[R], key: str, fn: Callable[[R], None], what: str) -> R:
         for _ in range(CAS_RETRIES):
@@ -183,52 +228,66 @@ class Catalog:
                 continue
         raise CsiError(Code.ABORTED, f"{what}: too many concurrent updates, try again")
 
-    def _list(self, cls: type[R], prefix: str) -> Iterator[R]:
-        try:
-            infos = list(self.store.list(prefix))
-        except StoreError as e:
-            raise unavailable(f"object store {self.store.url}: {e}") from e
-        for info in infos:
-            rest = info.key[len(prefix):]
-            if "/" in rest or not rest.endswith(".json"):
+    def _scan(self, prefix: str, after_key: str) -> Iterator[ObjectInfo]:
+        with reachable(self.store):
+            yield from self.store.scan(prefix, after_key)
+
+    def _records(self, cls: type[R], prefix: str, after_id: str, limit: int,
+                 key: Callable[[str], str], on_other: Callable[[ObjectInfo], None] | None = None
+                 ) -> tuple[list[R], bool, str]:
+        """Records directly under prefix with IDs after after_id in key order, at most limit
+        (0: all), whether more exist, and the last listed ID (the next page starts after it,
+        even when that record vanished before its GET). Reads LIST pages only as far as needed."""
+        infos: list[ObjectInfo] = []
+        more = False
+        for info in self._scan(prefix, key(after_id) if after_id else ""):
+            if layout.record_id(prefix, info.key) is None:
+                if on_other is not None:
+                    on_other(info)
                 continue
-            rec = self._get(cls, info.key)
-            if rec is not None:
-                yield rec
+            if limit and len(infos) == limit:
+                more = True
+                break
+            infos.append(info)
+        infos.sort(key=lambda i: i.key.encode())
+        recs = [r for r in (self._listed(cls, i) for i in infos) if r is not None]
+        last = (layout.record_id(prefix, infos[-1].key) or "") if infos else ""
+        return recs, more, last
 
     def _create_named(self, cls: type[N], kind: str, rec: N, key: str) -> tuple[N, bool]:
         """Create rec unless `name` already maps to a record; return (record, created)."""
         nkey = name_key(kind, rec.name)
-        for _ in range(CAS_RETRIES):
-            try:
-                data, etag = self.store.get(nkey)
-                existing_id = json.loads(data)["id"]
-                existing = self._get(cls, key.replace(rec.id, existing_id))
-                if existing is not None:
-                    return existing, False
-                # stale name (a delete crashed half-way): take it over
-                try:
-                    self.store.put(nkey, json.dumps({"id": rec.id}).encode(), if_match=etag)
-                except PreconditionFailed:
-                    continue
-                self._put(key, rec, create=True)
-                return rec, True
-            except NotFound:
-                pass
-            except StoreError as e:
-                raise unavailable(f"object store {self.store.url}: {e}") from e
-            try:
-                self._put(key, rec, create=True)
-                try:
-                    self.store.put(nkey, json.dumps({"id": rec.id}).encode(), if_none_match=True)
-                except PreconditionFailed:
-                    self._delete(key)   # someone created the same name first: theirs wins
-                    rec.etag = ""
-                    continue
-                return rec, True
-            except StoreError as e:
-                raise unavailable(f"object store {self.store.url}: {e}") from e
+        with reachable(self.store):
+            for _ in range(CAS_RETRIES):
+                got = self._claim_name(cls, nkey, rec, key)
+                if got is not None:
+                    return got
         raise CsiError(Code.ABORTED, f"name {rec.name!r}: too many concurrent creations")
+
+    def _claim_name(self, cls: type[N], nkey: str, rec: N, key: str) -> tuple[N, bool] | None:
+        """One round of `_create_named`; None: lost a race, try again."""
+        try:
+            data, etag = self.store.get(nkey)
+            existing = self._get(cls, key.replace(rec.id, json.loads(data)["id"]))
+            if existing is not None:
+                return existing, False
+            # stale name (a delete crashed half-way): take it over
+            try:
+                self.store.put(nkey, json.dumps({"id": rec.id}).encode(), if_match=etag)
+            except PreconditionFailed:
+                return None
+            self._put(key, rec, create=True)
+            return rec, True
+        except NotFound:
+            pass
+        self._put(key, rec, create=True)
+        try:
+            self.store.put(nkey, json.dumps({"id": rec.id}).encode(), if_none_match=True)
+        except PreconditionFailed:
+            self._delete(key)   # someone created the same name first: theirs wins
+            rec.etag = ""
+            return None
+        return rec, True
 
     # -- volumes ---------------------------------------------------------------------------
     def create_volume(self, rec: VolumeRecord) -> tuple[VolumeRecord, bool]:
@@ -236,15 +295,19 @@ class Catalog:
 
     def volume_by_name(self, name: str) -> VolumeRecord | None:
         try:
-            data, _ = self.store.get(name_key("names", name))
+            with reachable(self.store):
+                data, _ = self.store.get(name_key("names", name))
         except NotFound:
             return None
-        except StoreError as e:
-            raise unavailable(f"object store {self.store.url}: {e}") from e
         return self.get_volume(json.loads(data)["id"])
 
     def get_volume(self, vid: str) -> VolumeRecord | None:
         return self._get(VolumeRecord, volume_key(vid))
+
+    def volume_exists(self, vid: str) -> bool:
+        """One HEAD: whether the volume's record is there (a node checking its own copies)."""
+        with reachable(self.store):
+            return self.store.head(volume_key(vid)) is not None
 
     def volume(self, vid: str) -> VolumeRecord:
         rec = self.get_volume(vid)
@@ -255,43 +318,54 @@ class Catalog:
     def update_volume(self, vid: str, fn: Callable[[VolumeRecord], None]) -> VolumeRecord:
         return self._update(VolumeRecord, volume_key(vid), fn, f"volume {vid}")
 
+    def volume_page(self, after: str = "", limit: int = 0) -> VolumePage:
+        """Volumes with IDs after `after` (key order), at most `limit` (0: all), with the
+        generations whose manifests exist — from the same LIST, no request per volume."""
+        gens: dict[str, set[int]] = {}
+        manifests: list[tuple[str, int, ObjectInfo]] = []
+
+        def other(info: ObjectInfo) -> None:
+            parsed = layout.parse_manifest_key(info.key)
+            if parsed is not None:
+                gens.setdefault(parsed[0], set()).add(parsed[1])
+                manifests.append((parsed[0], parsed[1], info))
+        recs, more, last = self._records(VolumeRecord, layout.VOLUMES, after, limit, volume_key, other)
+        return VolumePage(recs, {r.id: gens.get(r.id, set()) for r in recs}, more, last, manifests)
+
     def list_volumes(self) -> list[VolumeRecord]:
-        return sorted(self._list(VolumeRecord, "volumes/"), key=lambda r: (r.created_at, r.id))
+        return sorted(self.volume_page().records, key=lambda r: (r.created_at, r.id))
 
     def delete_volume(self, rec: VolumeRecord) -> None:
         """Remove the record and its name; manifests and chunks are left to garbage collection
-        (gc.py removes the manifests of volumes that no longer exist once they are past the grace period)."""
+        (remote/gc.py removes the manifests of volumes that no longer exist once they are past the
+        grace period)."""
         self._delete(volume_key(rec.id))
         self._delete(name_key("names", rec.name))
 
     # -- generations -----------------------------------------------------------------------
     def put_manifest(self, vid: str, gen: int, data: bytes) -> int:
         """Store a manifest under the first free generation >= gen; return that generation."""
-        for _ in range(100):
-            try:
-                self.store.put(manifest_key(vid, gen), data, if_none_match=True)
-                return gen
-            except PreconditionFailed:
-                gen += 1        # a fenced-out node left an uncommitted manifest here
-            except StoreError as e:
-                raise unavailable(f"object store {self.store.url}: {e}") from e
+        with reachable(self.store):
+            for _ in range(100):
+                try:
+                    self.store.put(manifest_key(vid, gen), data, if_none_match=True)
+                    return gen
+                except PreconditionFailed:
+                    gen += 1        # a fenced-out node left an uncommitted manifest here
         raise CsiError(Code.INTERNAL, f"volume {vid}: cannot find a free generation number")
 
     def get_manifest(self, vid: str, gen: int) -> bytes:
         try:
-            return self.store.get(manifest_key(vid, gen))[0]
+            with reachable(self.store):
+                return self.store.get(manifest_key(vid, gen))[0]
         except NotFound:
             raise CsiError(Code.DATA_LOSS, f"volume {vid}: manifest of generation {gen} is missing") from None
-        except StoreError as e:
-            raise unavailable(f"object store {self.store.url}: {e}") from e
 
     def list_generations(self, vid: str) -> list[int]:
-        prefix = f"volumes/{ids.volume_id(vid)}/gen/"
-        try:
-            keys = [i.key for i in self.store.list(prefix)]
-        except StoreError as e:
-            raise unavailable(f"object store {self.store.url}: {e}") from e
-        return sorted(int(k[len(prefix):].split(".")[0]) for k in keys if k.endswith(".manifest"))
+        with reachable(self.store):
+            keys = [i.key for i in self.store.list(layout.generations_prefix(vid))]
+        parsed = (layout.parse_manifest_key(k) for k in keys)
+        return sorted(p[1] for p in parsed if p is not None)
 
     def delete_manifest(self, vid: str, gen: int) -> None:
         self._delete(manifest_key(vid, gen))
@@ -317,8 +391,12 @@ class Catalog:
     def update_snapshot(self, sid: str, fn: Callable[[SnapshotRecord], None]) -> SnapshotRecord:
         return self._update(SnapshotRecord, snapshot_key(sid), fn, f"snapshot {sid}")
 
+    def snapshot_page(self, after: str = "", limit: int = 0) -> SnapshotPage:
+        recs, more, last = self._records(SnapshotRecord, layout.SNAPSHOTS, after, limit, snapshot_key)
+        return SnapshotPage(recs, more, last)
+
     def list_snapshots(self) -> list[SnapshotRecord]:
-        return sorted(self._list(SnapshotRecord, "snapshots/"), key=lambda r: (r.created_at, r.id))
+        return sorted(self.snapshot_page().records, key=lambda r: (r.created_at, r.id))
 
     def delete_snapshot(self, rec: SnapshotRecord) -> None:
         self._delete(snapshot_key(rec.id))
@@ -333,4 +411,5 @@ class Catalog:
         return self._get(NodeRecord, node_key(node))
 
     def list_nodes(self) -> list[NodeRecord]:
-        return sorted(self._list(NodeRecord, "nodes/"), key=lambda r: r.id)
+        recs, _, _ = self._records(NodeRecord, layout.NODES, "", 0, node_key)
+        return sorted(recs, key=lambda r: r.id)

@@ -21,6 +21,12 @@ def _etag(data: bytes | bytearray) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
+def _version(st: os.stat_result) -> str:
+    """A listing's version tag without reading the file: every write is a rename of a new file
+    (a new inode), so inode + mtime + size change whenever the content does."""
+    return f"v{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
+
+
 class FileStore:
     def __init__(self, root: str):
         self.root = Path(root)
@@ -114,4 +120,12 @@ class FileStore:
                     except FileNotFoundError:
                         continue
         for key, st in sorted(keys):
-            yield ObjectInfo(key=key, size=st.st_size, etag="", mtime=st.st_mtime)
+            yield ObjectInfo(key=key, size=st.st_size, etag=_version(st), mtime=st.st_mtime)
+
+    def scan(self, prefix: str, start_after: str = "") -> Iterator[ObjectInfo]:
+        """Objects under prefix with keys after start_after, in key order."""
+        if start_after and not start_after.startswith(prefix):
+            raise ValueError("start_after must lie under the scanned prefix")
+        for info in self.list(prefix):
+            if info.key > start_after:
+                yield info

@@ -331,22 +331,38 @@ class S3Store:
         out = sorted(self._list_pages(prefix, full, strip), key=lambda o: o.key.encode())
         yield from out
 
-    def _list_pages(self, prefix: str, full: str, strip: int) -> Iterator[ObjectInfo]:
+    def scan(self, prefix: str, start_after: str = "") -> Iterator[ObjectInfo]:
+        """Objects under prefix with keys after start_after, lazily: one LIST per page of
+        `list_page_size` keys, fetched only when the caller reads past the previous one (a
+        caller that stops early pays only for what it read). Each page is yielded in key order;
+        across pages the server's order holds (byte order on S3; SeaweedFS may list a
+        directory "x/" before the key "x.json")."""
+        if start_after and not start_after.startswith(prefix):
+            raise ValueError("start_after must lie under the scanned prefix")
+        if not _LIST_PREFIX_RE.fullmatch(prefix) or ".." in prefix or prefix.startswith("/"):
+            raise ValueError(f"refusing unsafe list prefix {prefix[:80]!r}")
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        after = f"{self.prefix}/{start_after}" if self.prefix and start_after else start_after
+        yield from self._list_pages(prefix, full, strip, start_after=after, sort_pages=True)
+
+    def _list_pages(self, prefix: str, full: str, strip: int, *, start_after: str = "",
+                    sort_pages: bool = False) -> Iterator[ObjectInfo]:
         token: str | None = None
         while True:
-            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full,
-                                  "MaxKeys": self.list_page_size}
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full, "MaxKeys": self.list_page_size}
             if token:
                 kw["ContinuationToken"] = token
+            elif start_after:
+                kw["StartAfter"] = start_after
             try:
                 page = self._call("list", prefix, functools.partial(self._client.list_objects_v2, **kw))
             except botocore.exceptions.ClientError as e:
                 raise self._fail("list", prefix, e) from e
-            for o in page.get("Contents", []):
-                k = o["Key"][strip:]
-                mtime = o.get("LastModified")
-                yield ObjectInfo(key=k, size=int(o.get("Size", 0)), etag=_etag(o.get("ETag")),
-                                 mtime=mtime.timestamp() if mtime else 0.0)
+            got = [ObjectInfo(key=o["Key"][strip:], size=int(o.get("Size", 0)), etag=_etag(o.get("ETag")),
+                              mtime=o["LastModified"].timestamp() if o.get("LastModified") else 0.0)
+                   for o in page.get("Contents", [])]
+            yield from (sorted(got, key=lambda i: i.key.encode()) if sort_pages else got)
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
@@ -368,8 +384,6 @@ class S3Store:
 # -- building stores ------------------------------------------------------------------------
 _ca_lock = threading.Lock()
 _ca_dir: str | None = None
-_store_cache: dict[str, ObjectStore] = {}
-_STORE_CACHE_MAX = 32
 
 
 def _ca_file(pem: str) -> str:
@@ -401,17 +415,12 @@ def _default(defaults: Any, name: str) -> str:
     return str(getattr(defaults, attr, "") or "")
 
 
-def from_config(url: str, secrets: Mapping[str, str] | None = None, defaults: Any = None,
-                *, cache: bool = True, **opts: Any) -> ObjectStore:
-    """Build the store for `url` from CSI secrets (keys endpoint, region, accessKeyId,
+def settings(url: str, secrets: Mapping[str, str], defaults: Any = None) -> dict[str, Any]:
+    """S3Store keyword arguments for `url` from CSI secrets (keys endpoint, region, accessKeyId,
     secretAccessKey, caBundle = PEM text) over the driver's defaults (a Config with s3_endpoint,
     s3_region, s3_ca_bundle = a file path, or a dict with the secret keys). Missing credentials
-    fall back to boto3's chain (env, instance role). Stores are cached per distinct settings.
-    ValueError for unsafe or malformed values (the caller maps it to INVALID_ARGUMENT)."""
-    if not url.startswith("s3://"):
-        return open_store(url, **opts)
+    fall back to boto3's chain (env, instance role). ValueError for unsafe or malformed values."""
     parse_s3_url(url)
-    secrets = secrets or {}
     endpoint = secrets.get("endpoint") or _default(defaults, "endpoint")
     region = secrets.get("region") or _default(defaults, "region")
     access = secrets.get("accessKeyId") or _default(defaults, "accessKeyId")
@@ -429,22 +438,16 @@ def from_config(url: str, secrets: Mapping[str, str] | None = None, defaults: An
         ca = _default(defaults, "caBundle")
         if isinstance(defaults, Mapping) and "-----BEGIN" in ca:
             ca = _ca_file(ca)
-    ident = hashlib.sha256("\0".join(
-        [url, endpoint, region, access, secret, ca or "", repr(sorted(opts.items()))]
-    ).encode()).hexdigest()
-    if cache:
-        with _ca_lock:
-            hit = _store_cache.get(ident)
-        if hit is not None:
-            return hit
-    store = S3Store(url, endpoint_url=endpoint or None, region=region or None,
-                    access_key=access or None, secret_key=secret or None, ca_bundle=ca, **opts)
-    if cache:
-        with _ca_lock:
-            if len(_store_cache) >= _STORE_CACHE_MAX:
-                _store_cache.pop(next(iter(_store_cache)))
-            _store_cache[ident] = store
-    return store
+    return {"endpoint_url": endpoint or None, "region": region or None, "access_key": access or None,
+            "secret_key": secret or None, "ca_bundle": ca}
+
+
+def from_config(url: str, secrets: Mapping[str, str] | None = None, defaults: Any = None,
+                *, cache: bool = True, **opts: Any) -> ObjectStore:
+    """The store for `url` (see `settings`), from the process's one store cache
+    (`factory.STORES`) unless cache=False."""
+    from .factory import STORES
+    return STORES.open(url, secrets, defaults, cache=cache, **opts)
 
 
 def open_store(url: str, **opts: Any) -> ObjectStore:

@@ -2,14 +2,20 @@
 
 Both implementations (`FileStore` for file://DIR, `S3Store` for s3://BUCKET/PREFIX) share this
 interface and one test suite. Keys are relative ('volumes/pvol-1.json'); they are built only by
-`remote.catalog` / `remote.transfer` from validated IDs and hex hashes.
+`remote.layout` from validated IDs and hex hashes.
+
+`reachable(store)` is the one place a StoreError becomes a CsiError (UNAVAILABLE); NotFound and
+PreconditionFailed pass through, since callers decide what those mean.
 """
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from ..errors import unavailable
 
 _KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
 
@@ -28,10 +34,24 @@ class PreconditionFailed(StoreError):
 
 @dataclass(frozen=True)
 class ObjectInfo:
+    """One object. From `list`, `etag` is a version tag: it changes whenever the object does
+    (S3: the ETag, as `get` returns it; FileStore: inode, mtime and size, not the content MD5)."""
     key: str
     size: int
     etag: str
     mtime: float        # seconds since the epoch
+
+
+@contextmanager
+def reachable(store: ObjectStore | str) -> Iterator[None]:
+    """Map a failed store request to CsiError(UNAVAILABLE) naming the store (or its URL, for
+    one not opened yet), never its keys."""
+    try:
+        yield
+    except (NotFound, PreconditionFailed):
+        raise
+    except StoreError as e:
+        raise unavailable(f"object store {store if isinstance(store, str) else store.url}: {e}") from e
 
 
 def check_key(key: str) -> str:
@@ -59,3 +79,7 @@ class ObjectStore(Protocol):
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """All objects whose key starts with prefix, in key order."""
+
+    def scan(self, prefix: str, start_after: str = "") -> Iterator[ObjectInfo]:
+        """Objects under prefix with keys after start_after, fetched lazily page by page (a
+        caller that stops early pays only for the pages it read); each page in key order."""

@@ -45,6 +45,7 @@ from typing import Any
 
 from ..local.backend import Extent
 from .chunks import (
+    DEFAULT_COMPRESSION,
     CorruptBlob,
     check_chunk_size,
     check_hash,
@@ -355,7 +356,7 @@ class _FlushState:
 
 def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
           base: Manifest | None = None, ranges: list[Extent] | None = None,
-          ranges_mode: str = "allocated", compression_level: int = 3, workers: int = 8,
+          ranges_mode: str = "allocated", compression_level: int = DEFAULT_COMPRESSION, workers: int = 8,
           journal_path: str | None = None, trust_journal: bool = True,
           check_exists: bool | str = "auto", progress: Progress | None = None,
           generation: int | None = None, parent: int | None = None,

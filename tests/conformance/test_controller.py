@@ -219,9 +219,9 @@ class TestCreateVolume:
         vol = driver.create(create_request(cap=mount_cap(flags=["noatime", "nodiratime"])))
         assert vol.volume_id
 
-    def test_should_fail_for_mutable_parameters_without_modify_volume(self, driver):
+    def test_should_fail_for_unknown_mutable_parameters(self, driver):
         req = create_request()
-        req.mutable_parameters["iops"] = "1000"
+        req.mutable_parameters["iops"] = "1000"         # test_modify.py: the mutable ones
         expect(C.INVALID_ARGUMENT, driver.controller.CreateVolume, req)
 
     def test_should_fail_for_an_invalid_mount_flag(self, driver):

@@ -22,10 +22,12 @@ flags = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--csi.")
 report = {{"flags": flags, "argv": sys.argv[1:]}}
 report["mountdir_exists"] = os.path.exists(flags["csi.mountdir"])
 report["stagingdir_exists"] = os.path.exists(flags["csi.stagingdir"])
+report["mountdir_parent_exists"] = os.path.isdir(os.path.dirname(flags["csi.mountdir"]))
 params = json.load(open(flags["csi.testvolumeparameters"]))
 report["params"] = params
 ch = grpc.insecure_channel(flags["csi.endpoint"])
 report["ready"] = rpc.IdentityStub(ch).Probe(pb.ProbeRequest()).ready.value
+report["max_volumes_per_node"] = rpc.NodeStub(ch).NodeGetInfo(pb.NodeGetInfoRequest()).max_volumes_per_node
 cap = pb.VolumeCapability(mount=pb.VolumeCapability.MountVolume(),
                           access_mode=pb.VolumeCapability.AccessMode(mode=1))
 vol = rpc.ControllerStub(ch).CreateVolume(pb.CreateVolumeRequest(
@@ -62,7 +64,11 @@ def test_runs_csi_sanity_against_a_live_driver_and_returns_its_exit_code(stand_i
     assert int(report["flags"]["csi.testvolumesize"]) == size
     assert int(report["flags"]["csi.testvolumeexpandsize"]) == 2 * size
     assert report["capacity"] >= size
-    assert report["context"]["persistence"] == "local"
+    assert report["context"]["persistence"] == "object"        # default StorageClass parameters
+    assert report["mountdir_parent_exists"]                     # csi-sanity mkdirs without -p
+    assert json.loads(open(report["flags"]["csi.testvolumemutableparameters"]).read()) == sanity.MUTABLE_PARAMS
+    assert report["flags"]["csi.testnodevolumeattachlimit"] == "true"
+    assert report["max_volumes_per_node"] == sanity.ATTACH_LIMIT
     assert report["params"] == params
     assert "-ginkgo.focus=Node" in report["argv"]
     assert "csi-sanity exited with 7" in capsys.readouterr().out

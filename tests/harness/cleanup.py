@@ -61,7 +61,7 @@ def cleanup_under(base: str) -> list[str]:
             break
         for m in mounts:
             left.append(m)
-            for dev in _loops_on(m):        # files on m backing loop devices keep m busy
+            for dev in _loops_on(m) + loops_under(m):    # files on m backing loop devices keep m busy
                 left.append(dev)
                 _detach(dev)
             subprocess.run(["umount", m], capture_output=True)

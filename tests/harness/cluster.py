@@ -117,7 +117,7 @@ class Cluster:
 
     def committed_chunks(self, vid: str) -> set[str]:
         """Bucket keys of the data chunks the volume's committed generation references."""
-        from csi_perssd.remote.chunks import chunk_key
+        from csi_perssd.remote.layout import chunk_key
         from csi_perssd.remote.manifest import Manifest
         cat = self.catalog()
         rec = cat.volume(vid)

@@ -1,9 +1,12 @@
 """Run the csi-sanity conformance tool against a `--mode all` driver (`make sanity CSI_SANITY=...`).
 
-Starts `csi-perssd serve --mode all` under a temporary directory (file:// catalog, rawfile
-backend), runs csi-sanity with a small test volume, mount and staging directories that do not
-exist yet and a parameters file, then stops the server, unmounts what is left under the
-temporary directory, detaches its loop devices, and exits with csi-sanity's exit code.
+Starts `csi-perssd serve --mode all` under a temporary directory (file:// catalog that is also
+the object store, rawfile backend, a small attach limit), runs csi-sanity with a small test
+volume, mount and staging directories that do not exist yet (their parent does: csi-sanity
+makes them with a plain mkdir), a parameters file (default StorageClass parameters) and a
+mutable-parameters file (ModifyVolume specs), with the node attach limit spec enabled; then
+stops the server, unmounts what is left under the temporary directory, detaches its loop
+devices, and exits with csi-sanity's exit code.
 
     python -m tests.harness.sanity /path/to/csi-sanity [--param persistence=object] [-- -ginkgo.focus=Node]
 """
@@ -19,7 +22,9 @@ from pathlib import Path
 
 from .procs import DriverProcess
 
-DEFAULT_PARAMS = {"persistence": "local"}      # no object-store round trip per test volume
+DEFAULT_PARAMS: dict[str, str] = {}            # the default StorageClass: persistence=object
+MUTABLE_PARAMS = {"compression": "3"}          # a VolumeAttributesClass for the ModifyVolume specs
+ATTACH_LIMIT = 4                               # max_volumes_per_node: the attach limit spec makes this many
 TEST_VOLUME_SIZE = 64 << 20
 XFS_VOLUME_SIZE = 320 << 20                     # mkfs.xfs wants >= 300 MiB (sparse: costs nothing)
 
@@ -35,7 +40,9 @@ def default_params() -> tuple[dict[str, str], int, str]:
             "no CAP_SYS_RESOURCE here (online ext4 resize impossible): test volumes use xfs")
 
 
-def sanity_argv(binary: str, socket: str, workdir: Path, params_file: Path, size: int, extra: list[str]) -> list[str]:
+def sanity_argv(binary: str, socket: str, workdir: Path, params_file: Path, size: int, extra: list[str],
+                mutable_file: Path | None = None) -> list[str]:
+    more = [f"--csi.testvolumemutableparameters={mutable_file}"] if mutable_file else []
     return [binary,
             f"--csi.endpoint=unix://{socket}",
             f"--csi.testvolumesize={size}",
@@ -43,7 +50,8 @@ def sanity_argv(binary: str, socket: str, workdir: Path, params_file: Path, size
             f"--csi.mountdir={workdir / 'sanity' / 'target'}",        # csi-sanity creates them
             f"--csi.stagingdir={workdir / 'sanity' / 'staging'}",
             f"--csi.testvolumeparameters={params_file}",
-            *extra]
+            "--csi.testnodevolumeattachlimit=true",
+            *more, *extra]
 
 
 def _mount_points_under(base: str) -> list[str]:
@@ -105,8 +113,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sanity: {args.binary} is not an executable file", file=sys.stderr)
         return 2
     params, size, why = default_params()
-    if args.param or args.volume_size:
-        params, size, why = dict(DEFAULT_PARAMS), TEST_VOLUME_SIZE, ""
     if args.volume_size:
         size = args.volume_size
     if why:
@@ -117,10 +123,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sanity: --param {kv!r} is not KEY=VALUE", file=sys.stderr)
             return 2
         params[key] = value
+    if params.get("fsType", "xfs") != "xfs" and size == XFS_VOLUME_SIZE and not args.volume_size:
+        size = TEST_VOLUME_SIZE
     work = Path(tempfile.mkdtemp(prefix="perssd-sanity-", dir=args.workdir))
     params_file = work / "parameters.yaml"
     params_file.write_text(json.dumps(params) + "\n")          # JSON is YAML
-    driver = DriverProcess(work, mode="all", node_id=args.node_id, pool=args.pool)
+    mutable_file = work / "mutable-parameters.yaml"
+    mutable_file.write_text(json.dumps(MUTABLE_PARAMS) + "\n")
+    (work / "sanity").mkdir()            # csi-sanity makes target/ and staging/ with a plain mkdir
+    driver = DriverProcess(work, mode="all", node_id=args.node_id, pool=args.pool,
+                           extra=["--max-volumes-per-node", str(ATTACH_LIMIT)])
     if len(driver.socket.encode()) > 107:
         print(f"sanity: socket path {driver.socket} is longer than a unix socket allows; use a shorter --workdir",
               file=sys.stderr)
@@ -128,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = 1
     try:
         driver.start()
-        cmd = sanity_argv(args.binary, driver.socket, work, params_file, size, extra)
+        cmd = sanity_argv(args.binary, driver.socket, work, params_file, size, extra, mutable_file)
         print("sanity: " + " ".join(cmd), flush=True)
         rc = subprocess.run(cmd).returncode
     except RuntimeError as e:           # the driver did not come up

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 
-from csi_perssd import gc
+from csi_perssd.remote import gc
 from tests.harness.cluster import block_cap
 
 from .conftest import MiB

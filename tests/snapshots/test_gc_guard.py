@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from csi_perssd import gc
+from csi_perssd.remote import gc
 from csi_perssd.remote import transfer
 from csi_perssd.remote.catalog import Catalog
 from csi_perssd.remote.manifest import Manifest

@@ -1,0 +1,191 @@
+"""The lazy volume's serving process: `python -m csi_perssd.lazy.server DIR`.
+
+It exposes the volume as one file, DIR/mnt/disk, through FUSE (mfusepy on libfuse3), which the
+node plugin attaches as a loop device. It runs in its own session, started detached by the
+plugin, and outlives the plugin: a restarted plugin finds it again by DIR/server.pid and its
+control socket (manager.py). It ends when its FUSE mount is unmounted (the plugin does that on
+NodeUnstage, after detaching the loop device) or on SIGTERM, persisting the hydration state.
+
+DIR holds: server.json (settings), manifest (the staged generation), state.json (hydration
+state), server.pid, server.log. The object store's secrets come on stdin, never on argv.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import mfusepy  # type: ignore[import-untyped]
+
+from ..remote.manifest import Manifest
+from ..remote.transfer import ChunkCorrupted
+from .fetch import FetchTimeout
+from .state import HydrationState
+from .volume import LazyVolume
+
+log = logging.getLogger("csi_perssd.lazy.server")
+FILE = "disk"
+
+
+class _Ops(mfusepy.Operations):
+    """One regular file, /disk, whose bytes are the volume's."""
+    use_ns = True
+
+    def __init__(self, vol: LazyVolume):
+        self.vol = vol
+        self.t = time.time_ns()
+
+    def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
+        base = {"st_uid": 0, "st_gid": 0, "st_atime": self.t, "st_mtime": self.t, "st_ctime": self.t}
+        if path == "/":
+            return {**base, "st_mode": stat.S_IFDIR | 0o700, "st_nlink": 2}
+        if path == "/" + FILE:
+            size = self.vol.size
+            return {**base, "st_mode": stat.S_IFREG | 0o600, "st_nlink": 1, "st_size": size,
+                    "st_blocks": (size + 511) // 512, "st_blksize": 4096}
+        raise mfusepy.FuseOSError(errno.ENOENT)
+
+    def readdir(self, path: str, fh: Any) -> list[str]:
+        return [".", "..", FILE]
+
+    def open(self, path: str, flags: int) -> int:
+        if path != "/" + FILE:
+            raise mfusepy.FuseOSError(errno.ENOENT)
+        return 0
+
+    def _io(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except ChunkCorrupted as e:
+            log.error("I/O error: %s (this range only; the local volume is unchanged)", e)
+        except FetchTimeout as e:
+            log.error("I/O error: %s", e)
+        except OSError as e:
+            log.error("I/O error on the local volume: %s", e)
+        raise mfusepy.FuseOSError(errno.EIO)
+
+    def read(self, path: str, size: int, offset: int, fh: Any) -> bytes:
+        return self._io(self.vol.read, offset, size)
+
+    def write(self, path: str, data: bytes, offset: int, fh: Any) -> int:
+        return self._io(self.vol.write, offset, data)
+
+    def fsync(self, path: str, datasync: int, fh: Any) -> int:
+        self._io(self.vol.fsync)
+        return 0
+
+    def flush(self, path: str, fh: Any) -> int:
+        return 0
+
+    def truncate(self, path: str, length: int, fh: Any = None) -> int:
+        raise mfusepy.FuseOSError(errno.EPERM)      # the volume's size is the backend's business
+
+    def statfs(self, path: str) -> dict[str, int]:
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
+
+
+def _control(vol: LazyVolume, sock_path: str, stop: threading.Event) -> None:
+    """Control socket: one JSON request per connection: {"op": "status" | "sync"}."""
+    Path(sock_path).unlink(missing_ok=True)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(sock_path)
+    os.chmod(sock_path, 0o600)
+    srv.listen(8)
+    srv.settimeout(0.5)
+    while not stop.is_set():
+        try:
+            conn, _ = srv.accept()
+        except TimeoutError:
+            continue
+        with conn:
+            conn.settimeout(5)
+            try:
+                req = json.loads(conn.makefile("rb").readline() or b"{}")
+                if req.get("op") == "sync":
+                    vol.persist()
+                reply: dict[str, Any] = {"ok": True, "pid": os.getpid(), **vol.status()}
+            except (OSError, ValueError) as e:
+                reply = {"ok": False, "error": str(e)}
+            try:
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+            except OSError:
+                pass
+    srv.close()
+    Path(sock_path).unlink(missing_ok=True)
+
+
+def _store(settings: dict[str, Any], secrets: dict[str, str]) -> Any:  # an ObjectStore
+    """The object store, as the plugin opens it; its own retry budget capped by the fetch timeout
+    (fetch.py retries on top of it until the timeout)."""
+    import dataclasses
+
+    from ..config import Config
+    from ..stores import Stores
+    cfg = Config(catalog=settings["catalog"], s3_endpoint=settings.get("s3_endpoint", ""),
+                 s3_region=settings.get("s3_region", ""), s3_ca_bundle=settings.get("s3_ca_bundle", ""))
+    st: Any = Stores(cfg).store(secrets)
+    retry = getattr(st, "retry", None)
+    if retry is not None:
+        budget = max(1.0, float(settings["fetch_timeout"]) / 2)
+        st.retry = dataclasses.replace(retry, deadline_s=min(retry.deadline_s, budget))
+    return st
+
+
+def _pidfile(d: Path) -> None:
+    from .manager import proc_start_time
+    data = json.dumps({"pid": os.getpid(), "start": proc_start_time(os.getpid())}).encode()
+    from ..atomic import write_atomic
+    write_atomic(d / "server.pid", data)
+
+
+def serve(d: Path, secrets: dict[str, str]) -> int:
+    settings = json.loads((d / "server.json").read_text())
+    manifest = Manifest.decode((d / "manifest").read_bytes())
+    state = HydrationState.load(str(d / "state.json"))
+    vol = LazyVolume.from_store(settings["disk"], manifest, state, str(d / "state.json"),
+                                _store(settings, secrets), float(settings["fetch_timeout"]),
+                                int(settings.get("workers", 8)))
+    stop = threading.Event()
+    ctl = threading.Thread(target=_control, args=(vol, settings["socket"], stop), daemon=True)
+    ctl.start()
+    mnt = d / "mnt"
+    mnt.mkdir(exist_ok=True)
+    _pidfile(d)
+    vol.start()
+    log.info("serving %s (%d chunks, %d missing) at %s", settings["disk"], state.chunks,
+             state.missing_count, mnt / FILE)
+    try:
+        mfusepy.FUSE(_Ops(vol), str(mnt), foreground=True, nothreads=False, fsname="perssd-lazy",
+                     subtype="perssd", default_permissions=True,
+                     attr_timeout=0, entry_timeout=0)
+    finally:
+        stop.set()
+        vol.stop()
+        vol.close()
+        (d / "server.pid").unlink(missing_ok=True)
+        log.info("stopped: %s", json.dumps(vol.status()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m csi_perssd.lazy.server DIR (secrets as JSON on stdin)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raw = sys.stdin.read() if not sys.stdin.isatty() else ""
+    secrets = json.loads(raw) if raw.strip() else {}
+    return serve(Path(args[0]), secrets)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

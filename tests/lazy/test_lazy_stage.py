@@ -1,0 +1,130 @@
+"""Lazy hydration (StorageClass hydrate: lazy) on the FUSE + loop path, background hydration off:
+every chunk the node holds was fetched because a read or a write asked for it.
+
+A raw block volume: the test reads and writes the exact device bytes (O_DIRECT, so the page cache
+and readahead do not fetch chunks the test did not ask for)."""
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+import pytest
+
+from tests.harness.cluster import Cluster, block_cap
+from tests.plugins.s3 import seaweed_outage
+
+from .helpers import (
+    CHUNK,
+    LAZY,
+    MiB,
+    committed,
+    manager,
+    pread_direct,
+    pwrite_sync,
+    server_log,
+    status,
+    write_device,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.s3]
+CLUSTER = {"node_extra": ["--lazy-background-workers", "0", "--lazy-fetch-timeout-seconds", "3"]}
+
+
+def _volume(cl: Cluster, name: str, size: int, data: bytes) -> str:
+    """A lazy volume whose committed generation 1 holds `data` at offset 0 (written on node-a)."""
+    cap = block_cap()
+    vid = cl.create(name, size, cap=cap, params=LAZY)
+    target = cl.attach("node-a", vid, cap=cap)      # generation 0: nothing to hydrate
+    assert not manager(cl, "node-a").active(vid)
+    write_device(target, data)
+    cl.release("node-a", vid)
+    return vid
+
+
+def test_lazy_stage_serves_reads_on_demand_and_flushes_only_written_chunks(cluster: Cluster):
+    cl, cap = cluster, block_cap()
+    data = os.urandom(48 * MiB)                    # chunks 0-11 hold data, 12-15 are holes
+    vid = _volume(cl, "lazy-demand", 64 * MiB, data)
+    gen1 = committed(cl, vid)
+    assert gen1.data_chunks == 12
+
+    t0 = time.monotonic()
+    target = cl.attach("node-b", vid, cap=cap)
+    stage_s = time.monotonic() - t0
+    st = status(cl, "node-b", vid)
+    assert (st["missing"], st["on_demand"], st["background"]) == (12, 0, 0), st
+    assert stage_s < 10
+
+    assert pread_direct(target, 2 * CHUNK + 64 * 1024, MiB) == data[2 * CHUNK + 64 * 1024:][:MiB]
+    assert pread_direct(target, 13 * CHUNK, 4096) == bytes(4096)        # a hole: nothing to fetch
+    assert status(cl, "node-b", vid)["on_demand"] == 1, "one read of one chunk fetches one chunk"
+
+    # a partial write to a missing chunk fills it first; a write to a hole needs no fetch
+    pwrite_sync(target, 5 * CHUNK + 8192, b"B" * 4096)
+    pwrite_sync(target, 14 * CHUNK, b"H" * 4096)
+    st = status(cl, "node-b", vid)
+    assert (st["on_demand"], st["missing"]) == (2, 10), st
+    model = bytearray(data + bytes(16 * MiB))
+    model[5 * CHUNK + 8192:5 * CHUNK + 12288] = b"B" * 4096
+    model[14 * CHUNK:14 * CHUNK + 4096] = b"H" * 4096
+    assert pread_direct(target, 5 * CHUNK, CHUNK) == model[5 * CHUNK:6 * CHUNK]
+
+    before = set(cl.chunks())
+    cl.release("node-b", vid)                      # released with 10 chunks never fetched
+    gen2 = committed(cl, vid)
+    assert gen2.generation == 2
+    assert len(set(cl.chunks()) - before) == 2, "only the two chunks written on node-b are uploaded"
+    changed = [i for i, (a, b) in enumerate(zip(gen1.entries, gen2.entries)) if a != b]
+    assert changed == [5, 14], "never-fetched chunks keep their manifest entries"
+    assert manager(cl, "node-b").active(vid), "the hydration state stays for a later stage here"
+
+    # node-a's copy is stale now (generation 2 came from node-b): it stages lazily again
+    target = cl.attach("node-a", vid, cap=cap)
+    assert pread_direct(target, 0, 64 * MiB) == bytes(model)
+    assert status(cl, "node-a", vid)["missing"] == 0
+    cl.release("node-a", vid)
+    assert not manager(cl, "node-a").active(vid), "fully hydrated: the next stage is native"
+    cl.delete(vid)
+
+
+def test_chunk_altered_in_bucket_is_an_io_error_for_its_range_only(cluster: Cluster):
+    cl, cap = cluster, block_cap()
+    data = os.urandom(16 * MiB)
+    vid = _volume(cl, "lazy-corrupt", 16 * MiB, data)
+    h = committed(cl, vid).entries[2]
+    assert h is not None
+    key = f"{cl.prefix}/chunks/{h[:2]}/{h}"
+    client = cl.seaweed.client()
+    client.put_object(Bucket=cl.seaweed.bucket, Key=key, Body=b"\x00" + os.urandom(CHUNK))
+
+    target = cl.attach("node-b", vid, cap=cap)
+    with pytest.raises(OSError) as e:
+        pread_direct(target, 2 * CHUNK, 4096)
+    assert e.value.errno == errno.EIO
+    assert pread_direct(target, CHUNK, CHUNK) == data[CHUNK:2 * CHUNK]
+    assert pread_direct(target, 3 * CHUNK, CHUNK) == data[3 * CHUNK:]
+    with pytest.raises(OSError):
+        pread_direct(target, 2 * CHUNK + CHUNK - 4096, 4096)    # still an error: never wrong data
+    assert "does not match its BLAKE3 hash" in server_log(cl, "node-b", vid)
+    assert status(cl, "node-b", vid)["missing"] == 2                # chunks 0 and 2
+    cl.release("node-b", vid)
+    cl.delete(vid)
+
+
+def test_store_outage_during_on_demand_read_waits_then_fails_and_recovers(cluster: Cluster, seaweed):
+    cl, cap = cluster, block_cap()
+    data = os.urandom(8 * MiB)
+    vid = _volume(cl, "lazy-outage", 8 * MiB, data)
+    target = cl.attach("node-b", vid, cap=cap)
+    with seaweed_outage(seaweed):
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as e:
+            pread_direct(target, CHUNK, 4096)
+        waited = time.monotonic() - t0
+    assert e.value.errno == errno.EIO
+    assert 2.5 <= waited < 30, f"the read waited {waited:.1f}s (timeout 3s)"
+    assert "object store unreachable for 3s" in server_log(cl, "node-b", vid)
+    assert pread_direct(target, 0, 8 * MiB) == data, "after the outage the same reads succeed"
+    cl.release("node-b", vid)
+    cl.delete(vid)
