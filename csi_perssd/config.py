@@ -44,6 +44,7 @@ class Config:
     freeze_timeout_seconds: float = 10.0
     unstage_wait_seconds: float = 20.0        # NodeUnstage waits this long for a flush before ABORTED
     enable_alpha: bool = False
+    enable_snapshot_metadata: bool = False    # the SnapshotMetadata service (CSI alpha_service)
     # Events on the volume's PVC (events.py): auto = when running in a pod or with --kubeconfig
     pvc_events: str = "auto"                  # auto | on | off
     kubeconfig: str = ""                      # outside a pod: the API server to post events to

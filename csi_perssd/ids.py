@@ -23,6 +23,7 @@ _NODE_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
 
 VOLUME_PREFIX = "pvol-"
 SNAPSHOT_PREFIX = "psnap-"
+GROUP_PREFIX = "pgrp-"
 
 
 def new_volume_id() -> str:
@@ -31,6 +32,10 @@ def new_volume_id() -> str:
 
 def new_snapshot_id() -> str:
     return SNAPSHOT_PREFIX + uuid.uuid4().hex
+
+
+def new_group_snapshot_id() -> str:
+    return GROUP_PREFIX + uuid.uuid4().hex
 
 
 def _check(kind: str, value: str, regex: re.Pattern[str], limit: int) -> str:
@@ -52,6 +57,10 @@ def volume_id(value: str) -> str:
 
 def snapshot_id(value: str) -> str:
     return _check("snapshot_id", value, _ID_RE, MAX_ID_BYTES)
+
+
+def group_snapshot_id(value: str) -> str:
+    return _check("group_snapshot_id", value, _ID_RE, MAX_ID_BYTES)
 
 
 def node_id(value: str) -> str:

@@ -39,23 +39,25 @@ class Runtime:
         self.stop_event = threading.Event()
         self.backend: Backend | None = None
         self.node: Any = None
+        self.volumes: Any = None        # local.volumes.LocalVolumes (node and all modes)
         self.sync: Any = None
         self.controller: Controller | None = None
         self._threads: list[threading.Thread] = []
         local_node = None
         if cfg.mode in ("node", "all"):
             from .local.state import NodeState
+            from .local.volumes import LocalVolumes
             from .node import Node
             from .sync import VolumeSync
             if not cfg.node_id:
                 raise ValueError("--node-id is required in node and all modes")
             self.backend = make_backend(cfg)
-            state = NodeState(cfg.state_dir)
+            self.volumes = LocalVolumes(NodeState(cfg.state_dir))
             from . import events, metrics
-            self.sync = VolumeSync(cfg, self.stores, self.backend, state,
+            self.sync = VolumeSync(cfg, self.stores, self.backend, self.volumes,
                                    events=events.from_config(cfg))
-            metrics.watch_local_volumes(state.all)
-            self.node = Node(cfg, self.stores, self.backend, state, self.sync)
+            metrics.watch_local_volumes(self.volumes.all)
+            self.node = Node(cfg, self.stores, self.backend, self.volumes, self.sync)
             local_node = self.node_record()
         if cfg.mode in ("controller", "all"):
             # ignore[abstract] until Controller implements ControllerModifyVolume and GetSnapshot (the base
@@ -66,8 +68,18 @@ class Runtime:
                 self.controller.snapshots = Snapshots(cfg, self.stores, self.controller)
             except ImportError:
                 pass
-        self.identity = Identity(has_controller=self.controller is not None, problems=self.problems)
-        self.server = Server(cfg.socket_path, self.identity, self.controller, self.node)
+        group = None
+        if self.controller is not None and self.controller.snapshots is not None:
+            from .groupsnap import GroupSnapshots
+            group = GroupSnapshots(self.stores, self.controller)
+        metadata = None
+        if self.controller is not None and cfg.enable_snapshot_metadata:
+            from .snapmeta import SnapshotMetadata
+            metadata = SnapshotMetadata(self.stores)
+        self.identity = Identity(has_controller=self.controller is not None, problems=self.problems,
+                                 has_group_controller=group is not None, has_snapshot_metadata=metadata is not None)
+        self.server = Server(cfg.socket_path, self.identity, self.controller, self.node, group=group,
+                             metadata=metadata)
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -130,8 +142,11 @@ class Runtime:
             self.controller.snapshots.start_background(self)
         if self.node is not None:
             try:
+                from .groupcut import GroupCutWorker
                 from .snapshots import NodeSnapshotWorker
-                NodeSnapshotWorker(self).start()
+                single = NodeSnapshotWorker(self)
+                single.start()
+                GroupCutWorker(self, single).start()
             except ImportError:
                 pass
         self.server.start()

@@ -26,8 +26,10 @@ from google.protobuf import timestamp_pb2
 from . import encryption, ids
 from .config import Config
 from .csi import csi_pb2 as pb
-from .errors import Code, CsiError, aborted, invalid, not_found
+from .errors import Code, CsiError, aborted, invalid, not_found, precondition
 from .local import fs
+from .local.state import Phase
+from .local.volumes import STAGED_PHASES
 from .remote.catalog import Catalog, SnapshotRecord, VolumeRecord
 from .remote.codec import PLAIN, Codec, manifest_summary
 from .remote.guard import FlushGuard
@@ -80,7 +82,8 @@ class Snapshots:
 
     def proto(self, rec: SnapshotRecord) -> pb.Snapshot:
         return pb.Snapshot(size_bytes=rec.size, snapshot_id=rec.id, source_volume_id=rec.source_volume,
-                           creation_time=_ts(rec.created_at), ready_to_use=rec.ready)
+                           creation_time=_ts(rec.created_at), ready_to_use=rec.ready,
+                           group_snapshot_id=rec.group)
 
     # -- CreateSnapshot --------------------------------------------------------------------
     def create(self, request: Any) -> pb.CreateSnapshotResponse:
@@ -132,19 +135,21 @@ class Snapshots:
             vol.encryption, secrets, self.cfg, f"snapshot of volume {vol.id}", "snapshotter"))
 
     def pin_generation(self, cat: Catalog, snap: SnapshotRecord, vol: VolumeRecord,
-                       empty_codec: Callable[[], Codec] = lambda: PLAIN) -> SnapshotRecord:
+                       empty_codec: Callable[[], Codec] | None = None) -> SnapshotRecord:
         """Make the snapshot refer to the volume's committed generation: copy its manifest, byte
         for byte (a sealed one needs no key: its public header names the chunks to claim).
         Guarded against a concurrent garbage collection that prunes that generation. A volume
         never flushed gets an empty manifest, encoded by `empty_codec()` (its lineage's, for
-        an encrypted volume: the one case that needs the KEK)."""
+        an encrypted volume: the one case that needs the KEK; by default the configured one)."""
         guard = FlushGuard.begin(cat.store, f"snapshot {snap.id}")
         try:
             vol = cat.volume(vol.id)
             if vol.generation:
                 data = cat.get_manifest(vol.id, vol.generation)
             else:
-                data = empty_codec().encode_manifest(Manifest.empty(vol.size, vol.chunk_size))
+                codec = empty_codec() if empty_codec is not None else encryption.codec_for(
+                    vol.encryption, None, self.cfg, f"snapshot of volume {vol.id}", "snapshotter")
+                data = codec.encode_manifest(Manifest.empty(vol.size, vol.chunk_size))
             refs, size = manifest_summary(data, f"volume {vol.id} generation {vol.generation}")
             guard.claim(refs, manifests=[snapshot_manifest_key(snap.id)])
             with reachable(cat.store):
@@ -179,6 +184,9 @@ class Snapshots:
             rec = cat.get_snapshot(sid)
             if rec is None:
                 return pb.DeleteSnapshotResponse()
+            if rec.group and cat.get_group(rec.group) is not None:
+                raise precondition(f"snapshot {sid} is a member of group snapshot {rec.group}; "
+                                   "delete the group snapshot (DeleteVolumeGroupSnapshot) instead")
             if rec.node:
                 cat.store.delete(request_key(rec.node, sid))
             cat.store.delete(snapshot_manifest_key(sid))
@@ -372,8 +380,8 @@ class NodeSnapshotWorker:
         snap = cat.get_snapshot(sid)
         if snap is None or snap.ready:
             return True
-        node, backend = self.rt.node, self.rt.backend
-        lv = node.state.get(vid)
+        backend, vols = self.rt.backend, self.rt.volumes
+        lv = vols.get(vid)
         vol = cat.get_volume(vid)
         if vol is None:
             self._fail(cat, sid, f"source volume {vid} was deleted")
@@ -383,35 +391,55 @@ class NodeSnapshotWorker:
             Snapshots(self.rt.cfg, self.rt.stores, None).pin_generation(
                 cat, snap, vol, lambda: self.rt.sync.codec(vol))
             return True
-        if not lv.staged:
-            if lv.dirty:
+        if lv.phase not in STAGED_PHASES:
+            if lv.phase in (Phase.FLUSHING, Phase.DIRTY):
                 return False            # the unstage flush will commit; pin after it
             Snapshots(self.rt.cfg, self.rt.stores, None).pin_generation(
                 cat, snap, vol, lambda: self.rt.sync.codec(vol))
             return True
         local = sid
         try:
-            with node.locks.hold(vid):
-                t0 = time.monotonic()
-                cut_at = time.time()
-                if lv.access_type == "mount" and fs.mount_info(lv.staged_path) is not None and not lv.readonly:
-                    with fs.frozen(lv.staged_path, self.rt.cfg.freeze_timeout_seconds):
-                        changed = self.rt.sync.lazy.changed_extents(vid)
-                        path = backend.snapshot(vid, local)
-                else:
-                    changed = self.rt.sync.lazy.changed_extents(vid)
-                    path = backend.snapshot(vid, local)
-                frozen_s = time.monotonic() - t0
+            cut = self._cut(vid, local)
         except CsiError as e:
             if e.code == Code.ABORTED:
                 return False            # an RPC holds the volume; next round
             raise
+        if cut is None:
+            return False                # unstaged meanwhile: the next round pins or waits
+        path, cut_at, frozen_s, changed = cut
         log.info("snapshot %s of %s: point-in-time copy taken in %.3fs (file system frozen meanwhile)", sid, vid, frozen_s)
+        self.upload_copy(cat, snap, path, vid, cut_at, changed)
+        return True
+
+    def _cut(self, vid: str, local: str) -> tuple[str, float, float, list[Any] | None] | None:
+        """Take the point-in-time copy `local` of a staged volume under its operation lock
+        (file system frozen while it is taken, with the lazy volume's written extents);
+        None when it is no longer staged."""
+        backend, vols = self.rt.backend, self.rt.volumes
+        with vols.hold(vid):
+            lv = vols.get(vid)
+            if lv is None or lv.phase not in STAGED_PHASES:
+                return None
+            t0 = time.monotonic()
+            cut_at = time.time()
+            if lv.access_type == "mount" and fs.mount_info(lv.staged_path) is not None and not lv.readonly:
+                with fs.frozen(lv.staged_path, self.rt.cfg.freeze_timeout_seconds):
+                    changed = self.rt.sync.lazy.changed_extents(vid)
+                    path = backend.snapshot(vid, local)
+            else:
+                changed = self.rt.sync.lazy.changed_extents(vid)
+                path = backend.snapshot(vid, local)
+            return path, cut_at, time.monotonic() - t0, changed
+
+    def upload_copy(self, cat: Catalog, snap: SnapshotRecord, path: str, vid: str, cut_at: float,
+                    changed: list[Any] | None = None) -> None:
+        """Upload the point-in-time copy `backend.snapshot(vid, snap.id)` made (`changed`: the lazy
+        volume's written extents, taken with the copy), mark the snapshot ready, and drop the
+        local copy (also when the upload fails)."""
         try:
             self._upload(cat, snap, path, vid, cut_at, changed)
         finally:
-            backend.delete_snapshot(vid, local)
-        return True
+            self.rt.backend.delete_snapshot(vid, snap.id)
 
     def _upload(self, cat: Catalog, snap: SnapshotRecord, path: str, vid: str, cut_at: float,
                 changed: list[Any] | None = None) -> None:

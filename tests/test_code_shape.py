@@ -16,7 +16,6 @@ GENERATED = {"csi_pb2.py", "csi_pb2_grpc.py"}
 ALLOWED: dict[str, int] = {
     "remote/transfer.py::flush": 199,
     "remote/transfer.py::hydrate": 92,
-    "sync.py::VolumeSync._flush_guarded": 81,
 }
 
 

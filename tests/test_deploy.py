@@ -17,6 +17,7 @@ would accept and then fail on at run time, is checked statically:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -53,7 +54,7 @@ S3_SECRET = "perssd-s3"
 # Every kustomization a user is told to apply; a new one must be added here (and is then
 # rendered, validated and checked like the others).
 KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/external-s3", "overlays/external-s3-private-ca"]
-EXAMPLE_FILES = ["job.yaml", "pvc-pod.yaml", "snapshot-restore.yaml", "statefulset.yaml",
+EXAMPLE_FILES = ["argo-workflow.yaml", "job.yaml", "pvc-pod.yaml", "snapshot-restore.yaml", "statefulset.yaml",
                  "tekton-pipeline.yaml", "tekton-pipelinerun.yaml"]
 
 # Sidecar images: registry.k8s.io/sig-storage, at least these releases (the newest confirmed
@@ -213,6 +214,24 @@ def pods(objs: Iterable[dict[str, Any]]) -> list[PodRef]:
             out.append(PodRef(o, o["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
         elif o["kind"] == "Pod":
             out.append(PodRef(o, o["spec"]))
+        elif o["kind"] == "Workflow":
+            out += [PodRef(o, _argo_pod_spec(o, t)) for t in o["spec"]["templates"] if "container" in t]
+    return out
+
+
+def _argo_pod_spec(wf: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
+    """The pod spec Argo builds for a container template (its container, the workflow's volumes
+    and its claim templates as volumes, the template's scheduling fields)."""
+    spec = wf["spec"]
+    vols = list(spec.get("volumes", [])) + [
+        {"name": t["metadata"]["name"], "persistentVolumeClaim": {"claimName": t["metadata"]["name"]}}
+        for t in spec.get("volumeClaimTemplates", [])]
+    out = {"containers": [{"name": "main", **template["container"]}], "volumes": vols}
+    for k in ("nodeSelector", "affinity", "tolerations"):
+        if k in template:
+            out[k] = template[k]
+    if "securityContext" in spec:
+        out["securityContext"] = spec["securityContext"]
     return out
 
 
@@ -271,7 +290,29 @@ CRD_SCHEMAS = {
     ("tekton.dev/v1", "Task"): "tekton.dev/task-v1.json",
     ("tekton.dev/v1", "Pipeline"): "tekton.dev/pipeline-v1.json",
     ("tekton.dev/v1", "PipelineRun"): "tekton.dev/pipelinerun-v1.json",
+    ("argoproj.io/v1alpha1", "Workflow"): "argoproj.io/workflow-v1alpha1.json",
 }
+
+
+def _strict(schema: Any) -> Any:
+    """An OpenAPI structural schema as the API server applies it with strict field validation:
+    an object with declared properties rejects any other field (unless it preserves unknown
+    fields). Used for the Argo CRD schema, which like every CRD schema leaves that implicit."""
+    if isinstance(schema, list):
+        return [_strict(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def _crd_schema(rel: str) -> dict[str, Any]:
+    schema = _load_schema(rel)
+    return _strict(schema) if rel.startswith("argoproj.io/") else schema
 
 
 def _k8s_validate(obj: dict[str, Any], what: str) -> None:
@@ -310,15 +351,28 @@ def _tekton_embedded(obj: dict[str, Any]) -> Iterator[dict[str, Any]]:
                        "spec": vct["spec"]}
 
 
+def _argo_embedded(obj: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The Pods and claims an Argo Workflow makes, for the Kubernetes schemas."""
+    if obj["kind"] != "Workflow":
+        return
+    for t in obj["spec"]["templates"]:
+        if "container" in t:
+            yield {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"wf-{t['name']}"},
+                   "spec": _argo_pod_spec(obj, t)}
+    for vct in obj["spec"].get("volumeClaimTemplates", []):
+        yield {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": vct["metadata"],
+               "spec": vct["spec"]}
+
+
 def validate_object(obj: dict[str, Any], what: str) -> None:
     assert "apiVersion" in obj and "kind" in obj and "metadata" in obj, f"{what}: not a Kubernetes object: {obj}"
     key = (obj["apiVersion"], obj["kind"])
     if key in CRD_SCHEMAS:
-        schema = _load_schema(CRD_SCHEMAS[key])
+        schema = _crd_schema(CRD_SCHEMAS[key])
         errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(obj), key=str)
         assert not errors, (f"{what}: {obj['kind']}/{obj['metadata'].get('name')}: "
                             + "; ".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors))
-        for sub in _tekton_embedded(obj) if key[0] == "tekton.dev/v1" else ():
+        for sub in _tekton_embedded(obj) if key[0] == "tekton.dev/v1" else _argo_embedded(obj):
             _k8s_validate(sub, f"{what} ({obj['kind']} embedded {sub['kind']})")
         return
     try:
@@ -406,6 +460,32 @@ def test_validation_can_fail() -> None:
     task["spec"]["steps"][0]["env"][0]["valueFrom"]["fieldRef"]["fieldPat"] = "spec.nodeName"
     with pytest.raises(BaseException):      # pytest.fail from the embedded Pod check
         validate_object(task, "mutated")
+    wf = copy.deepcopy(load_example("argo-workflow.yaml")[0])
+    wf["spec"]["templates"][1]["nodeSelectr"] = wf["spec"]["templates"][1].pop("nodeSelector")
+    with pytest.raises(AssertionError):
+        validate_object(wf, "mutated")
+    wf = copy.deepcopy(load_example("argo-workflow.yaml")[0])
+    wf["spec"]["volumeClaimTemplates"][0]["spec"]["accessModes"] = "ReadWriteOnce"
+    with pytest.raises(AssertionError):
+        validate_object(wf, "mutated")
+
+
+def test_argo_workflow_shares_one_perssd_volume_across_nodes() -> None:
+    wf = one(load_example("argo-workflow.yaml"), "Workflow")
+    spec = wf["spec"]
+    (vct,) = spec["volumeClaimTemplates"]
+    assert vct["spec"]["storageClassName"] == "perssd-nvme"
+    containers = [t for t in spec["templates"] if "container" in t]
+    assert len(containers) >= 2
+    for t in containers:
+        assert [m["name"] for m in t["container"]["volumeMounts"]] == [vct["metadata"]["name"]]
+    nodes = [t["nodeSelector"]["kubernetes.io/hostname"] for t in containers]
+    params = {p["name"]: p["value"] for p in spec["arguments"]["parameters"]}
+    resolved = [re.sub(r"\{\{workflow\.parameters\.([\w-]+)\}\}", lambda m: params[m.group(1)], n)
+                for n in nodes]
+    assert len(set(resolved)) == len(resolved), f"steps are not pinned to different nodes: {resolved}"
+    steps = [s["template"] for group in spec["templates"][0]["steps"] for s in group]
+    assert steps == [t["name"] for t in containers]          # one after the other
 
 
 # ============================================================================================
@@ -496,7 +576,7 @@ def test_variable_references_resolve(where: str, objs: list[dict[str, Any]]) -> 
 def test_volume_mounts_name_existing_volumes(where: str, objs: list[dict[str, Any]]) -> None:
     for pod in pods(objs):
         vols = {v["name"] for v in pod.spec.get("volumes", [])}
-        if pod.owner["kind"] == "StatefulSet":
+        if pod.owner["kind"] in ("StatefulSet", "Workflow"):
             vols |= {t["metadata"]["name"] for t in pod.owner["spec"].get("volumeClaimTemplates", [])}
         for c in pod.containers():
             for m in c.get("volumeMounts", []):
@@ -516,7 +596,7 @@ def test_storage_users_name_perssd_classes(where: str, objs: list[dict[str, Any]
         specs = []
         if o["kind"] == "PersistentVolumeClaim":
             specs.append(o["spec"])
-        if o["kind"] == "StatefulSet":
+        if o["kind"] in ("StatefulSet", "Workflow"):
             specs += [t["spec"] for t in o["spec"].get("volumeClaimTemplates", [])]
         if o["kind"] == "PipelineRun":
             specs += [w["volumeClaimTemplate"]["spec"] for w in o["spec"]["workspaces"] if "volumeClaimTemplate" in w]

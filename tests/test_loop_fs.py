@@ -381,3 +381,37 @@ def test_volume_stats_numbers_are_sane(tmp_path):
     with pytest.raises(CsiError) as e:
         fs.volume_stats(str(tmp_path / "gone"))
     assert e.value.code == Code.NOT_FOUND
+
+
+def test_frozen_all_freezes_the_whole_group_and_thaws_it(tmp_path):
+    targets = [str(tmp_path / f"grp{i}") for i in range(2)]
+    with attached(str(tmp_path / "g0.img"), 64 * MiB) as d0, attached(str(tmp_path / "g1.img"), 64 * MiB) as d1, \
+            cleanup_mounts(*targets):
+        for dev, target in zip((d0, d1), targets):
+            fs.ensure_fs(dev, "ext4")
+            fs.ensure_mounted(dev, target, "ext4", [])
+        with fs.frozen_all(targets, timeout_s=30) as guard:
+            assert not any(writable_within(t, 0.3) for t in targets)
+        assert not guard.timed_out and all(writable_within(t) for t in targets)
+        fs.freeze(targets[1])                               # a failing freeze thaws the ones before it
+        try:
+            with pytest.raises(CsiError) as e, fs.frozen_all(targets, timeout_s=30):
+                pytest.fail("the body must not run")
+            assert e.value.code == Code.FAILED_PRECONDITION
+            assert writable_within(targets[0])
+        finally:
+            fs.thaw(targets[1])
+
+
+def test_frozen_all_one_watchdog_for_the_group(tmp_path):
+    targets = [str(tmp_path / f"wd{i}") for i in range(2)]
+    with attached(str(tmp_path / "w0.img"), 64 * MiB) as d0, attached(str(tmp_path / "w1.img"), 64 * MiB) as d1, \
+            cleanup_mounts(*targets):
+        for dev, target in zip((d0, d1), targets):
+            fs.ensure_fs(dev, "ext4")
+            fs.ensure_mounted(dev, target, "ext4", [])
+        with pytest.raises(CsiError) as e, fs.frozen_all(targets, timeout_s=0.5) as guard:
+            time.sleep(1.0)
+            assert guard.timed_out
+            assert all(writable_within(t) for t in targets)  # every member thawed while the body runs
+        assert e.value.code == Code.INTERNAL and "watchdog" in e.value.message

@@ -51,6 +51,8 @@ def add_parser(sub: Any) -> None:
     add(s, "--enable-alpha", c.enable_alpha, "enable alpha CSI capabilities")
     add(s, "--encryption-key-file", c.encryption_key_file,
         "KEK for encrypted volumes when the call's secret has no encryptionKey (file: base64 of 32 bytes)")
+    add(s, "--enable-snapshot-metadata", c.enable_snapshot_metadata,
+        "serve the SnapshotMetadata service (CSI alpha; for the external-snapshot-metadata sidecar)")
     add(s, "--pvc-events", c.pvc_events, "post Events on volumes' PVCs (auto: in a pod or with --kubeconfig)",
         choices=("auto", "on", "off"))
     add(s, "--kubeconfig", c.kubeconfig, "kubeconfig of the API server for events (default: the pod's service account)")

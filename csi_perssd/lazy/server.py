@@ -27,7 +27,7 @@ import mfusepy  # type: ignore[import-untyped]
 
 from ..remote.manifest import Manifest
 from ..remote.transfer import ChunkCorrupted
-from .fetch import FetchTimeout
+from .fetch import FetchTimeout, fetch_chunk
 from .state import HydrationState
 from .volume import LazyVolume
 
@@ -139,6 +139,26 @@ def _store(settings: dict[str, Any], secrets: dict[str, str]) -> Any:  # an Obje
     return st
 
 
+class _Fetcher:
+    """fetch_chunk on a store opened at the first fetch (boto3 takes a second to import and set
+    up: the mount, and so NodeStage, does not wait for it)."""
+
+    def __init__(self, settings: dict[str, Any], secrets: dict[str, str], chunk_size: int):
+        self.settings, self.secrets, self.chunk_size = settings, secrets, chunk_size
+        self.timeout = float(settings["fetch_timeout"])
+        self._store: Any = None
+        self._mu = threading.Lock()
+
+    def store(self) -> Any:
+        with self._mu:
+            if self._store is None:
+                self._store = _store(self.settings, self.secrets)
+            return self._store
+
+    def __call__(self, h: str) -> bytes | memoryview:
+        return fetch_chunk(self.store(), h, self.chunk_size, self.timeout)
+
+
 def _pidfile(d: Path) -> None:
     from .manager import proc_start_time
     data = json.dumps({"pid": os.getpid(), "start": proc_start_time(os.getpid())}).encode()
@@ -150,9 +170,8 @@ def serve(d: Path, secrets: dict[str, str]) -> int:
     settings = json.loads((d / "server.json").read_text())
     manifest = Manifest.decode((d / "manifest").read_bytes())
     state = HydrationState.load(str(d / "state.json"))
-    vol = LazyVolume.from_store(settings["disk"], manifest, state, str(d / "state.json"),
-                                _store(settings, secrets), float(settings["fetch_timeout"]),
-                                int(settings.get("workers", 8)))
+    vol = LazyVolume(settings["disk"], manifest, state, str(d / "state.json"),
+                     _Fetcher(settings, secrets, manifest.chunk_size), int(settings.get("workers", 8)))
     stop = threading.Event()
     ctl = threading.Thread(target=_control, args=(vol, settings["socket"], stop), daemon=True)
     ctl.start()

@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 
 from ..remote.chunks import chunk_span
 from ..remote.manifest import Manifest
-from ..remote.store import ObjectStore
 from ..remote.transfer import ChunkCorrupted, _pwrite_full
-from .fetch import FetchTimeout, fetch_chunk
+from .fetch import FetchTimeout
 from .state import HydrationState
 
 log = logging.getLogger(__name__)
@@ -57,13 +56,6 @@ class LazyVolume:
         self._failed: set[int] = set()          # chunks the hydrator gave up on (corrupt)
         self.completed_at: float | None = None
         self.started_at = time.monotonic()
-
-    @classmethod
-    def from_store(cls, disk_path: str, manifest: Manifest, state: HydrationState, state_path: str,
-                   store: ObjectStore, timeout: float, workers: int = 8) -> LazyVolume:
-        cs = manifest.chunk_size
-        return cls(disk_path, manifest, state, state_path,
-                   lambda h: fetch_chunk(store, h, cs, timeout), workers)
 
     @property
     def size(self) -> int:

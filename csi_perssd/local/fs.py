@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import re
 import stat
@@ -20,12 +21,13 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..errors import Code, CsiError, internal, precondition
 
+log = logging.getLogger(__name__)
 TOOL_TIMEOUT_S = 120.0
 MKFS_TYPES = ("ext4", "ext3", "ext2", "xfs")
 EXT_TYPES = ("ext4", "ext3", "ext2")
@@ -587,6 +589,59 @@ def frozen(mount_path: str, timeout_s: float = 30.0) -> Iterator[FreezeGuard]:
     if guard.timed_out:
         raise internal(f"{mount_path} stayed frozen longer than {timeout_s:g}s and was thawed by "
                        f"the watchdog; the copy taken meanwhile is not consistent")
+
+
+@contextmanager
+def frozen_all(mount_paths: list[str], timeout_s: float = 30.0) -> Iterator[FreezeGuard]:
+    """`frozen` for a group of file systems (a group snapshot): all are frozen before the body
+    runs, all are thawed after it, and ONE watchdog covers the whole group: `timeout_s` after the
+    first freeze it thaws every one, and the exit raises INTERNAL (the copies are not a single
+    point in time). If one freeze fails, the ones already frozen are thawed and it raises."""
+    guard = FreezeGuard(", ".join(mount_paths), timeout_s)
+    lock = threading.Lock()
+    fds: list[tuple[int, str]] = []
+
+    def thaw_all() -> None:
+        for fd, path in fds:
+            try:
+                _thaw_fd(fd, path)
+            except CsiError as e:
+                log.error("group freeze: %s", e)
+
+    def close_all() -> None:
+        for fd, _ in fds:
+            os.close(fd)
+
+    timer = threading.Timer(timeout_s, lambda: _watchdog_all(lock, guard, thaw_all))
+    timer.daemon = True
+    try:
+        for path in mount_paths:
+            fds.append((_open_path(path), path))
+            if len(fds) == 1:
+                timer.start()
+            _freeze_fd(fds[-1][0], path)
+    except BaseException:
+        timer.cancel()
+        with lock:
+            thaw_all()
+            close_all()
+        raise
+    try:
+        yield guard
+    finally:
+        timer.cancel()
+        with lock:
+            thaw_all()
+            close_all()
+    if guard.timed_out:
+        raise internal(f"the group {guard.mount_path} stayed frozen longer than {timeout_s:g}s and was "
+                       f"thawed by the watchdog; the copies taken meanwhile are not one point in time")
+
+
+def _watchdog_all(lock: threading.Lock, guard: FreezeGuard, thaw_all: Callable[[], None]) -> None:
+    with lock:
+        guard.timed_out = True
+        thaw_all()
 
 
 # --------------------------------------------------------------------------- statistics

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from ..errors import Code, CsiError, Fenced, not_found, precondition
 from . import layout
 from .chunks import DEFAULT_COMPRESSION
-from .layout import manifest_key, name_key, node_key, snapshot_key, volume_key
+from .layout import group_key, manifest_key, name_key, node_key, snapshot_key, volume_key
 from .store import NotFound, ObjectInfo, ObjectStore, PreconditionFailed, reachable
 
 __all__ = ["Catalog", "NodeRecord", "RecordCache", "SnapshotRecord", "VolumeRecord", "manifest_key",
@@ -72,8 +72,25 @@ class SnapshotRecord:
     progress: str = ""
     error: str = ""
     parameters: dict[str, str] = field(default_factory=dict)
+    group: str = ""                     # group snapshot this one is a member of
     encryption: dict[str, str] = field(default_factory=dict)  # its source's lineage key, wrapped
     created_at: float = field(default_factory=time.time)
+    schema: int = SCHEMA
+    etag: str = field(default="", compare=False, repr=False)
+
+
+@dataclass
+class GroupSnapshotRecord:
+    id: str
+    name: str
+    source_volumes: list[str]           # in request order
+    snapshots: list[str]                # member snapshot IDs, one per source volume, same order
+    parameters: dict[str, str] = field(default_factory=dict)
+    ready: bool = False
+    node: str = ""                      # node cutting it (members staged there), when not ready
+    error: str = ""
+    error_code: str = ""                # grpc.StatusCode name of the error
+    created_at: float = field(default_factory=time.time)   # the cut, once ready
     schema: int = SCHEMA
     etag: str = field(default="", compare=False, repr=False)
 
@@ -93,8 +110,8 @@ class NodeRecord:
     etag: str = field(default="", compare=False, repr=False)
 
 
-R = TypeVar("R", VolumeRecord, SnapshotRecord, NodeRecord)
-N = TypeVar("N", VolumeRecord, SnapshotRecord)     # the records that have a name
+R = TypeVar("R", VolumeRecord, SnapshotRecord, NodeRecord, GroupSnapshotRecord)
+N = TypeVar("N", VolumeRecord, SnapshotRecord, GroupSnapshotRecord)     # the records that have a name
 
 
 def _encode(rec: Any) -> bytes:
@@ -401,6 +418,20 @@ class Catalog:
     def delete_snapshot(self, rec: SnapshotRecord) -> None:
         self._delete(snapshot_key(rec.id))
         self._delete(name_key("snapnames", rec.name))
+
+    # -- group snapshots -------------------------------------------------------------------
+    def create_group(self, rec: GroupSnapshotRecord) -> tuple[GroupSnapshotRecord, bool]:
+        return self._create_named(GroupSnapshotRecord, "groupnames", rec, group_key(rec.id))
+
+    def get_group(self, gid: str) -> GroupSnapshotRecord | None:
+        return self._get(GroupSnapshotRecord, group_key(gid))
+
+    def update_group(self, gid: str, fn: Callable[[GroupSnapshotRecord], None]) -> GroupSnapshotRecord:
+        return self._update(GroupSnapshotRecord, group_key(gid), fn, f"group snapshot {gid}")
+
+    def delete_group(self, rec: GroupSnapshotRecord) -> None:
+        self._delete(group_key(rec.id))
+        self._delete(name_key("groupnames", rec.name))
 
     # -- nodes -----------------------------------------------------------------------------
     def put_node(self, rec: NodeRecord) -> None:

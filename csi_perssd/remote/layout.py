@@ -8,10 +8,13 @@ Keys are relative to the store's root (an S3 prefix or a directory):
   snapnames/<sha256(name)>        {"id": sid}
   snapshots/<sid>.json            SnapshotRecord
   snapshots/<sid>.manifest        the manifest a snapshot pins
+  groupnames/<sha256(name)>       {"id": gid}
+  groupsnaps/<gid>.json           GroupSnapshotRecord (its members are normal snapshots)
   nodes/<node>.json               NodeRecord (capacity; rewritten when it changes)
   nodes/<node>.wake               rewritten by the controller after it queues work for <node>
   nodes/probe.json                never written: a HEAD on it proves a set of store settings
   requests/<node>/<sid>.json      work for a node (a snapshot of a volume it has staged)
+  grouprequests/<node>/<gid>.json work for a node (cut a group snapshot: groupcut.py)
   chunks/<h0h1>/<blake3 hex>      chunk blobs (content-addressed)
   gc/running/<run>.json           a collector's tomb while it runs
   gc/last-run.json                rewritten at the start of every collection
@@ -31,6 +34,8 @@ VOLUMES = "volumes/"
 SNAPSHOTS = "snapshots/"
 NODES = "nodes/"
 REQUESTS = "requests/"
+GROUPS = "groupsnaps/"
+GROUP_REQUESTS = "grouprequests/"
 CHUNKS = "chunks/"
 GC_RUNNING = "gc/running/"
 GC_LAST_RUN = "gc/last-run.json"
@@ -47,8 +52,8 @@ _HASH_RE = re.compile(r"[0-9a-f]{64}")     # a BLAKE3 digest in hex, as chunks.c
 
 # -- builders ------------------------------------------------------------------------------------
 def name_key(kind: str, name: str) -> str:
-    """kind: "names" (volumes) or "snapnames" (snapshots)."""
-    if kind not in ("names", "snapnames"):
+    """kind: "names" (volumes), "snapnames" (snapshots) or "groupnames" (group snapshots)."""
+    if kind not in ("names", "snapnames", "groupnames"):
         raise ValueError(f"unknown name kind {kind!r}")
     return f"{kind}/{hashlib.sha256(name.encode()).hexdigest()}"
 
@@ -71,6 +76,18 @@ def snapshot_key(sid: str) -> str:
 
 def snapshot_manifest_key(sid: str) -> str:
     return f"{SNAPSHOTS}{ids.snapshot_id(sid)}.manifest"
+
+
+def group_key(gid: str) -> str:
+    return f"{GROUPS}{ids.group_snapshot_id(gid)}{RECORD_SUFFIX}"
+
+
+def group_requests_prefix(node: str) -> str:
+    return f"{GROUP_REQUESTS}{ids.node_id(node)}/"
+
+
+def group_request_key(node: str, gid: str) -> str:
+    return f"{group_requests_prefix(node)}{ids.group_snapshot_id(gid)}{RECORD_SUFFIX}"
 
 
 def node_key(node: str) -> str:

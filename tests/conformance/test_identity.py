@@ -43,7 +43,7 @@ class TestGetPluginCapabilities:
         caps = driver.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest()).capabilities
         services = {c.service.type for c in caps if c.HasField("service")}
         expansion = {c.volume_expansion.type for c in caps if c.HasField("volume_expansion")}
-        assert services == {Svc.CONTROLLER_SERVICE, Svc.VOLUME_ACCESSIBILITY_CONSTRAINTS}
+        assert services == {Svc.CONTROLLER_SERVICE, Svc.VOLUME_ACCESSIBILITY_CONSTRAINTS, Svc.GROUP_CONTROLLER_SERVICE}
         assert expansion == {Exp.ONLINE}
 
     def test_should_not_advertise_unknown_capabilities(self, driver):

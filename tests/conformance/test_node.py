@@ -8,7 +8,6 @@ import os
 import stat
 import subprocess
 import threading
-import time
 
 import grpc
 import pytest
@@ -17,7 +16,7 @@ from csi_perssd import TOPOLOGY_NODE_KEY as NODE_KEY
 from csi_perssd import TOPOLOGY_POOL_KEY as POOL_KEY
 from csi_perssd.csi import csi_pb2 as pb
 from csi_perssd.local import fs
-from tests.plugins.driver import (MiB, NODE_ID, POOL, XFS_SIZE, AccessMode, block_cap, create_request, expect,
+from tests.plugins.driver import (MiB, NODE_ID, POOL, XFS_SIZE, AccessMode, block_cap, expect,
                                   mount_cap, mounts_under)
 
 pytestmark = pytest.mark.root

@@ -14,7 +14,7 @@ from csi_perssd.csi import csi_pb2 as pb
 from csi_perssd.remote.catalog import Catalog
 from csi_perssd.remote.filestore import FileStore
 from tests.harness.procs import DriverProcess
-from tests.plugins.driver import MiB, NODE_ID, POOL, XFS_SIZE, block_cap, cleanup_under, create_request, mount_cap
+from tests.plugins.driver import MiB, NODE_ID, POOL, XFS_SIZE, block_cap, cleanup_under, mount_cap
 
 pytestmark = pytest.mark.root
 C = grpc.StatusCode

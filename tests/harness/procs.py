@@ -90,6 +90,14 @@ class DriverProcess:
     def node(self) -> Any:
         return rpc.NodeStub(self._chan())
 
+    @property
+    def group(self) -> Any:
+        return rpc.GroupControllerStub(self._chan())
+
+    @property
+    def metadata(self) -> Any:
+        return rpc.SnapshotMetadataStub(self._chan())
+
     def _close(self) -> None:
         if self._channel is not None:
             self._channel.close()

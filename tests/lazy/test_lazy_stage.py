@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from csi_perssd.csi import csi_pb2 as pb
 from tests.harness.cluster import Cluster, block_cap
 from tests.plugins.s3 import seaweed_outage
 
@@ -127,4 +128,38 @@ def test_store_outage_during_on_demand_read_waits_then_fails_and_recovers(cluste
     assert "object store unreachable for 3s" in server_log(cl, "node-b", vid)
     assert pread_direct(target, 0, 8 * MiB) == data, "after the outage the same reads succeed"
     cl.release("node-b", vid)
+    cl.delete(vid)
+
+
+def _snapshot(cl: Cluster, vid: str, name: str, timeout: float = 60.0) -> pb.Snapshot:
+    ctl = cl.controller.controller                           # type: ignore[union-attr]
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = ctl.CreateSnapshot(pb.CreateSnapshotRequest(source_volume_id=vid, name=name)).snapshot
+        if snap.ready_to_use:
+            return snap
+        assert time.monotonic() < deadline, f"snapshot {name} not ready after {timeout}s"
+        time.sleep(0.1)
+
+
+def test_snapshot_of_a_lazily_staged_volume_holds_fetched_written_and_never_fetched_chunks(cluster: Cluster):
+    cl, cap = cluster, block_cap()
+    data = os.urandom(16 * MiB)
+    vid = _volume(cl, "lazy-snap", 16 * MiB, data)
+    target = cl.attach("node-b", vid, cap=cap)
+    assert pread_direct(target, CHUNK, 4096) == data[CHUNK:CHUNK + 4096]        # chunk 1 fetched
+    pwrite_sync(target, 2 * CHUNK + 4096, b"S" * 8192)                         # chunk 2 written
+    model = bytearray(data)
+    model[2 * CHUNK + 4096:2 * CHUNK + 12288] = b"S" * 8192
+    snap = _snapshot(cl, vid, "lazy-snap-1")
+    assert status(cl, "node-b", vid)["missing"] == 2, "the snapshot fetched nothing (chunks 0 and 3)"
+    src = pb.VolumeContentSource()
+    src.snapshot.snapshot_id = snap.snapshot_id
+    restored = cl.create("lazy-snap-restored", 16 * MiB, cap=cap, source=src)
+    got = pread_direct(cl.attach("node-a", restored, cap=cap), 0, 16 * MiB)
+    assert got == bytes(model)
+    cl.release("node-a", restored)
+    cl.release("node-b", vid)
+    cl.controller.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))  # type: ignore[union-attr]
+    cl.delete(restored)
     cl.delete(vid)

@@ -9,9 +9,7 @@ backing file lives under it: the driver may keep volumes attached by design, the
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -100,6 +98,9 @@ class Csi:
 
     @property
     def node(self): return self.proc.node                  # noqa: E704
+
+    @property
+    def group(self): return self.proc.group                # noqa: E704
 
     def path(self, *parts: str) -> str:
         """A path under the test's directory that does not exist yet."""

@@ -1,0 +1,218 @@
+"""`make bench` rows for lazy hydration (StorageClass hydrate: lazy) on the FUSE + loop path.
+
+    .venv/bin/python benchmarks/lazy.py [--quick] [--out DIR]
+
+One SeaweedFS, a controller, node-a (writes and flushes the volumes) and node-b (stages them).
+Raw block volumes of random data (node-a writes them with O_DIRECT, then releases = flush):
+  stage     NodeStage + NodePublish time on node-b, full vs lazy, for each volume
+  read      reading DATA bytes sequentially (1 MiB O_DIRECT reads) right after a lazy stage,
+            vs the full hydrate's throughput of the same volume (data bytes / hydrate time)
+  bg        background hydration with no reader: data bytes / time until complete, vs full
+  fio       on node-b after hydration completed: 4 KiB random read/write IOPS and 1 MiB
+            sequential read/write throughput (fio, O_DIRECT, libaio) on the FUSE-served loop
+            device vs the same volume on the plain local file's loop device (full hydrate)
+Writes benchmarks/results/<date>-<host>-lazy[-quick].{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from csi_perssd.lazy.manager import LazyManager  # noqa: E402
+from tests.harness.cluster import Cluster, block_cap  # noqa: E402
+from tests.harness.seaweed import Seaweed  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def log(msg: str) -> None:
+    print(f"[lazy-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def write_random(dev: str, nbytes: int) -> None:
+    """nbytes of random data at offset 0 (dd from /dev/urandom, O_DIRECT, synced)."""
+    subprocess.run(["dd", "if=/dev/urandom", f"of={dev}", "bs=4M", f"count={nbytes // (4 * MiB)}",
+                    "oflag=direct", "conv=fsync", "status=none"], check=True, timeout=1800)
+
+
+def read_seq(dev: str, nbytes: int) -> float:
+    """Seconds to read nbytes from offset 0 with 1 MiB O_DIRECT reads."""
+    t0 = time.monotonic()
+    subprocess.run(["dd", f"if={dev}", "of=/dev/null", "bs=1M", f"count={nbytes // MiB}",
+                    "iflag=direct", "status=none"], check=True, timeout=1800)
+    return time.monotonic() - t0
+
+
+def fio(dev: str, rw: str, bs: str, seconds: int, span: int) -> float:
+    """IOPS (4k jobs) or MB/s (1M jobs) of one fio job on dev."""
+    res = subprocess.run(["fio", "--name=j", f"--filename={dev}", f"--rw={rw}", f"--bs={bs}",
+                          "--direct=1", "--ioengine=libaio", "--iodepth=16", f"--size={span}",
+                          f"--runtime={seconds}", "--time_based", "--output-format=json"],
+                         capture_output=True, text=True, timeout=seconds + 120, check=True)
+    job = json.loads(res.stdout)["jobs"][0]
+    side = job["read"] if "read" in rw or rw == "randread" else job["write"]
+    return float(side["iops"]) if bs == "4k" else float(side["bw_bytes"]) / 1e6
+
+
+class LazyBench:
+    def __init__(self, work: Path, quick: bool):
+        self.work, self.quick = work, quick
+        self.sw = Seaweed(work / "seaweed")
+        self.cl = Cluster(work / "cluster", seaweed=self.sw, prefix="lazy")
+        self.cap = block_cap()
+
+    def make(self, name: str, size: int, data: int, params: dict[str, str]) -> str:
+        vid = self.cl.create(name, size, cap=self.cap, params=params)
+        dev = self.cl.attach("node-a", vid, cap=self.cap)
+        write_random(dev, data)
+        self.cl.release("node-a", vid)
+        return vid
+
+    def stage(self, vid: str) -> tuple[str, float]:
+        t0 = time.monotonic()
+        dev = self.cl.attach("node-b", vid, cap=self.cap)
+        return dev, time.monotonic() - t0
+
+    def lazy_status(self, vid: str) -> dict[str, Any]:
+        st = LazyManager(self.cl.nodes["node-b"].state_dir, {}).status(vid)
+        return st or {}
+
+    def wait_complete(self, vid: str, timeout: float = 1800) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.lazy_status(vid).get("complete"):
+                return time.monotonic() - t0
+            time.sleep(0.05)
+        raise RuntimeError(f"{vid}: hydration did not complete in {timeout}s")
+
+    def one_volume(self, tag: str, size: int, data: int) -> dict[str, Any]:
+        """Stage the same content full and lazy on node-b: stage times, read and background
+        throughput (each lazy figure from its own volume: nothing fetched before)."""
+        row: dict[str, Any] = {"volume": tag, "size": size, "data": data}
+        full = self.make(f"{tag}-full", size, data, {"hydrate": "full"})
+        _, row["stage_full_s"] = self.stage(full)
+        row["full_mb_s"] = data / row["stage_full_s"] / 1e6
+        self.cl.release("node-b", full)
+        lazy_read = self.make(f"{tag}-lazy-read", size, data, {"hydrate": "lazy"})
+        dev, row["stage_lazy_s"] = self.stage(lazy_read)
+        row["read_mb_s"] = data / read_seq(dev, data) / 1e6
+        st = self.lazy_status(lazy_read)
+        row["read_on_demand_chunks"], row["read_background_chunks"] = st.get("on_demand"), st.get("background")
+        self.wait_complete(lazy_read)
+        self.cl.release("node-b", lazy_read)
+        lazy_bg = self.make(f"{tag}-lazy-bg", size, data, {"hydrate": "lazy"})
+        dev, row["stage_lazy2_s"] = self.stage(lazy_bg)
+        row["bg_mb_s"] = data / (self.wait_complete(lazy_bg) + row["stage_lazy2_s"]) / 1e6
+        self.cl.release("node-b", lazy_bg)
+        row["read_ratio"] = row["read_mb_s"] / row["full_mb_s"]
+        row["bg_ratio"] = row["bg_mb_s"] / row["full_mb_s"]
+        log(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
+        return row
+
+    def fio_cost(self, size: int, seconds: int) -> dict[str, Any]:
+        """fio on the FUSE-served device (hydration complete) vs the plain local file's device."""
+        vid = self.make("fio", size, size, {"hydrate": "lazy"})
+        out: dict[str, Any] = {"span": size, "seconds": seconds}
+        jobs = [("randread", "4k"), ("randwrite", "4k"), ("read", "1M"), ("write", "1M")]
+        dev, _ = self.stage(vid)
+        self.wait_complete(vid)
+        for rw, bs in jobs:
+            out[f"fuse_{rw}_{bs}"] = fio(dev, rw, bs, seconds, size)
+        self.cl.release("node-b", vid)            # complete: the next stage uses the plain file
+        dev, _ = self.stage(vid)
+        assert not self.lazy_status(vid), "a fully hydrated volume is staged natively"
+        for rw, bs in jobs:
+            out[f"native_{rw}_{bs}"] = fio(dev, rw, bs, seconds, size)
+            out[f"ratio_{rw}_{bs}"] = out[f"fuse_{rw}_{bs}"] / out[f"native_{rw}_{bs}"]
+        self.cl.release("node-b", vid)
+        log(json.dumps({k: round(v, 3) for k, v in out.items()}))
+        return out
+
+    def run(self) -> dict[str, Any]:
+        self.cl.start()
+        try:
+            if self.quick:
+                vols = [("256M", 256 * MiB, 256 * MiB), ("4G-sparse", 4 * GiB, 256 * MiB)]
+            else:
+                vols = [("256M", 256 * MiB, 256 * MiB), ("2G", 2 * GiB, 2 * GiB),
+                        ("16G-sparse", 16 * GiB, 2 * GiB)]
+            rows = [self.one_volume(*v) for v in vols]
+            cost = self.fio_cost(256 * MiB, 5 if self.quick else 15)
+        finally:
+            self.cl.stop()
+        return {"volumes": rows, "fio": cost}
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    m = doc["meta"]
+    lines = [f"# Lazy hydration (FUSE + loop path), {m['date']} on {m['host']} ({m['cpus']} CPUs), "
+             f"commit {m['commit']}{' QUICK' if m['quick'] else ''}", "",
+             "| volume (data) | NodeStage full | NodeStage lazy | full hydrate | read after lazy stage "
+             "| ratio (≥ 0.7) | background only | ratio (≥ 0.8) | chunks on demand / background during read |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["volumes"]:
+        lines.append(f"| {r['volume']} ({r['data'] // MiB} MiB) | {r['stage_full_s']:.2f} s | "
+                     f"{r['stage_lazy_s']:.2f} s | {r['full_mb_s']:.0f} MB/s | {r['read_mb_s']:.0f} MB/s | "
+                     f"{r['read_ratio']:.2f} | {r['bg_mb_s']:.0f} MB/s | {r['bg_ratio']:.2f} | "
+                     f"{r['read_on_demand_chunks']} / {r['read_background_chunks']} |")
+    f = doc["fio"]
+    lines += ["", f"fio on a fully hydrated {f['span'] // MiB} MiB volume, {f['seconds']} s per job, "
+              "iodepth 16, O_DIRECT: the cost of staying on FUSE until the next stage", "",
+              "| job | FUSE-served loop | plain file loop | ratio |", "|---|---|---|---|"]
+    for rw, bs in [("randread", "4k"), ("randwrite", "4k"), ("read", "1M"), ("write", "1M")]:
+        unit = "IOPS" if bs == "4k" else "MB/s"
+        lines.append(f"| {bs} {rw} | {f[f'fuse_{rw}_{bs}']:.0f} {unit} | {f[f'native_{rw}_{bs}']:.0f} {unit} | "
+                     f"{f[f'ratio_{rw}_{bs}']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="256 MiB and a 4 GiB sparse volume")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--workdir", default="/var/tmp")
+    a = ap.parse_args(argv)
+    if os.geteuid() != 0 or shutil.which("fio") is None:
+        print("the lazy benchmark needs root and fio", file=sys.stderr)
+        return 1
+    work = Path(tempfile.mkdtemp(prefix="perssd-lazy-bench-", dir=a.workdir))
+    t0 = time.monotonic()
+    b = LazyBench(work, a.quick)
+    try:
+        b.sw.start()
+        doc = b.run()
+    finally:
+        b.sw.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=HERE).stdout.strip()
+    doc["meta"] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                   "host": socket.gethostname(), "cpus": os.cpu_count(), "quick": a.quick,
+                   "commit": commit, "elapsed_s": round(time.monotonic() - t0, 1),
+                   "load_avg": os.getloadavg()}
+    stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}-lazy{'-quick' if a.quick else ''}"
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    md = markdown(doc)
+    (out / f"{stem}.md").write_text(md)
+    print("\n" + md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

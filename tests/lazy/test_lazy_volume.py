@@ -1,0 +1,122 @@
+"""LazyVolume without FUSE: the read/write/hydration logic on a local object store directory."""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from csi_perssd.lazy.fetch import FetchTimeout, fetch_chunk
+from csi_perssd.lazy.state import HydrationState, StateError
+from csi_perssd.lazy.volume import LazyVolume
+from csi_perssd.remote import transfer
+from csi_perssd.remote.filestore import FileStore
+from csi_perssd.remote.store import StoreError
+
+MiB = 1 << 20
+CS = 64 << 10            # small chunks: many of them, fast
+SIZE = 4 * MiB
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    src = tmp_path / "src.img"
+    data = bytearray(os.urandom(SIZE))
+    data[10 * CS:12 * CS] = bytes(2 * CS)             # chunks 10 and 11 are holes
+    src.write_bytes(bytes(data))
+    store = FileStore(str(tmp_path / "store"))
+    manifest, _ = transfer.flush(store, str(src), SIZE, CS)
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(SIZE)
+    return store, manifest, str(disk), str(tmp_path / "state.json"), bytes(data)
+
+
+def _volume(setup, workers: int = 0, fetcher=None) -> LazyVolume:  # type: ignore[no-untyped-def]
+    store, manifest, disk, state_path, _ = setup
+    st = HydrationState.for_manifest(manifest)
+    fetch = fetcher or (lambda h: fetch_chunk(store, h, CS, timeout=2))
+    return LazyVolume(disk, manifest, st, state_path, fetch, workers=workers)
+
+
+def test_reads_fetch_exactly_the_chunks_they_touch_and_writes_fill_first(setup):
+    data = setup[4]
+    vol = _volume(setup)
+    assert vol.state.missing_count == 62                   # 64 chunks, 2 holes
+    assert vol.read(3 * CS + 100, 2 * CS) == data[3 * CS + 100:5 * CS + 100]
+    assert vol.state.on_demand == 3                        # chunks 3, 4, 5
+    vol.write(20 * CS + 7, b"x" * 10)                      # partial write: chunk 20 is fetched first
+    assert vol.state.on_demand == 4 and vol.state.is_dirty(20)
+    want = bytearray(data[20 * CS:21 * CS])
+    want[7:17] = b"x" * 10
+    assert vol.read(20 * CS, CS) == bytes(want)
+    saved = HydrationState.load(setup[3])                  # the dirty bit was persisted first
+    assert saved.is_dirty(20) and saved.is_present(20)
+    assert [(e.offset, e.length) for e in saved.dirty_extents()] == [(20 * CS, CS)]
+    vol.close()
+
+
+def test_background_hydration_completes_hot_chunks_first_and_resumes(setup):
+    data = setup[4]
+    order: list[str] = []
+    store = setup[0]
+    gate = threading.Event()
+
+    def fetcher(h):  # type: ignore[no-untyped-def]
+        gate.wait(5)
+        order.append(h)
+        return fetch_chunk(store, h, CS, timeout=2)
+    vol = _volume(setup, workers=2, fetcher=fetcher)
+    vol._heat(40)                                          # as after a demand read of chunk 40
+    vol.start()
+    gate.set()
+    assert vol.wait_complete(30)
+    vol.stop()
+    entries = setup[1].entries
+    assert order[:2] and set(order[:4]) <= {entries[i] for i in range(41, 45)}, "hot chunks first"
+    assert vol.state.background == 62 and vol.state.on_demand == 0
+    assert Path(setup[2]).read_bytes() == data
+    vol.close()
+    again = HydrationState.load(setup[3])
+    assert again.complete and again.background == 62       # a restart finds it complete
+
+
+def test_a_corrupt_chunk_fails_its_reads_only_and_writes_nothing(setup):
+    good = setup[0]
+
+    def fetcher(h):  # type: ignore[no-untyped-def]
+        if h == setup[1].entries[7]:
+            raise transfer.ChunkCorrupted("chunks/x", "content does not match its BLAKE3 hash")
+        return fetch_chunk(good, h, CS, timeout=2)
+    vol = _volume(setup, fetcher=fetcher)
+    with pytest.raises(transfer.ChunkCorrupted):
+        vol.read(7 * CS, 10)
+    with pytest.raises(transfer.ChunkCorrupted):
+        vol.write(7 * CS, b"y")                           # a write cannot fill it either
+    assert not vol.state.is_present(7) and not vol.state.is_dirty(7)
+    assert os.pread(vol.fd, CS, 7 * CS) == bytes(CS), "nothing was written to the chunk"
+    assert vol.read(8 * CS, CS) == setup[4][8 * CS:9 * CS]
+    vol.close()
+
+
+def test_fetch_retries_until_the_timeout(setup):
+    calls = []
+
+    class Down:
+        def get(self, key):  # type: ignore[no-untyped-def]
+            calls.append(key)
+            raise StoreError("connection refused")
+    with pytest.raises(FetchTimeout, match="unreachable for 1s"):
+        fetch_chunk(Down(), setup[1].entries[0], CS, timeout=1.0, pause=0.05)  # type: ignore[arg-type]
+    assert len(calls) >= 3
+
+
+def test_state_file_is_validated(tmp_path: Path):
+    p = tmp_path / "s.json"
+    p.write_text('{"v": 1, "size": 100, "chunk_size": 10, "present": "AA==", "dirty": "AA=="}')
+    with pytest.raises(StateError, match="bitmaps"):
+        HydrationState.load(str(p))
+    p.write_text("not json")
+    with pytest.raises(StateError):
+        HydrationState.load(str(p))
