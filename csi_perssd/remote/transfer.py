@@ -360,16 +360,14 @@ def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
           journal_path: str | None = None, trust_journal: bool = True,
           check_exists: bool | str = "auto", progress: Progress | None = None,
           generation: int | None = None, parent: int | None = None,
-          known: Mapping[str, int] | None = None,
-          codec: Codec = PLAIN) -> tuple[Manifest, FlushStats]:
+          known: Mapping[str, int] | None = None, codec: Codec = PLAIN) -> tuple[Manifest, FlushStats]:
     """Upload the chunks of `source_path` that are not stored yet and return the new manifest
     (generation = base.generation + 1 and parent = base's, unless given) and the stats.
     `known` (hash -> stored size) adds chunks the caller knows are stored and safe from garbage
     collection until this flush's manifest claims them (e.g. the pre-flush of the same volume a
     moment ago): they are neither compressed, HEADed nor uploaded again.
     Store errors propagate (StoreError); an exception from `progress` aborts the flush (the
-    journal keeps what was done). `codec` names and encodes chunks (PLAIN, or sealed by an
-    encrypted volume's lineage)."""
+    journal keeps what was done). `codec`: PLAIN, or an encrypted volume's lineage."""
     t0 = time.monotonic()
     check_chunk_size(chunk_size)
     if ranges_mode not in ("allocated", "changed"):
