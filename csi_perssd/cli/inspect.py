@@ -1,4 +1,5 @@
-"""`csi-perssd inspect`: one volume or snapshot in detail (record, generations, manifest), as JSON."""
+"""`csi-perssd inspect`: one volume or snapshot in detail (record, generations, manifest): as JSON
+(`-o json`, the default), or as `key: value` lines for people (`-o wide`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,11 +20,35 @@ from .flags import config_from_args, store_flags
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("inspect", help="show one volume or snapshot in detail")
     p.add_argument("id")
+    p.add_argument("-o", "--output", choices=("json", "wide"), default="json",
+                   help="json (default) or wide: every field as an aligned `key: value` line")
     store_flags(p)
-    p.set_defaults(run=lambda args: inspect(config_from_args(args), args.id))
+    p.set_defaults(run=lambda args: inspect(config_from_args(args), args.id, args.output))
 
 
-def inspect(cfg: Config, ident: str) -> int:
+def _lines(d: dict[str, Any], indent: str = "") -> list[str]:
+    """Nested dicts as indented `key: value` lines; lists of scalars joined with commas."""
+    width = max((len(k) for k in d), default=0) + 1
+    out = []
+    for k in sorted(d):
+        v = d[k]
+        if isinstance(v, dict) and v:
+            out.append(f"{indent}{k}:")
+            out += _lines(v, indent + "  ")
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            out.append(f"{indent}{k}:")
+            for x in v:                 # YAML-like: "- " opens each item
+                item = _lines(x, indent + "    ")
+                item[0] = indent + "  - " + item[0][len(indent) + 4:]
+                out += item
+        elif isinstance(v, list):
+            out.append(f"{indent}{k + ':':{width}} {', '.join(map(str, v)) or '-'}")
+        else:
+            out.append(f"{indent}{k + ':':{width}} {'-' if v in ('', None, {}) else v}")
+    return out
+
+
+def inspect(cfg: Config, ident: str, output: str = "json") -> int:
     cat = Stores(cfg).catalog()
     try:
         if ident.startswith(ids.SNAPSHOT_PREFIX):
@@ -47,7 +72,10 @@ def inspect(cfg: Config, ident: str) -> int:
         d["generations"] = cat.list_generations(ident)
     if m is not None:
         d["manifest"] = m
-    print(json.dumps(d, indent=2, sort_keys=True))
+    if output == "wide":
+        print("\n".join(_lines(d)))
+    else:
+        print(json.dumps(d, indent=2, sort_keys=True))
     return 0
 
 
