@@ -26,6 +26,7 @@ class Config:
     s3_endpoint: str = ""
     s3_region: str = ""
     s3_ca_bundle: str = ""
+    encryption_key_file: str = ""             # fallback KEK (base64 of 32 bytes) for encrypted volumes
     metrics_address: str = ""
     log_level: str = "info"
     # 4 uploads in flight kept up with 8 and 16 against SeaweedFS on 2 cores (1 GiB: 141-148 vs

@@ -54,6 +54,8 @@ def add_parser(sub: Any) -> None:
         "NodeUnstage waits this long for the flush before answering ABORTED with its progress")
     add(s, "--freeze-timeout-seconds", c.freeze_timeout_seconds, "snapshots: longest file system freeze")
     add(s, "--enable-alpha", c.enable_alpha, "enable alpha CSI capabilities")
+    add(s, "--encryption-key-file", c.encryption_key_file,
+        "KEK for encrypted volumes when the call's secret has no encryptionKey (file: base64 of 32 bytes)")
     add(s, "--enable-snapshot-metadata", c.enable_snapshot_metadata,
         "serve the SnapshotMetadata service (CSI alpha; for the external-snapshot-metadata sidecar)")
     add(s, "--pvc-events", c.pvc_events, "post Events on volumes' PVCs (auto: in a pod or with --kubeconfig)",

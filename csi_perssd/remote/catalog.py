@@ -53,6 +53,7 @@ class VolumeRecord:
     mutable_parameters: dict[str, str] = field(default_factory=dict)   # applied (modify.py)
     published: dict[str, Any] = field(default_factory=dict)  # {"capability", "readonly"} of the owner's publish
     state: str = "created"              # created | deleting
+    encryption: dict[str, str] = field(default_factory=dict)  # wrapped lineage key (crypto.WrappedKey)
     created_at: float = field(default_factory=time.time)
     claim: dict[str, str] = field(default_factory=dict)    # PVC {"namespace","name","uid"} (params.claim)
     schema: int = SCHEMA
@@ -73,6 +74,7 @@ class SnapshotRecord:
     error: str = ""
     parameters: dict[str, str] = field(default_factory=dict)
     group: str = ""                     # group snapshot this one is a member of
+    encryption: dict[str, str] = field(default_factory=dict)  # its source's lineage key, wrapped
     created_at: float = field(default_factory=time.time)
     schema: int = SCHEMA
     etag: str = field(default="", compare=False, repr=False)

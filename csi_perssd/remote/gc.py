@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from ..errors import CsiError
 from . import layout
 from .catalog import Catalog, VolumeRecord
+from .codec import manifest_refs
 from .guard import CLAIM_TTL_S, CLONE_CLAIM_TTL_S, SWEEP_LIMIT_S, TOMB_TTL_S, FlushGuard, GuardStats, new_id
-from .manifest import Manifest
 from .store import NotFound, ObjectInfo, ObjectStore, reachable
 
 __all__ = ["FlushGuard", "GcReport", "GuardStats", "ManifestCache", "collect"]
@@ -240,7 +240,7 @@ def _mark(store: ObjectStore, keys: list[ObjectInfo], referenced: set[str], cach
             info, data, etag = got
             rep.manifests_read += 1
             rep.bytes_read += len(data)
-            hashes = frozenset(Manifest.decode(data).referenced_hashes())
+            hashes = frozenset(manifest_refs(data))      # plain or sealed: no keys needed
             cache.put(info.key, info.etag or etag, hashes)
             referenced |= hashes
 

@@ -261,7 +261,7 @@ class S3Store:
         return ObjectInfo(key=key, size=int(r.get("ContentLength", 0)), etag=_etag(r.get("ETag")),
                           mtime=mtime.timestamp() if mtime else 0.0)
 
-    def put(self, key: str, data: bytes, *, if_none_match: bool = False,
+    def put(self, key: str, data: bytes | bytearray, *, if_none_match: bool = False,
             if_match: str | None = None) -> str:
         if if_none_match and if_match is not None:
             raise ValueError("if_none_match and if_match are exclusive")

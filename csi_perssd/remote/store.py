@@ -70,7 +70,7 @@ class ObjectStore(Protocol):
     def get(self, key: str) -> tuple[bytes, str]:
         """Return (data, etag); NotFound if missing."""
 
-    def put(self, key: str, data: bytes, *, if_none_match: bool = False,
+    def put(self, key: str, data: bytes | bytearray, *, if_none_match: bool = False,
             if_match: str | None = None) -> str:
         """Write and return the new etag. if_none_match: only create. if_match: only replace
         that version. PreconditionFailed when the condition does not hold."""
