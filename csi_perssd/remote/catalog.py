@@ -268,8 +268,9 @@ class Catalog:
 
     def _scan(self, prefix: str, after_key: str) -> Iterator[ObjectInfo]:
         """Objects under prefix after after_key; a LIST page read moments ago (the previous page
-        of a paginated listing) is not read again."""
-        hit = self.cache.page_after(prefix, after_key)
+        of a paginated listing) is not read again for the next page."""
+        # only a continuation (after a token) reuses: a listing that starts sees every writer
+        hit = self.cache.page_after(prefix, after_key) if after_key else None
         if hit is not None:
             rest, more, last = hit
             yield from rest
