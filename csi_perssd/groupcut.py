@@ -81,7 +81,7 @@ class GroupCutWorker:
             members = self._members(cat, grec)
             if members is None:
                 return False                # a member's unstage flush is still running
-            with self.rt.node.locks.hold(*(m.vol.id for m in members)):
+            with self.rt.volumes.hold(*(m.vol.id for m in members)):
                 seen = pin_members(cat, Snapshots(self.rt.cfg, self.rt.stores, None),
                                    ((m.snap, m.vol) for m in members if not m.staged))
                 cut_at, copies = self._copy([m for m in members if m.staged])
@@ -103,7 +103,7 @@ class GroupCutWorker:
             vol = cat.volume(vid)
             if vol.owner and vol.owner != self.node_id:
                 raise precondition(f"volume {vid} is now in use on node {vol.owner}, not on {self.node_id}")
-            lv = self.rt.node.state.get(vid)
+            lv = self.rt.volumes.get(vid)
             staged = bool(lv is not None and lv.staged and self.rt.backend.exists(vid))
             if lv is not None and not staged and lv.dirty:
                 return None

@@ -16,8 +16,8 @@ from .errors import Code, CsiError, invalid, not_found, precondition
 from .lazy import dm
 from .local import fs
 from .local.backend import Backend
-from .local.state import LocalVolume, NodeState
-from .locks import IdLocks
+from .local.state import LocalVolume, Phase
+from .local.volumes import LocalVolumes
 from .remote.catalog import VolumeRecord
 from .stores import Stores
 from .sync import VolumeSync
@@ -49,14 +49,14 @@ def _lookup_path(value: str) -> str | None:
 
 
 class Node(rpc.NodeServicer):
-    def __init__(self, cfg: Config, stores: Stores, backend: Backend, state: NodeState, sync: VolumeSync):
+    def __init__(self, cfg: Config, stores: Stores, backend: Backend, vols: LocalVolumes, sync: VolumeSync):
         self.cfg = cfg
         self.node_id = cfg.node_id
         self.stores = stores
         self.backend = backend
-        self.state = state
+        self.vols = vols                # the only writer of the node's state records
         self.sync = sync
-        self.locks = IdLocks()
+        self.locks = vols.locks
 
     # -- info ------------------------------------------------------------------------------
     def NodeGetInfo(self, request: Any, context: Any) -> Any:
@@ -102,7 +102,7 @@ class Node(rpc.NodeServicer):
                     cap["fs_type"] = fss[0]             # no fs_type given: the one the volume was created for
                 if cap["fs_type"] not in fss:
                     raise precondition(f"volume {vid} was created for {'/'.join(fss)}, not {cap['fs_type']}")
-            lv = self.state.get(vid)
+            lv = self.vols.get(vid)
             if lv is not None and lv.staged:
                 if lv.staged_path != staging:
                     raise precondition(f"volume {vid} is already staged at {lv.staged_path}")
@@ -112,27 +112,32 @@ class Node(rpc.NodeServicer):
                 return pb.NodeStageVolumeResponse()
             self._check_placement(rec, request.publish_context)
             lv = self.sync.prepare(rec, lv, secrets)       # local copy of the committed generation
-            lv.access_type, lv.fs_type, lv.mount_flags = cap["access_type"], cap["fs_type"], cap["mount_flags"]
-            lv.device = self._device(vid)
             readonly = caps.is_read_only_mode(cap) or request.publish_context.get("readonly") == "true"
-            if cap["access_type"] == "mount":
-                formatted = fs.ensure_fs(lv.device, cap["fs_type"])
-                # a volume that grew while unstaged (expansion, restore to a larger size): ext4
-                # grows offline before the mount, xfs only online after it
-                pending = not formatted and not readonly and fs.grow_unmounted(lv.device, cap["fs_type"])
-                Path(staging).mkdir(parents=True, exist_ok=True)
-                self._mount(lv.device, staging, cap["fs_type"], cap["mount_flags"], readonly)
-                if pending:
-                    fs.grow_fs(lv.device, staging, cap["fs_type"])
-            else:
-                Path(staging).mkdir(parents=True, exist_ok=True)
-            lv.staged_path = staging
-            lv.readonly = readonly
-            if not readonly:
-                lv.dirty = True
-            self.state.put(lv)
+            lv = self._stage(lv, staging, cap, readonly)
         log.info("volume %s staged at %s (%s, generation %d)", vid, staging, lv.device, lv.generation)
         return pb.NodeStageVolumeResponse()
+
+    def _stage(self, lv: LocalVolume, staging: str, cap: dict[str, Any], readonly: bool) -> LocalVolume:
+        """CLEAN | DIRTY -> STAGED: make the file system (mount access) and mount it."""
+        device = self._device(lv.id)
+        if cap["access_type"] == "mount":
+            formatted = fs.ensure_fs(device, cap["fs_type"])
+            # a volume that grew while unstaged (expansion, restore to a larger size): ext4
+            # grows offline before the mount, xfs only online after it
+            pending = not formatted and not readonly and fs.grow_unmounted(device, cap["fs_type"])
+            Path(staging).mkdir(parents=True, exist_ok=True)
+            self._mount(device, staging, cap["fs_type"], cap["mount_flags"], readonly)
+            if pending:
+                fs.grow_fs(device, staging, cap["fs_type"])
+        else:
+            Path(staging).mkdir(parents=True, exist_ok=True)
+
+        def staged(cur: LocalVolume) -> None:
+            cur.access_type, cur.fs_type, cur.mount_flags = cap["access_type"], cap["fs_type"], cap["mount_flags"]
+            cur.device, cur.staged_path, cur.readonly = device, staging, readonly
+            if not readonly:
+                cur.dirty = True
+        return self.vols.update(lv.id, staged, to=Phase.STAGED)
 
     def _check_placement(self, rec: VolumeRecord, publish_context: Any) -> None:
         if rec.mobility == "node" and rec.node != self.node_id:
@@ -166,7 +171,7 @@ class Node(rpc.NodeServicer):
     def switch_completed(self) -> None:
         """Device-mapper path (a background loop): volumes whose lazy hydration completed move
         from the FUSE-served device to the local volume under their mounted file system."""
-        for lv in self.state.all():
+        for lv in self.vols.all():
             if not (lv.staged and self.sync.lazy.active(lv.id)):
                 continue
             try:
@@ -189,17 +194,18 @@ class Node(rpc.NodeServicer):
                 fs.run(["umount", "-l", path], ok=(0, 32), what="umount -l (device of a dead lazy server)")
 
     def _ensure_staged_mount(self, lv: LocalVolume) -> None:
-        lv.device = self._device(lv.id)
+        device = self._device(lv.id)
         if lv.access_type == "mount":
             Path(lv.staged_path).mkdir(parents=True, exist_ok=True)
-            self._mount(lv.device, lv.staged_path, lv.fs_type, lv.mount_flags, readonly=lv.readonly)
-        self.state.put(lv)
+            self._mount(device, lv.staged_path, lv.fs_type, lv.mount_flags, readonly=lv.readonly)
+        lv.device = device
+        self.vols.update(lv.id, lambda cur: setattr(cur, "device", device))
 
     def NodeUnstageVolume(self, request: Any, context: Any) -> Any:
         vid = ids.volume_id(request.volume_id)
         staging = ids.host_path(request.staging_target_path, "staging_target_path")
         with self.locks.hold(vid):
-            lv = self.state.get(vid)
+            lv = self.vols.get(vid)
             if lv is None:
                 self._known_or_missing(vid)
                 fs.ensure_unmounted(staging)
@@ -211,16 +217,16 @@ class Node(rpc.NodeServicer):
             if lv.targets:
                 raise precondition(f"volume {vid} is still published at {', '.join(sorted(lv.targets))}")
             if lv.staged_path:
-                fs.sync_fs(lv.staged_path) if lv.access_type == "mount" and fs.mount_info(lv.staged_path) else None
+                if lv.access_type == "mount" and fs.mount_info(lv.staged_path):
+                    fs.sync_fs(lv.staged_path)
                 fs.ensure_unmounted(staging)
-                lv.staged_path = ""
-                self.state.put(lv)
-            self.sync.finish(lv)            # flush + commit; ABORTED with progress while it runs
+                flush = lv.persistence == "object" and lv.dirty
+                self.vols.update(vid, lambda cur: setattr(cur, "staged_path", ""),
+                                 to=Phase.FLUSHING if flush else Phase.CLEAN)
+            self.sync.finish(vid)           # flush + commit; ABORTED with progress while it runs
             self.sync.lazy.release_all(vid)  # hydration state kept: a later stage here resumes
             self.backend.release(vid)
-            lv = self.state.get(vid) or lv
-            lv.device = ""
-            self.state.put(lv)
+            self.vols.update(vid, lambda cur: setattr(cur, "device", ""))
         log.info("volume %s unstaged from %s", vid, staging)
         return pb.NodeUnstageVolumeResponse()
 
@@ -239,7 +245,7 @@ class Node(rpc.NodeServicer):
             raise invalid(why)
         readonly = request.readonly or caps.is_read_only_mode(cap)
         with self.locks.hold(vid):
-            lv = self.state.get(vid)
+            lv = self.vols.get(vid)
             if lv is None or not lv.staged:
                 self._known_or_missing(vid)
                 raise precondition(f"volume {vid} is not staged on this node; NodeStageVolume first")
@@ -263,9 +269,12 @@ class Node(rpc.NodeServicer):
                     Path(target).touch()
                 # a read-only bind of a device node does not stop writes: use a read-only device
                 self._bind(self._device(vid, read_only=readonly), target, readonly, [])
-            lv.targets[target] = want
-            self.sync.on_publish(lv)
-            self.state.put(lv)
+
+            def published(cur: LocalVolume) -> None:
+                cur.targets[target] = want
+                if not cur.readonly:
+                    cur.dirty = True
+            self.vols.update(vid, published, to=Phase.PUBLISHED)
         return pb.NodePublishVolumeResponse()
 
     @staticmethod
@@ -279,7 +288,7 @@ class Node(rpc.NodeServicer):
         vid = ids.volume_id(request.volume_id)
         target = ids.host_path(request.target_path, "target_path")
         with self.locks.hold(vid):
-            lv = self.state.get(vid)
+            lv = self.vols.get(vid)
             if lv is None:
                 self._known_or_missing(vid)
             fs.ensure_unmounted(target)
@@ -291,9 +300,12 @@ class Node(rpc.NodeServicer):
             elif os.path.lexists(target):
                 os.unlink(target)
             if lv is not None and target in lv.targets:
-                del lv.targets[target]
-                self.state.put(lv)
-                if not lv.targets:
+                last = len(lv.targets) == 1
+
+                def unpublished(cur: LocalVolume) -> None:
+                    cur.targets.pop(target, None)
+                lv = self.vols.update(vid, unpublished, to=Phase.RELEASED if last else None)
+                if last:
                     self.sync.on_release(lv)       # sync, then flush in the background
         return pb.NodeUnpublishVolumeResponse()
 
@@ -301,7 +313,7 @@ class Node(rpc.NodeServicer):
     def NodeGetVolumeStats(self, request: Any, context: Any) -> Any:
         vid = ids.volume_id(request.volume_id)
         path = _lookup_path(request.volume_path)
-        lv = self.state.get(vid)
+        lv = self.vols.get(vid)
         if lv is None:
             raise not_found(f"volume {vid} is not on this node")
         if path is None or (path != lv.staged_path and path not in lv.targets):
@@ -329,7 +341,7 @@ class Node(rpc.NodeServicer):
         path = _lookup_path(request.volume_path)
         cap = caps.to_dict(request.volume_capability) if request.HasField("volume_capability") else None
         with self.locks.hold(vid):
-            lv = self.state.get(vid)
+            lv = self.vols.get(vid)
             if lv is None or not lv.staged:
                 raise not_found(f"volume {vid} is not staged on this node")
             if path is None or (path != lv.staged_path and path not in lv.targets):
@@ -345,14 +357,14 @@ class Node(rpc.NodeServicer):
             self.sync.lazy.refresh_size(vid)
             if lv.access_type == "mount":
                 fs.grow_fs(lv.device, lv.staged_path, lv.fs_type)
-            lv.size = self.backend.size(vid)
-            self.state.put(lv)
+            new_size = self.backend.size(vid)
+            lv = self.vols.update(vid, lambda cur: setattr(cur, "size", new_size))
         return pb.NodeExpandVolumeResponse(capacity_bytes=lv.size)
 
     # -- restart ---------------------------------------------------------------------------
     def recover(self) -> None:
         """After a restart: reattach devices, restore staged mounts, resume flush jobs."""
-        for lv in self.state.all():
+        for lv in self.vols.all():
             try:
                 if not self.backend.exists(lv.id):
                     log.warning("volume %s is in the node state but its local data is gone", lv.id)

@@ -21,14 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import metrics
+from . import encryption, metrics
 from .config import Config
 from .errors import Code, CsiError, Fenced, aborted
 from .events import VolumeEvents
 from .local import fs
 from .local.backend import Backend
-from .local.state import FlushJob, FlushState, LocalVolume, NodeState
+from .local.keyfiles import NodeKeys
+from .local.state import FlushJob, FlushState, LocalVolume, Phase
+from .local.volumes import STAGED_PHASES, LocalVolumes
 from .remote.catalog import VolumeRecord, check_owner
+from .remote.codec import PLAIN, Codec
 from .remote.manifest import Manifest
 from .remote.store import StoreError
 from .remote.transfer import FlushStats
@@ -67,20 +70,20 @@ class _PreFlush:
 
 
 class VolumeSync:
-    def __init__(self, cfg: Config, stores: Stores, backend: Backend, state: NodeState,
+    def __init__(self, cfg: Config, stores: Stores, backend: Backend, vols: LocalVolumes,
                  unstage_wait: float | None = None, events: VolumeEvents | None = None):
         self.cfg = cfg
         self.events = events if events is not None else VolumeEvents(node_id=cfg.node_id)
         self.node_id = cfg.node_id
         self.stores = stores
         self.backend = backend
-        self.state = state
+        self.vols = vols
         self.unstage_wait = cfg.unstage_wait_seconds if unstage_wait is None else unstage_wait
         self._mu = threading.Lock()
-        self._state_mu = threading.Lock()
         self._threads: dict[str, threading.Thread] = {}
         self._preparing: set[str] = set()
         self._secrets: dict[str, dict[str, str]] = {}     # NodeStage secrets, memory only
+        self.keys = NodeKeys(cfg.state_dir)     # lineage keys of staged/dirty encrypted volumes
         self._progress: dict[str, tuple[int, int]] = {}
         # what the last pre-flush of each volume stored (see _PreFlush): the final pass starts
         # from it instead of doing the work again
@@ -101,17 +104,23 @@ class VolumeSync:
         """Remove the local copy, its lazy hydration state and its state record."""
         self.lazy.discard(vid)
         self.backend.delete(vid)
-        self.state.delete(vid)
+        self.vols.remove(vid)
+        self.keys.drop(vid)
 
     # -- stage -----------------------------------------------------------------------------
     def prepare(self, rec: VolumeRecord, lv: LocalVolume | None, secrets: dict[str, str]) -> LocalVolume:
+        """Make the local copy hold the committed generation; returns it CLEAN or DIRTY."""
         vid = rec.id
-        if lv is not None and lv.flush is not None and lv.flush.state == FlushState.RUNNING and self._running(vid):
+        if lv is not None and lv.phase == Phase.FLUSHING and self._running(vid):
             raise aborted(f"volume {vid}: a flush of its previous use is still running; try again")
+        if rec.encryption:          # before anything is created: a missing or wrong KEK fails here
+            self.keys.put(vid, encryption.open_lineage(rec.encryption, encryption.require_kek(
+                secrets, self.cfg, "NodeStageVolume", "node-stage"), f"volume {vid}"))
         with self._mu:
             self._preparing.add(vid)         # not evictable while it is being made current
             if secrets:
-                self._secrets[vid] = dict(secrets)   # the flush at NodeUnstage (which has none) uses them
+                # the flush at NodeUnstage (which has none) uses them; the KEK is not kept
+                self._secrets[vid] = {k: v for k, v in secrets.items() if k != encryption.SECRET_KEY}
         try:
             return self._prepare(rec, lv, secrets)
         finally:
@@ -122,39 +131,67 @@ class VolumeSync:
         vid = rec.id
         self.events.track(rec)
         have = self.backend.exists(vid)
-        if lv is None or not have:
-            lv = LocalVolume(id=vid, persistence=rec.persistence)
-        lv.persistence, lv.epoch, lv.last_used = rec.persistence, rec.epoch, time.time()
-        fenced = lv.flush is not None and lv.flush.state == FlushState.FENCED
-        if have and rec.persistence == "object" and (lv.generation != rec.generation or fenced):
-            if lv.dirty:
-                log.error("volume %s: unflushed local changes on top of generation %d are discarded: "
-                          "%s (this node was fenced out)", vid, lv.generation,
-                          f"generation {rec.generation} was committed meanwhile by {rec.generation_node or 'another node'}"
-                          if lv.generation != rec.generation else "ownership was taken over")
-            else:
-                log.info("volume %s: local copy holds generation %d, committed is %d: rehydrating",
-                         vid, lv.generation, rec.generation)
+        if lv is not None and not have:
+            log.warning("volume %s: its local data is gone; making it again", vid)
+            self.vols.remove(vid)
+            lv = None
+        if lv is None and have:             # local data without a record: generation 0
+            lv = self.vols.create(LocalVolume(id=vid, persistence=rec.persistence, epoch=rec.epoch))
+        if lv is not None and rec.persistence == "object" and self._stale(rec, lv):
             self._delete_local(vid)
-            have = False
-            lv = LocalVolume(id=vid, persistence=rec.persistence, epoch=rec.epoch)
-        if have:
-            if self.backend.size(vid) < rec.size:
-                self.backend.expand(vid, rec.size)
-            log.info("volume %s: reusing the local copy (generation %d%s)", vid, lv.generation,
-                     ", with unflushed changes" if lv.dirty else "")
+            lv = None
+        if lv is None:
+            return self._fresh(rec, secrets)
+        return self._reuse(rec, lv)
+
+    def _stale(self, rec: VolumeRecord, lv: LocalVolume) -> bool:
+        """Discard the local copy? Only when it holds another generation than the committed one
+        or the catalog proved this node fenced out (Phase.FENCED)."""
+        fenced = lv.phase == Phase.FENCED
+        if lv.generation == rec.generation and not fenced:
+            return False
+        if lv.dirty:
+            log.error("volume %s: unflushed local changes on top of generation %d are discarded: "
+                      "%s (this node was fenced out)", rec.id, lv.generation,
+                      f"generation {rec.generation} was committed meanwhile by {rec.generation_node or 'another node'}"
+                      if lv.generation != rec.generation else "ownership was taken over")
         else:
-            self._create(vid, rec.size)
-            lv.generation, lv.dirty, lv.flush = 0, False, None
-            # recorded before hydrating: a crash in the middle leaves generation 0, never "current"
-            self.state.put(lv)
-            if rec.persistence == "object" and rec.generation > 0:
-                if (rec.parameters.get("hydrate") or self.cfg.hydrate) == "lazy":
-                    self._stage_lazy(rec, lv, secrets)
-                else:
-                    self._hydrate(rec, lv, secrets)
-        lv.size = self.backend.size(vid)
-        self.state.put(lv)
+            log.info("volume %s: local copy holds generation %d, committed is %d: rehydrating",
+                     rec.id, lv.generation, rec.generation)
+        return True
+
+    def _reuse(self, rec: VolumeRecord, lv: LocalVolume) -> LocalVolume:
+        vid = rec.id
+        if self.backend.size(vid) < rec.size:
+            self.backend.expand(vid, rec.size)
+        log.info("volume %s: reusing the local copy (generation %d%s)", vid, lv.generation,
+                 ", with unflushed changes" if lv.dirty else "")
+        size = self.backend.size(vid)
+
+        def touch(cur: LocalVolume) -> None:
+            cur.persistence, cur.epoch, cur.last_used, cur.size = rec.persistence, rec.epoch, time.time(), size
+        # a crash left it hydrating (generation 0, nothing to hydrate) or flushing (no thread runs
+        # that job any more: its writes are kept and flushed at the next unstage)
+        to = {Phase.HYDRATING: Phase.CLEAN, Phase.FLUSHING: Phase.DIRTY}.get(lv.phase)
+        return self.vols.update(vid, touch, to=to)
+
+    def _fresh(self, rec: VolumeRecord, secrets: dict[str, str]) -> LocalVolume:
+        vid = rec.id
+        self._create(vid, rec.size)
+        # recorded before hydrating: a crash in the middle leaves generation 0, never "current"
+        lv = self.vols.create(LocalVolume(id=vid, persistence=rec.persistence, epoch=rec.epoch))
+        if rec.persistence == "object" and rec.generation > 0:
+            # the lazy server (another process) has no lineage keys: encrypted volumes hydrate fully
+            if (rec.parameters.get("hydrate") or self.cfg.hydrate) == "lazy" and not rec.encryption:
+                self._stage_lazy(rec, secrets)
+            else:
+                self._hydrate(rec, secrets)
+        size = self.backend.size(vid)
+
+        def hydrated(cur: LocalVolume) -> None:
+            cur.size, cur.last_used = size, time.time()
+            cur.generation = rec.generation if rec.persistence == "object" else 0
+        lv = self.vols.update(vid, hydrated, to=Phase.CLEAN)
         return lv
 
     def _create(self, vid: str, size: int) -> None:
@@ -168,7 +205,7 @@ class VolumeSync:
                 raise
         self.backend.create(vid, size)
 
-    def _hydrate(self, rec: VolumeRecord, lv: LocalVolume, secrets: dict[str, str]) -> None:
+    def _hydrate(self, rec: VolumeRecord, secrets: dict[str, str]) -> None:
         """Write the committed generation into the fresh local volume. On any failure the
         half-written volume and its state record are removed (nothing is left as "current")."""
         from .remote import transfer
@@ -176,10 +213,12 @@ class VolumeSync:
         self.events.hydrate_started(rec)
         try:
             cat = self.stores.catalog(secrets)
-            manifest = Manifest.decode(cat.get_manifest(rec.id, rec.generation))
+            codec = self.codec(rec)
+            manifest = codec.open_manifest(cat.get_manifest(rec.id, rec.generation),
+                                           f"volume {rec.id} generation {rec.generation}")
             # rawfile: straight into the backing file, before a loop device exists
-            dest = getattr(self.backend, "hydrate_path", self.backend.device)(rec.id)
-            stats = transfer.hydrate(cat.store, manifest, dest, workers=self.cfg.hydrate_workers)
+            dest = self.backend.hydrate_path(rec.id)
+            stats = transfer.hydrate(cat.store, manifest, dest, workers=self.cfg.hydrate_workers, codec=codec)
         except BaseException as e:
             self._discard(rec.id)
             self.events.hydrate_done(rec, 0, time.monotonic() - t0, error=str(e) or type(e).__name__)
@@ -195,13 +234,12 @@ class VolumeSync:
         dt = time.monotonic() - t0
         metrics.TRANSFER_SECONDS.labels("hydrate").observe(dt)
         metrics.BYTES.labels("hydrated").inc(stats.bytes_written)
-        lv.generation = rec.generation
         self._mark_generation(rec.id, rec.generation)
         self.events.hydrate_done(rec, stats.bytes_written, dt)
         log.info("volume %s: hydrated generation %d: %d bytes in %.2fs (%.1f MB/s of volume)", rec.id,
                  rec.generation, stats.bytes_written, dt, rec.size / max(dt, 1e-6) / 1e6)
 
-    def _stage_lazy(self, rec: VolumeRecord, lv: LocalVolume, secrets: dict[str, str]) -> None:
+    def _stage_lazy(self, rec: VolumeRecord, secrets: dict[str, str]) -> None:
         """Record the committed generation as the fresh local volume's content without copying it:
         the node serves it through a lazy hydration server (lazy/), which fetches chunks as they
         are read and the rest in the background."""
@@ -219,7 +257,6 @@ class VolumeSync:
             if isinstance(e, (OSError, ValueError)):
                 raise CsiError(Code.INTERNAL, f"volume {rec.id}: lazy stage of generation {rec.generation}: {e}") from e
             raise
-        lv.generation = rec.generation
         log.info("volume %s: generation %d staged lazily (%d data chunks to fetch) in %.3fs", rec.id,
                  rec.generation, manifest.data_chunks, time.monotonic() - t0)
 
@@ -229,13 +266,24 @@ class VolumeSync:
             self.backend.delete(vid)
         except CsiError as e:
             log.error("volume %s: cannot remove the half-hydrated local copy: %s", vid, e)
-        self.state.delete(vid)
+        self.vols.remove(vid)
+        self.keys.drop(vid)
+
+    def codec(self, rec: VolumeRecord) -> Codec:
+        """How the volume's chunks and manifests are encoded: PLAIN, or sealed with the lineage key
+        this node kept from NodeStage (else the configured fallback KEK). FAILED_PRECONDITION
+        when the volume is encrypted and this node has no key for it."""
+        if not rec.encryption:
+            return PLAIN
+        keys = self.keys.get(rec.id)
+        if keys is not None and keys.lineage == rec.encryption.get("lineage"):
+            return Codec(keys)
+        if self.cfg.encryption_key_file:
+            return encryption.codec_for(rec.encryption, None, self.cfg, f"volume {rec.id}", "node-stage")
+        raise CsiError(Code.FAILED_PRECONDITION, f"volume {rec.id} is encrypted and this node holds no key "
+                       f"for it (NodeStageVolume with its node-stage secret provides one)")
 
     # -- release / unstage -----------------------------------------------------------------
-    def on_publish(self, lv: LocalVolume) -> None:
-        if not lv.readonly:
-            lv.dirty = True
-
     def on_release(self, lv: LocalVolume) -> None:
         """Last target gone: sync the file system and start flushing while it is still staged."""
         if lv.persistence != "object" or not lv.dirty:
@@ -244,48 +292,59 @@ class VolumeSync:
             fs.sync_fs(lv.staged_path)
         self._start(lv, final=False)
 
-    def finish(self, lv: LocalVolume) -> None:
-        """Called by NodeUnstage after unmounting. Returns when the generation is committed."""
-        if lv.persistence != "object" or not lv.dirty:
+    def finish(self, vid: str) -> None:
+        """Called by NodeUnstage after unmounting (the volume is FLUSHING, DIRTY, FENCED or
+        CLEAN). Returns when the generation is committed (CLEAN); the node's copy of the lineage
+        key goes then (nothing is left to flush)."""
+        lv = self.vols.get(vid)
+        if lv is None or lv.phase == Phase.CLEAN:
+            self.keys.drop(vid)
             return
         deadline = time.monotonic() + self.unstage_wait
         started = False
         while True:
-            cur = self.state.get(lv.id) or lv
-            job = cur.flush
-            if not self._running(lv.id):
-                if job is not None and job.state == FlushState.COMMITTED and job.final:
-                    self._update(lv.id, _clear_job)
+            if not self._running(vid):
+                cur = self.vols.update(vid)
+                if cur.phase == Phase.CLEAN:
+                    self.vols.update(vid, _clear_job)
+                    self.keys.drop(vid)
                     return
-                if job is not None and job.state == FlushState.FENCED:
-                    raise Fenced(job.error)
-                if job is not None and job.state == FlushState.FAILED and started:
+                if cur.phase == Phase.FENCED:
+                    raise Fenced(cur.flush.error if cur.flush else f"volume {vid}: this node was fenced out")
+                if cur.phase == Phase.DIRTY and started:
                     break           # failed again in this call: report, kubelet retries later
-                if job is not None and job.state == FlushState.FAILED:
-                    log.warning("volume %s: retrying flush after: %s", lv.id, job.error)
-                elif job is not None and job.state == FlushState.RUNNING:
+                if cur.phase == Phase.DIRTY and cur.flush is not None:
+                    log.warning("volume %s: retrying flush after: %s", vid, cur.flush.error)
+                elif cur.flush is not None and cur.flush.state == FlushState.RUNNING and cur.flush.final:
                     # no thread runs it: the process restarted before resume() or the record
                     # was overwritten; the final pass starts (again) from its journal
-                    log.info("volume %s: flush job was not running: starting the final pass", lv.id)
+                    log.info("volume %s: flush job was not running: starting the final pass", vid)
                 self._start(cur, final=True)
                 started = True
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            self._wait(lv.id, min(left, 1.0))
-        cur = self.state.get(lv.id) or lv
-        done, total = self._progress.get(lv.id, (0, 0))
-        err = f"; last error: {cur.flush.error}" if cur.flush and cur.flush.error else ""
-        failed = cur.flush is not None and cur.flush.state == FlushState.FAILED
-        code = Code.UNAVAILABLE if failed and cur.flush.error_code == Code.UNAVAILABLE.name else Code.ABORTED  # type: ignore[union-attr]
+            self._wait(vid, min(left, 1.0))
+        raise self._not_done(vid)
+
+    def _not_done(self, vid: str) -> CsiError:
+        cur = self.vols.get(vid)
+        job = cur.flush if cur is not None else None
+        done, total = self._progress.get(vid, (0, 0))
+        err = f"; last error: {job.error}" if job is not None and job.error else ""
+        failed = job is not None and job.state == FlushState.FAILED
+        code = Code.UNAVAILABLE if job is not None and failed and job.error_code == Code.UNAVAILABLE.name else Code.ABORTED
         what = "failed" if failed else "in progress"
-        raise CsiError(code, f"volume {lv.id}: flush to the object store {what}: "
-                       f"{done}/{total} bytes ({100 * done // max(total, 1)}%){err}; local data kept, retry later")
+        return CsiError(code, f"volume {vid}: flush to the object store {what}: "
+                        f"{done}/{total} bytes ({100 * done // max(total, 1)}%){err}; local data kept, retry later")
 
     def resume(self, lv: LocalVolume) -> None:
-        if lv.flush is not None and lv.flush.state in (FlushState.RUNNING, FlushState.FAILED) and lv.persistence == "object":
+        if lv.persistence != "object":
+            return
+        job_due = lv.flush is not None and lv.flush.state in (FlushState.RUNNING, FlushState.FAILED)
+        if lv.phase in (Phase.FLUSHING, Phase.DIRTY) or (lv.phase in STAGED_PHASES and job_due):
             log.info("volume %s: resuming the interrupted flush", lv.id)
-            self._start(lv, final=lv.flush.final or not lv.staged)
+            self._start(lv, final=lv.phase not in STAGED_PHASES)
 
     def _wait(self, vid: str, timeout: float) -> None:
         """Until the volume's flush thread ends (at most `timeout` s): NodeUnstage goes on the
@@ -302,29 +361,18 @@ class VolumeSync:
             t = self._threads.get(vid)
             return t is not None and t.is_alive()
 
-    def _update(self, vid: str, fn: Callable[[LocalVolume], None]) -> LocalVolume | None:
-        """Read-modify-write of the volume's state record for the job's own fields (flush,
-        generation, dirty): never writes back a stale copy of the fields the Node service owns."""
-        with self._state_mu:
-            lv = self.state.get(vid)
-            if lv is None:
-                return None
-            fn(lv)
-            self.state.put(lv)
-            return lv
-
     def _start(self, lv: LocalVolume, final: bool) -> None:
+        """Start a flush thread: the final pass (unstaged: FLUSHING) or a pre-flush (staged)."""
         with self._mu:
             t = self._threads.get(lv.id)
             if t is not None and t.is_alive():
                 return
             job = FlushJob(generation_base=lv.generation, epoch=lv.epoch, final=final)
-            lv.flush = job
 
             def set_job(cur: LocalVolume) -> None:
                 cur.flush = job
-            if self._update(lv.id, set_job) is None:
-                self.state.put(lv)
+            if self.vols.update_if(lv.id, set_job, to=Phase.FLUSHING if final else None) is None:
+                return
             self._progress.pop(lv.id, None)
             t = threading.Thread(target=self._run, args=(lv.id, job), name=f"flush-{lv.id}", daemon=True)
             self._threads[lv.id] = t
@@ -335,32 +383,37 @@ class VolumeSync:
         try:
             self._flush(vid, job)
         except Exception as e:     # recorded in the job; NodeUnstage reports it
-            # only the catalog's proof fences; every other error (FAILED_PRECONDITION included)
-            # keeps the local data and is retried
-            fenced = isinstance(e, Fenced)
-            code = (Code.UNAVAILABLE if isinstance(e, StoreError)
-                    else e.code if isinstance(e, CsiError) else Code.INTERNAL)
-            job.state = FlushState.FENCED if fenced else FlushState.FAILED
-            job.error_code = code.name
-            job.error = f"object store unreachable: {e}" if code == Code.UNAVAILABLE else str(e)
-
-            def record(lv: LocalVolume) -> None:
-                lv.flush = job
-            self._update(vid, record)
-            self.events.flush_failed(vid, job.error, fenced)
-            if fenced:
-                log.error("volume %s: flush not committed, local data kept: %s", vid, e)
-            else:
-                log.warning("volume %s: flush failed (will retry on the next NodeUnstage): %s", vid, e)
+            self._failed(vid, job, e)
         finally:
             metrics.FLUSH_JOBS.dec()
+
+    def _failed(self, vid: str, job: FlushJob, e: Exception) -> None:
+        # only the catalog's proof fences; every other error (FAILED_PRECONDITION included)
+        # keeps the local data and is retried
+        fenced = isinstance(e, Fenced)
+        code = (Code.UNAVAILABLE if isinstance(e, StoreError)
+                else e.code if isinstance(e, CsiError) else Code.INTERNAL)
+        job.state = FlushState.FENCED if fenced else FlushState.FAILED
+        job.error_code = code.name
+        job.error = f"object store unreachable: {e}" if code == Code.UNAVAILABLE else str(e)
+
+        def record(lv: LocalVolume) -> None:
+            lv.flush = job
+        # the final pass decides the unstaged volume's phase; a pre-flush leaves it staged
+        to = (Phase.FENCED if fenced else Phase.DIRTY) if job.final else None
+        self.vols.update_if(vid, record, to=to)
+        self.events.flush_failed(vid, job.error, fenced)
+        if fenced:
+            log.error("volume %s: flush not committed, local data kept: %s", vid, e)
+        else:
+            log.warning("volume %s: flush failed (will retry on the next NodeUnstage): %s", vid, e)
 
     def _flush(self, vid: str, job: FlushJob) -> None:
         # the final pass commits: it follows gc's handshake (claim its chunks, repair what a
         # concurrent garbage collection deleted) before the generation is committed
         from .remote.guard import FlushGuard
         guard = (FlushGuard.begin(self.stores.catalog().store, f"{self.node_id}/{vid}",
-                                     resumed=Path(self.state.journal_path(vid)).exists())
+                                  resumed=Path(self.vols.journal_path(vid)).exists())
                  if job.final else None)
         try:
             self._flush_guarded(vid, job, guard)
@@ -378,12 +431,13 @@ class VolumeSync:
         rec = cat.volume(vid)
         self.events.track(rec)
         check_owner(rec, self.node_id, job.epoch, "local data kept, not committed")
-        base = Manifest.decode(cat.get_manifest(vid, rec.generation)) if rec.generation else None
+        codec = self.codec(rec)
+        base = codec.open_manifest(cat.get_manifest(vid, rec.generation), f"volume {vid}") if rec.generation else None
         dev = self.backend.device(vid)
         size = self.backend.size(vid)
         pre = self._take_preflushed(vid, job, rec.generation, size)
         source, snap = dev, None
-        if not job.final and getattr(self.backend, "tracks_changes", False):
+        if not job.final and self.backend.tracks_changes:
             # read a point-in-time copy: its manifest is exact, so the final pass (after
             # unmount) only reads what changed after it
             self.backend.delete_snapshot(vid, PRE_SNAP)
@@ -411,8 +465,8 @@ class VolumeSync:
                                              parent=rec.generation if base is not None else None,
                                              known=pre.hashes if pre is not None else None,
                                              compression_level=rec.compression, workers=self.cfg.flush_workers,
-                                             journal_path=self.state.journal_path(vid) if job.final else None,
-                                             progress=progress)
+                                             journal_path=self.vols.journal_path(vid) if job.final else None,
+                                             progress=progress, codec=codec)
         finally:
             metrics.FLUSH_BACKLOG.dec(total - last[0])
         dt = time.monotonic() - t0
@@ -428,22 +482,22 @@ class VolumeSync:
 
             def uploaded(lv: LocalVolume) -> None:
                 lv.flush = job
-            self._update(vid, uploaded)
+            self.vols.update_if(vid, uploaded)
             self.events.flush_uploaded(vid, stats.bytes_uploaded, dt)
             log.info("volume %s: background flush uploaded %d bytes in %.2fs", vid, stats.bytes_uploaded, dt)
             return
         if guard is not None:
             from .remote.catalog import manifest_key
-            guard.claim(manifest, source_path=dev, compression_level=rec.compression,
+            guard.claim(manifest, source_path=dev, compression_level=rec.compression, codec=codec,
                         manifests=[manifest_key(vid, rec.generation + 1)])
-        gen = cat.put_manifest(vid, rec.generation + 1, manifest.encode())
+        gen = cat.put_manifest(vid, rec.generation + 1, codec.encode_manifest(manifest))
         cat.commit_generation(vid, gen, self.node_id, job.epoch)
         job.state, job.manifest_gen, job.done_bytes = FlushState.COMMITTED, gen, total
 
         def committed(lv: LocalVolume) -> None:
-            lv.generation, lv.flush = gen, job
-        self._update(vid, committed)
-        Path(self.state.journal_path(vid)).unlink(missing_ok=True)
+            lv.generation, lv.flush, lv.dirty = gen, job, False
+        self.vols.update_if(vid, committed, to=Phase.CLEAN)
+        Path(self.vols.journal_path(vid)).unlink(missing_ok=True)
         self._mark_generation(vid, gen, previous=rec.generation)
         self._report_committed(vid, gen, stats, size, dt)
 
@@ -489,7 +543,7 @@ class VolumeSync:
             log.info("volume %s: lazily hydrated, %d bytes written on this node", vid,
                      sum(r.length for r in lazy))
             return lazy, "changed", base
-        tracking = getattr(self.backend, "tracks_changes", False)
+        tracking = self.backend.tracks_changes
         try:
             if (pre is not None and pre.manifest is not None and tracking
                     and self.backend.snapshot_path(vid, PRE_SNAP) is not None):
@@ -514,7 +568,7 @@ class VolumeSync:
         """Keep a snapshot of the local copy as generation `gen` (the next flush's base) and drop
         the previous one and the pre-flush's; only for backends that track changes (thin
         snapshots and reflinks cost nothing until the volume is written)."""
-        if not getattr(self.backend, "tracks_changes", False):
+        if not self.backend.tracks_changes:
             return
         try:
             self.backend.snapshot(vid, self._gen_snap(gen))
@@ -529,16 +583,17 @@ class VolumeSync:
     def clean_cached(self) -> list[LocalVolume]:
         """Local copies that hold a committed generation and nothing else: evictable."""
         out = []
-        for lv in self.state.all():
-            if lv.staged or lv.dirty or lv.persistence != "object" or self._running(lv.id):
-                continue
-            with self._mu:
-                if lv.id in self._preparing:
-                    continue
-            if lv.flush is not None and lv.flush.state != FlushState.COMMITTED:
+        for lv in self.vols.all():
+            if not self._evictable(lv):
                 continue
             out.append(lv)
         return sorted(out, key=lambda v: v.last_used)
+
+    def _evictable(self, lv: LocalVolume) -> bool:
+        if lv.phase != Phase.CLEAN or lv.dirty or lv.persistence != "object" or self._running(lv.id):
+            return False
+        with self._mu:
+            return lv.id not in self._preparing
 
     def reclaimable_bytes(self) -> int:
         total = 0
@@ -549,6 +604,22 @@ class VolumeSync:
                 continue
         return total
 
+    def _drop(self, vid: str, still: Callable[[LocalVolume], bool], why: str) -> bool:
+        """Delete the local copy under the volume's lock if `still(record)` holds then (an RPC
+        on it meanwhile wins: nothing is dropped); `why` is logged with the volume ID for %s."""
+        try:
+            with self.vols.hold(vid):
+                lv = self.vols.get(vid)
+                if lv is None or not still(lv):
+                    return False
+                log.info(why, vid)
+                self._delete_local(vid)
+                return True
+        except CsiError as e:
+            if e.code == Code.ABORTED:
+                return False
+            raise
+
     def evict(self, need: int, keep: str = "") -> bool:
         """Evict clean cached copies, least recently used first, until `need` bytes fit."""
         evicted = False
@@ -557,24 +628,22 @@ class VolumeSync:
                 continue
             if self.backend.capacity().available_bytes >= need:
                 break
-            log.info("evicting cached copy of volume %s (generation %d, last used %s)", lv.id,
-                     lv.generation, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(lv.last_used)))
-            self._delete_local(lv.id)
-            evicted = True
+            evicted |= self._drop(lv.id, self._evictable, f"evicting cached copy of volume %s (generation {lv.generation}, "
+                                  f"last used {time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(lv.last_used))})")
         return evicted and self.backend.capacity().available_bytes >= need
 
     def drop_deleted(self, exists: Callable[[str], bool]) -> None:
         """Remove local copies of volumes deleted from the catalog (not staged)."""
-        for lv in self.state.all():
-            if lv.staged or lv.targets or self._running(lv.id) or exists(lv.id):
-                continue
+        def droppable(lv: LocalVolume) -> bool:
+            if lv.phase in STAGED_PHASES or lv.targets or self._running(lv.id) or exists(lv.id):
+                return False
             with self._mu:
-                if lv.id in self._preparing:
-                    continue
-            log.info("volume %s was deleted: removing its local copy", lv.id)
-            self._delete_local(lv.id)
+                return lv.id not in self._preparing
+        for lv in self.vols.all():
+            if droppable(lv):
+                self._drop(lv.id, droppable, "volume %s was deleted: removing its local copy")
         for vid in self.backend.list_volumes():
-            if self.state.get(vid) is None and not exists(vid):
+            if self.vols.get(vid) is None and not exists(vid):
                 log.info("removing orphaned local volume %s", vid)
                 self.lazy.discard(vid)
                 self.backend.delete(vid)

@@ -32,7 +32,14 @@ class Capacity:
 
 @runtime_checkable
 class Backend(Protocol):
+    """The contract every backend implements in full (no optional methods, no probing)."""
     name: str
+
+    @property
+    def tracks_changes(self) -> bool:
+        """True when snapshots cost nothing until written and `changed_ranges` can answer
+        (LVM thin: thin_delta; rawfile on a reflink file system: FIEMAP). When False the flush
+        keeps no base snapshots and compares chunk hashes instead."""
 
     def check(self) -> list[str]:
         """What is missing for this backend to work (tools, modules, VG); empty when healthy."""
@@ -48,6 +55,10 @@ class Backend(Protocol):
     def device(self, vid: str, read_only: bool = False) -> str:
         """Ensure the volume is reachable as a block device and return its path (/dev/loopN, /dev/vg/lv).
         read_only: a device that refuses writes (for read-only raw block publishing)."""
+
+    def hydrate_path(self, vid: str) -> str:
+        """Where to write a fresh volume's content before its first use (rawfile: the backing
+        file while no loop device is attached; LVM: the device)."""
 
     def release(self, vid: str) -> None:
         """Let go of the block device (detach the loop device); data stays. Idempotent."""
@@ -71,8 +82,8 @@ class Backend(Protocol):
         """Path of an existing snapshot, None if missing."""
 
     def changed_ranges(self, vid: str, base_snap: str, snap: str | None = None) -> list[Extent] | None:
-        """Ranges that changed since snapshot `base_snap` (in the volume, or in its snapshot `snap`
-        when given), or None when unknown (caller hashes all)."""
+        """Ranges where the volume (or its snapshot `snap`, when the flush reads that) differs
+        from snapshot `base_snap`, or None when unknown (the caller hashes everything)."""
 
     def capacity(self) -> Capacity: ...
 

@@ -223,6 +223,10 @@ class LvmBackend:
                            "supported by the lvm backend (read-only mounts are)")
         return self._activate(self._need_volume(self._lvs(), vid))
 
+    def hydrate_path(self, vid: str) -> str:
+        """A fresh thin volume is hydrated through its device."""
+        return self.device(vid)
+
     def release(self, vid: str) -> None:
         lv = self._volume(self._lvs(), vid)
         if lv is None or not lv.active or not self.deactivate_on_release:

@@ -30,6 +30,19 @@ class FlushState(str, Enum):
     FENCED = "fenced"
 
 
+class Phase(str, Enum):
+    """Where a local copy stands in its life (the state machine is in local/volumes.py)."""
+    ABSENT = "absent"               # no local copy (never stored in a record)
+    HYDRATING = "hydrating"         # created, the committed generation being written into it
+    CLEAN = "clean"                 # unstaged, holds `generation` exactly: evictable cache
+    STAGED = "staged"               # mounted at the staging path, no target
+    PUBLISHED = "published"         # staged with at least one target
+    RELEASED = "released"           # staged, the last target is gone (pre-flush may run)
+    FLUSHING = "flushing"           # unstaged, the final flush pass runs (or is due)
+    DIRTY = "dirty"                 # unstaged, unflushed writes kept; the flush is retried
+    FENCED = "fenced"               # unstaged, the catalog proved another owner: discarded at next stage
+
+
 @dataclass
 class FlushJob:
     generation_base: int            # committed generation the job started from
@@ -61,6 +74,7 @@ class LocalVolume:
     epoch: int = 0
     last_used: float = field(default_factory=time.time)
     flush: FlushJob | None = None
+    phase: Phase = Phase.ABSENT
     schema: int = SCHEMA
 
     @property
@@ -68,7 +82,21 @@ class LocalVolume:
         return bool(self.staged_path)
 
 
+def legacy_phase(lv: LocalVolume) -> Phase:
+    """The phase of a record written before phases were recorded."""
+    if lv.staged:
+        return Phase.PUBLISHED if lv.targets else Phase.STAGED
+    job = lv.flush
+    if job is not None and job.state == FlushState.FENCED:
+        return Phase.FENCED
+    if job is not None and job.state == FlushState.RUNNING and job.final:
+        return Phase.FLUSHING
+    return Phase.DIRTY if lv.dirty and lv.persistence == "object" else Phase.CLEAN
+
+
 class NodeState:
+    """The records on disk. Written only by local.volumes.LocalVolumes."""
+
     def __init__(self, state_dir: str):
         self.dir = Path(state_dir) / "volumes"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +121,7 @@ class NodeState:
         if job:
             lv.flush = FlushJob(**{k: v for k, v in job.items() if k in {f.name for f in dataclasses.fields(FlushJob)}})
             lv.flush.state = FlushState(lv.flush.state)
+        lv.phase = Phase(d["phase"]) if d.get("phase") else legacy_phase(lv)
         return lv
 
     def put(self, lv: LocalVolume) -> None:
