@@ -8,7 +8,7 @@ APT_PKGS := util-linux mount e2fsprogs xfsprogs btrfs-progs kmod procps openssl 
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all deps sysdeps proto lint test demo sanity bench image test-image test-lvm clean
+.PHONY: all deps sysdeps proto lint test demo sanity bench bench-scale image test-image test-lvm clean
 
 all: test
 
@@ -71,6 +71,11 @@ bench: deps
 	$(PY) benchmarks/run.py $(if $(QUICK),--quick) $(BENCH_ARGS)
 	@$(MAKE) --no-print-directory sysdeps EXTRA_APT=fio
 	$(PY) benchmarks/lazy.py $(if $(QUICK),--quick)
+
+# Control-plane cost at N = 1,000 and 10,000 volumes: requests per RPC, idle node/controller $/day,
+# GC, manifest encode/decode; counted by a proxy and by the driver. Results: benchmarks/results/<date>-scale.*
+bench-scale: deps
+	$(PY) benchmarks/scale.py $(BENCH_ARGS)
 
 # csi-sanity cannot be installed here: point CSI_SANITY at a binary to run it. Block access mode:
 # SANITY_ARGS=--block; other csi-sanity flags after "--" (SANITY_ARGS="-- --ginkgo.focus=Node").

@@ -117,8 +117,8 @@ class KubeRecorder:
     `burst` events per claim at once, then one every `refill_s` seconds; `queue_size` events
     waiting at most. Counters: `posted`, `patched`, `dropped` (for tests and the log)."""
 
-    def __init__(self, api_client: Any, host: str, *, queue_size: int = 100, burst: int = 12,
-                 refill_s: float = 30.0, timeout_s: float = 5.0, correlate: int = 256,
+    def __init__(self, api_client: Any, host: str, *, queue_size: int = 100, burst: int = 25,
+                 refill_s: float = 60.0, timeout_s: float = 5.0, correlate: int = 256,
                  clock: Callable[[], float] = time.monotonic):
         from kubernetes import client
         self._api = client.CoreV1Api(api_client)
