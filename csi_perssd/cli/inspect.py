@@ -6,12 +6,13 @@ import dataclasses
 import json
 from typing import Any
 
-from .. import ids
+from .. import encryption, ids
 from ..config import Config
+from ..crypto import envelope
 from ..errors import CsiError
 from ..remote.layout import snapshot_manifest_key
 from ..remote.manifest import Manifest
-from ..snapshots import read_manifest
+from ..remote.store import StoreError
 from ..stores import Stores
 from .flags import config_from_args, store_flags
 
@@ -52,11 +53,13 @@ def inspect(cfg: Config, ident: str, output: str = "json") -> int:
     try:
         if ident.startswith(ids.SNAPSHOT_PREFIX):
             rec: Any = cat.get_snapshot(ident)
-            m = read_manifest(cat, rec.manifest_key or snapshot_manifest_key(ident)) if rec and rec.ready else None
+            key = rec.manifest_key or snapshot_manifest_key(ident) if rec and rec.ready else ""
+            data = cat.store.get(key)[0] if key else b""
         else:
             rec = cat.get_volume(ident)
-            m = Manifest.decode(cat.get_manifest(ident, rec.generation)) if rec and rec.generation else None
-    except CsiError as e:
+            data = cat.get_manifest(ident, rec.generation) if rec and rec.generation else b""
+        m = _manifest_view(data) if data else None
+    except (CsiError, ValueError, StoreError) as e:
         print(f"inspect {ident}: {e}")
         return 1
     if rec is None:
@@ -64,14 +67,24 @@ def inspect(cfg: Config, ident: str, output: str = "json") -> int:
         return 1
     d = dataclasses.asdict(rec)
     d.pop("etag", None)
+    d["encryption"] = encryption.public_view(rec.encryption)     # never the wrapped key
     if not ident.startswith(ids.SNAPSHOT_PREFIX):
         d["generations"] = cat.list_generations(ident)
     if m is not None:
-        d["manifest"] = {"volume_size": m.volume_size, "chunk_size": m.chunk_size, "data_chunks": m.data_chunks,
-                         "hole_chunks": m.hole_chunks, "logical_bytes": m.logical_bytes,
-                         "stored_bytes": m.stored_bytes, "stats": m.stats}
+        d["manifest"] = m
     if output == "wide":
         print("\n".join(_lines(d)))
     else:
         print(json.dumps(d, indent=2, sort_keys=True))
     return 0
+
+
+def _manifest_view(data: bytes) -> dict[str, Any]:
+    """What a manifest shows without keys: everything when plain; the public header when sealed."""
+    if envelope.is_sealed_meta(data):
+        h = envelope.read_header(data)
+        return {"encrypted": True, "lineage": h.lineage, "distinct_chunks": len(h.refs), **h.numbers}
+    m = Manifest.decode(data)
+    return {"volume_size": m.volume_size, "chunk_size": m.chunk_size, "data_chunks": m.data_chunks,
+            "hole_chunks": m.hole_chunks, "logical_bytes": m.logical_bytes,
+            "stored_bytes": m.stored_bytes, "stats": m.stats}

@@ -9,7 +9,9 @@ from ..config import Config
 from ..errors import CsiError
 from ..remote import layout
 from ..remote.catalog import Catalog
+from ..remote.codec import manifest_refs
 from ..remote.manifest import Manifest
+from ..remote.store import StoreError
 from ..snapshots import read_manifest
 from ..stores import Stores
 from .flags import config_from_args, store_flags
@@ -50,8 +52,12 @@ def summary(cat: Catalog) -> dict[str, Any]:
         m = None
         if v.generation:
             try:
-                m = Manifest.decode(cat.get_manifest(v.id, v.generation))
-            except CsiError as e:
+                data = cat.get_manifest(v.id, v.generation)
+                if v.encryption:
+                    refs |= manifest_refs(data)     # sealed: only its public header without keys
+                else:
+                    m = Manifest.decode(data)
+            except (CsiError, ValueError) as e:
                 problems.append(f"volume {v.id}: {e}")
         if m is not None:
             logical += m.logical_bytes
@@ -66,8 +72,11 @@ def summary(cat: Catalog) -> dict[str, Any]:
         m = None
         if s.manifest_key:
             try:
-                m = read_manifest(cat, s.manifest_key)
-            except CsiError as e:
+                if s.encryption:
+                    refs |= manifest_refs(cat.store.get(s.manifest_key)[0])
+                else:
+                    m = read_manifest(cat, s.manifest_key)
+            except (CsiError, ValueError, StoreError) as e:
                 problems.append(f"snapshot {s.id}: {e}")
         if m is not None:
             logical += m.logical_bytes

@@ -50,13 +50,11 @@ from .chunks import (
     check_chunk_size,
     check_hash,
     chunk_count,
-    chunk_hash,
     chunk_key,
     chunk_span,
-    compress,
-    decompress,
     is_zero,
 )
+from .codec import PLAIN, Codec
 from .manifest import Manifest
 from .store import NotFound, ObjectStore
 
@@ -362,14 +360,14 @@ def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
           journal_path: str | None = None, trust_journal: bool = True,
           check_exists: bool | str = "auto", progress: Progress | None = None,
           generation: int | None = None, parent: int | None = None,
-          known: Mapping[str, int] | None = None) -> tuple[Manifest, FlushStats]:
+          known: Mapping[str, int] | None = None, codec: Codec = PLAIN) -> tuple[Manifest, FlushStats]:
     """Upload the chunks of `source_path` that are not stored yet and return the new manifest
     (generation = base.generation + 1 and parent = base's, unless given) and the stats.
     `known` (hash -> stored size) adds chunks the caller knows are stored and safe from garbage
     collection until this flush's manifest claims them (e.g. the pre-flush of the same volume a
     moment ago): they are neither compressed, HEADed nor uploaded again.
     Store errors propagate (StoreError); an exception from `progress` aborts the flush (the
-    journal keeps what was done)."""
+    journal keeps what was done). `codec`: PLAIN, or an encrypted volume's lineage."""
     t0 = time.monotonic()
     check_chunk_size(chunk_size)
     if ranges_mode not in ("allocated", "changed"):
@@ -434,7 +432,7 @@ def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
             buf = reader.read(off, length)
             if is_zero(buf):
                 return _Result(i, "hole", read=length)
-            h = chunk_hash(buf)
+            h = codec.name(buf)
             with st.lock:
                 if h in st.known:
                     return _Result(i, "known", h, st.known[h], read=length)
@@ -443,7 +441,7 @@ def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
                 st.claimed.add(h)
             key = chunk_key(h)
             reqs = 0
-            blob, _ = compress(buf, compression_level)
+            blob = codec.encode(h, buf, compression_level)
             del buf
             if st.should_head():
                 # an object of another size is not trusted (a damaged or foreign upload):
@@ -560,7 +558,7 @@ def flush(store: ObjectStore, source_path: str, size: int, chunk_size: int, *,
 # -- hydrate --------------------------------------------------------------------------------
 def hydrate(store: ObjectStore, manifest: Manifest, dest_path: str, *, workers: int = 8,
             verify: bool = True, zero_holes: bool = False, fsync: bool = True,
-            progress: Progress | None = None) -> HydrateStats:
+            progress: Progress | None = None, codec: Codec = PLAIN) -> HydrateStats:
     """Write the manifest's data chunks into dest (a block device or file at least
     volume_size long, opened O_RDWR without truncation). Holes are left as they are unless
     zero_holes. ChunkCorrupted/ChunkMissing before anything is written for a bad chunk."""
@@ -590,10 +588,10 @@ def hydrate(store: ObjectStore, manifest: Manifest, dest_path: str, *, workers: 
             except NotFound:
                 raise ChunkMissing(key, "missing from the store") from None
             try:
-                raw = decompress(blob, max_size=cs)
+                raw = codec.decode(h, blob, cs)
             except CorruptBlob as e:
                 raise ChunkCorrupted(key, str(e)) from None
-            if verify and chunk_hash(raw) != h:
+            if verify and codec.name(raw) != h:
                 raise ChunkCorrupted(key, "content does not match its BLAKE3 hash")
             written = slots = 0
             for i in by_hash[h]:
