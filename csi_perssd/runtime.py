@@ -161,6 +161,9 @@ class Runtime:
                 log.warning("first heartbeat failed (object store unreachable?): %s", e)
             self.node.recover()
             self._loop("heartbeat", self.cfg.heartbeat_seconds, self.heartbeat)
+            from .lazy import dm
+            if dm.available():          # lazy hydration: completed volumes leave the FUSE path
+                self._loop("lazy-switch", 1.0, self.node.switch_completed)
         if self.controller is not None and self.controller.snapshots is not None:
             self.controller.snapshots.start_background(self)
         if self.node is not None:
