@@ -10,16 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from ..extents import Extent
 
-@dataclass(frozen=True)
-class Extent:
-    """A byte range [offset, offset+length) of a volume."""
-    offset: int
-    length: int
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.length
+__all__ = ["Backend", "Capacity", "Extent"]
 
 
 @dataclass(frozen=True)
