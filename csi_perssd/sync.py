@@ -237,7 +237,7 @@ class VolumeSync:
         try:
             cat = self.stores.catalog(secrets)
             manifest = Manifest.decode(cat.get_manifest(rec.id, rec.generation))
-            disk = getattr(self.backend, "disk_path", self.backend.device)(rec.id)
+            disk = self.backend.disk_path(rec.id)
             self.lazy.begin(rec.id, disk, manifest)
         except BaseException as e:
             self._discard(rec.id)

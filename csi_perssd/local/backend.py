@@ -49,6 +49,10 @@ class Backend(Protocol):
         """Ensure the volume is reachable as a block device and return its path (/dev/loopN, /dev/vg/lv).
         read_only: a device that refuses writes (for read-only raw block publishing)."""
 
+    def disk_path(self, vid: str) -> str:
+        """The volume's own storage (rawfile: the image file; LVM: the LV's device node), for a
+        lazy hydration server that serves the volume from it."""
+
     def hydrate_path(self, vid: str) -> str:
         """Where to write a fresh volume's content before its first use (rawfile: the backing
         file while no loop device is attached; LVM: the device)."""
