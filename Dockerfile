@@ -15,15 +15,24 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 
 # --- runtime: system tools the driver calls + the wheel ------------------------------------
 FROM ${PYTHON_IMAGE}
-# util-linux: losetup, fsfreeze, blkid; mount: mount/umount; e2fsprogs/xfsprogs: mkfs and
-# grow; lvm2 + thin-provisioning-tools: the LVM thin backend (thin_delta for incremental
-# flushes). Inside a container LVM must not wait for udev (udev_sync/udev_rules off).
+# util-linux: losetup, fsfreeze, blkid, wipefs; mount: mount/umount; e2fsprogs/xfsprogs: mkfs,
+# grow, fsck, dumpe2fs/xfs_db; lvm2 + thin-provisioning-tools: the LVM thin backend (thin_delta
+# for incremental flushes); kmod: modprobe dm_thin_pool (the DaemonSet mounts /lib/modules);
+# libfuse3-3: the lazy-hydration FUSE server (mfusepy loads it at start-up).
+# Inside a container LVM must not wait for udev (udev_sync/udev_rules off).
+# tests/container/test_image.py checks every tool the code calls is here and runs.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      util-linux mount e2fsprogs xfsprogs lvm2 thin-provisioning-tools \
+      util-linux mount e2fsprogs xfsprogs lvm2 thin-provisioning-tools kmod libfuse3-3 \
  && rm -rf /var/lib/apt/lists/* \
  && sed -i -e 's/^\(\s*\)# udev_sync = 1/\1udev_sync = 0/' \
            -e 's/^\(\s*\)# udev_rules = 1/\1udev_rules = 0/' /etc/lvm/lvm.conf
+# The runtime dependencies first, in their own layer: rebuilt only when pyproject.toml changes.
+COPY pyproject.toml /tmp/pyproject.toml
+RUN python -c "import tomllib; print(*tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies'], sep=chr(10))" \
+      > /tmp/requirements.txt \
+ && pip install --no-cache-dir -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt /tmp/pyproject.toml
 COPY --from=builder /dist/ /tmp/dist/
 RUN pip install --no-cache-dir /tmp/dist/*.whl \
  && rm -rf /tmp/dist \

@@ -16,9 +16,11 @@ Exp = pb.PluginCapability.VolumeExpansion
 
 
 class Identity(rpc.IdentityServicer):
-    def __init__(self, has_controller: bool, problems: Callable[[], list[str]], has_group_controller: bool = False):
+    def __init__(self, has_controller: bool, problems: Callable[[], list[str]], has_group_controller: bool = False,
+                 has_snapshot_metadata: bool = False):
         self.has_controller = has_controller
         self.has_group_controller = has_group_controller
+        self.has_snapshot_metadata = has_snapshot_metadata      # alpha: only with --enable-snapshot-metadata
         self.problems = problems
 
     def GetPluginInfo(self, request: Any, context: Any) -> pb.GetPluginInfoResponse:
@@ -31,6 +33,8 @@ class Identity(rpc.IdentityServicer):
             caps.insert(0, pb.PluginCapability(service=Svc(type=Svc.CONTROLLER_SERVICE)))
         if self.has_group_controller:
             caps.append(pb.PluginCapability(service=Svc(type=Svc.GROUP_CONTROLLER_SERVICE)))
+        if self.has_snapshot_metadata:
+            caps.append(pb.PluginCapability(service=Svc(type=Svc.SNAPSHOT_METADATA_SERVICE)))
         return pb.GetPluginCapabilitiesResponse(capabilities=caps)
 
     def Probe(self, request: Any, context: Any) -> pb.ProbeResponse:

@@ -19,7 +19,8 @@ from .remote.store import StoreError
 
 log = logging.getLogger("csi_perssd.rpc")
 
-_ID_FIELDS = ("volume_id", "snapshot_id", "source_volume_id", "name", "node_id")
+_ID_FIELDS = ("volume_id", "snapshot_id", "source_volume_id", "name", "node_id", "group_snapshot_id",
+              "base_snapshot_id", "target_snapshot_id")
 
 
 def _subject(request: Any) -> str:
@@ -68,9 +69,30 @@ def _wrap(method: str, fn: Any) -> Any:
     return handler
 
 
+def _wrap_stream(method: str, fn: Any) -> Any:
+    """A server-streaming RPC (SnapshotMetadata): the request is validated and the stream set up
+    through `_wrap` (status mapping, log line, metrics); an error while streaming aborts it."""
+    start = _wrap(method, fn)
+
+    def handler(request: Any, context: grpc.ServicerContext) -> Any:
+        stream = start(request, context)
+        try:
+            yield from stream
+        except CsiError as e:
+            log.warning("%s %s: stream aborted: %s", method.rsplit("/", 1)[-1], _subject(request), e)
+            context.abort(e.code, e.message)
+
+    return handler
+
+
 class _Interceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         h = continuation(details)
+        if h is not None and h.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(details.method, h.unary_stream),
+                request_deserializer=h.request_deserializer,
+                response_serializer=h.response_serializer)
         if h is None or h.unary_unary is None:
             return h
         return grpc.unary_unary_rpc_method_handler(
@@ -81,7 +103,7 @@ class _Interceptor(grpc.ServerInterceptor):
 
 class Server:
     def __init__(self, socket_path: str, identity: Any, controller: Any | None, node: Any | None,
-                 workers: int = 16, group: Any | None = None):
+                 workers: int = 16, group: Any | None = None, metadata: Any | None = None):
         self.socket_path = socket_path
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
                                 interceptors=[_Interceptor()])
@@ -92,6 +114,8 @@ class Server:
             rpc.add_NodeServicer_to_server(node, self.grpc)
         if group is not None:
             rpc.add_GroupControllerServicer_to_server(group, self.grpc)
+        if metadata is not None:
+            rpc.add_SnapshotMetadataServicer_to_server(metadata, self.grpc)
         self._stopped = threading.Event()
 
     def start(self) -> None:

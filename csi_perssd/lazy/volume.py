@@ -60,7 +60,7 @@ class LazyVolume:
 
     @property
     def size(self) -> int:
-        return os.fstat(self.fd).st_size
+        return os.lseek(self.fd, 0, os.SEEK_END)        # a block device's fstat size is 0
 
     # -- chunks -----------------------------------------------------------------------------
     def _chunks(self, offset: int, length: int) -> range:
