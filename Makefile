@@ -72,13 +72,18 @@ bench: deps
 	@$(MAKE) --no-print-directory sysdeps EXTRA_APT=fio
 	$(PY) benchmarks/lazy.py $(if $(QUICK),--quick)
 
-# csi-sanity cannot be installed here: point CSI_SANITY at a binary to run it.
+# csi-sanity cannot be installed here: point CSI_SANITY at a binary to run it. SANITY_TARGET=container
+# runs it against the image's controller + node containers (tests/container/sanity.py) instead of a
+# host process; SANITY_ARGS are passed to csi-sanity (e.g. -ginkgo.focus=Node).
 sanity: deps
 	@if [ -z "$(CSI_SANITY)" ]; then \
 	  echo "CSI_SANITY is not set. Build csi-sanity with:"; \
 	  echo "  git clone https://github.com/kubernetes-csi/csi-test && cd csi-test && make -C cmd/csi-sanity"; \
 	  echo "then run: make sanity CSI_SANITY=/path/to/csi-sanity"; exit 0; fi; \
-	$(PY) -m tests.harness.sanity "$(CSI_SANITY)"
+	if [ "$(SANITY_TARGET)" = container ]; then \
+	  $(MAKE) --no-print-directory sysdeps EXTRA_APT="$(CONTAINER_APT)"; \
+	  $(PY) -m tests.container.sanity "$(CSI_SANITY)" $(if $(SANITY_ARGS),-- $(SANITY_ARGS)); \
+	else $(PY) -m tests.harness.sanity "$(CSI_SANITY)" $(if $(SANITY_ARGS),-- $(SANITY_ARGS)); fi
 
 # Container image (Dockerfile): needs a running container daemon (docker, or podman with
 # CONTAINER_TOOL=podman); fails with a clear message where none exists.

@@ -5,7 +5,6 @@ project's Dockerfile; figures (times, size) printed in the terminal summary.
 reached or started fails the tests (never a silent pass). Nothing here is shipped."""
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 
@@ -13,8 +12,8 @@ import pytest
 
 from . import images
 from .daemon import Daemon, DaemonError, connect
+from .images import IMAGE_TAG
 
-IMAGE_TAG = os.environ.get("PERSSD_TEST_IMAGE_TAG", "csi-perssd:test")
 FIGURES: dict[str, str] = {}
 
 

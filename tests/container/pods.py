@@ -128,8 +128,9 @@ class ContainerCluster(Cluster):
 
     def __init__(self, workdir: Path, docker: Daemon, image: str, objects: list[dict[str, Any]],
                  seaweed: Seaweed, prefix: str, api: tuple[str, int], sa_dir: Path,
-                 nodes: tuple[str, ...] = ("node-a", "node-b")):
+                 nodes: tuple[str, ...] = ("node-a", "node-b"), config_extra: dict[str, str] | None = None):
         super().__init__(workdir, nodes=nodes, seaweed=seaweed, prefix=prefix)
+        self.config_extra = dict(config_extra or {})
         self.docker, self.image, self.objects = docker, image, objects
         self.api, self.sa_dir = api, sa_dir
         self.kubelet = self.workdir / "kubelet"
@@ -145,10 +146,11 @@ class ContainerCluster(Cluster):
                               "accessKeyId": sw.access_key, "secretAccessKey": sw.secret_key}}
 
     def config_maps(self) -> dict[str, dict[str, str]]:
-        """The rendered perssd-config, with the catalog moved to this test's bucket prefix."""
+        """The rendered perssd-config, with the catalog moved to this test's bucket prefix (and the
+        caller's extra settings, as an operator would add them)."""
         data = tr.config_map_data(self.objects, "perssd-config")
         assert data["PERSSD_CATALOG"].startswith(f"s3://{self.seaweed.bucket}/"), data["PERSSD_CATALOG"]
-        return {"perssd-config": dict(data, PERSSD_CATALOG=self.seaweed.url(self.prefix))}
+        return {"perssd-config": dict(data, PERSSD_CATALOG=self.seaweed.url(self.prefix), **self.config_extra)}
 
     def kubelet_for(self, pod_name: str, node: str, kind: str) -> tr.Kubelet:
         root = self.workdir / pod_name
