@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.section("container image figures")
     for k, v in FIGURES.items():
         terminalreporter.write_line(f"{k}: {v}")
+
+
+SESSION_TIMEOUT_S = 1800     # the first test's setup builds the base and the image (minutes on a fresh machine)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = str(Path(__file__).parent)
+    for item in items:
+        if str(item.fspath).startswith(here):
+            item.add_marker(pytest.mark.timeout(SESSION_TIMEOUT_S))

@@ -197,27 +197,41 @@ class ContainerCluster(Cluster):
         return self
 
     def stop(self) -> None:
-        for name, pod in self.pods.items():
-            if pod.id is not None and name in self.nodes:
-                self._release_loops(pod)
-        for pod in self.pods.values():
-            pod.stop()
-        cleanup_under(str(self.kubelet))         # unmounts the shared bind itself last
-        cleanup_under(str(self.workdir))
+        errors: list[str] = []
+        try:
+            for name, pod in self.pods.items():
+                if pod.id is not None and name in self.nodes:
+                    try:
+                        self._release_loops(pod)
+                    except (AssertionError, RuntimeError) as e:
+                        errors.append(f"{name}: {e}")
+        finally:
+            for pod in self.pods.values():
+                pod.stop()
+            cleanup_under(str(self.kubelet))         # unmounts the shared bind itself last
+            cleanup_under(str(self.workdir))
         assert not mounts_under(str(self.workdir))
+        assert not errors, errors
 
-    def _release_loops(self, pod: ContainerPod) -> None:
+    def _release_loops(self, pod: ContainerPod) -> list[str]:
         """Unmount what the node left under the kubelet dir, then detach the loop devices its
-        rawfiles back (the driver keeps clean volumes attached by design; a test may not)."""
+        rawfiles back (the driver keeps clean volumes attached by design; a test may not).
+        Returns the devices it detached."""
         for m in sorted(mounts_under(str(self.kubelet)), key=len, reverse=True):
             if m != str(self.kubelet):
                 subprocess.run(["umount", m], capture_output=True, timeout=60)
-        data_dir = next(m.target for m in pod.spec.mounts if m.target.startswith("/var/lib/perssd/volumes"))
+        flag = [a for a in pod.spec.args if a.startswith("--rawfile-dir=")]
+        data_dir = flag[0].split("=", 1)[1] if flag else "/var/lib/perssd/volumes"
         res = pod.exec("losetup", "--noheadings", "--list", "--output", "NAME,BACK-FILE", check=False)
+        done = []
         for line in res.stdout.splitlines():
             parts = line.split(None, 1)
-            if len(parts) == 2 and parts[1].startswith(data_dir + "/"):
+            if len(parts) == 2 and parts[1].startswith(data_dir.rstrip("/") + "/"):
                 pod.exec("losetup", "--detach", parts[0], check=False)
+                done.append(parts[0])
+        left = pod.exec("losetup", "--noheadings", "--list", "--output", "NAME", check=False).stdout.split()
+        assert not set(done) & set(left), f"loop devices still attached after the test: {set(done) & set(left)}"
+        return done
 
     # -- the CO's side, with paths in the node's mount namespace ----------------------------
     def paths(self, node: str, vid: str) -> tuple[str, str]:
