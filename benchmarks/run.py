@@ -13,6 +13,7 @@ each run first. Writes benchmarks/results/<date>-<host>[-quick].json and .md, pr
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import datetime
 import json
@@ -159,14 +160,14 @@ class Bench:
                 "cpu_seconds": w.cpu, "peak_rss_bytes": w.peak_rss_bytes}
 
     def node_stage(self, cl: Cluster, node: str, vid: str, port: int, cap: pb.VolumeCapability,
-                   phase: str = "") -> tuple[str, dict[str, Any]]:
+                   phase: str = "", secrets: dict[str, str] | None = None) -> tuple[str, dict[str, Any]]:
         proc = cl.nodes[node].proc
         assert proc is not None
         quiesce()
         m0 = scrape(port)
         with self.spy(proc.pid, phase), Watch(proc.pid) as w:
             t0 = time.monotonic()
-            target = cl.attach(node, vid, cap)
+            target = cl.attach(node, vid, cap, secrets=secrets)
             dt = time.monotonic() - t0
         m1 = scrape(port)
         return target, {"seconds": dt, "mb_s": self.size / dt / 1e6,
@@ -235,7 +236,9 @@ class Bench:
             restic = peers.Restic(self.target, f"restic/r{run}", str(rdir / "restic-cache"))
             restic.init()
             res.update(self.run_a(cl, ports, run, restic))
+            res.update(self.run_enc(cl, ports, run, "a"))
             res.update(self.run_b(cl, ports, run, restic))
+            res.update(self.run_enc(cl, ports, run, "b"))
         except BaseException:
             keep = Path(HERE / "results" / "failed" / f"{time.strftime('%Y%m%d-%H%M%S')}-run{run}")
             keep.mkdir(parents=True, exist_ok=True)
@@ -336,6 +339,36 @@ class Bench:
         res["reflush_b_unchanged"] = self.node_flush(cl, "node-b", vid, ports["node-b"])
         cl.delete(vid)
         os.unlink(img)
+        return res
+
+
+    def run_enc(self, cl: Cluster, ports: dict[str, int], run: int, which: str) -> dict[str, Any]:
+        """(a) or (b) again on an encrypted volume (encryption: aes-256-gcm, KEK from the
+        secret), flush on node-a and hydrate on node-b right after the plain ones."""
+        res: dict[str, Any] = {}
+        sec = {"encryptionKey": base64.b64encode(os.urandom(32)).decode()}
+        cap = block_cap() if which == "a" else mount_cap("ext4")
+        vid = cl.create(f"bench-{which}-enc-{run}", self.size, cap, params={"encryption": "aes-256-gcm"},
+                        secrets=sec)
+        tgt = cl.attach("node-a", vid, cap, secrets=sec)
+        if which == "a":
+            data.copy_to_device(self.a_img, tgt)
+        else:
+            data.copy_tree(self.tree, tgt)
+            os.sync()
+        log(f"run {run} ({which}, encrypted): flush node-a")
+        res[f"flush_{which}_enc"] = self.node_flush(cl, "node-a", vid, ports["node-a"])
+        log(f"run {run} ({which}, encrypted): hydrate node-b")
+        tgt_b, res[f"hydrate_{which}_enc"] = self.node_stage(cl, "node-b", vid, ports["node-b"], cap,
+                                                             secrets=sec)
+        ok = (data.digest(tgt_b, self.size) == self.a_digest if which == "a"
+              else data.tree_digest(tgt_b) == self.tree_digest)
+        if not ok:
+            raise RuntimeError(f"hydrated encrypted volume ({which}) differs from what was written")
+        log(f"  encrypted ({which}): flush {res[f'flush_{which}_enc']['mb_s']:.0f} MB/s, "
+            f"hydrate {res[f'hydrate_{which}_enc']['mb_s']:.0f} MB/s")
+        cl.release("node-b", vid)
+        cl.delete(vid)
         return res
 
 

@@ -11,13 +11,14 @@ from typing import Any
 
 from google.protobuf import wrappers_pb2
 
-from . import TOPOLOGY_NODE_KEY, TOPOLOGY_POOL_KEY, attach, caps, ids, modify, params
+from . import TOPOLOGY_NODE_KEY, TOPOLOGY_POOL_KEY, attach, caps, encryption, ids, modify, params
 from .config import Config
 from .csi import csi_pb2 as pb
 from .csi import csi_pb2_grpc as rpc
 from .errors import Code, CsiError, invalid, not_found, precondition
 from .locks import IdLocks
 from .remote.catalog import Catalog, NodeRecord, VolumeRecord
+from .remote.codec import PLAIN, Codec
 from .stores import Stores
 
 log = logging.getLogger(__name__)
@@ -180,13 +181,15 @@ class Controller(rpc.ControllerServicer):
             if self.snapshots is None:
                 raise invalid("volume_content_source is not supported by this driver configuration")
             source = self.snapshots.resolve_source(cat, request.volume_content_source, size, cr)
+        # before anything is written: a missing or wrong KEK fails the call here
+        codec, wrapped = self._encryption(cat, vp, source, dict(request.secrets))
         with self.locks.hold("name:" + name):
             pool, node = self._place(cat, vp, request.accessibility_requirements
                                      if request.HasField("accessibility_requirements") else None)
             rec = VolumeRecord(id=ids.new_volume_id(), name=name, size=size, capabilities=cap_list,
                                mobility=vp.mobility, persistence=vp.persistence, pool=pool, node=node,
                                parameters=vp.as_dict(), chunk_size=vp.chunk_size, compression=vp.compression,
-                               source=source, claim=claim)
+                               source=source, claim=claim, encryption=wrapped)
             modify.check_supported(rec, mutable)
             modify.apply(rec, mutable)          # spec: mutable_parameters take precedence over parameters
             existing = cat.volume_by_name(name)
@@ -197,7 +200,7 @@ class Controller(rpc.ControllerServicer):
             else:
                 self._check_room(cat, pool, node, size)
                 if source and self.snapshots is not None:
-                    self.snapshots.prepare_clone(cat, rec)     # generation 1 = the source's manifest
+                    self.snapshots.prepare_clone(cat, rec, codec)     # generation 1 = the source's manifest
                 got, created = cat.create_volume(rec)
                 if not created:
                     self._check_compatible(got, cr, cap_list, vp, source, mutable)
@@ -205,6 +208,25 @@ class Controller(rpc.ControllerServicer):
                  got.id, "created" if created else "exists", name, got.size, got.mobility,
                  got.persistence, got.pool, f" node={got.node}" if got.node else "")
         return pb.CreateVolumeResponse(volume=self.volume_proto(got))
+
+    def _encryption(self, cat: Catalog, vp: params.VolumeParams, source: dict[str, str],
+                    secrets: dict[str, str]) -> tuple[Codec, dict[str, str]]:
+        """The new volume's codec and wrapped lineage key: a fresh lineage, or its source's (a
+        clone or restore shares the lineage's key, so its chunks are shared, not copied)."""
+        src = self.snapshots.source_encryption(cat, source) if source and self.snapshots is not None else {}
+        if vp.encryption == encryption.NONE:
+            if src:
+                raise invalid("the content source is encrypted: a clone or restore stays in its lineage "
+                              "(use a StorageClass with encryption: aes-256-gcm and the same KEK)")
+            return PLAIN, {}
+        kek = encryption.require_kek(secrets, self.cfg, "CreateVolume", "provisioner")
+        if source:
+            if not src:
+                raise invalid("the content source is not encrypted: an encrypted volume cannot share its "
+                              "plaintext chunks (restore it with encryption: none)")
+            return Codec(encryption.open_lineage(src, kek, "CreateVolume")), src
+        keys, wrapped = encryption.new_lineage(kek)
+        return Codec(keys), wrapped
 
     def _check_room(self, cat: Catalog, pool: str, node: str, size: int) -> None:
         """RESOURCE_EXHAUSTED when no node the volume may live on can ever hold it (as GetCapacity's

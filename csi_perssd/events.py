@@ -117,8 +117,8 @@ class KubeRecorder:
     `burst` events per claim at once, then one every `refill_s` seconds; `queue_size` events
     waiting at most. Counters: `posted`, `patched`, `dropped` (for tests and the log)."""
 
-    def __init__(self, api_client: Any, host: str, *, queue_size: int = 100, burst: int = 12,
-                 refill_s: float = 30.0, timeout_s: float = 5.0, correlate: int = 256,
+    def __init__(self, api_client: Any, host: str, *, queue_size: int = 100, burst: int = 25,
+                 refill_s: float = 60.0, timeout_s: float = 5.0, correlate: int = 256,
                  clock: Callable[[], float] = time.monotonic):
         from kubernetes import client
         self._api = client.CoreV1Api(api_client)
@@ -132,6 +132,7 @@ class KubeRecorder:
         self._correlate = correlate
         self._serial = 0
         self.posted = self.patched = self.dropped = 0
+        self._count_mu = threading.Lock()       # emit() drops from callers' threads too
         self._failing = False
         self._thread = threading.Thread(target=self._worker, name="pvc-events", daemon=True)
         self._thread.start()
@@ -140,6 +141,10 @@ class KubeRecorder:
         try:
             self._q.put_nowait(_Item(ref, type_, reason, message[:1024]))
         except queue.Full:
+            self._drop()
+
+    def _drop(self) -> None:
+        with self._count_mu:
             self.dropped += 1
 
     def close(self, timeout: float = 2.0) -> None:
@@ -175,7 +180,7 @@ class KubeRecorder:
                 if item is None:
                     return
                 if not self._allow(item.ref):
-                    self.dropped += 1
+                    self._drop()
                     continue
                 self._post(item)
             finally:
@@ -194,7 +199,7 @@ class KubeRecorder:
                 log.info("posting events to the Kubernetes API works again")
             self._failing = False
         except Exception as e:        # never let the API server's trouble reach the CSI calls
-            self.dropped += 1
+            self._drop()
             level = logging.DEBUG if self._failing else logging.WARNING
             log.log(level, "cannot post event %s on PVC %s/%s (dropped; %d so far): %s",
                     item.reason.value, item.ref.namespace, item.ref.name, self.dropped,

@@ -172,7 +172,8 @@ class GroupSnapshots(rpc.GroupControllerServicer):
         out = []
         for vol in vols:
             rec = SnapshotRecord(id=ids.new_snapshot_id(), name=member_name(grec.id, vol.id),
-                                 source_volume=vol.id, size=vol.size, group=grec.id)
+                                 source_volume=vol.id, size=vol.size, group=grec.id,
+                                 encryption=dict(vol.encryption))
             got, _ = cat.create_snapshot(rec)
             out.append((got, vol))
         return out

@@ -11,7 +11,8 @@ MIN_CHUNK = 64 << 10
 MAX_CHUNK = 64 << 20
 # keys the external-provisioner adds with --extra-create-metadata, and other CO-reserved keys
 _RESERVED_PREFIXES = ("csi.storage.k8s.io/",)
-KNOWN = {"mobility", "persistence", "chunkSize", "compression", "fsType", "hydrate"}
+KNOWN = {"mobility", "persistence", "chunkSize", "compression", "fsType", "hydrate", "encryption"}
+ENCRYPTION = ("none", "aes-256-gcm")
 HYDRATE_MODES = ("full", "lazy")
 PVC_NAME = "csi.storage.k8s.io/pvc/name"
 PVC_NAMESPACE = "csi.storage.k8s.io/pvc/namespace"
@@ -31,12 +32,15 @@ class VolumeParams:
     # NodeStage on a node without a current local copy: "full" downloads everything first,
     # "lazy" stages at once and fetches chunks as they are read ("" = the node's --hydrate)
     hydrate: str = ""
+    encryption: str = "none"
 
     def as_dict(self) -> dict[str, str]:
         d = {"mobility": self.mobility, "persistence": self.persistence,
              "chunkSize": str(self.chunk_size), "compression": str(self.compression)}
         if self.hydrate:
             d["hydrate"] = self.hydrate
+        if self.encryption != "none":          # records of unencrypted volumes stay as they were
+            d["encryption"] = self.encryption
         return d
 
 
@@ -84,7 +88,13 @@ def parse(params: dict[str, str]) -> VolumeParams:
     hydrate = params.get("hydrate", "")
     if hydrate and hydrate not in HYDRATE_MODES:
         raise invalid(f"parameter hydrate={hydrate!r} must be 'full' or 'lazy'")
-    return VolumeParams(mobility, persistence, chunk, comp, fs, hydrate)
+    enc = params.get("encryption", "none")
+    if enc not in ENCRYPTION:
+        raise invalid(f"parameter encryption={enc!r} must be one of {', '.join(ENCRYPTION)}")
+    if enc != "none" and persistence == "local":
+        raise invalid("parameter encryption applies to what leaves the node: persistence=local volumes "
+                      "never do (encrypt the node's disk instead)")
+    return VolumeParams(mobility, persistence, chunk, comp, fs, hydrate, enc)
 
 
 def claim(params: dict[str, str], volume_name: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from . import ids
+from . import encryption, ids
 from .csi import csi_pb2 as pb
 from .csi import csi_pb2_grpc as rpc
 from .errors import Code, CsiError, invalid, not_found, precondition
@@ -96,7 +96,8 @@ class SnapshotMetadata(rpc.SnapshotMetadataServicer):
     def __init__(self, stores: Stores):
         self.stores = stores
 
-    def _snapshot(self, cat: Catalog, sid: str, what: str) -> tuple[SnapshotRecord, Manifest]:
+    def _snapshot(self, cat: Catalog, sid: str, what: str,
+                  secrets: dict[str, str]) -> tuple[SnapshotRecord, Manifest]:
         sid = ids.snapshot_id(sid) if sid else ""
         if not sid:
             raise invalid(f"{what} is required")
@@ -105,7 +106,9 @@ class SnapshotMetadata(rpc.SnapshotMetadataServicer):
             raise not_found(f"snapshot {sid} does not exist")
         if not rec.ready:
             raise precondition(f"snapshot {sid} is not ready yet (its upload is still running)")
-        return rec, read_manifest(cat, rec.manifest_key or snapshot_manifest_key(sid))
+        # an encrypted snapshot's allocation map is sealed: the call's secret holds the KEK
+        codec = encryption.codec_for(rec.encryption, secrets, self.stores.cfg, f"snapshot {sid}", "snapshotter")
+        return rec, read_manifest(cat, rec.manifest_key or snapshot_manifest_key(sid), codec)
 
     @staticmethod
     def _check_offset(start: int, m: Manifest) -> None:
@@ -115,7 +118,7 @@ class SnapshotMetadata(rpc.SnapshotMetadataServicer):
     def GetMetadataAllocated(self, request: Any, context: Any) -> Iterator[pb.GetMetadataAllocatedResponse]:
         per = _limits(request.starting_offset, request.max_results)
         cat = self.stores.catalog(dict(request.secrets))
-        rec, m = self._snapshot(cat, request.snapshot_id, "snapshot_id")
+        rec, m = self._snapshot(cat, request.snapshot_id, "snapshot_id", dict(request.secrets))
         self._check_offset(request.starting_offset, m)
         log.info("GetMetadataAllocated %s from %d: %d of %d chunks allocated", rec.id, request.starting_offset,
                  m.data_chunks, len(m.entries))
@@ -126,8 +129,8 @@ class SnapshotMetadata(rpc.SnapshotMetadataServicer):
     def GetMetadataDelta(self, request: Any, context: Any) -> Iterator[pb.GetMetadataDeltaResponse]:
         per = _limits(request.starting_offset, request.max_results)
         cat = self.stores.catalog(dict(request.secrets))
-        base, bm = self._snapshot(cat, request.base_snapshot_id, "base_snapshot_id")
-        target, tm = self._snapshot(cat, request.target_snapshot_id, "target_snapshot_id")
+        base, bm = self._snapshot(cat, request.base_snapshot_id, "base_snapshot_id", dict(request.secrets))
+        target, tm = self._snapshot(cat, request.target_snapshot_id, "target_snapshot_id", dict(request.secrets))
         if base.source_volume != target.source_volume:
             raise invalid(f"snapshots {base.id} and {target.id} are of different volumes "
                           f"({base.source_volume}, {target.source_volume})")

@@ -18,11 +18,12 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from . import ids
+from . import encryption, ids
 from .config import Config
 from .csi import csi_pb2 as pb
 from .errors import Code, CsiError, aborted, invalid, not_found, precondition
@@ -30,8 +31,9 @@ from .local import fs
 from .local.state import Phase
 from .local.volumes import STAGED_PHASES
 from .remote.catalog import Catalog, SnapshotRecord, VolumeRecord
+from .remote.codec import PLAIN, Codec, manifest_summary
 from .remote.guard import FlushGuard
-from .remote.layout import manifest_key, name_key, request_key, requests_prefix, snapshot_manifest_key
+from .remote.layout import manifest_key, name_key, request_key, requests_prefix, snapshot_manifest_key, wake_key
 from .remote.manifest import Manifest
 from .remote.store import NotFound, reachable
 from .stores import Stores
@@ -64,10 +66,10 @@ def snapshot_by_name(cat: Catalog, name: str) -> SnapshotRecord | None:
         return None                 # a damaged name record: creation takes it over
 
 
-def read_manifest(cat: Catalog, key: str) -> Manifest:
+def read_manifest(cat: Catalog, key: str, codec: Codec = PLAIN) -> Manifest:
     try:
         with reachable(cat.store):
-            return Manifest.decode(cat.store.get(key)[0])
+            return codec.open_manifest(cat.store.get(key)[0], f"manifest {key}")
     except NotFound:
         raise CsiError(Code.DATA_LOSS, f"manifest {key} is missing") from None
 
@@ -102,7 +104,7 @@ class Snapshots:
                                f"leaves the node, so it cannot be snapshotted to the object store "
                                f"(use persistence=object for volumes that need snapshots)")
             rec = SnapshotRecord(id=ids.new_snapshot_id(), name=name, source_volume=src, size=vol.size,
-                                 parameters=dict(request.parameters))
+                                 parameters=dict(request.parameters), encryption=dict(vol.encryption))
             got, created = cat.create_snapshot(rec)
             if not created and got.source_volume != src:
                 raise CsiError(Code.ALREADY_EXISTS, f"snapshot name {name!r} already names {got.id} "
@@ -111,43 +113,55 @@ class Snapshots:
                 log.warning("snapshot %s of %s: retrying after: %s", got.id, src, got.error)
                 got = cat.update_snapshot(got.id, lambda r: setattr(r, "error", ""))
             if created or (not got.ready and not got.node):
-                got = self._start(cat, got, vol)
+                got = self._start(cat, got, vol, dict(request.secrets))
         if not got.ready:
             age = time.time() - got.created_at
             log.info("snapshot %s of %s: not ready yet after %.1fs: %s", got.id, src, age,
                      got.progress or "waiting for node " + got.node)
         return pb.CreateSnapshotResponse(snapshot=self.proto(got))
 
-    def _start(self, cat: Catalog, snap: SnapshotRecord, vol: VolumeRecord) -> SnapshotRecord:
+    def _start(self, cat: Catalog, snap: SnapshotRecord, vol: VolumeRecord,
+               secrets: dict[str, str]) -> SnapshotRecord:
         if vol.owner:
             req = {"snapshot": snap.id, "volume": vol.id, "created_at": time.time()}
-            cat.store.put(request_key(vol.owner, snap.id), json.dumps(req).encode())
+            with reachable(cat.store):
+                cat.store.put(request_key(vol.owner, snap.id), json.dumps(req).encode())
+                # after the request: a node that sees the new wake-up lists and finds it
+                cat.store.put(wake_key(vol.owner), json.dumps(req).encode())
 
             def assign(r: SnapshotRecord) -> None:
                 r.node, r.progress = vol.owner, f"requested from node {vol.owner}"
             log.info("snapshot %s of %s: volume is in use on %s, asked it for a point-in-time copy",
                      snap.id, vol.id, vol.owner)
             return cat.update_snapshot(snap.id, assign)
-        return self.pin_generation(cat, snap, vol)
+        return self.pin_generation(cat, snap, vol, lambda: encryption.codec_for(
+            vol.encryption, secrets, self.cfg, f"snapshot of volume {vol.id}", "snapshotter"))
 
-    def pin_generation(self, cat: Catalog, snap: SnapshotRecord, vol: VolumeRecord) -> SnapshotRecord:
-        """Make the snapshot refer to the volume's committed generation: copy its manifest.
-        Guarded against a concurrent garbage collection that prunes that generation."""
+    def pin_generation(self, cat: Catalog, snap: SnapshotRecord, vol: VolumeRecord,
+                       empty_codec: Callable[[], Codec] | None = None) -> SnapshotRecord:
+        """Make the snapshot refer to the volume's committed generation: copy its manifest, byte
+        for byte (a sealed one needs no key: its public header names the chunks to claim).
+        Guarded against a concurrent garbage collection that prunes that generation. A volume
+        never flushed gets an empty manifest, encoded by `empty_codec()` (its lineage's, for
+        an encrypted volume: the one case that needs the KEK; by default the configured one)."""
         guard = FlushGuard.begin(cat.store, f"snapshot {snap.id}")
         try:
             vol = cat.volume(vol.id)
             if vol.generation:
-                m = Manifest.decode(cat.get_manifest(vol.id, vol.generation))
+                data = cat.get_manifest(vol.id, vol.generation)
             else:
-                m = Manifest.empty(vol.size, vol.chunk_size)
-            guard.claim(m, manifests=[snapshot_manifest_key(snap.id)])
+                codec = empty_codec() if empty_codec is not None else encryption.codec_for(
+                    vol.encryption, None, self.cfg, f"snapshot of volume {vol.id}", "snapshotter")
+                data = codec.encode_manifest(Manifest.empty(vol.size, vol.chunk_size))
+            refs, size = manifest_summary(data, f"volume {vol.id} generation {vol.generation}")
+            guard.claim(refs, manifests=[snapshot_manifest_key(snap.id)])
             with reachable(cat.store):
-                cat.store.put(snapshot_manifest_key(snap.id), m.encode())
-            rec = self._mark_ready(cat, snap.id, m.volume_size, vol.generation, "ready (pinned the committed generation)")
+                cat.store.put(snapshot_manifest_key(snap.id), data)
+            rec = self._mark_ready(cat, snap.id, size, vol.generation, "ready (pinned the committed generation)")
         finally:
             guard.release()
-        log.info("snapshot %s of %s: ready at once (generation %d, %d data chunks, nothing copied)",
-                 snap.id, vol.id, vol.generation, m.data_chunks)
+        log.info("snapshot %s of %s: ready at once (generation %d, %d distinct chunks, nothing copied)",
+                 snap.id, vol.id, vol.generation, len(refs))
         return rec
 
     @staticmethod
@@ -256,24 +270,35 @@ class Snapshots:
                 raise CsiError(Code.OUT_OF_RANGE, f"requested {cr.required_bytes} bytes, smaller than the source's {src_size}")
         return out
 
-    def source_manifest(self, cat: Catalog, source: dict[str, str]) -> Manifest | None:
+    @staticmethod
+    def source_encryption(cat: Catalog, source: dict[str, str]) -> dict[str, str]:
+        """The wrapped lineage key of a content source ({} when it is not encrypted)."""
         if "snapshot" in source:
             snap = cat.get_snapshot(source["snapshot"])
             if snap is None:
                 raise not_found(f"source snapshot {source['snapshot']} does not exist")
-            return read_manifest(cat, snap.manifest_key or snapshot_manifest_key(snap.id))
+            return dict(snap.encryption)
+        return dict(cat.volume(source["volume"]).encryption)
+
+    def source_manifest(self, cat: Catalog, source: dict[str, str], codec: Codec = PLAIN) -> Manifest | None:
+        if "snapshot" in source:
+            snap = cat.get_snapshot(source["snapshot"])
+            if snap is None:
+                raise not_found(f"source snapshot {source['snapshot']} does not exist")
+            return read_manifest(cat, snap.manifest_key or snapshot_manifest_key(snap.id), codec)
         vol = cat.volume(source["volume"])
         if not vol.generation:
             return None
-        return Manifest.decode(cat.get_manifest(vol.id, vol.generation))
+        return codec.open_manifest(cat.get_manifest(vol.id, vol.generation),
+                                   f"volume {vol.id} generation {vol.generation}")
 
-    def prepare_clone(self, cat: Catalog, rec: VolumeRecord) -> None:
+    def prepare_clone(self, cat: Catalog, rec: VolumeRecord, codec: Codec = PLAIN) -> None:
         """Write the new volume's generation 1 (the source's manifest) before its record exists.
         Guarded: if a garbage collection deleted a chunk of the source meanwhile (the source was
         deleted concurrently), ABORTED and nothing is written."""
         guard = FlushGuard.begin(cat.store, f"clone {rec.id}")
         try:
-            m = self.source_manifest(cat, rec.source)
+            m = self.source_manifest(cat, rec.source, codec)
             if m is None:
                 guard.release()
                 return
@@ -284,7 +309,7 @@ class Snapshots:
             rec.parameters["chunkSize"] = str(m.chunk_size)
             m.generation, m.parent = 1, None
             guard.claim(m, manifests=[manifest_key(rec.id, 1)], volume=rec.id)
-            rec.generation = cat.put_manifest(rec.id, 1, m.encode())
+            rec.generation = cat.put_manifest(rec.id, 1, codec.encode_manifest(m))
         except BaseException:
             guard.release()
             raise
@@ -319,29 +344,66 @@ class Snapshots:
 
 
 class NodeSnapshotWorker:
-    """Picks up snapshot requests for this node: freeze, local copy, thaw, upload, mark ready."""
+    """Picks up snapshot requests for this node: freeze, local copy, thaw, upload, mark ready.
 
-    def __init__(self, runtime: Any, poll_seconds: float = 0.5):
+    Pick-up without polling a LIST: the controller writes requests/<node>/<sid>.json, then
+    rewrites nodes/<node>.wake. The worker HEADs the wake-up object (every wake_poll_seconds
+    while a volume is staged here, wake_idle_seconds otherwise) and LISTs its requests only when
+    the ETag changed, while a request is still pending, or every request_sweep_seconds. The HEAD
+    is taken before the LIST, so a request written after that LIST changes the next HEAD."""
+
+    def __init__(self, runtime: Any, poll_seconds: float | None = None):
         self.rt = runtime
-        self.poll = poll_seconds
-        self.node_id = runtime.cfg.node_id
+        cfg = runtime.cfg
+        self.fast = poll_seconds if poll_seconds is not None else cfg.wake_poll_seconds
+        self.slow = poll_seconds if poll_seconds is not None else cfg.wake_idle_seconds
+        self.sweep = cfg.request_sweep_seconds
+        self.node_id = cfg.node_id
         self.last_stats: dict[str, dict[str, Any]] = {}
+        self._seen: str | None = None           # ETag of the wake-up object at the last LIST
+        self._pending = True                    # requests left unfinished (or never listed yet)
+        self._swept_at = time.monotonic()
 
     def start(self) -> None:
         threading.Thread(target=self._loop, name="snapshot-worker", daemon=True).start()
 
+    def _has_staged(self) -> bool:
+        try:
+            return any(lv.phase in STAGED_PHASES for lv in self.rt.volumes.all())
+        except Exception:       # state unreadable: poll fast, it costs one HEAD
+            return True
+
     def _loop(self) -> None:
-        while not self.rt.stop_event.wait(self.poll):
+        while not self.rt.stop_event.wait(self.fast if self._has_staged() else self.slow):
             try:
-                self.poll_once()
+                self.tick()
             except Exception as e:   # the next round retries
                 log.warning("snapshot worker: %s", e)
+
+    def tick(self) -> int:
+        """One round: a HEAD, and a LIST of requests only when there may be something new."""
+        cat = self.rt.stores.catalog()
+        with reachable(cat.store):
+            info = cat.store.head(wake_key(self.node_id))
+        tag = info.etag if info is not None else ""
+        now = time.monotonic()
+        if tag == self._seen and not self._pending and now - self._swept_at < self.sweep:
+            return 0
+        self._seen, self._swept_at = tag, now
+        try:
+            return self.poll_once()
+        except BaseException:
+            self._pending = True                # list again next round
+            raise
 
     def poll_once(self) -> int:
         cat = self.rt.stores.catalog()
         prefix = requests_prefix(self.node_id)
         done = 0
-        for info in list(cat.store.list(prefix)):
+        with reachable(cat.store):
+            infos = list(cat.store.list(prefix))
+        self._pending = False
+        for info in infos:
             try:
                 req = json.loads(cat.store.get(info.key)[0])
                 sid, vid = ids.snapshot_id(req["snapshot"]), ids.volume_id(req["volume"])
@@ -351,6 +413,8 @@ class NodeSnapshotWorker:
             if self.handle(cat, sid, vid):
                 cat.store.delete(info.key)
                 done += 1
+            else:
+                self._pending = True            # try again next round, without waiting for a wake-up
         return done
 
     def handle(self, cat: Catalog, sid: str, vid: str) -> bool:
@@ -366,12 +430,14 @@ class NodeSnapshotWorker:
             return True
         if lv is None or not backend.exists(vid):
             # nothing local: the committed generation is the volume's content
-            Snapshots(self.rt.cfg, self.rt.stores, None).pin_generation(cat, snap, vol)
+            Snapshots(self.rt.cfg, self.rt.stores, None).pin_generation(
+                cat, snap, vol, lambda: self.rt.sync.codec(vol))
             return True
         if lv.phase not in STAGED_PHASES:
             if lv.phase in (Phase.FLUSHING, Phase.DIRTY):
                 return False            # the unstage flush will commit; pin after it
-            Snapshots(self.rt.cfg, self.rt.stores, None).pin_generation(cat, snap, vol)
+            Snapshots(self.rt.cfg, self.rt.stores, None).pin_generation(
+                cat, snap, vol, lambda: self.rt.sync.codec(vol))
             return True
         local = sid
         try:
@@ -429,10 +495,13 @@ class NodeSnapshotWorker:
                         guard: FlushGuard, changed: list[Any] | None = None) -> None:
         """`changed`: a lazily hydrated volume's chunks written on this node, taken with the copy
         (the copy holds only the chunks fetched so far; the others keep the base's entries)."""
-        from .remote import transfer
+        from . import volume_io
+        from .remote.transfer import FlushPlan
         backend = self.rt.backend
         vol = cat.volume(vid)          # read after the guard began: its base cannot vanish unnoticed
-        base = Manifest.decode(cat.get_manifest(vid, vol.generation)) if vol.generation else None
+        codec = self.rt.sync.codec(vol)        # the lineage key this node holds while staged
+        base = (codec.open_manifest(cat.get_manifest(vid, vol.generation), f"volume {vid} generation {vol.generation}")
+                if vol.generation else None)
         size = os.path.getsize(path) if os.path.isfile(path) else fs.block_size(path)
         ranges = backend.allocated_ranges(vid, snap.id)    # the snapshot's own map, not the live volume's
         mode = "allocated"
@@ -449,13 +518,13 @@ class NodeSnapshotWorker:
                 except CsiError:
                     pass
         t0 = time.monotonic()
-        m, stats = transfer.flush(cat.store, path, size, vol.chunk_size, base=base, ranges=ranges,
-                                  ranges_mode=mode, compression_level=vol.compression, workers=self.rt.cfg.flush_workers,
-                                  progress=progress)
-        g = guard.claim(m, source_path=path, compression_level=vol.compression,
+        plan = FlushPlan(size=size, chunk_size=vol.chunk_size, base=base, ranges=ranges, ranges_mode=mode,
+                         compression_level=vol.compression, workers=self.rt.cfg.flush_workers, codec=codec)
+        m, stats = volume_io.flush(cat.store, path, plan, progress)
+        g = guard.claim(m, source_path=path, compression_level=vol.compression, codec=codec,
                         manifests=[snapshot_manifest_key(snap.id)])
         uploaded = stats.bytes_uploaded + g.repaired_bytes
-        cat.store.put(snapshot_manifest_key(snap.id), m.encode())
+        cat.store.put(snapshot_manifest_key(snap.id), codec.encode_manifest(m))
         self.last_stats[snap.id] = {"bytes_uploaded": uploaded, "bytes_read": stats.bytes_read,
                                     "chunks_uploaded": stats.chunks_uploaded + g.repaired_chunks,
                                     "seconds": time.monotonic() - t0}

@@ -21,18 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import metrics
+from . import encryption, metrics
 from .config import Config
 from .errors import Code, CsiError, Fenced, aborted
 from .events import VolumeEvents
 from .local import fs
 from .local.backend import Backend
+from .local.keyfiles import NodeKeys
 from .local.state import FlushJob, FlushState, LocalVolume, Phase
 from .local.volumes import STAGED_PHASES, LocalVolumes
 from .remote.catalog import VolumeRecord, check_owner
+from .remote.codec import PLAIN, Codec
 from .remote.manifest import Manifest
 from .remote.store import StoreError
-from .remote.transfer import FlushStats
+from .remote.transfer import FlushPlan, FlushStats
 from .stores import Stores
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ class VolumeSync:
         self._threads: dict[str, threading.Thread] = {}
         self._preparing: set[str] = set()
         self._secrets: dict[str, dict[str, str]] = {}     # NodeStage secrets, memory only
+        self.keys = NodeKeys(cfg.state_dir)     # lineage keys of staged/dirty encrypted volumes
         self._progress: dict[str, tuple[int, int]] = {}
         # what the last pre-flush of each volume stored (see _PreFlush): the final pass starts
         # from it instead of doing the work again
@@ -102,6 +105,7 @@ class VolumeSync:
         self.lazy.discard(vid)
         self.backend.delete(vid)
         self.vols.remove(vid)
+        self.keys.drop(vid)
 
     # -- stage -----------------------------------------------------------------------------
     def prepare(self, rec: VolumeRecord, lv: LocalVolume | None, secrets: dict[str, str]) -> LocalVolume:
@@ -109,10 +113,14 @@ class VolumeSync:
         vid = rec.id
         if lv is not None and lv.phase == Phase.FLUSHING and self._running(vid):
             raise aborted(f"volume {vid}: a flush of its previous use is still running; try again")
+        if rec.encryption:          # before anything is created: a missing or wrong KEK fails here
+            self.keys.put(vid, encryption.open_lineage(rec.encryption, encryption.require_kek(
+                secrets, self.cfg, "NodeStageVolume", "node-stage"), f"volume {vid}"))
         with self._mu:
             self._preparing.add(vid)         # not evictable while it is being made current
             if secrets:
-                self._secrets[vid] = dict(secrets)   # the flush at NodeUnstage (which has none) uses them
+                # the flush at NodeUnstage (which has none) uses them; the KEK is not kept
+                self._secrets[vid] = {k: v for k, v in secrets.items() if k != encryption.SECRET_KEY}
         try:
             return self._prepare(rec, lv, secrets)
         finally:
@@ -173,7 +181,8 @@ class VolumeSync:
         # recorded before hydrating: a crash in the middle leaves generation 0, never "current"
         lv = self.vols.create(LocalVolume(id=vid, persistence=rec.persistence, epoch=rec.epoch))
         if rec.persistence == "object" and rec.generation > 0:
-            if (rec.parameters.get("hydrate") or self.cfg.hydrate) == "lazy":
+            # the lazy server (another process) has no lineage keys: encrypted volumes hydrate fully
+            if (rec.parameters.get("hydrate") or self.cfg.hydrate) == "lazy" and not rec.encryption:
                 self._stage_lazy(rec, secrets)
             else:
                 self._hydrate(rec, secrets)
@@ -199,19 +208,22 @@ class VolumeSync:
     def _hydrate(self, rec: VolumeRecord, secrets: dict[str, str]) -> None:
         """Write the committed generation into the fresh local volume. On any failure the
         half-written volume and its state record are removed (nothing is left as "current")."""
-        from .remote import transfer
+        from . import volume_io
+        from .remote.transfer import ChunkCorrupted
         t0 = time.monotonic()
         self.events.hydrate_started(rec)
         try:
             cat = self.stores.catalog(secrets)
-            manifest = Manifest.decode(cat.get_manifest(rec.id, rec.generation))
+            codec = self.codec(rec)
+            manifest = codec.open_manifest(cat.get_manifest(rec.id, rec.generation),
+                                           f"volume {rec.id} generation {rec.generation}")
             # rawfile: straight into the backing file, before a loop device exists
             dest = self.backend.hydrate_path(rec.id)
-            stats = transfer.hydrate(cat.store, manifest, dest, workers=self.cfg.hydrate_workers)
+            stats = volume_io.hydrate(cat.store, manifest, dest, workers=self.cfg.hydrate_workers, codec=codec)
         except BaseException as e:
             self._discard(rec.id)
             self.events.hydrate_done(rec, 0, time.monotonic() - t0, error=str(e) or type(e).__name__)
-            if isinstance(e, transfer.ChunkCorrupted):
+            if isinstance(e, ChunkCorrupted):
                 log.error("volume %s generation %d: %s; the local copy was removed", rec.id, rec.generation, e)
                 raise CsiError(Code.DATA_LOSS, f"volume {rec.id} generation {rec.generation}: {e}") from e
             if isinstance(e, StoreError):
@@ -236,7 +248,7 @@ class VolumeSync:
         try:
             cat = self.stores.catalog(secrets)
             manifest = Manifest.decode(cat.get_manifest(rec.id, rec.generation))
-            disk = getattr(self.backend, "disk_path", self.backend.device)(rec.id)
+            disk = self.backend.disk_path(rec.id)
             self.lazy.begin(rec.id, disk, manifest)
         except BaseException as e:
             self._discard(rec.id)
@@ -256,6 +268,21 @@ class VolumeSync:
         except CsiError as e:
             log.error("volume %s: cannot remove the half-hydrated local copy: %s", vid, e)
         self.vols.remove(vid)
+        self.keys.drop(vid)
+
+    def codec(self, rec: VolumeRecord) -> Codec:
+        """How the volume's chunks and manifests are encoded: PLAIN, or sealed with the lineage key
+        this node kept from NodeStage (else the configured fallback KEK). FAILED_PRECONDITION
+        when the volume is encrypted and this node has no key for it."""
+        if not rec.encryption:
+            return PLAIN
+        keys = self.keys.get(rec.id)
+        if keys is not None and keys.lineage == rec.encryption.get("lineage"):
+            return Codec(keys)
+        if self.cfg.encryption_key_file:
+            return encryption.codec_for(rec.encryption, None, self.cfg, f"volume {rec.id}", "node-stage")
+        raise CsiError(Code.FAILED_PRECONDITION, f"volume {rec.id} is encrypted and this node holds no key "
+                       f"for it (NodeStageVolume with its node-stage secret provides one)")
 
     # -- release / unstage -----------------------------------------------------------------
     def on_release(self, lv: LocalVolume) -> None:
@@ -268,9 +295,11 @@ class VolumeSync:
 
     def finish(self, vid: str) -> None:
         """Called by NodeUnstage after unmounting (the volume is FLUSHING, DIRTY, FENCED or
-        CLEAN). Returns when the generation is committed (CLEAN)."""
+        CLEAN). Returns when the generation is committed (CLEAN); the node's copy of the lineage
+        key goes then (nothing is left to flush)."""
         lv = self.vols.get(vid)
         if lv is None or lv.phase == Phase.CLEAN:
+            self.keys.drop(vid)
             return
         deadline = time.monotonic() + self.unstage_wait
         started = False
@@ -279,6 +308,7 @@ class VolumeSync:
                 cur = self.vols.update(vid)
                 if cur.phase == Phase.CLEAN:
                     self.vols.update(vid, _clear_job)
+                    self.keys.drop(vid)
                     return
                 if cur.phase == Phase.FENCED:
                     raise Fenced(cur.flush.error if cur.flush else f"volume {vid}: this node was fenced out")
@@ -393,7 +423,7 @@ class VolumeSync:
                 guard.release()
 
     def _flush_guarded(self, vid: str, job: FlushJob, guard: Any) -> None:
-        from .remote import transfer
+        from . import volume_io
         # only the final pass (after unmount, no writer left) may trust its journal on resume:
         # a pre-flush runs while the file system is still mounted and its chunks may change
         with self._mu:
@@ -402,7 +432,8 @@ class VolumeSync:
         rec = cat.volume(vid)
         self.events.track(rec)
         check_owner(rec, self.node_id, job.epoch, "local data kept, not committed")
-        base = Manifest.decode(cat.get_manifest(vid, rec.generation)) if rec.generation else None
+        codec = self.codec(rec)
+        base = codec.open_manifest(cat.get_manifest(vid, rec.generation), f"volume {vid}") if rec.generation else None
         dev = self.backend.device(vid)
         size = self.backend.size(vid)
         pre = self._take_preflushed(vid, job, rec.generation, size)
@@ -429,14 +460,13 @@ class VolumeSync:
 
         t0, started_at = time.monotonic(), time.time()     # uploads are as old as the pass's start
         try:
-            manifest, stats = transfer.flush(cat.store, source, size, rec.chunk_size, base=flush_base,
-                                             ranges=ranges, ranges_mode=mode,
-                                             generation=rec.generation + 1,
-                                             parent=rec.generation if base is not None else None,
-                                             known=pre.hashes if pre is not None else None,
-                                             compression_level=rec.compression, workers=self.cfg.flush_workers,
-                                             journal_path=self.vols.journal_path(vid) if job.final else None,
-                                             progress=progress)
+            plan = FlushPlan(size=size, chunk_size=rec.chunk_size, base=flush_base, ranges=ranges,
+                             ranges_mode=mode, generation=rec.generation + 1,
+                             parent=rec.generation if base is not None else None,
+                             known=pre.hashes if pre is not None else None,
+                             compression_level=rec.compression, workers=self.cfg.flush_workers,
+                             journal_path=self.vols.journal_path(vid) if job.final else None, codec=codec)
+            manifest, stats = volume_io.flush(cat.store, source, plan, progress)
         finally:
             metrics.FLUSH_BACKLOG.dec(total - last[0])
         dt = time.monotonic() - t0
@@ -458,9 +488,9 @@ class VolumeSync:
             return
         if guard is not None:
             from .remote.catalog import manifest_key
-            guard.claim(manifest, source_path=dev, compression_level=rec.compression,
+            guard.claim(manifest, source_path=dev, compression_level=rec.compression, codec=codec,
                         manifests=[manifest_key(vid, rec.generation + 1)])
-        gen = cat.put_manifest(vid, rec.generation + 1, manifest.encode())
+        gen = cat.put_manifest(vid, rec.generation + 1, codec.encode_manifest(manifest))
         cat.commit_generation(vid, gen, self.node_id, job.epoch)
         job.state, job.manifest_gen, job.done_bytes = FlushState.COMMITTED, gen, total
 

@@ -53,9 +53,10 @@ S3_SECRET = "perssd-s3"
 
 # Every kustomization a user is told to apply; a new one must be added here (and is then
 # rendered, validated and checked like the others).
-KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/external-s3", "overlays/external-s3-private-ca"]
-EXAMPLE_FILES = ["argo-workflow.yaml", "job.yaml", "pvc-pod.yaml", "snapshot-restore.yaml", "statefulset.yaml",
-                 "tekton-pipeline.yaml", "tekton-pipelinerun.yaml"]
+KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/external-s3", "overlays/external-s3-private-ca",
+                  "overlays/snapshot-metadata"]
+EXAMPLE_FILES = ["argo-workflow.yaml", "group-snapshot-restore.yaml", "job.yaml", "pvc-pod.yaml", "snapshot-restore.yaml",
+                 "statefulset.yaml", "tekton-pipeline.yaml", "tekton-pipelinerun.yaml"]
 
 # Sidecar images: registry.k8s.io/sig-storage, at least these releases (the newest confirmed
 # when the manifests were written; kubernetes-csi tags of 2026).
@@ -66,7 +67,9 @@ SIDECAR_MIN = {
     "csi-resizer": (2, 2, 1),
     "csi-node-driver-registrar": (2, 17, 0),
     "livenessprobe": (2, 19, 0),
+    "csi-snapshot-metadata": (1, 1, 0),     # external-snapshot-metadata, overlays/snapshot-metadata only
 }
+OPTIONAL_SIDECARS = {"csi-snapshot-metadata"}
 
 # What each sidecar needs from the API, from its upstream deploy/kubernetes/rbac.yaml at the
 # pinned release (external-provisioner v6.3.0, external-attacher v4.12.0, external-snapshotter
@@ -110,7 +113,18 @@ REQUIRED_RBAC: dict[str, list[Rule]] = {
         _r("cluster", "snapshot.storage.k8s.io", "volumesnapshotclasses", "get list watch"),
         _r("cluster", "snapshot.storage.k8s.io", "volumesnapshotcontents", "get list watch update patch"),
         _r("cluster", "snapshot.storage.k8s.io", "volumesnapshotcontents/status", "update patch"),
+        _r("cluster", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses", "get list watch"),
+        _r("cluster", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", "get list watch update patch"),
+        _r("cluster", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents/status", "update patch"),
         LEADER_ELECTION, S3_SECRET_GET,
+    ],
+    # external-snapshot-metadata v1.1.0 deploy/snapshot-metadata-cluster-role.yaml
+    "csi-snapshot-metadata": [
+        _r("cluster", "cbt.storage.k8s.io", "snapshotmetadataservices", "get list watch create update patch delete"),
+        _r("cluster", "authentication.k8s.io", "tokenreviews", "create get"),
+        _r("cluster", "authorization.k8s.io", "subjectaccessreviews", "create get"),
+        _r("cluster", "snapshot.storage.k8s.io", "volumesnapshots", "get list"),
+        _r("cluster", "snapshot.storage.k8s.io", "volumesnapshotcontents", "get list"),
     ],
     "csi-resizer": [
         _r("cluster", "", "persistentvolumes", "get list watch patch"),
@@ -287,6 +301,10 @@ def _load_schema(rel: str) -> dict[str, Any]:
 CRD_SCHEMAS = {
     ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): "snapshot.storage.k8s.io/volumesnapshotclass-v1.json",
     ("snapshot.storage.k8s.io/v1", "VolumeSnapshot"): "snapshot.storage.k8s.io/volumesnapshot-v1.json",
+    ("groupsnapshot.storage.k8s.io/v1", "VolumeGroupSnapshotClass"):
+        "groupsnapshot.storage.k8s.io/volumegroupsnapshotclass-v1.json",
+    ("groupsnapshot.storage.k8s.io/v1", "VolumeGroupSnapshot"): "groupsnapshot.storage.k8s.io/volumegroupsnapshot-v1.json",
+    ("cbt.storage.k8s.io/v1beta1", "SnapshotMetadataService"): "cbt.storage.k8s.io/snapshotmetadataservice-v1beta1.json",
     ("tekton.dev/v1", "Task"): "tekton.dev/task-v1.json",
     ("tekton.dev/v1", "Pipeline"): "tekton.dev/pipeline-v1.json",
     ("tekton.dev/v1", "PipelineRun"): "tekton.dev/pipelinerun-v1.json",
@@ -315,13 +333,22 @@ def _crd_schema(rel: str) -> dict[str, Any]:
     return _strict(schema) if rel.startswith("argoproj.io/") else schema
 
 
+# Kinds newer than K8S_VERSION, validated against the release that made them GA.
+NEWER_KINDS = {("storage.k8s.io/v1", "VolumeAttributesClass"): "1.34"}
+
+
+def _version_of(obj: dict[str, Any]) -> str:
+    return NEWER_KINDS.get((obj["apiVersion"], obj["kind"]), K8S_VERSION)
+
+
 def _k8s_validate(obj: dict[str, Any], what: str) -> None:
+    version = _version_of(obj)
     try:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        kubernetes_validate.validate(obj, version, strict=True)
     except kubernetes_validate.ValidationError as e:
         path = ".".join(str(p) for p in e.path)
         pytest.fail(f"{what}: {obj['kind']}/{obj['metadata'].get('name')} is invalid for "
-                    f"Kubernetes {K8S_VERSION} at {path or '<root>'}: {e.message}", pytrace=False)
+                    f"Kubernetes {version} at {path or '<root>'}: {e.message}", pytrace=False)
 
 
 def _tekton_embedded(obj: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -376,8 +403,8 @@ def validate_object(obj: dict[str, Any], what: str) -> None:
             _k8s_validate(sub, f"{what} ({obj['kind']} embedded {sub['kind']})")
         return
     try:
-        used = kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-        assert used == K8S_VERSION, f"kubernetes-validate used the {used} schemas, not {K8S_VERSION}"
+        used = kubernetes_validate.validate(obj, _version_of(obj), strict=True)
+        assert used == _version_of(obj), f"kubernetes-validate used the {used} schemas, not {_version_of(obj)}"
     except kubernetes_validate.SchemaNotFoundError:
         pytest.fail(f"{what}: no schema for {obj['apiVersion']} {obj['kind']}: add one to "
                     f"deploy/schemas/ and CRD_SCHEMAS", pytrace=False)
@@ -604,6 +631,8 @@ def test_storage_users_name_perssd_classes(where: str, objs: list[dict[str, Any]
             assert spec.get("storageClassName") in classes, f"{where}: {o['kind']} uses {spec.get('storageClassName')}"
         if o["kind"] == "VolumeSnapshot":
             assert o["spec"]["volumeSnapshotClassName"] == "perssd-snapshots"
+        if o["kind"] == "VolumeGroupSnapshot":
+            assert o["spec"]["volumeGroupSnapshotClassName"] == "perssd-group-snapshots"
 
 
 # ============================================================================================
@@ -627,6 +656,10 @@ def test_driver_name_is_the_same_everywhere(kust: str) -> None:
     scs = all_of(objs, "StorageClass")
     assert scs and all(sc["provisioner"] == DRIVER for sc in scs)
     assert one(objs, "VolumeSnapshotClass")["driver"] == DRIVER
+    assert one(objs, "VolumeGroupSnapshotClass")["driver"] == DRIVER
+    assert {v["driverName"] for v in all_of(objs, "VolumeAttributesClass")} == {DRIVER}
+    for sms in all_of(objs, "SnapshotMetadataService"):
+        assert sms["metadata"]["name"] == DRIVER       # how backup applications find the driver's service
     node = driver_pod(objs, "DaemonSet")
     reg = [c for c in node.containers() if sidecar_kind(c) == "csi-node-driver-registrar"]
     assert len(reg) == 1
@@ -693,8 +726,8 @@ def test_storage_classes() -> None:
 @pytest.mark.parametrize("kust", KUSTOMIZATIONS)
 def test_everything_lives_in_the_driver_namespace(kust: str) -> None:
     objs = render(kust)
-    cluster_scoped = {"Namespace", "CSIDriver", "StorageClass", "VolumeSnapshotClass",
-                      "ClusterRole", "ClusterRoleBinding"}
+    cluster_scoped = {"Namespace", "CSIDriver", "StorageClass", "VolumeSnapshotClass", "VolumeGroupSnapshotClass",
+                      "VolumeAttributesClass", "SnapshotMetadataService", "ClusterRole", "ClusterRoleBinding"}
     assert one(objs, "Namespace")["metadata"]["name"] == NAMESPACE
     labels = one(objs, "Namespace")["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
@@ -706,7 +739,7 @@ def test_everything_lives_in_the_driver_namespace(kust: str) -> None:
         for s in o.get("subjects", []):
             assert s.get("namespace") == NAMESPACE, f"{o['kind']}/{o['metadata']['name']} subject {s}"
     # secret namespaces in parameters are plain strings kustomize cannot rewrite
-    for sc in all_of(objs, "StorageClass") + all_of(objs, "VolumeSnapshotClass"):
+    for sc in all_of(objs, "StorageClass") + all_of(objs, "VolumeSnapshotClass") + all_of(objs, "VolumeGroupSnapshotClass"):
         for k, v in sc["parameters"].items():
             if k.endswith("-secret-namespace"):
                 assert v == NAMESPACE
@@ -726,7 +759,8 @@ def test_sidecar_images_are_current_sig_storage_releases(kust: str) -> None:
             assert m, f"{c['image']} is not a released sig-storage tag"
             assert tuple(map(int, m.groups())) >= SIDECAR_MIN[sc], f"{c['image']} is older than {SIDECAR_MIN[sc]}"
             seen.add(sc)
-    assert seen == set(SIDECAR_MIN)
+    assert set(SIDECAR_MIN) - OPTIONAL_SIDECARS <= seen, set(SIDECAR_MIN) - OPTIONAL_SIDECARS - seen
+    assert ("csi-snapshot-metadata" in seen) == (kust == "overlays/snapshot-metadata")
 
 
 def _socket_location(pod: PodRef, container: dict[str, Any], path: str) -> tuple[str, str]:
@@ -806,6 +840,7 @@ def test_controller_sidecar_flags() -> None:
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in by_kind["csi-provisioner"]["env"]}
     assert env == {"NAMESPACE": "metadata.namespace", "POD_NAME": "metadata.name"}
     assert arg_map(by_kind["csi-resizer"])["handle-volume-inuse-error"] == "false"  # online expansion
+    assert arg_map(by_kind["csi-snapshotter"])["feature-gates"] == "CSIVolumeGroupSnapshot=true"
     for k in ("csi-provisioner", "csi-attacher", "csi-snapshotter", "csi-resizer"):
         a = arg_map(by_kind[k])
         assert "leader-election" in a, f"{k} runs without leader election"
@@ -1063,6 +1098,71 @@ def test_secret_and_configmap_references_resolve(kust: str) -> None:
     # every S3 key the driver reads has its CSI-secret name
     for key in ("accessKeyId", "secretAccessKey"):
         assert key in secrets[S3_SECRET]
+
+
+def test_volume_attributes_classes_are_accepted_by_the_driver() -> None:
+    """Each VolumeAttributesClass's parameters are mutable parameters the driver takes (what the
+    external-resizer passes to ControllerModifyVolume and the provisioner to CreateVolume)."""
+    from csi_perssd import modify
+    vacs = all_of(render("base"), "VolumeAttributesClass")
+    assert {v["metadata"]["name"] for v in vacs} == {"perssd-compress-more", "perssd-no-compression"}
+    for vac in vacs:
+        assert modify.parse(vac["parameters"]) == vac["parameters"]
+    with pytest.raises(Exception, match="cannot be changed"):
+        modify.parse({"persistence": "local"})
+
+
+def test_group_snapshot_class() -> None:
+    objs = render("base")
+    vgsc = one(objs, "VolumeGroupSnapshotClass", "perssd-group-snapshots")
+    assert vgsc["deletionPolicy"] == "Delete"
+    assert vgsc["parameters"] == {"csi.storage.k8s.io/group-snapshotter-secret-name": S3_SECRET,
+                                  "csi.storage.k8s.io/group-snapshotter-secret-namespace": NAMESPACE}
+
+
+def test_snapshot_metadata_overlay_wiring() -> None:
+    """The sidecar serves TLS with the Secret's pair on the port the Service targets, the
+    SnapshotMetadataService names that Service, and the driver serves the service it proxies."""
+    objs = render("overlays/snapshot-metadata")
+    pod = driver_pod(objs, "Deployment")
+    side = [c for c in pod.containers() if sidecar_kind(c) == "csi-snapshot-metadata"]
+    assert len(side) == 1
+    args = arg_map(side[0])
+    ports = {p["name"]: p["containerPort"] for p in side[0]["ports"]}
+    svc = one(objs, "Service", "perssd-snapshot-metadata")
+    assert svc["spec"]["selector"].items() <= pod.owner["spec"]["template"]["metadata"]["labels"].items()
+    (port,) = svc["spec"]["ports"]
+    assert ports[port["targetPort"]] == int(args["port"])
+    sms = one(objs, "SnapshotMetadataService", DRIVER)
+    assert sms["spec"]["address"] == f"{svc['metadata']['name']}.{NAMESPACE}:{port['port']}"
+    tls = one(objs, "Secret", "perssd-snapshot-metadata-tls")
+    assert tls["type"] == "kubernetes.io/tls"
+    for flag, key in (("tls-cert", "tls.crt"), ("tls-key", "tls.key")):
+        m, rel = mount_of(side[0], args[flag])
+        vol = pod.volume(m["name"])["secret"]
+        assert vol["secretName"] == tls["metadata"]["name"] and {"key": key, "path": rel} in vol["items"]
+    probe = side[0]["readinessProbe"]["httpGet"]
+    assert args["http-endpoint"] == f":{ports[probe['port']]}" and probe["path"] == "/health"
+    assert "enable-snapshot-metadata" in arg_map(pod.container(DRIVER_CONTAINER))
+    for kust in KUSTOMIZATIONS[:-1]:
+        assert "enable-snapshot-metadata" not in arg_map(driver_pod(render(kust), "Deployment").container(DRIVER_CONTAINER))
+        assert not all_of(render(kust), "SnapshotMetadataService")
+
+
+def test_group_snapshot_example_covers_both_claims_of_the_statefulset() -> None:
+    objs = load_example("group-snapshot-restore.yaml")
+    sts = one(objs, "StatefulSet", "ledger")
+    vgs = one(objs, "VolumeGroupSnapshot", "ledger-group")
+    selector = vgs["spec"]["source"]["selector"]["matchLabels"]
+    templates = sts["spec"]["volumeClaimTemplates"]
+    assert len(templates) == 2 and all(selector.items() <= t["metadata"]["labels"].items() for t in templates)
+    mounted = {m["name"] for m in sts["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert mounted == {t["metadata"]["name"] for t in templates}
+    restored = {o["metadata"]["name"]: o for o in all_of(objs, "PersistentVolumeClaim")}
+    for claim in restored.values():
+        assert claim["spec"]["dataSource"]["kind"] == "VolumeSnapshot"
+    check = one(objs, "Pod", "ledger-restored-check")
+    assert {v["persistentVolumeClaim"]["claimName"] for v in check["spec"]["volumes"]} == set(restored)
 
 
 def test_private_ca_overlay_passes_the_bundle() -> None:

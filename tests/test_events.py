@@ -157,6 +157,32 @@ def test_progress_posts_at_most_one_per_quarter() -> None:
     assert [r for r, _ in got] == [Reason.FLUSH_STARTED]
 
 
+def test_warnings_name_the_error_and_that_data_is_kept() -> None:
+    got: list[tuple[EventType, Reason, str]] = []
+
+    class Sink:
+        def emit(self, ref: ClaimRef, type_: EventType, reason: Reason, message: str) -> None:
+            got.append((type_, reason, message))
+
+        def close(self) -> None:
+            pass
+
+    ev = VolumeEvents(Sink(), "node-a")
+    rec = VolumeRecord(id="v1", name="pvc-x", size=MiB, capabilities=[], generation=4,
+                       claim={"namespace": "ml", "name": "train-data", "uid": UID})
+    ev.track(rec)
+    ev.flush_failed("v1", "object store unreachable: connect timeout", fenced=False)
+    ev.flush_failed("v1", "node node-a (epoch 3) no longer owns it", fenced=True)
+    ev.hydrate_done(rec, 0, 1.0, error="chunk ab12 is corrupt")
+    ev.flush_failed("v2", "x", fenced=False)                 # no claim known: nothing
+    assert [(t, r) for t, r, _ in got] == [(EventType.WARNING, Reason.FLUSH_FAILING),
+                                           (EventType.WARNING, Reason.FENCED_OUT),
+                                           (EventType.WARNING, Reason.HYDRATE_FAILED)]
+    assert "local data kept" in got[0][2] and "connect timeout" in got[0][2]
+    assert "kept and not committed" in got[1][2] and "epoch 3" in got[1][2]
+    assert "generation 4" in got[2][2] and "corrupt" in got[2][2]
+
+
 def test_recorder_from_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from csi_perssd.config import Config
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)

@@ -1,4 +1,4 @@
-"""Command line: `csi-perssd serve|takeover|gc|ls|inspect|pool`. Every flag can also be set
+"""Command line: `csi-perssd serve|takeover|gc|ls|inspect|pool|rekey`. Every flag can also be set
 with an environment variable PERSSD_<FLAG> (e.g. PERSSD_NODE_ID, PERSSD_CATALOG).
 
 One module per command; each has `add_parser(subparsers)`, which registers the command and
@@ -11,12 +11,12 @@ import sys
 
 from .. import __version__
 from ..errors import CsiError
-from . import gc, inspect, ls, pool, serve, takeover
+from . import gc, inspect, ls, pool, rekey, serve, takeover
 from .flags import config_from_args, setup_logging
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
-COMMANDS = (serve, takeover, gc, ls, inspect, pool)
+COMMANDS = (serve, takeover, gc, ls, inspect, pool, rekey)
 
 
 def build_parser() -> argparse.ArgumentParser:

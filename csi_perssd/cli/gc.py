@@ -6,6 +6,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import CsiError
+from . import progress
 from .flags import config_from_args, env_default, store_flags
 
 
@@ -15,6 +16,7 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
     g.add_argument("--grace-seconds", type=float, default=env_default("gc-grace-seconds", c.gc_grace_seconds))
     g.add_argument("--keep-generations", type=int, default=env_default("gc-keep-generations", c.gc_keep_generations))
+    progress.add_flag(g)
     store_flags(g)
     g.set_defaults(run=run)
 
@@ -24,8 +26,12 @@ def run(args: argparse.Namespace) -> int:
     from ..stores import Stores
     cfg = config_from_args(args)
     dry_run = args.dry_run
+    cat = Stores(cfg).catalog()
+    what = "gc (dry run)" if dry_run else "gc"
     try:
-        rep = collect(Stores(cfg).catalog(), grace=args.grace_seconds, keep=args.keep_generations, dry_run=dry_run)
+        with progress.Ticker(progress.from_args(args),
+                             lambda: f"{what}: {progress.store_activity(cat.store) or 'collecting'}"):
+            rep = collect(cat, grace=args.grace_seconds, keep=args.keep_generations, dry_run=dry_run)
     except CsiError as e:
         print(f"gc failed: {e}")
         return 1

@@ -40,7 +40,12 @@ def add_parser(sub: Any) -> None:
         "lazy hydration: parallel background fetches per volume (0 = fetch on demand only)")
     add(s, "--lazy-fetch-timeout-seconds", c.lazy_fetch_timeout_seconds,
         "lazy hydration: how long a read of a missing chunk waits for the object store before EIO")
-    add(s, "--heartbeat-seconds", c.heartbeat_seconds, "node heartbeat interval")
+    add(s, "--heartbeat-seconds", c.heartbeat_seconds, "node heartbeat interval (local; writes only changes)")
+    add(s, "--node-refresh-seconds", c.node_refresh_seconds, "rewrite an unchanged node record this often")
+    add(s, "--volume-check-seconds", c.volume_check_seconds, "check that local copies' volumes still exist")
+    add(s, "--wake-poll-seconds", c.wake_poll_seconds, "snapshot wake-up poll while volumes are staged")
+    add(s, "--wake-idle-seconds", c.wake_idle_seconds, "snapshot wake-up poll while no volume is staged")
+    add(s, "--request-sweep-seconds", c.request_sweep_seconds, "list this node's requests anyway this often")
     add(s, "--gc-interval-seconds", c.gc_interval_seconds, "controller: garbage collection interval (0 = off)")
     add(s, "--gc-grace-seconds", c.gc_grace_seconds, "chunks younger than this are never collected")
     add(s, "--gc-keep-generations", c.gc_keep_generations, "generations kept per volume")
@@ -49,6 +54,8 @@ def add_parser(sub: Any) -> None:
         "NodeUnstage waits this long for the flush before answering ABORTED with its progress")
     add(s, "--freeze-timeout-seconds", c.freeze_timeout_seconds, "snapshots: longest file system freeze")
     add(s, "--enable-alpha", c.enable_alpha, "enable alpha CSI capabilities")
+    add(s, "--encryption-key-file", c.encryption_key_file,
+        "KEK for encrypted volumes when the call's secret has no encryptionKey (file: base64 of 32 bytes)")
     add(s, "--enable-snapshot-metadata", c.enable_snapshot_metadata,
         "serve the SnapshotMetadata service (CSI alpha; for the external-snapshot-metadata sidecar)")
     add(s, "--pvc-events", c.pvc_events, "post Events on volumes' PVCs (auto: in a pod or with --kubeconfig)",

@@ -11,12 +11,14 @@ from ..config import Config
 from ..errors import precondition
 from ..remote.catalog import VolumeRecord
 from ..stores import Stores
+from . import progress
 from .flags import config_from_args, store_flags
 
 log = logging.getLogger("csi_perssd.admin")
 
 
-def takeover(cfg: Config, vid: str, from_node: str, to_node: str) -> int:
+def takeover(cfg: Config, vid: str, from_node: str, to_node: str,
+             show: progress.Progress | None = None) -> int:
     """Move ownership from a (dead) node: epoch+1, so that node can no longer commit anything.
     What it wrote after the last generation it committed is lost; the log and output say so."""
     ids.volume_id(vid)
@@ -32,7 +34,10 @@ def takeover(cfg: Config, vid: str, from_node: str, to_node: str) -> int:
         before[:] = [dataclasses.replace(r)]
         r.owner = to_node
         r.epoch += 1
-    rec = cat.update_volume(vid, apply)
+    line = f"takeover {vid}: moving ownership from {from_node} to {to_node or '(released)'}"
+    with progress.Ticker(show or progress.Progress(enabled=False),
+                         lambda: f"{line}: {progress.store_activity(cat.store) or 'updating'}"):
+        rec = cat.update_volume(vid, apply)
     if rec.persistence != "object":
         risk = f"{vid} is persistence={rec.persistence}: its only copy is on {from_node}"
     elif not rec.generation:
@@ -56,9 +61,11 @@ def add_parser(sub: Any) -> None:
     t.add_argument("volume_id")
     t.add_argument("--from", dest="from_node", required=True, help="the node that owns it now")
     t.add_argument("--to", dest="to_node", default="", help="give ownership to this node (default: release)")
+    progress.add_flag(t)
     store_flags(t)
     t.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    return takeover(config_from_args(args), args.volume_id, args.from_node, args.to_node)
+    return takeover(config_from_args(args), args.volume_id, args.from_node, args.to_node,
+                    progress.from_args(args))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from ..crypto import envelope
 from ..crypto.errors import Tampered
 from ..crypto.keys import LineageKeys
+from ..errors import Code, CsiError
 from .chunks import CorruptBlob, chunk_hash, compress, compress_parts, decompress
 from .manifest import Manifest, ManifestError
 
@@ -91,6 +92,13 @@ class Codec:
             raise ManifestError("sealed manifest: public chunk list differs from its content")
         return m
 
+    def open_manifest(self, data: Buffer, what: str, kind: str = MANIFEST_KIND) -> Manifest:
+        """decode_manifest with a bad manifest as DATA_LOSS (what: which manifest, for the message)."""
+        try:
+            return self.decode_manifest(data, kind)
+        except ManifestError as e:
+            raise CsiError(Code.DATA_LOSS, f"{what}: {e}") from None
+
 
 PLAIN = Codec()
 
@@ -105,18 +113,19 @@ def manifest_refs(data: Buffer) -> set[str]:
     return Manifest.decode(bytes(data)).referenced_hashes()
 
 
-def manifest_summary(data: Buffer) -> tuple[set[str], int]:
-    """(referenced chunk names, volume size) of a stored manifest without keys (pinning)."""
-    if envelope.is_sealed_meta(data):
-        try:
+def manifest_summary(data: Buffer, what: str) -> tuple[set[str], int]:
+    """(referenced chunk names, volume size) of a stored manifest without keys (pinning);
+    DATA_LOSS when it is malformed."""
+    try:
+        if envelope.is_sealed_meta(data):
             h = envelope.read_header(data)
-        except Tampered as e:
-            raise ManifestError(str(e)) from None
-        if "volume_size" not in h.numbers:
-            raise ManifestError("sealed manifest header has no volume size")
-        return set(h.refs), h.numbers["volume_size"]
-    m = Manifest.decode(bytes(data))
-    return m.referenced_hashes(), m.volume_size
+            if "volume_size" not in h.numbers:
+                raise ManifestError("sealed manifest header has no volume size")
+            return set(h.refs), h.numbers["volume_size"]
+        m = Manifest.decode(bytes(data))
+        return m.referenced_hashes(), m.volume_size
+    except (ManifestError, Tampered) as e:
+        raise CsiError(Code.DATA_LOSS, f"{what}: {e}") from None
 
 
 def manifest_lineage(data: Buffer) -> str:

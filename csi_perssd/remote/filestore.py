@@ -14,10 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..atomic import write_atomic
-from .store import NotFound, ObjectInfo, PreconditionFailed, StoreError, check_key
+from .store import NotFound, ObjectInfo, Page, PreconditionFailed, StoreError, check_key
 
 
-def _etag(data: bytes) -> str:
+def _etag(data: bytes | bytearray) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
@@ -67,11 +67,11 @@ class FileStore:
             return None
         return ObjectInfo(key=key, size=st.st_size, etag=_etag(p.read_bytes()), mtime=st.st_mtime)
 
-    def _write(self, path: Path, data: bytes) -> None:
+    def _write(self, path: Path, data: bytes | bytearray) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, data)
 
-    def put(self, key: str, data: bytes, *, if_none_match: bool = False,
+    def put(self, key: str, data: bytes | bytearray, *, if_none_match: bool = False,
             if_match: str | None = None) -> str:
         path = self._path(key)
         try:
@@ -121,6 +121,10 @@ class FileStore:
                         continue
         for key, st in sorted(keys):
             yield ObjectInfo(key=key, size=st.st_size, etag=_version(st), mtime=st.st_mtime)
+
+    def scan_pages(self, prefix: str, start_after: str = "") -> Iterator[tuple[Page, bool]]:
+        """One page: every object under prefix after start_after (a directory walk is one read)."""
+        yield list(self.scan(prefix, start_after)), False
 
     def scan(self, prefix: str, start_after: str = "") -> Iterator[ObjectInfo]:
         """Objects under prefix with keys after start_after, in key order."""

@@ -27,7 +27,7 @@ the object store is strongly consistent):
 
 A collector that read the claims after the writer's claim PUT keeps those chunks. One that read
 them before had written its tomb and last-run before that PUT, so the writer sees the overlap,
-waits for it to end and repairs whatever it deleted before committing. transfer.flush itself
+waits for it to end and repairs whatever it deleted before committing. volume_io.flush itself
 needs no change; callers wrap it (see `FlushGuard`).
 """
 from __future__ import annotations
@@ -40,7 +40,8 @@ import time
 from dataclasses import dataclass
 
 from ..errors import Code, CsiError
-from .chunks import DEFAULT_COMPRESSION, chunk_hash, chunk_span, compress
+from .chunks import DEFAULT_COMPRESSION, chunk_span
+from .codec import PLAIN, Codec
 from .layout import GC_LAST_RUN, GC_RUNNING, chunk_key, gc_claim_key
 from .manifest import Manifest
 from .store import NotFound, ObjectStore, StoreError, reachable
@@ -72,7 +73,7 @@ class FlushGuard:
 
         guard = FlushGuard.begin(store, "node-a/pvol-x", resumed=journal_exists)
         base = ...read the base manifest...
-        manifest, stats = transfer.flush(store, dev, ...)
+        manifest, stats = volume_io.flush(store, dev, plan)
         guard.claim(manifest, source_path=dev, compression_level=1)   # may repair chunks
         ...put_manifest + commit_generation...
         guard.release()
@@ -103,11 +104,14 @@ class FlushGuard:
         tombs = {i.key for i in self.store.list(GC_RUNNING) if now - i.mtime < TOMB_TTL_S}
         return last, tombs
 
-    def claim(self, manifest: Manifest, *, source_path: str | None = None, compression_level: int = DEFAULT_COMPRESSION,
-              manifests: list[str] | tuple[str, ...] = (), volume: str = "") -> GuardStats:
-        """`volume`: the claim protects a new volume's first manifest until its record exists
-        (a clone); a collector drops it once it sees that record."""
-        hashes = sorted(manifest.referenced_hashes())
+    def claim(self, manifest: Manifest | set[str], *, source_path: str | None = None,
+              compression_level: int = DEFAULT_COMPRESSION, manifests: list[str] | tuple[str, ...] = (),
+              volume: str = "", codec: Codec = PLAIN) -> GuardStats:
+        """`manifest`: the manifest, or only the chunk names it references (a sealed manifest
+        copied without its keys; then there is no source to repair from). `volume`: the claim
+        protects a new volume's first manifest until its record exists (a clone); a collector
+        drops it once it sees that record. `codec` encodes repaired chunks like the flush did."""
+        hashes = sorted(manifest.referenced_hashes() if isinstance(manifest, Manifest) else manifest)
         doc = {"owner": self.owner, "created_at": time.time(), "hashes": hashes, "manifests": list(manifests),
                "volume": volume}
         with reachable(self.store):
@@ -118,7 +122,7 @@ class FlushGuard:
             self.stats.overlapped = overlapped
             if overlapped or self.resumed:
                 self._wait_for(tombs)
-                self._verify(manifest, source_path, compression_level)
+                self._verify(manifest, source_path, compression_level, codec)
         if overlapped:
             log.info("%s: a garbage collection overlapped the flush: verified %d chunks, uploaded %d again",
                      self.owner, self.stats.verified_chunks, self.stats.repaired_chunks)
@@ -134,11 +138,16 @@ class FlushGuard:
                 time.sleep(WAIT_POLL_S)
         self.stats.waited_s = time.monotonic() - t0
 
-    def _verify(self, manifest: Manifest, source_path: str | None, level: int) -> None:
+    def _verify(self, manifest: Manifest | set[str], source_path: str | None, level: int,
+                codec: Codec) -> None:
         first: dict[str, int] = {}
-        for i, h in enumerate(manifest.entries):
-            if h is not None:
-                first.setdefault(h, i)
+        if not isinstance(manifest, Manifest):
+            first = {h: -1 for h in sorted(manifest)}
+            source_path = None
+        else:
+            for i, h in enumerate(manifest.entries):
+                if h is not None:
+                    first.setdefault(h, i)
         missing = []
         for h in first:
             self.stats.verified_chunks += 1
@@ -150,6 +159,7 @@ class FlushGuard:
         if source_path is None:
             raise CsiError(Code.ABORTED, f"{self.owner}: {len(missing)} chunks were garbage-collected "
                            f"meanwhile and there is no source to upload them again from; try again")
+        assert isinstance(manifest, Manifest)
         fd = os.open(source_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             for h in missing:
@@ -161,10 +171,10 @@ class FlushGuard:
                     if not more:
                         break
                     buf += more
-                if chunk_hash(buf) != h:
+                if codec.name(buf) != h:
                     raise CsiError(Code.ABORTED, f"{self.owner}: chunk {i} was garbage-collected meanwhile and "
                                    f"the source changed since it was read; flush again")
-                blob, _ = compress(buf, level)
+                blob = codec.encode(h, buf, level)
                 self.store.put(chunk_key(h), blob)
                 self.stats.repaired_chunks += 1
                 self.stats.repaired_bytes += len(blob)

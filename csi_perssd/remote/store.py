@@ -42,6 +42,9 @@ class ObjectInfo:
     mtime: float        # seconds since the epoch
 
 
+Page = list[ObjectInfo]             # one LIST response (a name that a class's `list` method cannot shadow)
+
+
 @contextmanager
 def reachable(store: ObjectStore | str) -> Iterator[None]:
     """Map a failed store request to CsiError(UNAVAILABLE) naming the store (or its URL, for
@@ -67,7 +70,7 @@ class ObjectStore(Protocol):
     def get(self, key: str) -> tuple[bytes, str]:
         """Return (data, etag); NotFound if missing."""
 
-    def put(self, key: str, data: bytes, *, if_none_match: bool = False,
+    def put(self, key: str, data: bytes | bytearray, *, if_none_match: bool = False,
             if_match: str | None = None) -> str:
         """Write and return the new etag. if_none_match: only create. if_match: only replace
         that version. PreconditionFailed when the condition does not hold."""
@@ -83,3 +86,6 @@ class ObjectStore(Protocol):
     def scan(self, prefix: str, start_after: str = "") -> Iterator[ObjectInfo]:
         """Objects under prefix with keys after start_after, fetched lazily page by page (a
         caller that stops early pays only for the pages it read); each page in key order."""
+
+    def scan_pages(self, prefix: str, start_after: str = "") -> Iterator[tuple[Page, bool]]:
+        """The same as (page, more pages follow), one per LIST request."""

@@ -144,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("binary")
     p.add_argument("--junit", type=Path, default=None, help="keep the JUnit report here")
+    p.add_argument("--block", action="store_true", help="test volumes in block access mode (default: mount)")
     args = p.parse_args(argv)
+    if args.block:
+        extra = ["--csi.testvolumeaccesstype=block", *extra]
     if not (os.path.isfile(args.binary) and os.access(args.binary, os.X_OK)):
         print(f"sanity: {args.binary} is not an executable file", file=sys.stderr)
         return 2

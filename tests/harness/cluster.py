@@ -153,11 +153,12 @@ class Cluster:
 
     # -- the CO's side ----------------------------------------------------------------------
     def create(self, name: str, size: int, cap: pb.VolumeCapability | None = None,
-               params: dict[str, str] | None = None, source: pb.VolumeContentSource | None = None) -> str:
+               params: dict[str, str] | None = None, source: pb.VolumeContentSource | None = None,
+               secrets: dict[str, str] | None = None) -> str:
         assert self.controller is not None
         req = pb.CreateVolumeRequest(name=name, volume_capabilities=[cap or mount_cap()],
                                      capacity_range=pb.CapacityRange(required_bytes=size),
-                                     parameters=params or {})
+                                     parameters=params or {}, secrets=secrets or {})
         if source is not None:
             req.volume_content_source.CopyFrom(source)
         return self.controller.controller.CreateVolume(req).volume.volume_id
@@ -166,7 +167,8 @@ class Cluster:
         base = self.workdir / node / "kubelet" / vid
         return str(base / "staging"), str(base / "target")
 
-    def attach(self, node: str, vid: str, cap: pb.VolumeCapability | None = None, readonly: bool = False) -> str:
+    def attach(self, node: str, vid: str, cap: pb.VolumeCapability | None = None, readonly: bool = False,
+               secrets: dict[str, str] | None = None) -> str:
         """ControllerPublish + NodeStage + NodePublish; returns the target path."""
         assert self.controller is not None
         cap = cap or mount_cap()
@@ -176,7 +178,8 @@ class Cluster:
         Path(staging).mkdir(parents=True, exist_ok=True)
         n = self.nodes[node].node
         n.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=staging,
-                                                    volume_capability=cap, publish_context=ctx))
+                                                    volume_capability=cap, publish_context=ctx,
+                                                    secrets=secrets or {}))
         n.NodePublishVolume(pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=staging,
                                                         target_path=target, volume_capability=cap,
                                                         publish_context=ctx, readonly=readonly))
