@@ -331,5 +331,6 @@ def test_flush_failing_names_the_s3_error_then_commits(seaweed: Seaweed, stub: S
         assert reasons[0] == "FlushFailing" and reasons[-1] == "FlushCommitted"
         assert "FlushStarted" in reasons and "generation 1 committed" in evs[-1]["message"]
         assert cl.catalog().volume(vid).generation == 1
+        print("\n" + stub.describe())
     finally:
         cl.stop()
