@@ -77,13 +77,14 @@ bench: deps
 bench-scale: deps
 	$(PY) benchmarks/scale.py $(BENCH_ARGS)
 
-# csi-sanity cannot be installed here: point CSI_SANITY at a binary to run it.
+# csi-sanity cannot be installed here: point CSI_SANITY at a binary to run it. Block access mode:
+# SANITY_ARGS=--block; other csi-sanity flags after "--" (SANITY_ARGS="-- --ginkgo.focus=Node").
 sanity: deps
 	@if [ -z "$(CSI_SANITY)" ]; then \
 	  echo "CSI_SANITY is not set. Build csi-sanity with:"; \
 	  echo "  git clone https://github.com/kubernetes-csi/csi-test && cd csi-test && make -C cmd/csi-sanity"; \
 	  echo "then run: make sanity CSI_SANITY=/path/to/csi-sanity"; exit 0; fi; \
-	$(PY) -m tests.harness.sanity "$(CSI_SANITY)"
+	$(PY) -m tests.harness.sanity "$(CSI_SANITY)" $(SANITY_ARGS)
 
 # Container image (Dockerfile): needs a running container daemon (docker, or podman with
 # CONTAINER_TOOL=podman); fails with a clear message where none exists.
