@@ -495,7 +495,8 @@ class NodeSnapshotWorker:
                         guard: FlushGuard, changed: list[Any] | None = None) -> None:
         """`changed`: a lazily hydrated volume's chunks written on this node, taken with the copy
         (the copy holds only the chunks fetched so far; the others keep the base's entries)."""
-        from .remote import transfer
+        from . import volume_io
+        from .remote.transfer import FlushPlan
         backend = self.rt.backend
         vol = cat.volume(vid)          # read after the guard began: its base cannot vanish unnoticed
         codec = self.rt.sync.codec(vol)        # the lineage key this node holds while staged
@@ -517,9 +518,9 @@ class NodeSnapshotWorker:
                 except CsiError:
                     pass
         t0 = time.monotonic()
-        m, stats = transfer.flush(cat.store, path, size, vol.chunk_size, base=base, ranges=ranges,
-                                  ranges_mode=mode, compression_level=vol.compression, workers=self.rt.cfg.flush_workers,
-                                  progress=progress, codec=codec)
+        plan = FlushPlan(size=size, chunk_size=vol.chunk_size, base=base, ranges=ranges, ranges_mode=mode,
+                         compression_level=vol.compression, workers=self.rt.cfg.flush_workers, codec=codec)
+        m, stats = volume_io.flush(cat.store, path, plan, progress)
         g = guard.claim(m, source_path=path, compression_level=vol.compression, codec=codec,
                         manifests=[snapshot_manifest_key(snap.id)])
         uploaded = stats.bytes_uploaded + g.repaired_bytes
