@@ -343,30 +343,39 @@ class Bench:
 
 
     def run_enc(self, cl: Cluster, ports: dict[str, int], run: int, which: str) -> dict[str, Any]:
-        """(a) or (b) again on an encrypted volume (encryption: aes-256-gcm, KEK from the
-        secret), flush on node-a and hydrate on node-b right after the plain ones."""
+        """(a) or (b) once more unencrypted (the control, `*_ctl`) and once with encryption:
+        aes-256-gcm (`*_enc`), back to back, in alternating order from run to run, so neither
+        gets the other's position (what ran before, the store's state); each is flushed on
+        node-a and hydrated on node-b."""
         res: dict[str, Any] = {}
-        sec = {"encryptionKey": base64.b64encode(os.urandom(32)).decode()}
+        order = ("ctl", "enc") if run % 2 else ("enc", "ctl")
+        for kind in order:
+            res.update(self._one_volume(cl, ports, run, which, kind))
+        return res
+
+    def _one_volume(self, cl: Cluster, ports: dict[str, int], run: int, which: str, kind: str) -> dict[str, Any]:
+        res: dict[str, Any] = {}
+        sec = {"encryptionKey": base64.b64encode(os.urandom(32)).decode()} if kind == "enc" else None
         cap = block_cap() if which == "a" else mount_cap("ext4")
-        vid = cl.create(f"bench-{which}-enc-{run}", self.size, cap, params={"encryption": "aes-256-gcm"},
-                        secrets=sec)
+        vid = cl.create(f"bench-{which}-{kind}-{run}", self.size, cap,
+                        params={"encryption": "aes-256-gcm"} if sec else None, secrets=sec)
         tgt = cl.attach("node-a", vid, cap, secrets=sec)
         if which == "a":
             data.copy_to_device(self.a_img, tgt)
         else:
             data.copy_tree(self.tree, tgt)
             os.sync()
-        log(f"run {run} ({which}, encrypted): flush node-a")
-        res[f"flush_{which}_enc"] = self.node_flush(cl, "node-a", vid, ports["node-a"])
-        log(f"run {run} ({which}, encrypted): hydrate node-b")
-        tgt_b, res[f"hydrate_{which}_enc"] = self.node_stage(cl, "node-b", vid, ports["node-b"], cap,
-                                                             secrets=sec)
+        log(f"run {run} ({which}, {kind}): flush node-a")
+        res[f"flush_{which}_{kind}"] = self.node_flush(cl, "node-a", vid, ports["node-a"])
+        log(f"run {run} ({which}, {kind}): hydrate node-b")
+        tgt_b, res[f"hydrate_{which}_{kind}"] = self.node_stage(cl, "node-b", vid, ports["node-b"], cap,
+                                                                secrets=sec)
         ok = (data.digest(tgt_b, self.size) == self.a_digest if which == "a"
               else data.tree_digest(tgt_b) == self.tree_digest)
         if not ok:
-            raise RuntimeError(f"hydrated encrypted volume ({which}) differs from what was written")
-        log(f"  encrypted ({which}): flush {res[f'flush_{which}_enc']['mb_s']:.0f} MB/s, "
-            f"hydrate {res[f'hydrate_{which}_enc']['mb_s']:.0f} MB/s")
+            raise RuntimeError(f"hydrated volume ({which}, {kind}) differs from what was written")
+        log(f"  ({which}, {kind}): flush {res[f'flush_{which}_{kind}']['mb_s']:.0f} MB/s, "
+            f"hydrate {res[f'hydrate_{which}_{kind}']['mb_s']:.0f} MB/s")
         cl.release("node-b", vid)
         cl.delete(vid)
         return res

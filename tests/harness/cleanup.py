@@ -61,7 +61,8 @@ def cleanup_under(base: str) -> list[str]:
             break
         for m in mounts:
             left.append(m)
-            for dev in _loops_on(m) + loops_under(m):    # files on m backing loop devices keep m busy
+            # files on m backing loop devices keep m busy; a device can be found both ways (once)
+            for dev in dict.fromkeys(_loops_on(m) + loops_under(m)):
                 left.append(dev)
                 _detach(dev)
             subprocess.run(["umount", m], capture_output=True)
