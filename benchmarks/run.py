@@ -50,7 +50,7 @@ from tests.harness.xfsdir import xfs_dir  # noqa: E402
 MiB = 1 << 20
 GiB = 1 << 30
 CHUNK = 4 * MiB          # the StorageClass default
-DATA_VERSION = 1         # bump when data.py changes what it generates
+DATA_VERSION = 2         # bump when data.py (or prepare) changes what it generates
 UPLOADED = 'perssd_transfer_bytes_total{kind="uploaded"}'
 READ = 'perssd_transfer_bytes_total{kind="flushed_read"}'
 HYDRATED = 'perssd_transfer_bytes_total{kind="hydrated"}'
@@ -120,9 +120,12 @@ class Bench:
         base = (cache / f"v{DATA_VERSION}-{self.size}") if cache else self.work / "inputs"
         stamp = base / "complete.json"
         self.a_img, self.tree = str(base / "a.img"), str(base / "tree-b")
+        # the encryption pair's own inputs: the unencrypted control must not dedup against (a)/(b)
+        self.a2_img, self.tree2 = str(base / "a2.img"), str(base / "tree-b2")
         if stamp.exists():
             meta = json.loads(stamp.read_text())
             self.a_digest, self.tree_counts, self.tree_digest = meta["a"], meta["tree"], meta["tree_digest"]
+            self.a2_digest, self.tree2_digest = meta["a2"], meta["tree2_digest"]
             log(f"inputs from {base}")
             return
         shutil.rmtree(base, ignore_errors=True)
@@ -133,7 +136,13 @@ class Bench:
         os.makedirs(self.tree)
         self.tree_counts = data.write_tree(self.tree, int(self.size * 0.4))
         self.tree_digest = data.tree_digest(self.tree)
-        stamp.write_text(json.dumps({"a": self.a_digest, "tree": self.tree_counts, "tree_digest": self.tree_digest}))
+        log("generating the encryption pair's (a) and (b) (other data, same kind)")
+        self.a2_digest = data.random_image(self.a2_img, self.size)
+        os.makedirs(self.tree2)
+        data.write_tree(self.tree2, int(self.size * 0.4), seed=8)
+        self.tree2_digest = data.tree_digest(self.tree2)
+        stamp.write_text(json.dumps({"a": self.a_digest, "tree": self.tree_counts, "tree_digest": self.tree_digest,
+                                     "a2": self.a2_digest, "tree2_digest": self.tree2_digest}))
 
     # -- one run ------------------------------------------------------------------------------
     def node_flush(self, cl: Cluster, node: str, vid: str, port: int, phase: str = "") -> dict[str, Any]:
@@ -343,7 +352,8 @@ class Bench:
 
 
     def run_enc(self, cl: Cluster, ports: dict[str, int], run: int, which: str) -> dict[str, Any]:
-        """(a) or (b) once more unencrypted (the control, `*_ctl`) and once with encryption:
+        """(a) or (b) — other data of the same kind, so nothing dedups against the run's own
+        (a)/(b) — once unencrypted (the control, `*_ctl`) and once with encryption:
         aes-256-gcm (`*_enc`), back to back, in alternating order from run to run, so neither
         gets the other's position (what ran before, the store's state); each is flushed on
         node-a and hydrated on node-b."""
@@ -361,17 +371,17 @@ class Bench:
                         params={"encryption": "aes-256-gcm"} if sec else None, secrets=sec)
         tgt = cl.attach("node-a", vid, cap, secrets=sec)
         if which == "a":
-            data.copy_to_device(self.a_img, tgt)
+            data.copy_to_device(self.a2_img, tgt)
         else:
-            data.copy_tree(self.tree, tgt)
+            data.copy_tree(self.tree2, tgt)
             os.sync()
         log(f"run {run} ({which}, {kind}): flush node-a")
         res[f"flush_{which}_{kind}"] = self.node_flush(cl, "node-a", vid, ports["node-a"])
         log(f"run {run} ({which}, {kind}): hydrate node-b")
         tgt_b, res[f"hydrate_{which}_{kind}"] = self.node_stage(cl, "node-b", vid, ports["node-b"], cap,
                                                                 secrets=sec)
-        ok = (data.digest(tgt_b, self.size) == self.a_digest if which == "a"
-              else data.tree_digest(tgt_b) == self.tree_digest)
+        ok = (data.digest(tgt_b, self.size) == self.a2_digest if which == "a"
+              else data.tree_digest(tgt_b) == self.tree2_digest)
         if not ok:
             raise RuntimeError(f"hydrated volume ({which}, {kind}) differs from what was written")
         log(f"  ({which}, {kind}): flush {res[f'flush_{which}_{kind}']['mb_s']:.0f} MB/s, "
