@@ -36,7 +36,12 @@ class Config:
     hydrate: str = "full"                     # default of the StorageClass parameter hydrate
     lazy_background_workers: int = 8          # lazy: parallel background fetches (0 = on demand only)
     lazy_fetch_timeout_seconds: float = 60.0  # lazy: an on-demand read waits this long for S3, then EIO
-    heartbeat_seconds: float = 30.0
+    heartbeat_seconds: float = 30.0           # local tick: the node record is written only when it changes...
+    node_refresh_seconds: float = 3600.0      # ...or this long after it was last written
+    volume_check_seconds: float = 900.0       # one HEAD per local copy: was its volume deleted?
+    wake_poll_seconds: float = 3.0            # HEAD of nodes/<node>.wake while volumes are staged here
+    wake_idle_seconds: float = 60.0           # ... and while none is
+    request_sweep_seconds: float = 900.0      # LIST requests/<node>/ anyway (a lost wake-up)
     gc_interval_seconds: float = 0.0          # 0 = no periodic GC in the controller
     gc_grace_seconds: float = 3600.0
     gc_keep_generations: int = 2

@@ -132,6 +132,7 @@ class KubeRecorder:
         self._correlate = correlate
         self._serial = 0
         self.posted = self.patched = self.dropped = 0
+        self._count_mu = threading.Lock()       # emit() drops from callers' threads too
         self._failing = False
         self._thread = threading.Thread(target=self._worker, name="pvc-events", daemon=True)
         self._thread.start()
@@ -140,6 +141,10 @@ class KubeRecorder:
         try:
             self._q.put_nowait(_Item(ref, type_, reason, message[:1024]))
         except queue.Full:
+            self._drop()
+
+    def _drop(self) -> None:
+        with self._count_mu:
             self.dropped += 1
 
     def close(self, timeout: float = 2.0) -> None:
@@ -175,7 +180,7 @@ class KubeRecorder:
                 if item is None:
                     return
                 if not self._allow(item.ref):
-                    self.dropped += 1
+                    self._drop()
                     continue
                 self._post(item)
             finally:
@@ -194,7 +199,7 @@ class KubeRecorder:
                 log.info("posting events to the Kubernetes API works again")
             self._failing = False
         except Exception as e:        # never let the API server's trouble reach the CSI calls
-            self.dropped += 1
+            self._drop()
             level = logging.DEBUG if self._failing else logging.WARNING
             log.log(level, "cannot post event %s on PVC %s/%s (dropped; %d so far): %s",
                     item.reason.value, item.ref.namespace, item.ref.name, self.dropped,

@@ -13,6 +13,7 @@ from .config import Config
 from .csi import csi_pb2 as pb
 from .csi import csi_pb2_grpc as rpc
 from .errors import Code, CsiError, invalid, not_found, precondition
+from .lazy import dm
 from .local import fs
 from .local.backend import Backend
 from .local.state import LocalVolume, Phase
@@ -163,7 +164,22 @@ class Node(rpc.NodeServicer):
         if lazy.active(vid):
             lazy.ensure_server(vid, self.sync.secrets_for(vid))
             return lazy.device(vid, read_only=read_only)
+        if not read_only and dm.available() and dm.exists(vid):
+            return dm.path(vid)         # switched to the local volume when hydration completed
         return self.backend.device(vid, read_only=read_only)
+
+    def switch_completed(self) -> None:
+        """Device-mapper path (a background loop): volumes whose lazy hydration completed move
+        from the FUSE-served device to the local volume under their mounted file system."""
+        for lv in self.vols.all():
+            if not (lv.staged and self.sync.lazy.active(lv.id)):
+                continue
+            try:
+                with self.locks.hold(lv.id):
+                    self.sync.lazy.switch_if_complete(lv.id, self.backend.device(lv.id))
+            except CsiError as e:
+                if e.code != Code.ABORTED:      # ABORTED: an RPC holds the volume; next round
+                    log.warning("volume %s: switch to the local volume failed: %s", lv.id, e)
 
     def _recover_lazy(self, lv: LocalVolume) -> None:
         """A plugin restart finds the volume's lazy server running (it outlives the plugin) and
@@ -208,8 +224,7 @@ class Node(rpc.NodeServicer):
                 self.vols.update(vid, lambda cur: setattr(cur, "staged_path", ""),
                                  to=Phase.FLUSHING if flush else Phase.CLEAN)
             self.sync.finish(vid)           # flush + commit; ABORTED with progress while it runs
-            if self.sync.lazy.active(vid):
-                self.sync.lazy.release(vid)  # hydration state kept: a later stage here resumes
+            self.sync.lazy.release_all(vid)  # hydration state kept: a later stage here resumes
             self.backend.release(vid)
             self.vols.update(vid, lambda cur: setattr(cur, "device", ""))
         log.info("volume %s unstaged from %s", vid, staging)

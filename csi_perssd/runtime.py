@@ -1,8 +1,10 @@
 """Builds a running driver from a Config: stores, backend, services, background loops."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
 from typing import Any
 
 from . import __version__
@@ -16,6 +18,7 @@ from .server import Server
 from .stores import Stores
 
 log = logging.getLogger(__name__)
+CAPACITY_SLACK = 64 << 20      # free-space changes smaller than this (or 1% of the pool) wait for the refresh
 
 
 def make_backend(cfg: Config) -> Backend:
@@ -43,6 +46,8 @@ class Runtime:
         self.sync: Any = None
         self.controller: Controller | None = None
         self._threads: list[threading.Thread] = []
+        self._last_node: NodeRecord | None = None     # what the heartbeat last wrote (heartbeat=0)
+        self._node_put_at = self._checked_at = -1e18
         local_node = None
         if cfg.mode in ("node", "all"):
             from .local.state import NodeState
@@ -104,13 +109,31 @@ class Runtime:
                           max_volumes=self.cfg.max_volumes_per_node, version=__version__)
 
     def heartbeat(self) -> None:
+        """Idle cost is bounded whatever the catalog holds: the node record is written when it
+        changed (or after node_refresh_seconds); each local copy costs one HEAD per
+        volume_check_seconds (was its volume deleted?); nothing lists the catalog."""
         rec = self.node_record()
         if self.controller is not None:
             self.controller.local_node = rec
         cat = self.stores.catalog()
-        cat.put_node(rec)
-        known = {v.id for v in cat.list_volumes()}
-        self.sync.drop_deleted(lambda vid: vid in known)
+        now = time.monotonic()
+        if self._node_changed(rec) or now - self._node_put_at >= self.cfg.node_refresh_seconds:
+            cat.put_node(rec)
+            self._last_node, self._node_put_at = rec, now
+        if now - self._checked_at >= self.cfg.volume_check_seconds:
+            self.sync.drop_deleted(cat.volume_exists)
+            self._checked_at = now
+
+    def _node_changed(self, rec: NodeRecord) -> bool:
+        """Whether the controller should hear about it: any field but the free-space figures, or
+        those by at least CAPACITY_SLACK (a busy pool's free space moves all the time)."""
+        last = self._last_node
+        if last is None:
+            return True
+        moved = max(abs(rec.available_bytes - last.available_bytes), abs(rec.reclaimable_bytes - last.reclaimable_bytes))
+        same = dataclasses.replace(rec, heartbeat=0.0, available_bytes=0, reclaimable_bytes=0) == dataclasses.replace(
+            last, heartbeat=0.0, available_bytes=0, reclaimable_bytes=0)
+        return not same or moved >= min(CAPACITY_SLACK, max(rec.total_bytes // 100, 1))
 
     def _loop(self, name: str, every: float, fn: Any) -> None:
         def run() -> None:
@@ -138,6 +161,9 @@ class Runtime:
                 log.warning("first heartbeat failed (object store unreachable?): %s", e)
             self.node.recover()
             self._loop("heartbeat", self.cfg.heartbeat_seconds, self.heartbeat)
+            from .lazy import dm
+            if dm.available():          # lazy hydration: completed volumes leave the FUSE path
+                self._loop("lazy-switch", 1.0, self.node.switch_completed)
         if self.controller is not None and self.controller.snapshots is not None:
             self.controller.snapshots.start_background(self)
         if self.node is not None:

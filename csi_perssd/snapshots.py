@@ -33,7 +33,7 @@ from .local.volumes import STAGED_PHASES
 from .remote.catalog import Catalog, SnapshotRecord, VolumeRecord
 from .remote.codec import PLAIN, Codec, manifest_summary
 from .remote.guard import FlushGuard
-from .remote.layout import manifest_key, name_key, request_key, requests_prefix, snapshot_manifest_key
+from .remote.layout import manifest_key, name_key, request_key, requests_prefix, snapshot_manifest_key, wake_key
 from .remote.manifest import Manifest
 from .remote.store import NotFound, reachable
 from .stores import Stores
@@ -124,7 +124,10 @@ class Snapshots:
                secrets: dict[str, str]) -> SnapshotRecord:
         if vol.owner:
             req = {"snapshot": snap.id, "volume": vol.id, "created_at": time.time()}
-            cat.store.put(request_key(vol.owner, snap.id), json.dumps(req).encode())
+            with reachable(cat.store):
+                cat.store.put(request_key(vol.owner, snap.id), json.dumps(req).encode())
+                # after the request: a node that sees the new wake-up lists and finds it
+                cat.store.put(wake_key(vol.owner), json.dumps(req).encode())
 
             def assign(r: SnapshotRecord) -> None:
                 r.node, r.progress = vol.owner, f"requested from node {vol.owner}"
@@ -341,29 +344,66 @@ class Snapshots:
 
 
 class NodeSnapshotWorker:
-    """Picks up snapshot requests for this node: freeze, local copy, thaw, upload, mark ready."""
+    """Picks up snapshot requests for this node: freeze, local copy, thaw, upload, mark ready.
 
-    def __init__(self, runtime: Any, poll_seconds: float = 0.5):
+    Pick-up without polling a LIST: the controller writes requests/<node>/<sid>.json, then
+    rewrites nodes/<node>.wake. The worker HEADs the wake-up object (every wake_poll_seconds
+    while a volume is staged here, wake_idle_seconds otherwise) and LISTs its requests only when
+    the ETag changed, while a request is still pending, or every request_sweep_seconds. The HEAD
+    is taken before the LIST, so a request written after that LIST changes the next HEAD."""
+
+    def __init__(self, runtime: Any, poll_seconds: float | None = None):
         self.rt = runtime
-        self.poll = poll_seconds
-        self.node_id = runtime.cfg.node_id
+        cfg = runtime.cfg
+        self.fast = poll_seconds if poll_seconds is not None else cfg.wake_poll_seconds
+        self.slow = poll_seconds if poll_seconds is not None else cfg.wake_idle_seconds
+        self.sweep = cfg.request_sweep_seconds
+        self.node_id = cfg.node_id
         self.last_stats: dict[str, dict[str, Any]] = {}
+        self._seen: str | None = None           # ETag of the wake-up object at the last LIST
+        self._pending = True                    # requests left unfinished (or never listed yet)
+        self._swept_at = time.monotonic()
 
     def start(self) -> None:
         threading.Thread(target=self._loop, name="snapshot-worker", daemon=True).start()
 
+    def _has_staged(self) -> bool:
+        try:
+            return any(lv.phase in STAGED_PHASES for lv in self.rt.volumes.all())
+        except Exception:       # state unreadable: poll fast, it costs one HEAD
+            return True
+
     def _loop(self) -> None:
-        while not self.rt.stop_event.wait(self.poll):
+        while not self.rt.stop_event.wait(self.fast if self._has_staged() else self.slow):
             try:
-                self.poll_once()
+                self.tick()
             except Exception as e:   # the next round retries
                 log.warning("snapshot worker: %s", e)
+
+    def tick(self) -> int:
+        """One round: a HEAD, and a LIST of requests only when there may be something new."""
+        cat = self.rt.stores.catalog()
+        with reachable(cat.store):
+            info = cat.store.head(wake_key(self.node_id))
+        tag = info.etag if info is not None else ""
+        now = time.monotonic()
+        if tag == self._seen and not self._pending and now - self._swept_at < self.sweep:
+            return 0
+        self._seen, self._swept_at = tag, now
+        try:
+            return self.poll_once()
+        except BaseException:
+            self._pending = True                # list again next round
+            raise
 
     def poll_once(self) -> int:
         cat = self.rt.stores.catalog()
         prefix = requests_prefix(self.node_id)
         done = 0
-        for info in list(cat.store.list(prefix)):
+        with reachable(cat.store):
+            infos = list(cat.store.list(prefix))
+        self._pending = False
+        for info in infos:
             try:
                 req = json.loads(cat.store.get(info.key)[0])
                 sid, vid = ids.snapshot_id(req["snapshot"]), ids.volume_id(req["volume"])
@@ -373,6 +413,8 @@ class NodeSnapshotWorker:
             if self.handle(cat, sid, vid):
                 cat.store.delete(info.key)
                 done += 1
+            else:
+                self._pending = True            # try again next round, without waiting for a wake-up
         return done
 
     def handle(self, cat: Catalog, sid: str, vid: str) -> bool:
@@ -453,7 +495,8 @@ class NodeSnapshotWorker:
                         guard: FlushGuard, changed: list[Any] | None = None) -> None:
         """`changed`: a lazily hydrated volume's chunks written on this node, taken with the copy
         (the copy holds only the chunks fetched so far; the others keep the base's entries)."""
-        from .remote import transfer
+        from . import volume_io
+        from .remote.transfer import FlushPlan
         backend = self.rt.backend
         vol = cat.volume(vid)          # read after the guard began: its base cannot vanish unnoticed
         codec = self.rt.sync.codec(vol)        # the lineage key this node holds while staged
@@ -475,9 +518,9 @@ class NodeSnapshotWorker:
                 except CsiError:
                     pass
         t0 = time.monotonic()
-        m, stats = transfer.flush(cat.store, path, size, vol.chunk_size, base=base, ranges=ranges,
-                                  ranges_mode=mode, compression_level=vol.compression, workers=self.rt.cfg.flush_workers,
-                                  progress=progress, codec=codec)
+        plan = FlushPlan(size=size, chunk_size=vol.chunk_size, base=base, ranges=ranges, ranges_mode=mode,
+                         compression_level=vol.compression, workers=self.rt.cfg.flush_workers, codec=codec)
+        m, stats = volume_io.flush(cat.store, path, plan, progress)
         g = guard.claim(m, source_path=path, compression_level=vol.compression, codec=codec,
                         manifests=[snapshot_manifest_key(snap.id)])
         uploaded = stats.bytes_uploaded + g.repaired_bytes

@@ -34,7 +34,7 @@ from .remote.catalog import VolumeRecord, check_owner
 from .remote.codec import PLAIN, Codec
 from .remote.manifest import Manifest
 from .remote.store import StoreError
-from .remote.transfer import FlushStats
+from .remote.transfer import FlushPlan, FlushStats
 from .stores import Stores
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,8 @@ class VolumeSync:
     def _hydrate(self, rec: VolumeRecord, secrets: dict[str, str]) -> None:
         """Write the committed generation into the fresh local volume. On any failure the
         half-written volume and its state record are removed (nothing is left as "current")."""
-        from .remote import transfer
+        from . import volume_io
+        from .remote.transfer import ChunkCorrupted
         t0 = time.monotonic()
         self.events.hydrate_started(rec)
         try:
@@ -218,11 +219,11 @@ class VolumeSync:
                                            f"volume {rec.id} generation {rec.generation}")
             # rawfile: straight into the backing file, before a loop device exists
             dest = self.backend.hydrate_path(rec.id)
-            stats = transfer.hydrate(cat.store, manifest, dest, workers=self.cfg.hydrate_workers, codec=codec)
+            stats = volume_io.hydrate(cat.store, manifest, dest, workers=self.cfg.hydrate_workers, codec=codec)
         except BaseException as e:
             self._discard(rec.id)
             self.events.hydrate_done(rec, 0, time.monotonic() - t0, error=str(e) or type(e).__name__)
-            if isinstance(e, transfer.ChunkCorrupted):
+            if isinstance(e, ChunkCorrupted):
                 log.error("volume %s generation %d: %s; the local copy was removed", rec.id, rec.generation, e)
                 raise CsiError(Code.DATA_LOSS, f"volume {rec.id} generation {rec.generation}: {e}") from e
             if isinstance(e, StoreError):
@@ -247,7 +248,7 @@ class VolumeSync:
         try:
             cat = self.stores.catalog(secrets)
             manifest = Manifest.decode(cat.get_manifest(rec.id, rec.generation))
-            disk = getattr(self.backend, "disk_path", self.backend.device)(rec.id)
+            disk = self.backend.disk_path(rec.id)
             self.lazy.begin(rec.id, disk, manifest)
         except BaseException as e:
             self._discard(rec.id)
@@ -422,7 +423,7 @@ class VolumeSync:
                 guard.release()
 
     def _flush_guarded(self, vid: str, job: FlushJob, guard: Any) -> None:
-        from .remote import transfer
+        from . import volume_io
         # only the final pass (after unmount, no writer left) may trust its journal on resume:
         # a pre-flush runs while the file system is still mounted and its chunks may change
         with self._mu:
@@ -459,14 +460,13 @@ class VolumeSync:
 
         t0, started_at = time.monotonic(), time.time()     # uploads are as old as the pass's start
         try:
-            manifest, stats = transfer.flush(cat.store, source, size, rec.chunk_size, base=flush_base,
-                                             ranges=ranges, ranges_mode=mode,
-                                             generation=rec.generation + 1,
-                                             parent=rec.generation if base is not None else None,
-                                             known=pre.hashes if pre is not None else None,
-                                             compression_level=rec.compression, workers=self.cfg.flush_workers,
-                                             journal_path=self.vols.journal_path(vid) if job.final else None,
-                                             progress=progress, codec=codec)
+            plan = FlushPlan(size=size, chunk_size=rec.chunk_size, base=flush_base, ranges=ranges,
+                             ranges_mode=mode, generation=rec.generation + 1,
+                             parent=rec.generation if base is not None else None,
+                             known=pre.hashes if pre is not None else None,
+                             compression_level=rec.compression, workers=self.cfg.flush_workers,
+                             journal_path=self.vols.journal_path(vid) if job.final else None, codec=codec)
+            manifest, stats = volume_io.flush(cat.store, source, plan, progress)
         finally:
             metrics.FLUSH_BACKLOG.dec(total - last[0])
         dt = time.monotonic() - t0

@@ -95,3 +95,60 @@ def test_garbage_rejected():
 def test_constructor_validates():
     with pytest.raises(ManifestError):
         Manifest(8 * MiB, 4 * MiB, ["nothex" * 8, None])
+
+
+# -- the binary form (schema 2) -------------------------------------------------------------------
+def _big(n: int, hole_every: int = 0) -> Manifest:
+    import os
+    hexes = os.urandom(32 * n).hex()
+    entries: list[str | None] = [hexes[i:i + 64] for i in range(0, 64 * n, 64)]
+    if hole_every:
+        for i in range(0, n, hole_every):
+            entries[i] = None
+    sizes = {h: 1000 + i for i, h in enumerate(entries) if h is not None}
+    return Manifest(n * 4 * MiB, 4 * MiB, entries, generation=5, parent=4, sizes=sizes, stats={"x": 1})
+
+
+@pytest.mark.parametrize("hole_every", [0, 2, 3, 1])
+def test_binary_form_is_at_most_40_bytes_per_chunk_and_round_trips(hole_every):
+    m = _big(20_000, hole_every)
+    data = m.encode()
+    assert data.startswith(b"PERSSD-MANIFEST2\n")
+    assert len(data) <= 40 * 20_000 and len(data) <= 36 * m.data_chunks + 8 * 20_000 + 512
+    d = Manifest.decode(data)
+    assert d.data_chunks == m.data_chunks           # counted from the raw form
+    assert d == m and d.sizes == m.sizes and d.stats == {"x": 1}
+    assert Manifest.decode(d.encode()) == m         # re-encoding a decoded manifest
+
+
+def test_binary_form_of_a_decoded_untouched_manifest_keeps_the_chunks():
+    m = _big(300, 4)
+    d = Manifest.decode(m.encode())
+    d.generation, d.parent = 9, None                # as a clone's first generation does
+    again = Manifest.decode(d.encode())
+    assert again.generation == 9 and again.parent is None and again.entries == m.entries
+
+
+def test_schema_1_json_manifests_still_decode():
+    m = _big(50, 3)
+    old = m.encode_json()
+    assert old.startswith(MAGIC) and Manifest.decode(old) == m
+
+
+def test_hostile_binary_manifests_rejected():
+    import struct
+    import zlib
+    good = _big(64, 5).encode()
+    body = good[:-4]
+    cases = [good[:-1], good + b"x", body[:-40] + good[-4:],
+             body[:30] + bytes([body[30] ^ 1]) + body[31:] + good[-4:]]       # a flipped bit: CRC
+    head_len = struct.unpack_from("<I", good, 17)[0]
+    head = json.loads(good[21:21 + head_len])
+    for over in ({"volume_size": 64 * 4 * MiB + 4 * MiB}, {"chunk_size": 3 * MiB}, {"runs": 0},
+                 {"data": head["data"] + 1}, {"schema": 3}):
+        h = json.dumps({**head, **over}).encode()
+        b = good[:17] + struct.pack("<I", len(h)) + h + body[21 + head_len:]
+        cases.append(b + struct.pack("<I", zlib.crc32(b)))
+    for data in cases:
+        with pytest.raises(ManifestError):
+            Manifest.decode(data)

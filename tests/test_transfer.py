@@ -11,8 +11,10 @@ from csi_perssd.local.backend import Extent
 from csi_perssd.remote.chunks import chunk_key, compress
 from csi_perssd.remote.manifest import Manifest
 from csi_perssd.remote.store import StoreError
-from csi_perssd.remote.transfer import (ChunkCorrupted, ChunkMissing, chunks_in, file_data_extents,
-                                        flush, hydrate)
+from csi_perssd.local.fileio import file_data_extents
+from csi_perssd.remote.transfer import ChunkCorrupted, ChunkMissing, chunks_in
+from csi_perssd.volume_io import flush_path as flush
+from csi_perssd.volume_io import hydrate
 from tests.plugins.s3 import make_s3_store, seaweed_outage
 
 pytestmark = pytest.mark.s3

@@ -40,7 +40,12 @@ def add_parser(sub: Any) -> None:
         "lazy hydration: parallel background fetches per volume (0 = fetch on demand only)")
     add(s, "--lazy-fetch-timeout-seconds", c.lazy_fetch_timeout_seconds,
         "lazy hydration: how long a read of a missing chunk waits for the object store before EIO")
-    add(s, "--heartbeat-seconds", c.heartbeat_seconds, "node heartbeat interval")
+    add(s, "--heartbeat-seconds", c.heartbeat_seconds, "node heartbeat interval (local; writes only changes)")
+    add(s, "--node-refresh-seconds", c.node_refresh_seconds, "rewrite an unchanged node record this often")
+    add(s, "--volume-check-seconds", c.volume_check_seconds, "check that local copies' volumes still exist")
+    add(s, "--wake-poll-seconds", c.wake_poll_seconds, "snapshot wake-up poll while volumes are staged")
+    add(s, "--wake-idle-seconds", c.wake_idle_seconds, "snapshot wake-up poll while no volume is staged")
+    add(s, "--request-sweep-seconds", c.request_sweep_seconds, "list this node's requests anyway this often")
     add(s, "--gc-interval-seconds", c.gc_interval_seconds, "controller: garbage collection interval (0 = off)")
     add(s, "--gc-grace-seconds", c.gc_grace_seconds, "chunks younger than this are never collected")
     add(s, "--gc-keep-generations", c.gc_keep_generations, "generations kept per volume")

@@ -31,11 +31,12 @@ from ..errors import Code, CsiError, internal
 from ..local import fs, loop
 from ..local.backend import Extent
 from ..remote.manifest import Manifest
+from . import dm
 from .server import FILE
 from .state import HydrationState, StateError
 
 log = logging.getLogger(__name__)
-START_TIMEOUT_S = 20.0
+START_TIMEOUT_S = 60.0           # a cold start under emulation (the VM rig) takes ~20 s
 STOP_TIMEOUT_S = 20.0
 
 
@@ -167,10 +168,41 @@ class LazyManager:
             return True
 
     def device(self, vid: str, read_only: bool = False) -> str:
-        """The loop device on the served file (direct I/O: no second page cache in FUSE)."""
+        """The loop device on the served file (direct I/O: no second page cache in FUSE); with
+        device-mapper, the dm-linear device over it (switched to the local volume at completion)."""
         if not self.serving(vid):
             raise CsiError(Code.UNAVAILABLE, f"volume {vid}: its lazy hydration server is not running")
-        return loop.attach(self.file(vid), direct_io=True, read_only=read_only)
+        dev = loop.attach(self.file(vid), direct_io=True, read_only=read_only)
+        if read_only or not dm.available():
+            return dev
+        if not dm.exists(vid):
+            return dm.create(vid, dev)
+        rdev = os.stat(dev).st_rdev
+        if f" {os.major(rdev)}:{os.minor(rdev)} " not in f" {dm.table(vid)} ":
+            dm.retarget(vid, dev)               # a restarted server: a new loop device under it
+        return dm.path(vid)
+
+    def switch_if_complete(self, vid: str, local_device: str) -> bool:
+        """Device-mapper path: once hydration is complete, point the dm device at the local volume
+        (suspend: in-flight I/O reaches the server; sync: its writes reach the disk; reload,
+        resume), then retire the server. The file system stays mounted throughout."""
+        if not dm.available() or not dm.exists(vid):
+            return False
+        st = self.request(vid, "sync", timeout=30)
+        if not st or not st.get("complete"):
+            return False
+        n = dm.name(vid)
+        fs.run(["dmsetup", "suspend", "--noudevsync", n], what="dmsetup suspend")
+        try:
+            self.request(vid, "sync", timeout=30)       # what the suspend flushed, now on disk
+            fs.run(["dmsetup", "reload", n, "--table", dm.linear(local_device)], what="dmsetup reload")
+        finally:
+            fs.run(["dmsetup", "resume", "--noudevsync", n], what="dmsetup resume")
+        self.release(vid)                           # complete: the server goes, the state too
+        fs.run(["blockdev", "--flushbufs", local_device], what="blockdev --flushbufs")
+        log.info("volume %s: hydration complete; %s now maps the local volume %s directly",
+                 vid, dm.path(vid), local_device)
+        return True
 
     def refresh_size(self, vid: str) -> None:
         """After the local volume grew: the loop devices on the served file see the new size."""
@@ -182,6 +214,13 @@ class LazyManager:
         a dead server cannot be stat'ed)."""
         f = os.path.join(os.path.realpath(self.dir(vid)), "mnt", FILE)
         return sorted(d.name for d in loop.devices() if d.back_file.removesuffix(" (deleted)") == f)
+
+    def release_all(self, vid: str) -> None:
+        """NodeUnstage (after unmount): the dm device, then the loop devices and the server."""
+        if dm.available():
+            dm.remove(vid)
+        if self.dir(vid).exists():
+            self.release(vid)
 
     def release(self, vid: str) -> None:
         """Detach the loop devices (refused while in use) and stop the server; state kept."""
@@ -207,6 +246,8 @@ class LazyManager:
         if not self.dir(vid).exists():
             return
         with self._mu:
+            if dm.available():
+                dm.remove(vid)
             for dev in self.attached(vid):
                 loop.detach(dev, force=True)
             pid = self._pid(vid)

@@ -21,9 +21,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..local.fileio import pwrite_full
 from ..remote.chunks import chunk_span
 from ..remote.manifest import Manifest
-from ..remote.transfer import ChunkCorrupted, _pwrite_full
+from ..remote.transfer import ChunkCorrupted
 from .fetch import FetchTimeout
 from .state import HydrationState
 
@@ -59,7 +60,7 @@ class LazyVolume:
 
     @property
     def size(self) -> int:
-        return os.fstat(self.fd).st_size
+        return os.lseek(self.fd, 0, os.SEEK_END)        # a block device's fstat size is 0
 
     # -- chunks -----------------------------------------------------------------------------
     def _chunks(self, offset: int, length: int) -> range:
@@ -94,7 +95,7 @@ class LazyVolume:
             off, length = chunk_span(i, self.manifest.volume_size, self.manifest.chunk_size)
             if len(raw) > length:
                 raise ChunkCorrupted(h, f"{len(raw)} bytes do not fit chunk {i}")
-            _pwrite_full(self.fd, raw, off)
+            pwrite_full(self.fd, raw, off)
 
     def ensure(self, i: int, demand: bool = True) -> bool:
         """Make chunk i local; True when this call fetched it."""
@@ -142,7 +143,7 @@ class LazyVolume:
                     new_dirty = True
         if new_dirty:
             self.persist()                      # write-ahead: the dirty bit before the data
-        _pwrite_full(self.fd, data, offset)
+        pwrite_full(self.fd, data, offset)
         return len(data)
 
     def fsync(self) -> None:

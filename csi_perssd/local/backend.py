@@ -10,16 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from ..extents import Extent
 
-@dataclass(frozen=True)
-class Extent:
-    """A byte range [offset, offset+length) of a volume."""
-    offset: int
-    length: int
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.length
+__all__ = ["Backend", "Capacity", "Extent"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +48,10 @@ class Backend(Protocol):
     def device(self, vid: str, read_only: bool = False) -> str:
         """Ensure the volume is reachable as a block device and return its path (/dev/loopN, /dev/vg/lv).
         read_only: a device that refuses writes (for read-only raw block publishing)."""
+
+    def disk_path(self, vid: str) -> str:
+        """The volume's own storage (rawfile: the image file; LVM: the LV's device node), for a
+        lazy hydration server that serves the volume from it."""
 
     def hydrate_path(self, vid: str) -> str:
         """Where to write a fresh volume's content before its first use (rawfile: the backing

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from dataclasses import dataclass, field
 
 import pyudev
 
-from ..errors import internal, invalid, not_found
+from ..errors import invalid, not_found
+from . import fs, proc
 
 NVME_NAMESPACE = re.compile(r"nvme\d+n\d+")       # not nvme0c0n1 (a hidden multipath path)
 
@@ -67,11 +67,8 @@ def _attr(dev: pyudev.Device, name: str) -> str:
 
 def _mounts_by_devno() -> dict[tuple[int, int], list[str]]:
     out: dict[tuple[int, int], list[str]] = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            major, minor = parts[2].split(":")
-            out.setdefault((int(major), int(minor)), []).append(parts[4])
+    for m in fs.all_mounts():
+        out.setdefault((m.major, m.minor), []).append(m.mount_point)
     return out
 
 
@@ -92,11 +89,9 @@ def _holders(sys_path: str) -> list[str]:
 
 def probe_signature(path: str) -> str:
     """`blkid -p` low-level probe (no cache): TYPE or PTTYPE, '' when nothing is found."""
-    res = subprocess.run(["blkid", "-p", "-o", "export", path], capture_output=True, text=True)
+    res = proc.run(["blkid", "-p", "-o", "export", path], ok=(0, 2), what=f"blkid -p {path}")
     if res.returncode == 2:          # nothing found
         return ""
-    if res.returncode != 0:
-        raise internal(f"blkid -p {path} failed (exit {res.returncode}): {res.stderr.strip()}")
     return parse_blkid_export(res.stdout)
 
 

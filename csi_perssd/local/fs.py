@@ -6,7 +6,8 @@ file system on the device, another volume mounted at the path) it raises a `CsiE
 can translate; `MountConflict` carries what is mounted there, so NodeStage/NodePublish can answer
 ALREADY_EXISTS as the CSI spec asks.
 
-System tools run as argv lists through `run()`; a failure raises INTERNAL with the tool's stderr.
+System tools run as argv lists through `run()` (local/proc.py, the one runner); a failure raises
+INTERNAL with the tool's stderr.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import os
 import re
 import stat
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,9 +26,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..errors import Code, CsiError, internal, precondition
+from .proc import TOOL_TIMEOUT_S, run
+
+__all__ = ["TOOL_TIMEOUT_S", "run"]
 
 log = logging.getLogger(__name__)
-TOOL_TIMEOUT_S = 120.0
 MKFS_TYPES = ("ext4", "ext3", "ext2", "xfs")
 EXT_TYPES = ("ext4", "ext3", "ext2")
 
@@ -37,23 +39,6 @@ _BLKGETSIZE64 = 0x80081272
 
 
 # --------------------------------------------------------------------------- running tools
-
-def run(argv: Sequence[str], *, ok: Sequence[int] = (0,), timeout: float = TOOL_TIMEOUT_S,
-        what: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a tool (argv list, never a shell); raise INTERNAL with its stderr unless rc is in `ok`."""
-    argv = [str(a) for a in argv]
-    try:
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                             stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        raise internal(f"{argv[0]} is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise internal(f"{what or argv[0]} did not finish within {timeout:.0f}s: {' '.join(argv)}") from None
-    if res.returncode not in ok:
-        detail = (res.stderr or res.stdout).strip() or "no output"
-        raise internal(f"{what or argv[0]} failed (exit {res.returncode}): {' '.join(argv)}: {detail}")
-    return res
-
 
 # --------------------------------------------------------------------------- devices
 

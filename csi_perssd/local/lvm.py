@@ -19,13 +19,13 @@ import hashlib
 import logging
 import os
 import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .. import ids
 from ..errors import Code, CsiError, not_found, precondition
+from . import proc
 from .backend import Backend, Capacity, Extent
 from .lvmcli import DmCli, LvInfo, LvmCli, ThinRange, ToolRunner, dm_name
 
@@ -223,6 +223,10 @@ class LvmBackend:
                            "supported by the lvm backend (read-only mounts are)")
         return self._activate(self._need_volume(self._lvs(), vid))
 
+    def disk_path(self, vid: str) -> str:
+        """The LV's device node (activated)."""
+        return self.device(vid)
+
     def hydrate_path(self, vid: str) -> str:
         """A fresh thin volume is hydrated through its device."""
         return self.device(vid)
@@ -398,10 +402,13 @@ class LvmBackend:
         problems = [f"{tool} not found on PATH (install {pkg})"
                     for tool, pkg in TOOLS.items() if shutil.which(tool) is None]
         if not os.path.isdir("/sys/module/dm_thin_pool"):
-            res = subprocess.run(["modprobe", "dm_thin_pool"], capture_output=True, text=True)
-            if res.returncode != 0 or not os.path.isdir("/sys/module/dm_thin_pool"):
+            try:
+                rc, _, err = proc.status(["modprobe", "dm_thin_pool"], timeout=60)
+            except CsiError as e:
+                rc, err = -1, e.message
+            if rc != 0 or not os.path.isdir("/sys/module/dm_thin_pool"):
                 problems.append("kernel module dm_thin_pool is not loaded and modprobe failed: "
-                                + (res.stderr.strip() or f"exit {res.returncode}"))
+                                + (err or f"exit {rc}"))
         if shutil.which("lvm") is None:
             return problems
         try:

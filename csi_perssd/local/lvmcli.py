@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from ..errors import Code, CsiError, internal
+from . import proc
 
 log = logging.getLogger(__name__)
 
@@ -135,20 +135,8 @@ class ToolRunner:
         self.env = dict(os.environ, LVM_SUPPRESS_FD_WARNINGS="1", LC_ALL="C")
 
     def run(self, argv: list[str], *, what: str = "") -> str:
-        log.debug("run %s", argv)
-        try:
-            res = subprocess.run(argv, capture_output=True, text=True, env=self.env,
-                                 timeout=self.timeout_s, stdin=subprocess.DEVNULL)
-        except FileNotFoundError:
-            raise CsiError(Code.FAILED_PRECONDITION, f"{argv[0]} is not installed") from None
-        except subprocess.TimeoutExpired:
-            raise internal(f"{what or argv[0]}: {' '.join(argv[:3])} timed out after "
-                           f"{self.timeout_s:.0f}s") from None
-        if res.returncode != 0:
-            err = _clean(res.stderr) or res.stdout.strip()[-500:]
-            raise CsiError(classify(err), f"{what or argv[0]} failed (exit {res.returncode}): "
-                                          f"{' '.join(argv[:2])}: {err}")
-        return res.stdout
+        return proc.run(argv, timeout=self.timeout_s, env=self.env, what=what or None, classify=classify,
+                        clean=_clean, missing=Code.FAILED_PRECONDITION).stdout
 
 
 class LvmCli:
@@ -226,10 +214,9 @@ class DmCli:
 
     def message_status(self, dm: str, msg: str) -> tuple[int, str]:
         """Like message() but returns (exit code, stderr) instead of raising."""
-        res = subprocess.run(["dmsetup", "message", dm, "0", msg], capture_output=True,
-                             text=True, env=self.runner.env, stdin=subprocess.DEVNULL,
-                             timeout=self.runner.timeout_s)
-        return res.returncode, _clean(res.stderr)
+        rc, _, err = proc.status(["dmsetup", "message", dm, "0", msg], env=self.runner.env,
+                                 timeout=self.runner.timeout_s)
+        return rc, _clean(err)
 
     def thin_delta(self, tmeta: str, thin1: int, thin2: int) -> list[ThinRange]:
         out = self.runner.run(["thin_delta", "--metadata-snap", "--thin1", str(thin1),

@@ -22,6 +22,7 @@ from .. import ids
 from ..errors import Code, CsiError, internal, not_found
 from . import fiemap, fs, loop
 from .backend import Capacity, Extent
+from .fileio import data_extents
 
 DISK = "disk.img"
 SNAP_PREFIX = "snap-"
@@ -392,29 +393,6 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def data_extents(fd: int) -> list[Extent]:
-    """Sorted, merged [offset, offset+length) ranges of an open file that hold data (SEEK_DATA/SEEK_HOLE)."""
-    size = os.fstat(fd).st_size
-    out: list[Extent] = []
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:      # only a hole after pos
-                break
-            raise
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        if end <= start:
-            break
-        if out and out[-1].end >= start:
-            out[-1] = Extent(out[-1].offset, max(out[-1].end, end) - out[-1].offset)
-        else:
-            out.append(Extent(start, end - start))
-        pos = end
-    return out
 
 
 def try_reflink(src: str, dst: str) -> bool:

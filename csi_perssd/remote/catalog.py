@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA = 1
 CAS_RETRIES = 20
+LIST_REUSE_S = 5.0          # a LIST page serves the next pages of a listing for this long
 
 
 @dataclass
@@ -147,6 +148,7 @@ class RecordCache:
         self.max_entries = max_entries
         self._mu = threading.Lock()
         self._d: OrderedDict[str, tuple[str, bytes, str]] = OrderedDict()   # key -> (tag, data, etag)
+        self._pages: dict[str, list[tuple[float, str, list[ObjectInfo], bool]]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -172,6 +174,24 @@ class RecordCache:
     def drop(self, key: str) -> None:
         with self._mu:
             self._d.pop(key, None)
+            self._pages.pop(key.split("/", 1)[0] + "/", None)     # this process changed the listing
+
+    # -- LIST pages: a paginated listing reads each LIST page once -------------------------------
+    def page_after(self, prefix: str, after: str) -> tuple[list[ObjectInfo], bool, str] | None:
+        """From a LIST page of the last LIST_REUSE_S seconds that covers `after`: the entries past
+        it, whether more pages follow, and the page's last key."""
+        now = time.monotonic()
+        with self._mu:
+            for t, start, infos, more in reversed(self._pages.get(prefix, [])):
+                if now - t <= LIST_REUSE_S and start <= after and infos and (after < infos[-1].key or not more):
+                    return [i for i in infos if i.key > after], more, infos[-1].key
+        return None
+
+    def remember_page(self, prefix: str, start: str, infos: list[ObjectInfo], more: bool) -> None:
+        with self._mu:
+            pages = self._pages.setdefault(prefix, [])
+            pages.append((time.monotonic(), start, infos, more))
+            del pages[:-4]
 
 
 @dataclass
@@ -225,6 +245,7 @@ class Catalog:
         with reachable(self.store):
             rec.etag = self.store.put(key, _encode(rec), if_none_match=create,
                                       if_match=None if create or not rec.etag else rec.etag)
+        self.cache.drop(key)
 
     def _delete(self, key: str) -> None:
         with reachable(self.store):
@@ -246,8 +267,22 @@ class Catalog:
         raise CsiError(Code.ABORTED, f"{what}: too many concurrent updates, try again")
 
     def _scan(self, prefix: str, after_key: str) -> Iterator[ObjectInfo]:
+        """Objects under prefix after after_key; a LIST page read moments ago (the previous page
+        of a paginated listing) is not read again for the next page."""
+        # only a continuation (after a token) reuses: a listing that starts sees every writer
+        hit = self.cache.page_after(prefix, after_key) if after_key else None
+        if hit is not None:
+            rest, more, last = hit
+            yield from rest
+            if not more:
+                return
+            after_key = last
         with reachable(self.store):
-            yield from self.store.scan(prefix, after_key)
+            for page, more in self.store.scan_pages(prefix, after_key):
+                self.cache.remember_page(prefix, after_key, page, more)
+                yield from page
+                if page:
+                    after_key = page[-1].key
 
     def _records(self, cls: type[R], prefix: str, after_id: str, limit: int,
                  key: Callable[[str], str], on_other: Callable[[ObjectInfo], None] | None = None

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..atomic import write_atomic
-from .store import NotFound, ObjectInfo, PreconditionFailed, StoreError, check_key
+from .store import NotFound, ObjectInfo, Page, PreconditionFailed, StoreError, check_key
 
 
 def _etag(data: bytes | bytearray) -> str:
@@ -121,6 +121,10 @@ class FileStore:
                         continue
         for key, st in sorted(keys):
             yield ObjectInfo(key=key, size=st.st_size, etag=_version(st), mtime=st.st_mtime)
+
+    def scan_pages(self, prefix: str, start_after: str = "") -> Iterator[tuple[Page, bool]]:
+        """One page: every object under prefix after start_after (a directory walk is one read)."""
+        yield list(self.scan(prefix, start_after)), False
 
     def scan(self, prefix: str, start_after: str = "") -> Iterator[ObjectInfo]:
         """Objects under prefix with keys after start_after, in key order."""

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import CsiError
@@ -216,22 +217,32 @@ def _plan_snapshots(cat: Catalog, plan: _Plan, snap_ids: set[str], t_start: floa
 
 
 def _mark(store: ObjectStore, keys: list[ObjectInfo], referenced: set[str], cache: ManifestCache,
-          rep: GcReport) -> None:
+          rep: GcReport, workers: int = 8) -> None:
+    misses = []
     for info in keys:
         hashes = cache.get(info.key, info.etag)
-        if hashes is not None:
+        if hashes is None:
+            misses.append(info)
+        else:
             rep.manifests_cached += 1
             referenced |= hashes
-            continue
+
+    def read(info: ObjectInfo) -> tuple[ObjectInfo, bytes, str] | None:
         try:
             data, etag = store.get(info.key)
         except NotFound:
-            continue                        # deleted meanwhile with its record
-        rep.manifests_read += 1
-        rep.bytes_read += len(data)
-        hashes = frozenset(manifest_refs(data))      # plain or sealed: no keys needed
-        cache.put(info.key, info.etag or etag, hashes)
-        referenced |= hashes
+            return None                     # deleted meanwhile with its record
+        return info, data, etag
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        for got in ex.map(read, misses):
+            if got is None:
+                continue
+            info, data, etag = got
+            rep.manifests_read += 1
+            rep.bytes_read += len(data)
+            hashes = frozenset(manifest_refs(data))      # plain or sealed: no keys needed
+            cache.put(info.key, info.etag or etag, hashes)
+            referenced |= hashes
 
 
 def _collect(cat: Catalog, rep: GcReport, t_start: float, *, grace: float, keep: int, dry_run: bool,

@@ -27,7 +27,7 @@ the object store is strongly consistent):
 
 A collector that read the claims after the writer's claim PUT keeps those chunks. One that read
 them before had written its tomb and last-run before that PUT, so the writer sees the overlap,
-waits for it to end and repairs whatever it deleted before committing. transfer.flush itself
+waits for it to end and repairs whatever it deleted before committing. volume_io.flush itself
 needs no change; callers wrap it (see `FlushGuard`).
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ class FlushGuard:
 
         guard = FlushGuard.begin(store, "node-a/pvol-x", resumed=journal_exists)
         base = ...read the base manifest...
-        manifest, stats = transfer.flush(store, dev, ...)
+        manifest, stats = volume_io.flush(store, dev, plan)
         guard.claim(manifest, source_path=dev, compression_level=1)   # may repair chunks
         ...put_manifest + commit_generation...
         guard.release()

@@ -35,7 +35,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from .store import NotFound, ObjectInfo, ObjectStore, PreconditionFailed, StoreError, check_key
+from .store import NotFound, ObjectInfo, ObjectStore, Page, PreconditionFailed, StoreError, check_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -332,11 +332,15 @@ class S3Store:
         yield from out
 
     def scan(self, prefix: str, start_after: str = "") -> Iterator[ObjectInfo]:
-        """Objects under prefix with keys after start_after, lazily: one LIST per page of
-        `list_page_size` keys, fetched only when the caller reads past the previous one (a
-        caller that stops early pays only for what it read). Each page is yielded in key order;
-        across pages the server's order holds (byte order on S3; SeaweedFS may list a
-        directory "x/" before the key "x.json")."""
+        """Objects under prefix with keys after start_after, lazily (see scan_pages)."""
+        for page, _ in self.scan_pages(prefix, start_after):
+            yield from page
+
+    def scan_pages(self, prefix: str, start_after: str = "") -> Iterator[tuple[Page, bool]]:
+        """(page, more pages follow) of objects under prefix with keys after start_after,
+        lazily: one LIST per page of `list_page_size` keys, fetched only when the caller asks for
+        it. Each page is in key order; across pages the server's order holds (byte order on S3;
+        SeaweedFS may list a directory "x/" before the key "x.json")."""
         if start_after and not start_after.startswith(prefix):
             raise ValueError("start_after must lie under the scanned prefix")
         if not _LIST_PREFIX_RE.fullmatch(prefix) or ".." in prefix or prefix.startswith("/"):
@@ -344,10 +348,15 @@ class S3Store:
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
         after = f"{self.prefix}/{start_after}" if self.prefix and start_after else start_after
-        yield from self._list_pages(prefix, full, strip, start_after=after, sort_pages=True)
+        for page, more in self._page_lists(prefix, full, strip, start_after=after):
+            yield sorted(page, key=lambda i: i.key.encode()), more
 
-    def _list_pages(self, prefix: str, full: str, strip: int, *, start_after: str = "",
-                    sort_pages: bool = False) -> Iterator[ObjectInfo]:
+    def _list_pages(self, prefix: str, full: str, strip: int) -> Iterator[ObjectInfo]:
+        for page, _ in self._page_lists(prefix, full, strip):
+            yield from page
+
+    def _page_lists(self, prefix: str, full: str, strip: int, *,
+                    start_after: str = "") -> Iterator[tuple[Page, bool]]:
         token: str | None = None
         while True:
             kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full, "MaxKeys": self.list_page_size}
@@ -362,9 +371,10 @@ class S3Store:
             got = [ObjectInfo(key=o["Key"][strip:], size=int(o.get("Size", 0)), etag=_etag(o.get("ETag")),
                               mtime=o["LastModified"].timestamp() if o.get("LastModified") else 0.0)
                    for o in page.get("Contents", [])]
-            yield from (sorted(got, key=lambda i: i.key.encode()) if sort_pages else got)
             token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
+            more = bool(page.get("IsTruncated") and token)
+            yield got, more
+            if not more:
                 return
 
     def create_bucket(self) -> None:

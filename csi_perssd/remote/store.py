@@ -42,6 +42,9 @@ class ObjectInfo:
     mtime: float        # seconds since the epoch
 
 
+Page = list[ObjectInfo]             # one LIST response (a name that a class's `list` method cannot shadow)
+
+
 @contextmanager
 def reachable(store: ObjectStore | str) -> Iterator[None]:
     """Map a failed store request to CsiError(UNAVAILABLE) naming the store (or its URL, for
@@ -83,3 +86,6 @@ class ObjectStore(Protocol):
     def scan(self, prefix: str, start_after: str = "") -> Iterator[ObjectInfo]:
         """Objects under prefix with keys after start_after, fetched lazily page by page (a
         caller that stops early pays only for the pages it read); each page in key order."""
+
+    def scan_pages(self, prefix: str, start_after: str = "") -> Iterator[tuple[Page, bool]]:
+        """The same as (page, more pages follow), one per LIST request."""

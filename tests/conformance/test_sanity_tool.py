@@ -83,3 +83,9 @@ def test_parameters_can_be_chosen(stand_in):
 
 def test_a_missing_binary_is_an_error(tmp_path):
     assert sanity.main([str(tmp_path / "nope")]) == 2
+
+
+def test_block_mode_passes_the_access_type(stand_in):
+    exe, out = stand_in
+    assert sanity.main([str(exe), "--workdir", str(exe.parent), "--block"]) == 7
+    assert json.loads(out.read_text())["flags"]["csi.testvolumeaccesstype"] == "block"

@@ -36,8 +36,8 @@ def _loops_on(mount_point: str) -> list[str]:
 
 
 def _detach(dev: str) -> None:
-    res = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
-    if res.returncode != 0:
+    res = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True, timeout=60)
+    if res.returncode != 0 and "No such device or address" not in res.stderr:   # already detached
         raise RuntimeError(f"cannot detach {dev}: {res.stderr.strip()}")
 
 
@@ -61,8 +61,7 @@ def cleanup_under(base: str) -> list[str]:
             break
         for m in mounts:
             left.append(m)
-            # files on m backing loop devices keep m busy; a device can be found both ways (once)
-            for dev in dict.fromkeys(_loops_on(m) + loops_under(m)):
+            for dev in dict.fromkeys(_loops_on(m) + loops_under(m)):   # files on m backing loop devices keep m busy
                 left.append(dev)
                 _detach(dev)
             subprocess.run(["umount", m], capture_output=True)

@@ -104,11 +104,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--pool", default="sanity-pool")
     p.add_argument("--workdir", default=None, help="create the temporary directory under this one")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (driver log, catalog)")
+    p.add_argument("--block", action="store_true", help="test volumes in block access mode (default: mount)")
     return p.parse_args(argv), extra
 
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
+    if args.block:
+        extra = ["--csi.testvolumeaccesstype=block", *extra]
     if not (os.path.isfile(args.binary) and os.access(args.binary, os.X_OK)):
         print(f"sanity: {args.binary} is not an executable file", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ import pytest
 from csi_perssd.lazy.fetch import FetchTimeout, fetch_chunk
 from csi_perssd.lazy.state import HydrationState, StateError
 from csi_perssd.lazy.volume import LazyVolume
+from csi_perssd import volume_io
 from csi_perssd.remote import transfer
 from csi_perssd.remote.filestore import FileStore
 from csi_perssd.remote.store import StoreError
@@ -26,7 +27,7 @@ def setup(tmp_path: Path):
     data[10 * CS:12 * CS] = bytes(2 * CS)             # chunks 10 and 11 are holes
     src.write_bytes(bytes(data))
     store = FileStore(str(tmp_path / "store"))
-    manifest, _ = transfer.flush(store, str(src), SIZE, CS)
+    manifest, _ = volume_io.flush_path(store, str(src), SIZE, CS)
     disk = tmp_path / "disk.img"
     with open(disk, "wb") as f:
         f.truncate(SIZE)

@@ -8,7 +8,8 @@ import subprocess
 from csi_perssd.local.backend import Extent
 from csi_perssd.local.lvm import LvmBackend
 from csi_perssd.remote.s3 import S3Store
-from csi_perssd.remote.transfer import flush, hydrate
+from csi_perssd.volume_io import flush_path as flush
+from csi_perssd.volume_io import hydrate
 
 from tests.lvm.util import MiB, device_size, read_at, write_at
 

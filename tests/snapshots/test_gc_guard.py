@@ -10,7 +10,7 @@ import time
 import pytest
 
 from csi_perssd.remote import gc
-from csi_perssd.remote import transfer
+from csi_perssd import volume_io
 from csi_perssd.remote.catalog import Catalog
 from csi_perssd.remote.manifest import Manifest
 
@@ -34,7 +34,7 @@ def _hydrated_equals(store, m: Manifest, src: str, tmp) -> bool:  # type: ignore
     out = str(tmp / "out.img")
     with open(out, "wb") as f:
         f.truncate(m.volume_size)
-    transfer.hydrate(store, m, out)
+    volume_io.hydrate(store, m, out)
     with open(out, "rb") as a, open(src, "rb") as b:
         return a.read() == b.read()
 
@@ -44,21 +44,21 @@ def test_reused_chunk_deleted_by_gc_is_repaired(s3_store, tmp_path) -> None:
     old = str(tmp_path / "old.img")
     _image(old, data)
     # an earlier volume stored these chunks, then was deleted: they are unreferenced garbage
-    transfer.flush(s3_store, old, 6 * CS, CS, check_exists=False)
+    volume_io.flush_path(s3_store, old, 6 * CS, CS, check_exists=False)
     src = str(tmp_path / "new.img")
     _image(src, data[:4] + [os.urandom(CS), os.urandom(CS)])
     cat = Catalog(s3_store)
 
     # without the guard: HEAD finds the old chunks, gc deletes them, the manifest dangles
-    m_bad, st = transfer.flush(s3_store, src, 6 * CS, CS, check_exists=True)
+    m_bad, st = volume_io.flush_path(s3_store, src, 6 * CS, CS, check_exists=True)
     assert st.chunks_skipped_known == 4
     gc.collect(cat, grace=0, keep=0, dry_run=False)
     assert len(_missing(s3_store, m_bad)) == 6, "the unguarded flush must have lost its chunks"
 
     # with the guard: same interleaving, but the claim step sees the collection and repairs
-    transfer.flush(s3_store, old, 6 * CS, CS, check_exists=False)          # garbage again
+    volume_io.flush_path(s3_store, old, 6 * CS, CS, check_exists=False)          # garbage again
     guard = gc.FlushGuard.begin(s3_store, "test/new")
-    m, st = transfer.flush(s3_store, src, 6 * CS, CS, check_exists=True)
+    m, st = volume_io.flush_path(s3_store, src, 6 * CS, CS, check_exists=True)
     assert st.chunks_skipped_known == 4
     rep = gc.collect(cat, grace=0, keep=0, dry_run=False)
     assert rep.deleted_chunks, "the collection must have deleted the reused chunks"
@@ -80,7 +80,7 @@ def test_no_overlap_costs_no_verification(s3_store, tmp_path) -> None:
     src = str(tmp_path / "a.img")
     _image(src, [os.urandom(CS) for _ in range(3)])
     guard = gc.FlushGuard.begin(s3_store, "test/a")
-    m, _ = transfer.flush(s3_store, src, 3 * CS, CS)
+    m, _ = volume_io.flush_path(s3_store, src, 3 * CS, CS)
     g = guard.claim(m, source_path=src)
     guard.release()
     assert not g.overlapped and g.verified_chunks == 0
@@ -89,7 +89,7 @@ def test_no_overlap_costs_no_verification(s3_store, tmp_path) -> None:
 def test_claim_without_source_aborts_when_chunks_vanished(s3_store, tmp_path) -> None:
     src = str(tmp_path / "a.img")
     _image(src, [os.urandom(CS) for _ in range(2)])
-    m, _ = transfer.flush(s3_store, src, 2 * CS, CS)
+    m, _ = volume_io.flush_path(s3_store, src, 2 * CS, CS)
     guard = gc.FlushGuard.begin(s3_store, "test/pin")
     gc.collect(Catalog(s3_store), grace=0, keep=0, dry_run=False)
     from csi_perssd.errors import CsiError
@@ -125,11 +125,11 @@ def test_gc_loop_racing_guarded_flushes(s3_store, tmp_path) -> None:
         for r in range(4):
             garbage = str(tmp_path / f"g{r}.img")
             _image(garbage, pool)
-            transfer.flush(s3_store, garbage, 8 * CS, CS, check_exists=False)      # old, unreferenced
+            volume_io.flush_path(s3_store, garbage, 8 * CS, CS, check_exists=False)      # old, unreferenced
             src = str(tmp_path / f"s{r}.img")
             _image(src, [pool[(r + k) % 8] for k in range(4)] + [os.urandom(CS) for _ in range(4)])
             guard = gc.FlushGuard.begin(s3_store, f"test/{r}")
-            m, _ = transfer.flush(s3_store, src, 8 * CS, CS, check_exists=True, workers=2)
+            m, _ = volume_io.flush_path(s3_store, src, 8 * CS, CS, check_exists=True, workers=2)
             overlaps.append(guard.claim(m, source_path=src))
             key = f"volumes/pvol-race{r}/gen/0000000001.manifest"
             s3_store.put(key, m.encode())

@@ -4,7 +4,7 @@
 set -u
 work="$1"; shift
 echo "PERSSD-VM-BOOTED $(cut -d' ' -f1 /proc/uptime)"
-for m in loop dm_mod dm_thin_pool nvme; do
+for m in loop dm_mod dm_thin_pool nvme fuse; do
     modprobe "$m" || echo "guest: modprobe $m failed"
 done
 # S3 runs on the host (tests/vm/run.py): QEMU user networking, guest 10.0.2.15, host 10.0.2.2.

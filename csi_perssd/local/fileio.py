@@ -1,0 +1,188 @@
+"""Local file and block-device I/O for the flush and the hydrate (and rawfile's sparse copies):
+allocated ranges (SEEK_DATA/SEEK_HOLE), chunk reads into reusable per-thread buffers, full
+pwrites, early writeback (sync_file_range), zeroing (fallocate punch-hole / zero-range).
+
+`ChunkReader` and `ChunkWriter` are the source and sink the remote pipeline
+(remote/transfer.py) works on; it never opens a local file itself.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+import threading
+from types import TracebackType
+
+from ..extents import Extent
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+SYNC_FILE_RANGE_WRITE = 0x2
+
+
+def data_extents(fd: int) -> list[Extent]:
+    """Sorted, merged [offset, offset+length) ranges of an open file that hold data (SEEK_DATA/SEEK_HOLE)."""
+    size = os.fstat(fd).st_size
+    out: list[Extent] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:      # only a hole after pos
+                break
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if end <= start:
+            break
+        if out and out[-1].end >= start:
+            out[-1] = Extent(out[-1].offset, max(out[-1].end, end) - out[-1].offset)
+        else:
+            out.append(Extent(start, end - start))
+        pos = end
+    return out
+
+
+def file_data_extents(path: str) -> list[Extent]:
+    """Allocated ranges of a (sparse) regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return data_extents(fd)
+    finally:
+        os.close(fd)
+
+
+def device_size(fd: int) -> int:
+    """Length of an open file or block device."""
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+def pwrite_full(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    mv = memoryview(data)
+    while mv:
+        n = os.pwrite(fd, mv, offset)
+        mv, offset = mv[n:], offset + n
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing [offset, offset+length) back to the device now (asynchronously), so the
+    final fsync has little left to do and dirty pages do not pile up."""
+    _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+def zero_range(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset+length) read as zeros: punch a hole (files, thin devices: stays
+    sparse), else ZERO_RANGE, else write zeros."""
+    if length <= 0:
+        return
+    for mode in (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE):
+        if _libc.fallocate(fd, mode, offset, length) == 0:
+            return
+    zeros = bytes(min(length, 1 << 20))
+    end = offset + length
+    while offset < end:
+        n = min(len(zeros), end - offset)
+        pwrite_full(fd, memoryview(zeros)[:n], offset)
+        offset += n
+
+
+class ChunkReader:
+    """Reads chunks of a device or file into one reusable buffer per thread (no 4 MiB
+    allocation per chunk). Reads are buffered: the kernel's readahead (and `prefetch`) keep the
+    disk busy while the workers hash and upload; O_DIRECT reads measured slower here because
+    each worker then waits for its own disk read. A returned view is valid until the same
+    thread reads again."""
+
+    def __init__(self, path: str, chunk_size: int):
+        self.path, self.chunk_size = path, chunk_size
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.size = device_size(self.fd)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._local = threading.local()
+        self._bufs: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> ChunkReader:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def _buffer(self) -> memoryview:
+        mv: memoryview | None = getattr(self._local, "mv", None)
+        if mv is None:
+            buf = mmap.mmap(-1, self.chunk_size)
+            with self._lock:
+                self._bufs.append(buf)
+            mv = self._local.mv = memoryview(buf)
+        return mv
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """Start reading a range the pool will ask for soon (POSIX_FADV_WILLNEED)."""
+        try:
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+
+    def read(self, offset: int, length: int) -> memoryview:
+        mv = self._buffer()[:length]
+        got = 0
+        while got < length:
+            n = os.preadv(self.fd, [mv[got:]], offset + got)
+            if n <= 0:
+                raise OSError(f"short read at offset {offset + got}: source ended early")
+            got += n
+        return mv
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self._local = threading.local()
+        with self._lock:
+            bufs, self._bufs = self._bufs, []
+        for b in bufs:
+            try:
+                b.close()
+            except BufferError:         # a view is still referenced somewhere: GC frees it
+                pass
+
+
+class ChunkWriter:
+    """Writes chunks into a device or file opened O_RDWR (never truncated); with `writeback`
+    each write starts its own writeback at once and `sync` fsyncs at the end."""
+
+    def __init__(self, path: str, writeback: bool = True):
+        self.path, self.writeback = path, writeback
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self.size = device_size(self.fd)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def __enter__(self) -> ChunkWriter:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        pwrite_full(self.fd, data, offset)
+        if self.writeback:
+            start_writeback(self.fd, offset, len(data))
+
+    def zero(self, offset: int, length: int) -> None:
+        zero_range(self.fd, offset, length)
+
+    def sync(self) -> None:
+        if self.writeback:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
