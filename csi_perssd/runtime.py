@@ -171,8 +171,8 @@ class Runtime:
                 from .groupcut import GroupCutWorker
                 from .snapshots import NodeSnapshotWorker
                 single = NodeSnapshotWorker(self)
+                single.also.append(GroupCutWorker(self, single).poll_once)    # same wake-ups
                 single.start()
-                GroupCutWorker(self, single).start()
             except ImportError:
                 pass
         self.server.start()
