@@ -79,12 +79,17 @@ bench-scale: deps
 
 # csi-sanity cannot be installed here: point CSI_SANITY at a binary to run it. Block access mode:
 # SANITY_ARGS=--block; other csi-sanity flags after "--" (SANITY_ARGS="-- --ginkgo.focus=Node").
+# SANITY_TARGET=container runs it against the image's controller + node containers
+# (tests/container/sanity.py, same SANITY_ARGS) instead of a host process.
 sanity: deps
 	@if [ -z "$(CSI_SANITY)" ]; then \
 	  echo "CSI_SANITY is not set. Build csi-sanity with:"; \
 	  echo "  git clone https://github.com/kubernetes-csi/csi-test && cd csi-test && make -C cmd/csi-sanity"; \
 	  echo "then run: make sanity CSI_SANITY=/path/to/csi-sanity"; exit 0; fi; \
-	$(PY) -m tests.harness.sanity "$(CSI_SANITY)" $(SANITY_ARGS)
+	if [ "$(SANITY_TARGET)" = container ]; then \
+	  $(MAKE) --no-print-directory sysdeps EXTRA_APT="$(CONTAINER_APT)"; \
+	  $(PY) -m tests.container.sanity "$(CSI_SANITY)" $(SANITY_ARGS); \
+	else $(PY) -m tests.harness.sanity "$(CSI_SANITY)" $(SANITY_ARGS); fi
 
 # Container image (Dockerfile): needs a running container daemon (docker, or podman with
 # CONTAINER_TOOL=podman); fails with a clear message where none exists.

@@ -170,8 +170,11 @@ def serve(d: Path, secrets: dict[str, str]) -> int:
     settings = json.loads((d / "server.json").read_text())
     manifest = Manifest.decode((d / "manifest").read_bytes())
     state = HydrationState.load(str(d / "state.json"))
-    vol = LazyVolume(settings["disk"], manifest, state, str(d / "state.json"),
-                     _Fetcher(settings, secrets, manifest.chunk_size), int(settings.get("workers", 8)))
+    fetcher = _Fetcher(settings, secrets, manifest.chunk_size)
+    # open the store while the mount comes up (the first fetches would wait for it otherwise)
+    threading.Thread(target=fetcher.store, name="open-store", daemon=True).start()
+    vol = LazyVolume(settings["disk"], manifest, state, str(d / "state.json"), fetcher,
+                     int(settings.get("workers", 8)))
     stop = threading.Event()
     ctl = threading.Thread(target=_control, args=(vol, settings["socket"], stop), daemon=True)
     ctl.start()

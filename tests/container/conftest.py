@@ -5,16 +5,16 @@ project's Dockerfile; figures (times, size) printed in the terminal summary.
 reached or started fails the tests (never a silent pass). Nothing here is shipped."""
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from . import images
 from .daemon import Daemon, DaemonError, connect
+from .images import IMAGE_TAG
 
-IMAGE_TAG = os.environ.get("PERSSD_TEST_IMAGE_TAG", "csi-perssd:test")
 FIGURES: dict[str, str] = {}
 
 
@@ -65,3 +65,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.section("container image figures")
     for k, v in FIGURES.items():
         terminalreporter.write_line(f"{k}: {v}")
+
+
+SESSION_TIMEOUT_S = 1800     # the first test's setup builds the base and the image (minutes on a fresh machine)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = str(Path(__file__).parent)
+    for item in items:
+        if str(item.fspath).startswith(here):
+            item.add_marker(pytest.mark.timeout(SESSION_TIMEOUT_S))

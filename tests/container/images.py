@@ -36,6 +36,7 @@ HOST_CA = Path(os.environ.get("PERSSD_HOST_CA", "/etc/ssl/certs/ca-certificates.
 BASE_CA_PATH = "/etc/ssl/perssd-test-host-ca.crt"        # inside the stand-in base only
 CA_ENV = ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
 BASE_REPO = "perssd-test-base"
+IMAGE_TAG = os.environ.get("PERSSD_TEST_IMAGE_TAG", "csi-perssd:test")
 
 
 @dataclass(frozen=True)

@@ -128,8 +128,9 @@ class ContainerCluster(Cluster):
 
     def __init__(self, workdir: Path, docker: Daemon, image: str, objects: list[dict[str, Any]],
                  seaweed: Seaweed, prefix: str, api: tuple[str, int], sa_dir: Path,
-                 nodes: tuple[str, ...] = ("node-a", "node-b")):
+                 nodes: tuple[str, ...] = ("node-a", "node-b"), config_extra: dict[str, str] | None = None):
         super().__init__(workdir, nodes=nodes, seaweed=seaweed, prefix=prefix)
+        self.config_extra = dict(config_extra or {})
         self.docker, self.image, self.objects = docker, image, objects
         self.api, self.sa_dir = api, sa_dir
         self.kubelet = self.workdir / "kubelet"
@@ -145,10 +146,11 @@ class ContainerCluster(Cluster):
                               "accessKeyId": sw.access_key, "secretAccessKey": sw.secret_key}}
 
     def config_maps(self) -> dict[str, dict[str, str]]:
-        """The rendered perssd-config, with the catalog moved to this test's bucket prefix."""
+        """The rendered perssd-config, with the catalog moved to this test's bucket prefix (and the
+        caller's extra settings, as an operator would add them)."""
         data = tr.config_map_data(self.objects, "perssd-config")
         assert data["PERSSD_CATALOG"].startswith(f"s3://{self.seaweed.bucket}/"), data["PERSSD_CATALOG"]
-        return {"perssd-config": dict(data, PERSSD_CATALOG=self.seaweed.url(self.prefix))}
+        return {"perssd-config": dict(data, PERSSD_CATALOG=self.seaweed.url(self.prefix), **self.config_extra)}
 
     def kubelet_for(self, pod_name: str, node: str, kind: str) -> tr.Kubelet:
         root = self.workdir / pod_name
@@ -195,27 +197,41 @@ class ContainerCluster(Cluster):
         return self
 
     def stop(self) -> None:
-        for name, pod in self.pods.items():
-            if pod.id is not None and name in self.nodes:
-                self._release_loops(pod)
-        for pod in self.pods.values():
-            pod.stop()
-        cleanup_under(str(self.kubelet))         # unmounts the shared bind itself last
-        cleanup_under(str(self.workdir))
+        errors: list[str] = []
+        try:
+            for name, pod in self.pods.items():
+                if pod.id is not None and name in self.nodes:
+                    try:
+                        self._release_loops(pod)
+                    except (AssertionError, RuntimeError) as e:
+                        errors.append(f"{name}: {e}")
+        finally:
+            for pod in self.pods.values():
+                pod.stop()
+            cleanup_under(str(self.kubelet))         # unmounts the shared bind itself last
+            cleanup_under(str(self.workdir))
         assert not mounts_under(str(self.workdir))
+        assert not errors, errors
 
-    def _release_loops(self, pod: ContainerPod) -> None:
+    def _release_loops(self, pod: ContainerPod) -> list[str]:
         """Unmount what the node left under the kubelet dir, then detach the loop devices its
-        rawfiles back (the driver keeps clean volumes attached by design; a test may not)."""
+        rawfiles back (the driver keeps clean volumes attached by design; a test may not).
+        Returns the devices it detached."""
         for m in sorted(mounts_under(str(self.kubelet)), key=len, reverse=True):
             if m != str(self.kubelet):
                 subprocess.run(["umount", m], capture_output=True, timeout=60)
-        data_dir = next(m.target for m in pod.spec.mounts if m.target.startswith("/var/lib/perssd/volumes"))
+        flag = [a for a in pod.spec.args if a.startswith("--rawfile-dir=")]
+        data_dir = flag[0].split("=", 1)[1] if flag else "/var/lib/perssd/volumes"
         res = pod.exec("losetup", "--noheadings", "--list", "--output", "NAME,BACK-FILE", check=False)
+        done = []
         for line in res.stdout.splitlines():
             parts = line.split(None, 1)
-            if len(parts) == 2 and parts[1].startswith(data_dir + "/"):
+            if len(parts) == 2 and parts[1].startswith(data_dir.rstrip("/") + "/"):
                 pod.exec("losetup", "--detach", parts[0], check=False)
+                done.append(parts[0])
+        left = pod.exec("losetup", "--noheadings", "--list", "--output", "NAME", check=False).stdout.split()
+        assert not set(done) & set(left), f"loop devices still attached after the test: {set(done) & set(left)}"
+        return done
 
     # -- the CO's side, with paths in the node's mount namespace ----------------------------
     def paths(self, node: str, vid: str) -> tuple[str, str]:

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.root, pytest.mark.s3]
 # no background hydration: chunks are fetched only when read or written, so the volume is still
 # hydrating whenever the test acts (background hydration: test_lazy_volume.py, benchmarks)
 CLUSTER = {"node_extra": ["--lazy-background-workers", "0"]}
-SIZE = 96 * MiB
+SIZE = 48 * MiB
 
 
 def _volume(cl: Cluster, name: str, data: bytes) -> str:
