@@ -178,13 +178,17 @@ class RecordCache:
 
     # -- LIST pages: a paginated listing reads each LIST page once -------------------------------
     def page_after(self, prefix: str, after: str) -> tuple[list[ObjectInfo], bool, str] | None:
-        """From a LIST page of the last LIST_REUSE_S seconds that covers `after`: the entries past
-        it, whether more pages follow, and the page's last key."""
+        """From a LIST page of the last LIST_REUSE_S seconds that holds the key `after`: the
+        entries that follow it in the page (the server's order), whether more pages follow, and
+        the page's last key (where the server's next page starts)."""
         now = time.monotonic()
         with self._mu:
-            for t, start, infos, more in reversed(self._pages.get(prefix, [])):
-                if now - t <= LIST_REUSE_S and start <= after and infos and (after < infos[-1].key or not more):
-                    return [i for i in infos if i.key > after], more, infos[-1].key
+            for t, _, infos, more in reversed(self._pages.get(prefix, [])):
+                if now - t > LIST_REUSE_S:
+                    continue
+                keys = [i.key for i in infos]
+                if after in keys:
+                    return infos[keys.index(after) + 1:], more, infos[-1].key
         return None
 
     def remember_page(self, prefix: str, start: str, infos: list[ObjectInfo], more: bool) -> None:
@@ -292,8 +296,15 @@ class Catalog:
         even when that record vanished before its GET). Reads LIST pages only as far as needed."""
         infos: list[ObjectInfo] = []
         more = False
+        seen: set[str] = set()          # a page boundary may list a key twice (server order)
         for info in self._scan(prefix, key(after_id) if after_id else ""):
-            if layout.record_id(prefix, info.key) is None:
+            if info.key in seen:
+                continue
+            seen.add(info.key)
+            rid = layout.record_id(prefix, info.key)
+            if rid is not None and after_id and rid == after_id:
+                continue                # the token's own record, listed again after its manifests
+            if rid is None:
                 if on_other is not None:
                     on_other(info)
                 continue

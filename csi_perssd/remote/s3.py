@@ -337,10 +337,10 @@ class S3Store:
             yield from page
 
     def scan_pages(self, prefix: str, start_after: str = "") -> Iterator[tuple[Page, bool]]:
-        """(page, more pages follow) of objects under prefix with keys after start_after,
-        lazily: one LIST per page of `list_page_size` keys, fetched only when the caller asks for
-        it. Each page is in key order; across pages the server's order holds (byte order on S3;
-        SeaweedFS may list a directory "x/" before the key "x.json")."""
+        """(page, more pages follow) of objects under prefix after start_after, lazily: one LIST
+        per page of `list_page_size` keys, fetched only when the caller asks for it. In the
+        server's order (byte order on S3; SeaweedFS lists "x.json" and "x/..." in an order of its
+        own): resume after a page's last entry, as the server's continuation does."""
         if start_after and not start_after.startswith(prefix):
             raise ValueError("start_after must lie under the scanned prefix")
         if not _LIST_PREFIX_RE.fullmatch(prefix) or ".." in prefix or prefix.startswith("/"):
@@ -348,8 +348,7 @@ class S3Store:
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
         after = f"{self.prefix}/{start_after}" if self.prefix and start_after else start_after
-        for page, more in self._page_lists(prefix, full, strip, start_after=after):
-            yield sorted(page, key=lambda i: i.key.encode()), more
+        yield from self._page_lists(prefix, full, strip, start_after=after)
 
     def _list_pages(self, prefix: str, full: str, strip: int) -> Iterator[ObjectInfo]:
         for page, _ in self._page_lists(prefix, full, strip):
