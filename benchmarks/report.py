@@ -23,11 +23,17 @@ FIGURES: list[tuple[str, str, str]] = [
     ("hydrate_b.mb_s", "driver hydrate (b)", "MB/s"),
     ("s5cmd_download_b.mb_s", "s5cmd cp download (b)", "MB/s"),
     ("rclone_download_b.mb_s", "rclone copy download (b)", "MB/s"),
+    ("flush_a_ctl.mb_s", "driver flush (a), unencrypted control next to the encrypted one", "MB/s"),
     ("flush_a_enc.mb_s", "driver flush (a), encryption aes-256-gcm", "MB/s"),
+    ("hydrate_a_ctl.mb_s", "driver hydrate (a), unencrypted control", "MB/s"),
     ("hydrate_a_enc.mb_s", "driver hydrate (a), encryption aes-256-gcm", "MB/s"),
+    ("flush_b_ctl.mb_s", "driver flush (b), unencrypted control", "MB/s"),
     ("flush_b_enc.mb_s", "driver flush (b), encryption aes-256-gcm", "MB/s"),
+    ("hydrate_b_ctl.mb_s", "driver hydrate (b), unencrypted control", "MB/s"),
     ("hydrate_b_enc.mb_s", "driver hydrate (b), encryption aes-256-gcm", "MB/s"),
+    ("flush_a_ctl.cpu_seconds", "node CPU, flush (a) unencrypted control", "s"),
     ("flush_a_enc.cpu_seconds", "node CPU, flush (a) encrypted", "s"),
+    ("hydrate_a_ctl.cpu_seconds", "node CPU, hydrate (a) unencrypted control", "s"),
     ("hydrate_a_enc.cpu_seconds", "node CPU, hydrate (a) encrypted", "s"),
     ("flush_a.pre_flush_seconds", "driver flush (a): pre-flush pass", "s"),
     ("flush_a.final_pass_seconds", "driver flush (a): final pass", "s"),
@@ -93,11 +99,14 @@ def ratios(run: dict[str, Any]) -> dict[str, float | None]:
         "flush_c_vs_restic_incremental": _div(g("restic_incremental_c.seconds"), g("flush_c.seconds")),
         "restage_cached_seconds": g("restage_cached.seconds"),
         "node_flush_peak_rss_mb": max(rss) / 1e6 if rss else None,
-        # encrypted vs plain in the same run (time_plain / time_encrypted: 1.0 = no cost)
-        "flush_a_enc_vs_plain": _div(g("flush_a.seconds"), g("flush_a_enc.seconds")),
-        "hydrate_a_enc_vs_plain": _div(g("hydrate_a.seconds"), g("hydrate_a_enc.seconds")),
-        "flush_b_enc_vs_plain": _div(g("flush_b.seconds"), g("flush_b_enc.seconds")),
-        "hydrate_b_enc_vs_plain": _div(g("hydrate_b.seconds"), g("hydrate_b_enc.seconds")),
+        # encrypted vs the unencrypted control measured next to it in the same run, in
+        # alternating order (time_control / time_encrypted: 1.0 = no cost); also node CPU
+        "flush_a_enc_vs_plain": _div(g("flush_a_ctl.seconds"), g("flush_a_enc.seconds")),
+        "hydrate_a_enc_vs_plain": _div(g("hydrate_a_ctl.seconds"), g("hydrate_a_enc.seconds")),
+        "flush_b_enc_vs_plain": _div(g("flush_b_ctl.seconds"), g("flush_b_enc.seconds")),
+        "hydrate_b_enc_vs_plain": _div(g("hydrate_b_ctl.seconds"), g("hydrate_b_enc.seconds")),
+        "flush_a_enc_cpu_vs_plain": _div(g("flush_a_ctl.cpu_seconds"), g("flush_a_enc.cpu_seconds")),
+        "hydrate_a_enc_cpu_vs_plain": _div(g("hydrate_a_ctl.cpu_seconds"), g("hydrate_a_enc.cpu_seconds")),
     }
 
 

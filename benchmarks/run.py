@@ -50,7 +50,7 @@ from tests.harness.xfsdir import xfs_dir  # noqa: E402
 MiB = 1 << 20
 GiB = 1 << 30
 CHUNK = 4 * MiB          # the StorageClass default
-DATA_VERSION = 1         # bump when data.py changes what it generates
+DATA_VERSION = 2         # bump when data.py (or prepare) changes what it generates
 UPLOADED = 'perssd_transfer_bytes_total{kind="uploaded"}'
 READ = 'perssd_transfer_bytes_total{kind="flushed_read"}'
 HYDRATED = 'perssd_transfer_bytes_total{kind="hydrated"}'
@@ -120,9 +120,12 @@ class Bench:
         base = (cache / f"v{DATA_VERSION}-{self.size}") if cache else self.work / "inputs"
         stamp = base / "complete.json"
         self.a_img, self.tree = str(base / "a.img"), str(base / "tree-b")
+        # the encryption pair's own inputs: the unencrypted control must not dedup against (a)/(b)
+        self.a2_img, self.tree2 = str(base / "a2.img"), str(base / "tree-b2")
         if stamp.exists():
             meta = json.loads(stamp.read_text())
             self.a_digest, self.tree_counts, self.tree_digest = meta["a"], meta["tree"], meta["tree_digest"]
+            self.a2_digest, self.tree2_digest = meta["a2"], meta["tree2_digest"]
             log(f"inputs from {base}")
             return
         shutil.rmtree(base, ignore_errors=True)
@@ -133,7 +136,13 @@ class Bench:
         os.makedirs(self.tree)
         self.tree_counts = data.write_tree(self.tree, int(self.size * 0.4))
         self.tree_digest = data.tree_digest(self.tree)
-        stamp.write_text(json.dumps({"a": self.a_digest, "tree": self.tree_counts, "tree_digest": self.tree_digest}))
+        log("generating the encryption pair's (a) and (b) (other data, same kind)")
+        self.a2_digest = data.random_image(self.a2_img, self.size)
+        os.makedirs(self.tree2)
+        data.write_tree(self.tree2, int(self.size * 0.4), seed=8)
+        self.tree2_digest = data.tree_digest(self.tree2)
+        stamp.write_text(json.dumps({"a": self.a_digest, "tree": self.tree_counts, "tree_digest": self.tree_digest,
+                                     "a2": self.a2_digest, "tree2_digest": self.tree2_digest}))
 
     # -- one run ------------------------------------------------------------------------------
     def node_flush(self, cl: Cluster, node: str, vid: str, port: int, phase: str = "") -> dict[str, Any]:
@@ -343,30 +352,40 @@ class Bench:
 
 
     def run_enc(self, cl: Cluster, ports: dict[str, int], run: int, which: str) -> dict[str, Any]:
-        """(a) or (b) again on an encrypted volume (encryption: aes-256-gcm, KEK from the
-        secret), flush on node-a and hydrate on node-b right after the plain ones."""
+        """(a) or (b) — other data of the same kind, so nothing dedups against the run's own
+        (a)/(b) — once unencrypted (the control, `*_ctl`) and once with encryption:
+        aes-256-gcm (`*_enc`), back to back, in alternating order from run to run, so neither
+        gets the other's position (what ran before, the store's state); each is flushed on
+        node-a and hydrated on node-b."""
         res: dict[str, Any] = {}
-        sec = {"encryptionKey": base64.b64encode(os.urandom(32)).decode()}
+        order = ("ctl", "enc") if run % 2 else ("enc", "ctl")
+        for kind in order:
+            res.update(self._one_volume(cl, ports, run, which, kind))
+        return res
+
+    def _one_volume(self, cl: Cluster, ports: dict[str, int], run: int, which: str, kind: str) -> dict[str, Any]:
+        res: dict[str, Any] = {}
+        sec = {"encryptionKey": base64.b64encode(os.urandom(32)).decode()} if kind == "enc" else None
         cap = block_cap() if which == "a" else mount_cap("ext4")
-        vid = cl.create(f"bench-{which}-enc-{run}", self.size, cap, params={"encryption": "aes-256-gcm"},
-                        secrets=sec)
+        vid = cl.create(f"bench-{which}-{kind}-{run}", self.size, cap,
+                        params={"encryption": "aes-256-gcm"} if sec else None, secrets=sec)
         tgt = cl.attach("node-a", vid, cap, secrets=sec)
         if which == "a":
-            data.copy_to_device(self.a_img, tgt)
+            data.copy_to_device(self.a2_img, tgt)
         else:
-            data.copy_tree(self.tree, tgt)
+            data.copy_tree(self.tree2, tgt)
             os.sync()
-        log(f"run {run} ({which}, encrypted): flush node-a")
-        res[f"flush_{which}_enc"] = self.node_flush(cl, "node-a", vid, ports["node-a"])
-        log(f"run {run} ({which}, encrypted): hydrate node-b")
-        tgt_b, res[f"hydrate_{which}_enc"] = self.node_stage(cl, "node-b", vid, ports["node-b"], cap,
-                                                             secrets=sec)
-        ok = (data.digest(tgt_b, self.size) == self.a_digest if which == "a"
-              else data.tree_digest(tgt_b) == self.tree_digest)
+        log(f"run {run} ({which}, {kind}): flush node-a")
+        res[f"flush_{which}_{kind}"] = self.node_flush(cl, "node-a", vid, ports["node-a"])
+        log(f"run {run} ({which}, {kind}): hydrate node-b")
+        tgt_b, res[f"hydrate_{which}_{kind}"] = self.node_stage(cl, "node-b", vid, ports["node-b"], cap,
+                                                                secrets=sec)
+        ok = (data.digest(tgt_b, self.size) == self.a2_digest if which == "a"
+              else data.tree_digest(tgt_b) == self.tree2_digest)
         if not ok:
-            raise RuntimeError(f"hydrated encrypted volume ({which}) differs from what was written")
-        log(f"  encrypted ({which}): flush {res[f'flush_{which}_enc']['mb_s']:.0f} MB/s, "
-            f"hydrate {res[f'hydrate_{which}_enc']['mb_s']:.0f} MB/s")
+            raise RuntimeError(f"hydrated volume ({which}, {kind}) differs from what was written")
+        log(f"  ({which}, {kind}): flush {res[f'flush_{which}_{kind}']['mb_s']:.0f} MB/s, "
+            f"hydrate {res[f'hydrate_{which}_{kind}']['mb_s']:.0f} MB/s")
         cl.release("node-b", vid)
         cl.delete(vid)
         return res

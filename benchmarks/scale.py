@@ -117,10 +117,13 @@ def _cap() -> pb.VolumeCapability:
 
 
 def _full_listing(ctl: Controller, page: int) -> int:
-    token, n = "", 0
+    token, n, seen = "", 0, set()
     while True:
         r = ctl.ListVolumes(pb.ListVolumesRequest(max_entries=page, starting_token=token), None)
         n += len(r.entries)
+        seen.update(e.volume.volume_id for e in r.entries)
+        if len(seen) != n:
+            raise AssertionError(f"a volume listed twice by the page after {token!r}")
         token = r.next_token
         if not token:
             return n
@@ -158,7 +161,7 @@ def controller_ops(meter: Meter, ctl: Controller, snaps: Snapshots, n: int) -> d
         lambda: Snapshots(ctl.cfg, Stores(ctl.cfg, ctl.stores.factory), ctl).list(pb.ListSnapshotsRequest(max_entries=100)))
     meter.measure(lambda: _full_listing(ctl, 0))                   # warm the cache
     got, out["full listing, pages of 100 (warm)"], dt = meter.measure(lambda: _full_listing(ctl, 100))
-    assert got == n, f"listed {got} of {n} volumes"
+    assert got == n, f"listed {got} of {n} volumes (pages of 100)"
     out["full listing seconds"] = round(dt, 3)
     _, out["full listing, one page (warm)"], _ = meter.measure(lambda: _full_listing(ctl, 0))
     return out

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,8 @@ from . import ids
 from .errors import Code, CsiError, precondition
 from .groupsnap import check_unchanged, fail_group, mark_group_ready, pin_members
 from .local import fs
-from .local.state import LocalVolume
+from .local.state import LocalVolume, Phase
+from .local.volumes import STAGED_PHASES
 from .remote.catalog import Catalog, GroupSnapshotRecord, SnapshotRecord, VolumeRecord
 from .remote.layout import group_requests_prefix
 from .remote.store import NotFound
@@ -44,25 +44,18 @@ class Member:
 
 
 class GroupCutWorker:
-    def __init__(self, runtime: Any, single: NodeSnapshotWorker, poll_seconds: float = 0.5):
+    """Polled by the NodeSnapshotWorker on the same wake-ups (the controller rewrites
+    nodes/<node>.wake after writing a group request), so it costs no request of its own."""
+
+    def __init__(self, runtime: Any, single: NodeSnapshotWorker):
         self.rt = runtime
         self.single = single
-        self.poll = poll_seconds
         self.node_id = runtime.cfg.node_id
 
-    def start(self) -> None:
-        threading.Thread(target=self._loop, name="group-snapshot-worker", daemon=True).start()
-
-    def _loop(self) -> None:
-        while not self.rt.stop_event.wait(self.poll):
-            try:
-                self.poll_once()
-            except Exception as e:   # the next round retries
-                log.warning("group snapshot worker: %s", e)
-
     def poll_once(self) -> int:
+        """Handle this node's group requests; returns how many are still unfinished."""
         cat = self.rt.stores.catalog()
-        done = 0
+        pending = 0
         for info in list(cat.store.list(group_requests_prefix(self.node_id))):
             try:
                 gid = ids.group_snapshot_id(json.loads(cat.store.get(info.key)[0])["group"])
@@ -72,18 +65,19 @@ class GroupCutWorker:
             grec = cat.get_group(gid)
             if grec is None or grec.ready or grec.error or self.cut(cat, grec):
                 cat.store.delete(info.key)
-                done += 1
-        return done
+            else:
+                pending += 1
+        return pending
 
     def cut(self, cat: Catalog, grec: GroupSnapshotRecord) -> bool:
         """Returns True when the request is finished (the group is ready or failed)."""
         try:
-            members = self._members(cat, grec)
-            if members is None:
-                return False                # a member's unstage flush is still running
-            with self.rt.volumes.hold(*(m.vol.id for m in members)):
+            with self.rt.volumes.hold(*grec.source_volumes):     # no stage/unstage meanwhile
+                members = self._members(cat, grec)
+                if members is None:
+                    return False            # a member's unstage flush is still running
                 seen = pin_members(cat, Snapshots(self.rt.cfg, self.rt.stores, None),
-                                   ((m.snap, m.vol) for m in members if not m.staged))
+                                   ((m.snap, m.vol) for m in members if not m.staged), self.rt.sync.codec)
                 cut_at, copies = self._copy([m for m in members if m.staged])
             self._finish(cat, grec, members, seen, cut_at, copies)
         except CsiError as e:
@@ -104,8 +98,8 @@ class GroupCutWorker:
             if vol.owner and vol.owner != self.node_id:
                 raise precondition(f"volume {vid} is now in use on node {vol.owner}, not on {self.node_id}")
             lv = self.rt.volumes.get(vid)
-            staged = bool(lv is not None and lv.staged and self.rt.backend.exists(vid))
-            if lv is not None and not staged and lv.dirty:
+            staged = bool(lv is not None and lv.phase in STAGED_PHASES and self.rt.backend.exists(vid))
+            if lv is not None and lv.phase in (Phase.FLUSHING, Phase.DIRTY):
                 return None
             out.append(Member(snap, vol, lv, staged))
         live_block = [m.vol.id for m in out if m.staged and m.lv is not None

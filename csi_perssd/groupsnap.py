@@ -16,18 +16,20 @@ point in time (write-order consistency, spec):
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import ids
+from . import encryption, ids
 from .csi import csi_pb2 as pb
 from .csi import csi_pb2_grpc as rpc
 from .errors import Code, CsiError, invalid, not_found, precondition
 from .remote.catalog import Catalog, GroupSnapshotRecord, SnapshotRecord, VolumeRecord
-from .remote.layout import group_request_key, snapshot_manifest_key
+from .remote.codec import Codec
+from .remote.layout import group_request_key, snapshot_manifest_key, wake_key
 from .snapshots import Snapshots, _check_params, _ts, snapshot_by_name
 from .stores import Stores
 
@@ -54,13 +56,14 @@ def check_unchanged(cat: Catalog, seen: dict[str, dict[str, Any]]) -> None:
 
 
 def pin_members(cat: Catalog, snaps: Snapshots, members: Iterable[tuple[SnapshotRecord, VolumeRecord]],
-                ) -> dict[str, dict[str, Any]]:
+                codec: Callable[[VolumeRecord], Codec] | None = None) -> dict[str, dict[str, Any]]:
     """Pin the committed generation of members no node is writing; return what was observed
-    of each (for `check_unchanged` once the group is cut)."""
+    of each (for `check_unchanged` once the group is cut). `codec(vol)`: how to encode the empty
+    manifest of a never-flushed member (an encrypted one's lineage; default: the configured KEK)."""
     seen: dict[str, dict[str, Any]] = {}
     for snap, vol in members:
         seen[vol.id] = observe(vol)
-        snaps.pin_generation(cat, snap, vol)
+        snaps.pin_generation(cat, snap, vol, None if codec is None else functools.partial(codec, vol))
     return seen
 
 
@@ -118,10 +121,10 @@ class GroupSnapshots(rpc.GroupControllerServicer):
             if sorted(grec.source_volumes) != sorted(sources) or grec.parameters != dict(request.parameters):
                 raise CsiError(Code.ALREADY_EXISTS, f"group snapshot name {name!r} already names {grec.id} "
                                f"of volumes {', '.join(grec.source_volumes)} with other parameters or volumes")
-            grec = self._progress(cat, grec)
+            grec = self._progress(cat, grec, dict(request.secrets))
         return pb.CreateVolumeGroupSnapshotResponse(group_snapshot=self.proto(cat, grec))
 
-    def _progress(self, cat: Catalog, grec: GroupSnapshotRecord) -> GroupSnapshotRecord:
+    def _progress(self, cat: Catalog, grec: GroupSnapshotRecord, secrets: dict[str, str]) -> GroupSnapshotRecord:
         """Start (or restart after an error) the cut of a group that is not ready."""
         if grec.ready:
             return grec
@@ -137,14 +140,14 @@ class GroupSnapshots(rpc.GroupControllerServicer):
         if grec.node:
             return grec                         # its node is cutting it
         try:
-            return self._start(cat, grec)
+            return self._start(cat, grec, secrets)
         except CsiError as e:
             if e.code in (Code.FAILED_PRECONDITION, Code.NOT_FOUND, Code.INVALID_ARGUMENT):
                 self._delete_members(cat, grec)     # spec: no snapshot is leaked
                 cat.delete_group(grec)
             raise
 
-    def _start(self, cat: Catalog, grec: GroupSnapshotRecord) -> GroupSnapshotRecord:
+    def _start(self, cat: Catalog, grec: GroupSnapshotRecord, secrets: dict[str, str]) -> GroupSnapshotRecord:
         vols = [cat.volume(v) for v in grec.source_volumes]
         local = [v.id for v in vols if v.persistence != "object"]
         if local:
@@ -160,7 +163,9 @@ class GroupSnapshots(rpc.GroupControllerServicer):
         if owners:
             return self._request(cat, grec, owners[0])
         cut_at = time.time()
-        seen = pin_members(cat, self.controller.snapshots, members)
+        cfg = self.controller.snapshots.cfg
+        seen = pin_members(cat, self.controller.snapshots, members, lambda vol: encryption.codec_for(
+            vol.encryption, secrets, cfg, f"group snapshot of volume {vol.id}", "group-snapshotter"))
         check_unchanged(cat, seen)
         for sid in grec.snapshots:
             cat.update_snapshot(sid, lambda r: setattr(r, "created_at", cut_at))
@@ -182,6 +187,7 @@ class GroupSnapshots(rpc.GroupControllerServicer):
         reset_members(cat, grec)
         req = {"group": grec.id, "created_at": time.time()}
         cat.store.put(group_request_key(node, grec.id), json.dumps(req).encode())
+        cat.store.put(wake_key(node), json.dumps(req).encode())     # after it: the node's next HEAD sees it
         log.info("group snapshot %s: members in use on %s, asked it to cut the group", grec.id, node)
         return cat.update_group(grec.id, lambda r: setattr(r, "node", node))
 

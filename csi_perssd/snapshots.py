@@ -363,6 +363,9 @@ class NodeSnapshotWorker:
         self._seen: str | None = None           # ETag of the wake-up object at the last LIST
         self._pending = True                    # requests left unfinished (or never listed yet)
         self._swept_at = time.monotonic()
+        # more request kinds woken by the same wake-up (groupcut.GroupCutWorker.poll_once):
+        # each returns how many of its requests are still unfinished
+        self.also: list[Callable[[], int]] = []
 
     def start(self) -> None:
         threading.Thread(target=self._loop, name="snapshot-worker", daemon=True).start()
@@ -415,6 +418,9 @@ class NodeSnapshotWorker:
                 done += 1
             else:
                 self._pending = True            # try again next round, without waiting for a wake-up
+        for poll in self.also:
+            if poll():
+                self._pending = True
         return done
 
     def handle(self, cat: Catalog, sid: str, vid: str) -> bool:

@@ -55,7 +55,8 @@ S3_SECRET = "perssd-s3"
 # rendered, validated and checked like the others).
 KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/external-s3", "overlays/external-s3-private-ca",
                   "overlays/snapshot-metadata"]
-EXAMPLE_FILES = ["argo-workflow.yaml", "group-snapshot-restore.yaml", "job.yaml", "pvc-pod.yaml", "snapshot-restore.yaml",
+EXAMPLE_FILES = ["argo-workflow.yaml", "encrypted-storageclass.yaml", "group-snapshot-restore.yaml", "job.yaml", "pvc-pod.yaml",
+                 "snapshot-restore.yaml",
                  "statefulset.yaml", "tekton-pipeline.yaml", "tekton-pipelinerun.yaml"]
 
 # Sidecar images: registry.k8s.io/sig-storage, at least these releases (the newest confirmed
@@ -1143,7 +1144,8 @@ def test_snapshot_metadata_overlay_wiring() -> None:
         assert vol["secretName"] == tls["metadata"]["name"] and {"key": key, "path": rel} in vol["items"]
     probe = side[0]["readinessProbe"]["httpGet"]
     assert args["http-endpoint"] == f":{ports[probe['port']]}" and probe["path"] == "/health"
-    assert "enable-snapshot-metadata" in arg_map(pod.container(DRIVER_CONTAINER))
+    for kind in ("Deployment", "DaemonSet"):      # every instance reports the same plugin capabilities
+        assert "enable-snapshot-metadata" in arg_map(driver_pod(objs, kind).container(DRIVER_CONTAINER))
     for kust in KUSTOMIZATIONS[:-1]:
         assert "enable-snapshot-metadata" not in arg_map(driver_pod(render(kust), "Deployment").container(DRIVER_CONTAINER))
         assert not all_of(render(kust), "SnapshotMetadataService")
@@ -1459,3 +1461,16 @@ def test_make_image_fails_clearly_without_a_container_daemon(tmp_path: Path) -> 
                          capture_output=True, text=True, timeout=60)
     assert res.returncode != 0
     assert "no container daemon" in res.stderr
+
+
+def test_encrypted_class_example_is_accepted_by_the_driver() -> None:
+    """The example StorageClass with encryption: the driver accepts its parameters, and it names
+    the one Secret the driver's RBAC may read (which then holds the KEK as encryptionKey)."""
+    from csi_perssd import params
+    sc = one(load_example("encrypted-storageclass.yaml"), "StorageClass")
+    p = sc["parameters"]
+    sent = {k: v for k, v in p.items() if not k.startswith("csi.storage.k8s.io/")}
+    assert params.parse(sent).encryption == "aes-256-gcm"
+    for op in ("provisioner", "node-stage"):
+        assert p[f"csi.storage.k8s.io/{op}-secret-name"] == S3_SECRET
+        assert p[f"csi.storage.k8s.io/{op}-secret-namespace"] == NAMESPACE

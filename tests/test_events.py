@@ -301,3 +301,36 @@ def test_api_down_or_hanging_posts_nothing_and_csi_calls_succeed(two_nodes: Clus
     assert stub.requests, "node-b never tried to post"
     assert stub.events == {}                    # nothing answered, yet every CSI call succeeded
     assert "cannot post event" in cl.nodes["node-a"].tail(200)
+
+
+@pytest.mark.root
+@pytest.mark.s3
+def test_flush_failing_names_the_s3_error_then_commits(seaweed: Seaweed, stub: StubKubeApi,
+                                                      tmp_path: Path) -> None:
+    from tests.plugins.s3 import seaweed_outage
+    if not seaweed.running:
+        seaweed.start()
+    cl = Cluster(tmp_path / "cl", nodes=(), seaweed=seaweed, prefix=f"evo-{secrets.token_hex(5)}",
+                 env={"PERSSD_UNSTAGE_WAIT_SECONDS": "1"})
+    try:
+        cl.start()
+        cl.add_node("node-a", extra=["--kubeconfig", str(stub.kubeconfig(tmp_path / "kc")),
+                                     "--events-progress-seconds", "3600"])
+        uid = str(uuid.uuid4())
+        vid = cl.create(f"pvc-{uid}", 4 * MiB, block_cap(), params=_claim_params(uid))
+        _write_all(cl.attach("node-a", vid, block_cap()), 4 * MiB)
+        with seaweed_outage(seaweed):
+            cl.unpublish("node-a", vid)          # the background flush cannot reach the store
+            evs = stub.wait_for("FlushFailing", timeout=90)
+        failing = next(e for e in evs if e["reason"] == "FlushFailing")
+        assert failing["type"] == "Warning" and failing["involvedObject"]["uid"] == uid
+        assert "object store unreachable" in failing["message"] and "local data kept" in failing["message"]
+        cl.unstage("node-a", vid, timeout=120)   # the store is back: the final pass commits
+        evs = stub.wait_for("FlushCommitted")
+        reasons = [e["reason"] for e in evs]
+        assert reasons[0] == "FlushFailing" and reasons[-1] == "FlushCommitted"
+        assert "FlushStarted" in reasons and "generation 1 committed" in evs[-1]["message"]
+        assert cl.catalog().volume(vid).generation == 1
+        print("\n" + stub.describe())
+    finally:
+        cl.stop()

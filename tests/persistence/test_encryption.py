@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -94,7 +95,11 @@ def test_encrypted_volume_roundtrips_and_the_bucket_sees_no_plaintext(cluster: C
     assert read_chunks(target, 4) == data
     cl.release("node-b", enc_vid)
 
-    # keys never in logs or inspect output
+    # keys never in logs, metrics or inspect output
+    for port in cl.metrics_ports.values():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            exposed = r.read().decode()
+        assert "perssd_" in exposed and kek not in exposed and raw_kek.hex() not in exposed
     text = logs(cl)
     assert kek not in text and raw_kek.hex() not in text
     out = cl.cli("inspect", enc_vid)

@@ -14,7 +14,20 @@ from csi_perssd.remote.catalog import volume_key
 from csi_perssd.remote.codec import manifest_refs
 from tests.harness.cluster import Cluster, block_cap
 
-from .enc import ENC, SIZE, bucket, flip, new_kek, pattern, publish, put_raw, read_chunks, secrets, stage_request, write_chunks
+from .enc import (
+    ENC,
+    SIZE,
+    bucket,
+    flip,
+    new_kek,
+    pattern,
+    publish,
+    put_raw,
+    read_chunks,
+    secrets,
+    stage_request,
+    write_chunks,
+)
 from .helpers import code, image
 
 pytestmark = [pytest.mark.root, pytest.mark.s3]
