@@ -81,8 +81,10 @@ class Runtime:
         if self.controller is not None and cfg.enable_snapshot_metadata:
             from .snapmeta import SnapshotMetadata
             metadata = SnapshotMetadata(self.stores)
-        self.identity = Identity(has_controller=self.controller is not None, problems=self.problems,
-                                 has_group_controller=group is not None, has_snapshot_metadata=metadata is not None)
+        # spec: every instance reports the plugin "as a whole" (controller, group controller),
+        # whichever services it serves itself; SnapshotMetadata where the flag enables it
+        self.identity = Identity(has_controller=True, problems=self.problems, has_group_controller=True,
+                                 has_snapshot_metadata=cfg.enable_snapshot_metadata)
         self.server = Server(cfg.socket_path, self.identity, self.controller, self.node, group=group,
                              metadata=metadata)
 

@@ -1144,7 +1144,8 @@ def test_snapshot_metadata_overlay_wiring() -> None:
         assert vol["secretName"] == tls["metadata"]["name"] and {"key": key, "path": rel} in vol["items"]
     probe = side[0]["readinessProbe"]["httpGet"]
     assert args["http-endpoint"] == f":{ports[probe['port']]}" and probe["path"] == "/health"
-    assert "enable-snapshot-metadata" in arg_map(pod.container(DRIVER_CONTAINER))
+    for kind in ("Deployment", "DaemonSet"):      # every instance reports the same plugin capabilities
+        assert "enable-snapshot-metadata" in arg_map(driver_pod(objs, kind).container(DRIVER_CONTAINER))
     for kust in KUSTOMIZATIONS[:-1]:
         assert "enable-snapshot-metadata" not in arg_map(driver_pod(render(kust), "Deployment").container(DRIVER_CONTAINER))
         assert not all_of(render(kust), "SnapshotMetadataService")

@@ -148,7 +148,7 @@ class RecordCache:
         self.max_entries = max_entries
         self._mu = threading.Lock()
         self._d: OrderedDict[str, tuple[str, bytes, str]] = OrderedDict()   # key -> (tag, data, etag)
-        self._pages: dict[str, list[tuple[float, str, list[ObjectInfo], bool]]] = {}
+        self._pages: dict[str, list[tuple[float, list[ObjectInfo], str]]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -177,24 +177,24 @@ class RecordCache:
             self._pages.pop(key.split("/", 1)[0] + "/", None)     # this process changed the listing
 
     # -- LIST pages: a paginated listing reads each LIST page once -------------------------------
-    def page_after(self, prefix: str, after: str) -> tuple[list[ObjectInfo], bool, str] | None:
+    def page_after(self, prefix: str, after: str) -> tuple[list[ObjectInfo], str] | None:
         """From a LIST page of the last LIST_REUSE_S seconds that holds the key `after`: the
-        entries that follow it in the page (the server's order), whether more pages follow, and
-        the page's last key (where the server's next page starts)."""
+        entries that follow it in the page (the server's order) and the server's continuation
+        token for the page after it ("" when it was the last)."""
         now = time.monotonic()
         with self._mu:
-            for t, _, infos, more in reversed(self._pages.get(prefix, [])):
+            for t, infos, token in reversed(self._pages.get(prefix, [])):
                 if now - t > LIST_REUSE_S:
                     continue
                 keys = [i.key for i in infos]
                 if after in keys:
-                    return infos[keys.index(after) + 1:], more, infos[-1].key
+                    return infos[keys.index(after) + 1:], token
         return None
 
-    def remember_page(self, prefix: str, start: str, infos: list[ObjectInfo], more: bool) -> None:
+    def remember_page(self, prefix: str, infos: list[ObjectInfo], token: str) -> None:
         with self._mu:
             pages = self._pages.setdefault(prefix, [])
-            pages.append((time.monotonic(), start, infos, more))
+            pages.append((time.monotonic(), infos, token))
             del pages[:-4]
 
 
@@ -275,18 +275,17 @@ class Catalog:
         of a paginated listing) is not read again for the next page."""
         # only a continuation (after a token) reuses: a listing that starts sees every writer
         hit = self.cache.page_after(prefix, after_key) if after_key else None
+        token = ""
         if hit is not None:
-            rest, more, last = hit
+            rest, token = hit
             yield from rest
-            if not more:
+            if not token:
                 return
-            after_key = last
+            after_key = ""
         with reachable(self.store):
-            for page, more in self.store.scan_pages(prefix, after_key):
-                self.cache.remember_page(prefix, after_key, page, more)
+            for page, nxt in self.store.scan_pages(prefix, after_key, token):
+                self.cache.remember_page(prefix, page, nxt)
                 yield from page
-                if page:
-                    after_key = page[-1].key
 
     def _records(self, cls: type[R], prefix: str, after_id: str, limit: int,
                  key: Callable[[str], str], on_other: Callable[[ObjectInfo], None] | None = None

@@ -122,9 +122,9 @@ class FileStore:
         for key, st in sorted(keys):
             yield ObjectInfo(key=key, size=st.st_size, etag=_version(st), mtime=st.st_mtime)
 
-    def scan_pages(self, prefix: str, start_after: str = "") -> Iterator[tuple[Page, bool]]:
+    def scan_pages(self, prefix: str, start_after: str = "", token: str = "") -> Iterator[tuple[Page, str]]:
         """One page: every object under prefix after start_after (a directory walk is one read)."""
-        yield list(self.scan(prefix, start_after)), False
+        yield list(self.scan(prefix, start_after)), ""
 
     def scan(self, prefix: str, start_after: str = "") -> Iterator[ObjectInfo]:
         """Objects under prefix with keys after start_after, in key order."""

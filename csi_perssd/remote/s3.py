@@ -336,11 +336,11 @@ class S3Store:
         for page, _ in self.scan_pages(prefix, start_after):
             yield from page
 
-    def scan_pages(self, prefix: str, start_after: str = "") -> Iterator[tuple[Page, bool]]:
-        """(page, more pages follow) of objects under prefix after start_after, lazily: one LIST
-        per page of `list_page_size` keys, fetched only when the caller asks for it. In the
-        server's order (byte order on S3; SeaweedFS lists "x.json" and "x/..." in an order of its
-        own): resume after a page's last entry, as the server's continuation does."""
+    def scan_pages(self, prefix: str, start_after: str = "", token: str = "") -> Iterator[tuple[Page, str]]:
+        """(page, continuation token or "" at the end) of objects under prefix after start_after
+        (or from an earlier page's token), lazily: one LIST per page of `list_page_size` keys,
+        fetched only when the caller asks for it. In the server's order (byte order on S3;
+        SeaweedFS lists "x.json" and "x/..." in an order of its own)."""
         if start_after and not start_after.startswith(prefix):
             raise ValueError("start_after must lie under the scanned prefix")
         if not _LIST_PREFIX_RE.fullmatch(prefix) or ".." in prefix or prefix.startswith("/"):
@@ -348,15 +348,14 @@ class S3Store:
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
         after = f"{self.prefix}/{start_after}" if self.prefix and start_after else start_after
-        yield from self._page_lists(prefix, full, strip, start_after=after)
+        yield from self._page_lists(prefix, full, strip, start_after=after, token=token)
 
     def _list_pages(self, prefix: str, full: str, strip: int) -> Iterator[ObjectInfo]:
         for page, _ in self._page_lists(prefix, full, strip):
             yield from page
 
     def _page_lists(self, prefix: str, full: str, strip: int, *,
-                    start_after: str = "") -> Iterator[tuple[Page, bool]]:
-        token: str | None = None
+                    start_after: str = "", token: str = "") -> Iterator[tuple[Page, str]]:
         while True:
             kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full, "MaxKeys": self.list_page_size}
             if token:
@@ -370,10 +369,11 @@ class S3Store:
             got = [ObjectInfo(key=o["Key"][strip:], size=int(o.get("Size", 0)), etag=_etag(o.get("ETag")),
                               mtime=o["LastModified"].timestamp() if o.get("LastModified") else 0.0)
                    for o in page.get("Contents", [])]
-            token = page.get("NextContinuationToken")
-            more = bool(page.get("IsTruncated") and token)
-            yield got, more
-            if not more:
+            token = page.get("NextContinuationToken") or ""
+            if not page.get("IsTruncated"):
+                token = ""
+            yield got, token
+            if not token:
                 return
 
     def create_bucket(self) -> None:

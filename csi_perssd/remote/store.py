@@ -87,5 +87,6 @@ class ObjectStore(Protocol):
         """Objects under prefix with keys after start_after, fetched lazily page by page (a
         caller that stops early pays only for the pages it read); each page in key order."""
 
-    def scan_pages(self, prefix: str, start_after: str = "") -> Iterator[tuple[Page, bool]]:
-        """The same as (page, more pages follow), one per LIST request."""
+    def scan_pages(self, prefix: str, start_after: str = "", token: str = "") -> Iterator[tuple[Page, str]]:
+        """The same as (page, the server's continuation token, "" after the last page), one per
+        LIST request; `token` continues from an earlier page."""

@@ -81,8 +81,8 @@ class TestProbe:
 
 
 class TestModes:
-    """A node plugin and a controller plugin each serve only their services: the others are
-    UNIMPLEMENTED and the plugin capabilities say so."""
+    """A node plugin and a controller plugin each serve only their services (the others are
+    UNIMPLEMENTED), while both report the same plugin capabilities: the plugin as a whole."""
 
     @pytest.fixture
     def proc(self, request, tmp_path_factory):
@@ -97,11 +97,15 @@ class TestModes:
             cleanup_under(str(base))
 
     @pytest.mark.parametrize("proc", ["node"], indirect=True)
-    def test_node_mode_has_no_controller_service(self, proc):
+    def test_node_mode_serves_no_controller_but_reports_the_whole_plugin(self, proc):
+        # spec: GetPluginCapabilities describes the plugin "as a whole", the same set in every
+        # instance "regardless of which RPCs an instance is serving"
         caps = proc.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest()).capabilities
-        assert Svc.CONTROLLER_SERVICE not in {c.service.type for c in caps if c.HasField("service")}
+        assert {Svc.CONTROLLER_SERVICE, Svc.GROUP_CONTROLLER_SERVICE} <= {c.service.type for c in caps if c.HasField("service")}
         expect(grpc.StatusCode.UNIMPLEMENTED, proc.controller.ControllerGetCapabilities,
                pb.ControllerGetCapabilitiesRequest())
+        expect(grpc.StatusCode.UNIMPLEMENTED, proc.group.GroupControllerGetCapabilities,
+               pb.GroupControllerGetCapabilitiesRequest())
         assert proc.node.NodeGetInfo(pb.NodeGetInfoRequest()).node_id == "node-m"
 
     @pytest.mark.parametrize("proc", ["controller"], indirect=True)

@@ -18,7 +18,7 @@ from csi_perssd.lazy import dm
 from csi_perssd.lazy.manager import LazyManager
 from csi_perssd.local import loop
 from csi_perssd.local.lvm import LvmBackend
-from csi_perssd.remote import transfer
+from csi_perssd import volume_io
 from csi_perssd.remote.filestore import FileStore
 
 MiB = 1 << 20
@@ -51,7 +51,7 @@ def _generation(tmp: Path) -> tuple[FileStore, object, dict[str, str]]:
     finally:
         loop.detach(dev)
     store = FileStore(str(tmp / "store"))
-    manifest, _ = transfer.flush(store, str(img), SIZE, 4 * MiB)
+    manifest, _ = volume_io.flush_path(store, str(img), SIZE, 4 * MiB)
     return store, manifest, {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}
 
 
