@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # prometheus: its promtool checks and unit-tests deploy/monitoring/perssd-rules.yaml (tests/test_monitoring.py)
-APT_PKGS := util-linux mount e2fsprogs xfsprogs btrfs-progs kmod procps openssl fuse3 libfuse3-3 prometheus
+APT_PKGS := python3-venv util-linux mount e2fsprogs xfsprogs btrfs-progs kmod procps openssl fuse3 libfuse3-3 prometheus
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
@@ -49,7 +49,9 @@ lint: $(STAMP)
 # The whole suite: lint, then host tests (real loop devices, mounts, SeaweedFS, gRPC), then the LVM suite in
 # a QEMU VM wherever one can run (x86_64 with apt-get: test-lvm installs QEMU and a kernel itself).
 # pytest exits 5 when it collects nothing, which fails the target like any other error.
+# kubectl: tests/test_deploy.py renders deploy/ with `kubectl kustomize` (it fails clearly without one).
 test: deps
+	@command -v kubectl >/dev/null || $(MAKE) --no-print-directory sysdeps EXTRA_APT=kubectl
 	@$(MAKE) --no-print-directory lint
 	@modprobe loop 2>/dev/null || true
 	$(PY) -m pytest tests --ignore=tests/lvm --ignore=tests/container $(PYTEST_ARGS)
@@ -123,7 +125,8 @@ test-image: deps
 # LVM thin backend suite on real LVM: boots ONE QEMU (TCG) VM with virtme-ng and runs tests/lvm
 # inside it (tests/vm/run.py; log and JUnit XML in tests/vm/.work/). `python tests/vm/run.py --check`
 # tells whether the VM can run here.
-LVM_APT_PKGS := qemu-system-x86 linux-image-amd64 busybox-static lvm2 thin-provisioning-tools udev
+# fio: tests/lvm/test_lazy_dm.py compares the dm device with the LV after the switch
+LVM_APT_PKGS := qemu-system-x86 linux-image-amd64 busybox-static lvm2 thin-provisioning-tools udev fio
 test-lvm: deps
 	@$(MAKE) --no-print-directory sysdeps EXTRA_APT="$(LVM_APT_PKGS)"
 	@$(PY) -c "import virtme_ng" 2>/dev/null || $(PIP) install -q virtme-ng

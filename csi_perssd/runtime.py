@@ -65,8 +65,8 @@ class Runtime:
             self.node = Node(cfg, self.stores, self.backend, self.volumes, self.sync)
             local_node = self.node_record()
         if cfg.mode in ("controller", "all"):
-            # ignore[abstract] until Controller implements ControllerModifyVolume and GetSnapshot (the base
-            # servicer answers UNIMPLEMENTED; the typing stubs declare them abstract)
+            # ignore[abstract] until Controller implements GetSnapshot (alpha; the base servicer
+            # answers UNIMPLEMENTED, the typing stubs declare it abstract)
             self.controller = Controller(cfg, self.stores, local_node=local_node)  # type: ignore[abstract]
             try:
                 from .snapshots import Snapshots

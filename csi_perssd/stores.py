@@ -86,6 +86,14 @@ class Stores:
                 cache = self._records[st] = RecordCache()
         return Catalog(st, cache)
 
+    def volume_catalog(self, secrets: dict[str, str] | None) -> Catalog:
+        """The catalog for work on ONE volume: through the secrets given for that volume, else
+        through the driver's own configured credentials; never secrets another call left."""
+        given = {k: v for k, v in (secrets or {}).items() if k in SECRET_KEYS}
+        if given:
+            return self.catalog(given)
+        return self._catalog(self.store({}))
+
     def catalog(self, secrets: dict[str, str] | None = None) -> Catalog:
         given = {k: v for k, v in (secrets or {}).items() if k in SECRET_KEYS}
         if not given:

@@ -95,10 +95,12 @@ class VolumeSync:
                                 workers=cfg.lazy_background_workers)
 
     def secrets_for(self, vid: str) -> dict[str, str]:
-        """The object store secrets of the volume's NodeStage (or what worked last)."""
+        """The object store secrets of THIS volume's NodeStage; none (the driver's own configured
+        credentials) when this process has not staged it, e.g. after a restart. Never another
+        volume's: those may reach objects this volume's owner must not."""
         with self._mu:
             got = self._secrets.get(vid)
-        return dict(got) if got else dict(self.stores.last_secrets)
+        return dict(got) if got else {}
 
     def _delete_local(self, vid: str) -> None:
         """Remove the local copy, its lazy hydration state and its state record."""
@@ -413,7 +415,7 @@ class VolumeSync:
         # the final pass commits: it follows gc's handshake (claim its chunks, repair what a
         # concurrent garbage collection deleted) before the generation is committed
         from .remote.guard import FlushGuard
-        guard = (FlushGuard.begin(self.stores.catalog().store, f"{self.node_id}/{vid}",
+        guard = (FlushGuard.begin(self.stores.volume_catalog(self.secrets_for(vid)).store, f"{self.node_id}/{vid}",
                                   resumed=Path(self.vols.journal_path(vid)).exists())
                  if job.final else None)
         try:
@@ -426,9 +428,7 @@ class VolumeSync:
         from . import volume_io
         # only the final pass (after unmount, no writer left) may trust its journal on resume:
         # a pre-flush runs while the file system is still mounted and its chunks may change
-        with self._mu:
-            secrets = self._secrets.get(vid)
-        cat = self.stores.catalog(secrets)
+        cat = self.stores.volume_catalog(self.secrets_for(vid))
         rec = cat.volume(vid)
         self.events.track(rec)
         check_owner(rec, self.node_id, job.epoch, "local data kept, not committed")

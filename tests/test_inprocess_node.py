@@ -143,11 +143,11 @@ class World:
     def staging(self, node: str, vid: str) -> str:
         return str(self.tmp / node / "kubelet" / vid)
 
-    def stage(self, node: str, vid: str) -> None:
+    def stage(self, node: str, vid: str, secrets: dict[str, str] | None = None) -> None:
         ctx = self.publish(vid, node)
         self.nodes[node][0].NodeStageVolume(pb.NodeStageVolumeRequest(
             volume_id=vid, staging_target_path=self.staging(node, vid), volume_capability=_cap(),
-            publish_context=ctx), None)
+            publish_context=ctx, secrets=secrets or {}), None)
 
     def unstage(self, node: str, vid: str) -> None:
         self.nodes[node][0].NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
@@ -295,3 +295,21 @@ def test_a_flush_left_running_by_a_restart_is_resumed(world: World) -> None:
     assert vols2.phase(vid) in (Phase.FLUSHING, Phase.CLEAN)
     sync.finish(vid)
     assert vols2.phase(vid) == Phase.CLEAN and world.record(vid).generation == 1
+
+
+def test_a_volume_is_never_served_or_flushed_with_another_volumes_secrets(world: World) -> None:
+    a, b = world.create("sec-a"), world.create("sec-b")
+    secrets_a = {"accessKeyId": "AKVOLUMEA", "secretAccessKey": "volume-a-secret"}
+    world.stage("node-a", b)                            # staged without secrets
+    world.stage("node-a", a, secrets=secrets_a)
+    _, sync, _, be = world.nodes["node-a"]
+    assert sync.secrets_for(a) == secrets_a
+    assert sync.secrets_for(b) == {}, "volume B got volume A's credentials"
+    _write(be.device(b), 0, b"b" * MiB)
+    node, sync, vols, _ = world.node("node-a")         # restart: NodeStage secrets are gone
+    node.recover()
+    sync.stores.catalog(secrets_a)                      # a later call with A's secrets worked
+    assert sync.secrets_for(b) == {} and sync.secrets_for(a) == {}, \
+        "after a restart a volume must use the driver's own credentials, not another volume's"
+    world.unstage("node-a", b)                          # flushed with the driver's own settings
+    assert vols.phase(b) == Phase.CLEAN and world.record(b).generation == 1

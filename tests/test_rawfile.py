@@ -204,6 +204,12 @@ def test_capacity_subtracts_thin_reservations(tmp_path):
             b.delete(vid)
 
 
+def _loops_under(tmp_path) -> dict[str, str]:
+    """Loop devices whose backing file lies under tmp_path (others' tests attach their own)."""
+    top = str(tmp_path) + os.sep
+    return {dev: f for dev, f in loop.list_attached().items() if f.startswith(top)}
+
+
 HOSTILE = ["../../etc", "..", ".", "a/b", "/abs", "x" * 200, "a\x00b", "", " lead", ".hidden",
            "a\nb", "vol$(id)", "\u00e9t\u00e9"]
 
@@ -212,7 +218,7 @@ HOSTILE = ["../../etc", "..", ".", "a/b", "/abs", "x" * 200, "a\x00b", "", " lea
 def test_hostile_ids_are_rejected_without_side_effects(tmp_path, bad):
     root = tmp_path / "perssd-hostile"
     b = RawfileBackend(str(root))
-    attached_before = loop.list_attached()
+    assert _loops_under(tmp_path) == {}
     calls = [
         lambda: b.create(bad, MiB), lambda: b.exists(bad), lambda: b.size(bad), lambda: b.device(bad),
         lambda: b.release(bad), lambda: b.delete(bad), lambda: b.expand(bad, 2 * MiB),
@@ -234,7 +240,7 @@ def test_hostile_ids_are_rejected_without_side_effects(tmp_path, bad):
         assert os.listdir(root / "pvol-ok") == ["disk.img"]
     finally:
         b.delete("pvol-ok")
-    assert os.listdir(root) == [] and loop.list_attached() == attached_before
+    assert os.listdir(root) == [] and _loops_under(tmp_path) == {}, "no loop device left behind"
     assert sorted(os.listdir(tmp_path)) == ["perssd-hostile"]
 
 

@@ -50,7 +50,8 @@ class Codec:
         if self.keys is None:
             return compress(buf, level)[0]
         parts, _ = compress_parts(buf, level)
-        return envelope.seal_chunk(self.keys, name, parts)
+        # bytes, like a plain blob: the store client then sends both kinds the same way
+        return bytes(envelope.seal_chunk(self.keys, name, parts))
 
     def decode(self, name: str, blob: Buffer, max_size: int) -> bytes | memoryview:
         """The plaintext of a stored chunk; CorruptBlob when it cannot be opened or decoded.

@@ -6,7 +6,8 @@ can run here). It answers like the real one for what the driver uses:
 
 It keeps every request (method, path, Authorization) and the stored events in arrival order.
 `hang_s` makes it accept a request, hold it that many seconds and close it unanswered (an API
-server that is there but stuck); `status_override` answers every request with that status.
+server that is there but stuck); `gate`, when given, holds each request unanswered until the
+test sets it (stuck until the test says so, no clock); `status_override` answers every request with that status.
 `describe()` renders the events the way `kubectl describe pvc` prints them.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ _PREFIX = "/api/v1/namespaces/"
 class StubKubeApi:
     status_override: int | None = None
     hang_s: float = 0.0
+    gate: threading.Event | None = None
     requests: list[tuple[str, str, str]] = field(default_factory=list)   # (method, path, auth)
     events: dict[str, dict[str, Any]] = field(default_factory=dict)      # "ns/name" -> Event
     _mu: threading.Lock = field(default_factory=threading.Lock)
@@ -143,6 +145,9 @@ def _handler(stub: StubKubeApi) -> type[BaseHTTPRequestHandler]:
                 stub.requests.append((self.command, self.path, self.headers.get("Authorization", "")))
             n = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(n) if n else b""
+            if stub.gate is not None:
+                stub.gate.wait(60)              # stuck until the test opens the gate
+                return
             if stub.hang_s:
                 time.sleep(stub.hang_s)         # stuck: never answers, stores nothing
                 return

@@ -50,12 +50,10 @@ def test_lazy_stage_serves_reads_on_demand_and_flushes_only_written_chunks(clust
     gen1 = committed(cl, vid)
     assert gen1.data_chunks == 12
 
-    t0 = time.monotonic()
     target = cl.attach("node-b", vid, cap=cap)
-    stage_s = time.monotonic() - t0
     st = status(cl, "node-b", vid)
+    # staged instantly: not one chunk was fetched before NodeStage returned
     assert (st["missing"], st["on_demand"], st["background"]) == (12, 0, 0), st
-    assert stage_s < 10
 
     assert pread_direct(target, 2 * CHUNK + 64 * 1024, MiB) == data[2 * CHUNK + 64 * 1024:][:MiB]
     assert pread_direct(target, 13 * CHUNK, 4096) == bytes(4096)        # a hole: nothing to fetch

@@ -92,11 +92,12 @@ def test_dm_linear_moves_from_fuse_to_the_lv_without_unmounting(backend: LvmBack
         held.close()
         (mnt / "c.txt").write_text("written after the switch\n")
         assert hashlib.sha256((mnt / "b.bin").read_bytes()).hexdigest() == sums["b.bin"]
-        if shutil.which("fio"):
-            figs = {f"{rw} {bs}": (_fio(dev, rw, bs), _fio(lv, rw, bs))
-                    for rw, bs in (("randread", "4k"), ("read", "1M"))}
-            print("fio after the switch (dm-linear, LV itself, ratio):",
-                  {k: (round(a), round(b), round(a / b, 2)) for k, (a, b) in figs.items()})
+        assert shutil.which("fio"), "fio is missing (make test-lvm installs it: apt install fio)"
+        figs = {f"{rw} {bs}": (_fio(dev, rw, bs), _fio(lv, rw, bs))
+                for rw, bs in (("randread", "4k"), ("read", "1M"))}
+        assert all(a > 0 and b > 0 for a, b in figs.values()), figs    # fio read both devices
+        print("fio after the switch (dm-linear, LV itself, ratio):",
+              {k: (round(a), round(b), round(a / b, 2)) for k, (a, b) in figs.items()})
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
         mgr.release_all(vid)
