@@ -87,3 +87,12 @@ def test_record_cache_reads_only_changed_records(tmp_path) -> None:
     page = cat.volume_page()
     assert cat.cache.misses == misses + 1
     assert {r.id: r.owner for r in page.records}["pvol-0003"] == "node-b"
+
+
+def test_factory_keeps_one_store_per_url_and_settings() -> None:
+    f = StoreFactory()
+    a = f.open("s3://bucket/a", {"endpoint": "http://127.0.0.1:1"})
+    b = f.open("s3://bucket/b", {"endpoint": "http://127.0.0.1:1"})
+    assert a is not b and a.url == "s3://bucket/a" and b.url == "s3://bucket/b"
+    assert f.open("s3://bucket/a", {"endpoint": "http://127.0.0.1:1"}) is a
+    assert f.open("s3://bucket/a", {"endpoint": "http://127.0.0.1:2"}) is not a

@@ -50,7 +50,7 @@ class StoreFactory:
         if url.startswith("s3://"):
             kwargs = s3.settings(url, secrets or {}, defaults)
             kwargs.update(opts)
-            ident = "s3\0" + hashlib.sha256(repr(sorted(kwargs.items())).encode()).hexdigest()
+            ident = "s3\0" + hashlib.sha256(repr((url, sorted(kwargs.items()))).encode()).hexdigest()
 
             def build() -> ObjectStore:
                 return s3.S3Store(url, **kwargs)
