@@ -17,6 +17,7 @@ from .csi import csi_pb2 as pb
 from .csi import csi_pb2_grpc as rpc
 from .errors import Code, CsiError, invalid, not_found, precondition
 from .locks import IdLocks
+from .pagetoken import token_after
 from .remote.catalog import Catalog, NodeRecord, VolumeRecord
 from .remote.codec import PLAIN, Codec
 from .stores import Stores
@@ -401,26 +402,13 @@ class Controller(rpc.ControllerServicer):
         gens = cat.list_generations(rec.id) if rec.persistence == "object" and rec.generation else []
         return self._condition(rec, gens)
 
-    @staticmethod
-    def _token_after(token: str) -> str:
-        if not token:
-            return ""
-        if not token.startswith(TOKEN_PREFIX):
-            raise CsiError(Code.ABORTED, f"starting_token {token[:40]!r} was not issued by this driver")
-        after = token[len(TOKEN_PREFIX):]
-        try:
-            ids.volume_id(after)
-        except CsiError:
-            raise CsiError(Code.ABORTED, f"starting_token {token[:40]!r} was not issued by this driver") from None
-        return after
-
     def ListVolumes(self, request: Any, context: Any) -> Any:
         """One page: a LIST from the token (records and their manifests' keys) and a GET for each
         record of the page that changed since this controller last read it. The token is the last
         volume ID returned, so it stays valid when volumes are deleted between pages."""
         if request.max_entries < 0:
             raise invalid("max_entries must not be negative")
-        after = self._token_after(request.starting_token)
+        after = token_after(request.starting_token, TOKEN_PREFIX, ids.volume_id)
         cat = self.stores.catalog()
         page = cat.volume_page(after, request.max_entries)
         resp = pb.ListVolumesResponse()

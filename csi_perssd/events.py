@@ -31,7 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .remote.catalog import VolumeRecord
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +267,8 @@ class VolumeEvents:
         self._claims: dict[str, ClaimRef] = {}
         self._progress: dict[str, tuple[int, float]] = {}    # vid -> (quarters posted, last post)
 
-    def track(self, rec: Any) -> None:
-        ref = ClaimRef.from_record(getattr(rec, "claim", None))
+    def track(self, rec: VolumeRecord) -> None:
+        ref = ClaimRef.from_record(rec.claim)
         if ref is not None:
             with self._mu:
                 self._claims[rec.id] = ref

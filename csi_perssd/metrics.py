@@ -22,11 +22,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .remote.store import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +54,9 @@ class StoreStatsCollector(Collector):
         self._extra_requests: dict[str, int] = {}
         self._extra_errors: dict[str, int] = {}
 
-    def track(self, store: Any) -> None:
-        stats = getattr(store, "stats", None)
-        if stats is not None and callable(getattr(stats, "snapshot", None)):
-            with self._mu:
-                self._stats.setdefault(id(stats), stats)
+    def track(self, store: ObjectStore) -> None:
+        with self._mu:
+            self._stats.setdefault(id(store.stats), store.stats)
 
     def count(self, op: str, error: bool = False) -> None:
         """For stores without their own stats: count one request (and error) by hand."""

@@ -30,6 +30,7 @@ from .errors import Code, CsiError, aborted, invalid, not_found, precondition
 from .local import fs
 from .local.state import Phase
 from .local.volumes import STAGED_PHASES
+from .pagetoken import token_after
 from .remote.catalog import Catalog, SnapshotRecord, VolumeRecord
 from .remote.codec import PLAIN, Codec, manifest_summary
 from .remote.guard import FlushGuard
@@ -197,25 +198,12 @@ class Snapshots:
         log.info("snapshot %s deleted; its chunks are left to garbage collection", sid)
         return pb.DeleteSnapshotResponse()
 
-    @staticmethod
-    def _token_after(token: str) -> str:
-        if not token:
-            return ""
-        if not token.startswith(TOKEN_PREFIX):
-            raise CsiError(Code.ABORTED, f"starting_token {token[:40]!r} was not issued by this driver")
-        after = token[len(TOKEN_PREFIX):]
-        try:
-            ids.snapshot_id(after)
-        except CsiError:
-            raise CsiError(Code.ABORTED, f"starting_token {token[:40]!r} is not valid") from None
-        return after
-
     def list(self, request: Any) -> pb.ListSnapshotsResponse:
         """A page costs one LIST from the token plus a GET per changed record of the page (a
         source_volume_id filter reads on until the page is full); one snapshot_id: one GET."""
         if request.max_entries < 0:
             raise invalid("max_entries must not be negative")
-        after = self._token_after(request.starting_token)
+        after = token_after(request.starting_token, TOKEN_PREFIX, ids.snapshot_id)
         cat = self.stores.catalog(dict(request.secrets))
         if request.snapshot_id:
             try:

@@ -10,7 +10,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from ..remote.store import ObjectStore
 
 
 class Progress:
@@ -70,15 +73,12 @@ class Progress:
                 self._width = 0
 
 
-def store_activity(store: object) -> str:
-    """`N requests (get=.., list=.., ...)` of a store that counts them (S3Store.stats), else ''."""
-    stats = getattr(store, "stats", None)
-    snap = getattr(stats, "snapshot", None)
-    if not callable(snap):
-        return ""
-    reqs = snap().get("requests", {})
+def store_activity(store: ObjectStore) -> str:
+    """`N requests (get=.., list=.., ...)` the store made so far (its stats); '' before its
+    first request (the caller then says what it is doing)."""
+    reqs = store.stats.snapshot().get("requests", {})
     parts = " ".join(f"{op}={n}" for op, n in sorted(reqs.items()) if n)
-    return f"{sum(reqs.values())} requests ({parts})" if parts else "0 requests"
+    return f"{sum(reqs.values())} requests ({parts})" if parts else ""
 
 
 class Ticker:

@@ -26,6 +26,7 @@ from typing import Any
 import mfusepy  # type: ignore[import-untyped]
 
 from ..remote.manifest import Manifest
+from ..remote.store import ObjectStore
 from ..remote.transfer import ChunkCorrupted
 from .fetch import FetchTimeout, fetch_chunk
 from .state import HydrationState
@@ -122,7 +123,7 @@ def _control(vol: LazyVolume, sock_path: str, stop: threading.Event) -> None:
     Path(sock_path).unlink(missing_ok=True)
 
 
-def _store(settings: dict[str, Any], secrets: dict[str, str]) -> Any:  # an ObjectStore
+def _store(settings: dict[str, Any], secrets: dict[str, str]) -> ObjectStore:
     """The object store, as the plugin opens it; its own retry budget capped by the fetch timeout
     (fetch.py retries on top of it until the timeout)."""
     import dataclasses
@@ -131,11 +132,9 @@ def _store(settings: dict[str, Any], secrets: dict[str, str]) -> Any:  # an Obje
     from ..stores import Stores
     cfg = Config(catalog=settings["catalog"], s3_endpoint=settings.get("s3_endpoint", ""),
                  s3_region=settings.get("s3_region", ""), s3_ca_bundle=settings.get("s3_ca_bundle", ""))
-    st: Any = Stores(cfg).store(secrets)
-    retry = getattr(st, "retry", None)
-    if retry is not None:
-        budget = max(1.0, float(settings["fetch_timeout"]) / 2)
-        st.retry = dataclasses.replace(retry, deadline_s=min(retry.deadline_s, budget))
+    st = Stores(cfg).store(secrets)
+    budget = max(1.0, float(settings["fetch_timeout"]) / 2)
+    st.retry = dataclasses.replace(st.retry, deadline_s=min(st.retry.deadline_s, budget))
     return st
 
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..atomic import write_atomic
-from .store import NotFound, ObjectInfo, Page, PreconditionFailed, StoreError, check_key
+from .store import NotFound, ObjectInfo, Page, PreconditionFailed, Retry, StoreError, StoreStats, check_key
 
 
 def _etag(data: bytes | bytearray) -> str:
@@ -31,6 +31,8 @@ class FileStore:
     def __init__(self, root: str):
         self.root = Path(root)
         self.url = f"file://{self.root}"
+        self.stats = StoreStats()       # counted like S3Store's: one request per call
+        self.retry = Retry(attempts=1)  # a local directory: a failure is not retried
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -49,16 +51,21 @@ class FileStore:
             os.close(fd)
 
     def get(self, key: str) -> tuple[bytes, str]:
+        path = self._path(key)
+        self.stats.count("get")
         try:
-            data = self._path(key).read_bytes()
+            data = path.read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(key) from None
         except OSError as e:
+            self.stats.add(errors=1, op="get")
             raise StoreError(f"read {key}: {e}") from e
+        self.stats.add(down=len(data))
         return data, _etag(data)
 
     def head(self, key: str) -> ObjectInfo | None:
         p = self._path(key)
+        self.stats.count("head")
         try:
             st = p.stat()
         except (FileNotFoundError, NotADirectoryError):
@@ -74,6 +81,7 @@ class FileStore:
     def put(self, key: str, data: bytes | bytearray, *, if_none_match: bool = False,
             if_match: str | None = None) -> str:
         path = self._path(key)
+        self.stats.count("put", up=len(data))
         try:
             if not if_none_match and if_match is None:
                 self._write(path, data)
@@ -90,20 +98,25 @@ class FileStore:
         except PreconditionFailed:
             raise
         except OSError as e:
+            self.stats.add(errors=1, op="put")
             raise StoreError(f"write {key}: {e}") from e
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
+        self.stats.count("delete")
         try:
-            self._path(key).unlink()
+            path.unlink()
         except FileNotFoundError:
             pass
         except OSError as e:
+            self.stats.add(errors=1, op="delete")
             raise StoreError(f"delete {key}: {e}") from e
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         # walk only the directory that can hold the prefix
         base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         start = self.root / base if base else self.root
+        self.stats.count("list")
         if not start.is_dir():
             return
         keys: list[tuple[str, os.stat_result]] = []

@@ -149,8 +149,7 @@ def collect(cat: Catalog, *, grace: float, keep: int, dry_run: bool,
     run reads only the manifests that are new since the last one."""
     rep = GcReport(dry_run=dry_run)
     store = cat.store
-    stats = getattr(store, "stats", None)
-    before = stats.snapshot()["requests"] if stats is not None else None
+    before = store.stats.snapshot()["requests"]
     tomb = layout.gc_tomb_key(run := new_id())
     t0 = time.monotonic()
     with reachable(store):
@@ -164,9 +163,8 @@ def collect(cat: Catalog, *, grace: float, keep: int, dry_run: bool,
             if not dry_run:
                 store.delete(tomb)
     rep.duration_s = time.monotonic() - t0
-    if stats is not None and before is not None:
-        after = stats.snapshot()["requests"]
-        rep.requests = {op: n - before.get(op, 0) for op, n in after.items() if n - before.get(op, 0)}
+    after = store.stats.snapshot()["requests"]
+    rep.requests = {op: n - before.get(op, 0) for op, n in after.items() if n - before.get(op, 0)}
     log.info("gc: %s", rep.summary())
     return rep
 

@@ -20,7 +20,6 @@ import functools
 import hashlib
 import logging
 import os
-import random
 import re
 import shutil
 import tempfile
@@ -28,14 +27,13 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import boto3
 import botocore.config
 import botocore.exceptions
 
-from .store import NotFound, ObjectInfo, ObjectStore, Page, PreconditionFailed, StoreError, check_key
+from .store import NotFound, ObjectInfo, ObjectStore, Page, PreconditionFailed, Retry, StoreError, StoreStats, check_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,53 +47,6 @@ _THROTTLE = {"Throttling", "ThrottlingException", "SlowDown", "RequestTimeout",
              "TooManyRequestsException", "RequestLimitExceeded",
              "ServiceUnavailable", "InternalError", "OperationAborted"}
 _PRECONDITION = {"PreconditionFailed", "ConditionalRequestConflict"}
-
-
-@dataclass(frozen=True)
-class Retry:
-    """Retry budget: `attempts` tries in all, sleeping base*2^n (capped, full jitter) between them,
-    and never starting a new try after `deadline_s` seconds since the first."""
-    attempts: int = 6
-    base_s: float = 0.1
-    cap_s: float = 4.0
-    deadline_s: float = 30.0
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 60.0
-
-    def delay(self, n: int) -> float:
-        return random.uniform(0, min(self.cap_s, self.base_s * (2 ** n)))
-
-
-@dataclass
-class StoreStats:
-    """Counters of one store (thread-safe increments; read the fields or snapshot())."""
-    requests: dict[str, int] = field(default_factory=dict)     # by operation
-    errors: int = 0               # failed attempts (each retry counts)
-    errors_by_op: dict[str, int] = field(default_factory=dict)
-    retries: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def count(self, op: str, up: int = 0, down: int = 0) -> None:
-        with self._lock:
-            self.requests[op] = self.requests.get(op, 0) + 1
-            self.bytes_up += up
-            self.bytes_down += down
-
-    def add(self, *, errors: int = 0, retries: int = 0, down: int = 0, op: str = "") -> None:
-        with self._lock:
-            self.errors += errors
-            if errors and op:
-                self.errors_by_op[op] = self.errors_by_op.get(op, 0) + errors
-            self.retries += retries
-            self.bytes_down += down
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {"requests": dict(self.requests), "total_requests": sum(self.requests.values()),
-                    "errors": self.errors, "errors_by_op": dict(self.errors_by_op), "retries": self.retries,
-                    "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:

@@ -9,11 +9,13 @@ PreconditionFailed pass through, since callers decide what those mean.
 """
 from __future__ import annotations
 
+import random
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import unavailable
 
@@ -57,6 +59,53 @@ def reachable(store: ObjectStore | str) -> Iterator[None]:
         raise unavailable(f"object store {store if isinstance(store, str) else store.url}: {e}") from e
 
 
+@dataclass(frozen=True)
+class Retry:
+    """Retry budget: `attempts` tries in all, sleeping base*2^n (capped, full jitter) between them,
+    and never starting a new try after `deadline_s` seconds since the first."""
+    attempts: int = 6
+    base_s: float = 0.1
+    cap_s: float = 4.0
+    deadline_s: float = 30.0
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+
+    def delay(self, n: int) -> float:
+        return random.uniform(0, min(self.cap_s, self.base_s * (2 ** n)))
+
+
+@dataclass
+class StoreStats:
+    """Counters of one store (thread-safe increments; read the fields or snapshot())."""
+    requests: dict[str, int] = field(default_factory=dict)     # by operation
+    errors: int = 0               # failed attempts (each retry counts)
+    errors_by_op: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(self, op: str, up: int = 0, down: int = 0) -> None:
+        with self._lock:
+            self.requests[op] = self.requests.get(op, 0) + 1
+            self.bytes_up += up
+            self.bytes_down += down
+
+    def add(self, *, errors: int = 0, retries: int = 0, down: int = 0, op: str = "") -> None:
+        with self._lock:
+            self.errors += errors
+            if errors and op:
+                self.errors_by_op[op] = self.errors_by_op.get(op, 0) + errors
+            self.retries += retries
+            self.bytes_down += down
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"requests": dict(self.requests), "total_requests": sum(self.requests.values()),
+                    "errors": self.errors, "errors_by_op": dict(self.errors_by_op), "retries": self.retries,
+                    "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+
+
 def check_key(key: str) -> str:
     if len(key) > 900 or _KEY_RE.fullmatch(key) is None:
         raise ValueError(f"refusing unsafe object key {key[:80]!r}")
@@ -66,6 +115,8 @@ def check_key(key: str) -> str:
 @runtime_checkable
 class ObjectStore(Protocol):
     url: str
+    stats: StoreStats           # requests, errors, retries and bytes of this store
+    retry: Retry                # its retry budget (a local directory tries once)
 
     def get(self, key: str) -> tuple[bytes, str]:
         """Return (data, etag); NotFound if missing."""
