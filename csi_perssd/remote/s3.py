@@ -100,6 +100,22 @@ class _Precondition(Exception):
     """Internal: a 412 inside the retry loop (decided on by the caller)."""
 
 
+
+_SESSION_LOCK = threading.Lock()
+_SESSION: list[boto3.session.Session] = []
+
+
+def _shared_session() -> boto3.session.Session:
+    """One boto3 session for every store of the process. A session loads botocore's service
+    models on its first client (it lists every service's data directory: thousands of stat calls,
+    over a minute on a slow root file system such as the test VM's 9p); a session per store paid
+    that for each store, and the node's first heartbeat timed out behind it. Call under
+    _SESSION_LOCK."""
+    if not _SESSION:
+        _SESSION.append(boto3.session.Session())
+    return _SESSION[0]
+
+
 class S3Store:
     def __init__(self, url: str, endpoint_url: str | None = None, region: str | None = None,
                  access_key: str | None = None, secret_key: str | None = None,
@@ -112,8 +128,6 @@ class S3Store:
         self.retry = Retry(attempts=retries) if isinstance(retries, int) else (retries or Retry())
         self.list_page_size = max(1, min(1000, list_page_size))
         self.stats = StoreStats()
-        session = boto3.session.Session()
-
         def client(payload_signing: bool | None) -> Any:
             cfg = botocore.config.Config(
                 retries={"total_max_attempts": 1, "mode": "standard"},  # our own loop retries
@@ -127,10 +141,11 @@ class S3Store:
                 request_checksum_calculation="when_supported",
                 response_checksum_validation="when_required",
             )
-            return session.client(
-                "s3", endpoint_url=self.endpoint_url, region_name=region or "us-east-1",
-                aws_access_key_id=access_key or None, aws_secret_access_key=secret_key or None,
-                verify=ca_bundle if ca_bundle else None, config=cfg)
+            with _SESSION_LOCK:     # a boto3 session is not thread-safe; its clients are
+                return _shared_session().client(
+                    "s3", endpoint_url=self.endpoint_url, region_name=region or "us-east-1",
+                    aws_access_key_id=access_key or None, aws_secret_access_key=secret_key or None,
+                    verify=ca_bundle if ca_bundle else None, config=cfg)
 
         self._client = client(sign_payload)
         # chunk bodies: SigV4 would SHA-256 every byte (botocore always does over http) on top of

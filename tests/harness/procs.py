@@ -60,7 +60,7 @@ class DriverProcess:
                 raise RuntimeError(f"driver {self.name} exited with {self.proc.returncode}:\n{self.tail()}")
             if os.path.exists(self.socket):
                 try:
-                    self.identity.Probe(pb.ProbeRequest(), timeout=2)
+                    self.identity.Probe(pb.ProbeRequest(), timeout=max(2.0, min(30.0, deadline - time.monotonic())))
                     return self
                 except grpc.RpcError:
                     pass

@@ -36,7 +36,7 @@ def _committed(log: str, gen: int) -> tuple[int, int]:
 
 
 def test_second_flush_reads_only_thin_delta_changes(tmp_path: Path, backend: LvmBackend) -> None:
-    d = _driver(tmp_path, backend.vg).start(timeout=120)
+    d = _driver(tmp_path, backend.vg).start(timeout=300)
     vid = ""
     try:
         c, n = d.controller, d.node

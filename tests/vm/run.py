@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel", default=None)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--memory", default="2G")
-    ap.add_argument("--timeout", type=float, default=900, help="kill the VM after this many seconds")
+    ap.add_argument("--timeout", type=float, default=1500, help="kill the VM after this many seconds")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = ap.parse_args(argv)
     kernel = args.kernel or newest_kernel()
