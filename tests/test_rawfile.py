@@ -9,6 +9,7 @@ from csi_perssd.errors import Code, CsiError
 from csi_perssd.local import fs, loop
 from csi_perssd.local.backend import Backend, Extent
 from csi_perssd.local.rawfile import RawfileBackend
+from tests.harness.blockio import write_at
 
 pytestmark = pytest.mark.root
 
@@ -28,15 +29,6 @@ def backend(tmp_path):
                 for m in reversed(fs.mounts_of_device(dev)):
                     fs.ensure_unmounted(m.mount_point)
             b.delete(vid)
-
-
-def write_at(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_at(path: str, offset: int, length: int) -> bytes:

@@ -8,6 +8,7 @@ from typing import Any
 
 from csi_perssd.lazy.manager import LazyManager
 from csi_perssd.remote.manifest import Manifest
+from tests.harness.blockio import write_at
 from tests.harness.cluster import Cluster
 
 MiB = 1 << 20
@@ -24,15 +25,6 @@ def pread_direct(path: str, offset: int, length: int) -> bytes:
         return bytes(buf[:got])
     finally:
         buf.close()
-        os.close(fd)
-
-
-def pwrite_sync(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
         os.close(fd)
 
 
@@ -58,4 +50,4 @@ def committed(cl: Cluster, vid: str) -> Manifest:
 
 
 def write_device(path: str, data: bytes, offset: int = 0) -> None:
-    pwrite_sync(path, offset, data)
+    write_at(path, offset, data)

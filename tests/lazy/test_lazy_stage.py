@@ -12,6 +12,7 @@ import time
 import pytest
 
 from csi_perssd.csi import csi_pb2 as pb
+from tests.harness.blockio import write_at
 from tests.harness.cluster import Cluster, block_cap
 from tests.plugins.s3 import seaweed_outage
 
@@ -22,7 +23,6 @@ from .helpers import (
     committed,
     manager,
     pread_direct,
-    pwrite_sync,
     server_log,
     status,
     write_device,
@@ -60,8 +60,8 @@ def test_lazy_stage_serves_reads_on_demand_and_flushes_only_written_chunks(clust
     assert status(cl, "node-b", vid)["on_demand"] == 1, "one read of one chunk fetches one chunk"
 
     # a partial write to a missing chunk fills it first; a write to a hole needs no fetch
-    pwrite_sync(target, 5 * CHUNK + 8192, b"B" * 4096)
-    pwrite_sync(target, 14 * CHUNK, b"H" * 4096)
+    write_at(target, 5 * CHUNK + 8192, b"B" * 4096)
+    write_at(target, 14 * CHUNK, b"H" * 4096)
     st = status(cl, "node-b", vid)
     assert (st["on_demand"], st["missing"]) == (2, 10), st
     model = bytearray(data + bytes(16 * MiB))
@@ -146,7 +146,7 @@ def test_snapshot_of_a_lazily_staged_volume_holds_fetched_written_and_never_fetc
     vid = _volume(cl, "lazy-snap", 16 * MiB, data)
     target = cl.attach("node-b", vid, cap=cap)
     assert pread_direct(target, CHUNK, 4096) == data[CHUNK:CHUNK + 4096]        # chunk 1 fetched
-    pwrite_sync(target, 2 * CHUNK + 4096, b"S" * 8192)                         # chunk 2 written
+    write_at(target, 2 * CHUNK + 4096, b"S" * 8192)                         # chunk 2 written
     model = bytearray(data)
     model[2 * CHUNK + 4096:2 * CHUNK + 12288] = b"S" * 8192
     snap = _snapshot(cl, vid, "lazy-snap-1")

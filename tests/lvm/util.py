@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 
 from csi_perssd.local.lvmcli import NO_UDEV_CONFIG, LvmCli
+from tests.harness.blockio import write_at
+
+__all__ = ["write_at"]   # the lvm tests import it from here with the rest of the VM helpers
 
 IN_VM = os.environ.get("PERSSD_VM") == "1"
 VG = "perssd-test"
@@ -16,15 +19,6 @@ MiB = 1 << 20
 
 def lvm(*args: str) -> str:
     return LvmCli(NO_UDEV_CONFIG).run(*args)
-
-
-def write_at(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        assert os.pwrite(fd, data, offset) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_at(path: str, offset: int, length: int) -> bytes:
