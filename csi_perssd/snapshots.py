@@ -173,12 +173,11 @@ class Snapshots:
             r.size, r.progress, r.error = size, progress, ""
             if cut_at is not None:
                 r.created_at = cut_at       # spec: when the point-in-time copy was taken
-        try:
-            return cat.update_snapshot(sid, ready)
-        except CsiError as e:
-            if e.code == Code.NOT_FOUND:     # deleted while it was being made: drop what we wrote
-                cat.store.delete(snapshot_manifest_key(sid))
-            raise
+        rec = cat.update_snapshot_if_exists(sid, ready)
+        if rec is None:                     # deleted while it was being made: drop what we wrote
+            cat.store.delete(snapshot_manifest_key(sid))
+            raise not_found(f"snapshot {sid} not found")
+        return rec
 
     # -- DeleteSnapshot / ListSnapshots ----------------------------------------------------
     def delete(self, request: Any) -> pb.DeleteSnapshotResponse:

@@ -215,7 +215,7 @@ class VolumeSync:
         t0 = time.monotonic()
         self.events.hydrate_started(rec)
         try:
-            cat = self.stores.catalog(secrets)
+            cat = self.stores.volume_catalog(secrets)
             codec = self.codec(rec)
             manifest = codec.open_manifest(cat.get_manifest(rec.id, rec.generation),
                                            f"volume {rec.id} generation {rec.generation}")
@@ -243,7 +243,7 @@ class VolumeSync:
         are read and the rest in the background."""
         t0 = time.monotonic()
         try:
-            cat = self.stores.catalog(secrets)
+            cat = self.stores.volume_catalog(secrets)
             manifest = Manifest.decode(cat.get_manifest(rec.id, rec.generation))
             disk = self.backend.disk_path(rec.id)
             self.lazy.begin(rec.id, disk, manifest)
