@@ -179,7 +179,16 @@ class Snapshots:
             raise not_found(f"snapshot {sid} not found")
         return rec
 
-    # -- DeleteSnapshot / ListSnapshots ----------------------------------------------------
+    # -- GetSnapshot / DeleteSnapshot / ListSnapshots --------------------------------------
+    def get(self, request: Any) -> pb.GetSnapshotResponse:
+        """One snapshot's current state, ready or not yet (spec: "must be retrievable");
+        NOT_FOUND once it is deleted."""
+        sid = ids.snapshot_id(request.snapshot_id)
+        rec = self.stores.catalog(dict(request.secrets)).get_snapshot(sid)
+        if rec is None:
+            raise not_found(f"snapshot {sid} does not exist")
+        return pb.GetSnapshotResponse(snapshot=self.proto(rec))
+
     def delete(self, request: Any) -> pb.DeleteSnapshotResponse:
         sid = ids.snapshot_id(request.snapshot_id)
         cat = self.stores.catalog(dict(request.secrets))
