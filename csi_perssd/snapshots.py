@@ -514,7 +514,7 @@ class NodeSnapshotWorker:
         plan = FlushPlan(size=size, chunk_size=vol.chunk_size, base=base, ranges=ranges, ranges_mode=mode,
                          compression_level=vol.compression, workers=self.rt.cfg.flush_workers, codec=codec)
         m, stats = volume_io.flush(cat.store, path, plan, progress)
-        g = guard.claim(m, source_path=path, compression_level=vol.compression, codec=codec,
+        g = guard.claim(m, source=volume_io.source_of(path), compression_level=vol.compression, codec=codec,
                         manifests=[snapshot_manifest_key(snap.id)])
         uploaded = stats.bytes_uploaded + g.repaired_bytes
         cat.store.put(snapshot_manifest_key(snap.id), codec.encode_manifest(m))

@@ -476,7 +476,7 @@ class VolumeSync:
             return
         if guard is not None:
             from .remote.catalog import manifest_key
-            guard.claim(manifest, source_path=dev, compression_level=rec.compression, codec=codec,
+            guard.claim(manifest, source=volume_io.source_of(dev), compression_level=rec.compression, codec=codec,
                         manifests=[manifest_key(vid, rec.generation + 1)])
         gen = cat.put_manifest(vid, rec.generation + 1, codec.encode_manifest(manifest))
         cat.commit_generation(vid, gen, self.node_id, job.epoch)
