@@ -106,6 +106,7 @@ class Bench:
         self.profile_dir: Path | None = None     # set: py-spy the node in run 1
         self.profiles: dict[str, str] = {}
         self.run_no = 0
+        self.keep_logs = False                   # --keep: copy the driver logs to work/logs-runN
 
     def spy(self, pid: int, phase: str) -> Any:
         if self.profile_dir is None or self.run_no != 1 or not phase:
@@ -187,7 +188,8 @@ class Bench:
     def peer_copy(self, img: str, tag: str, run: int, rclone: bool = True) -> dict[str, Any]:
         """s5cmd and rclone: upload the image, download it again (then delete the copy)."""
         out: dict[str, Any] = {}
-        dl = self.work / f"dl-{run}"
+        # downloads land in the run's XFS, the file system the driver hydrates into (its pools)
+        dl = self.work / f"run{run}" / "dl"
         dl.mkdir(exist_ok=True)
         key = f"peers/r{run}/{tag}"
         for name, up, down in (
@@ -257,6 +259,12 @@ class Bench:
             log(f"run {run} failed: driver logs kept in {keep}")
             raise
         finally:
+            if self.keep_logs:
+                keep = self.work / f"logs-run{run}"
+                keep.mkdir(exist_ok=True)
+                for d in [cl.controller, *cl.nodes.values()]:
+                    if d is not None and d.log_path.exists():
+                        shutil.copy(d.log_path, keep / f"{d.name}.log")
             cl.stop()
         return res
 
@@ -436,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--workdir", default="/var/tmp", help="parent of the scratch directory")
-    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory (with the driver logs, logs-runN/)")
     ap.add_argument("--cache", default="/var/tmp/perssd-bench-cache", help="generated inputs, reused")
     ap.add_argument("--no-cache", action="store_true", help="generate the inputs in the scratch directory")
     ap.add_argument("--profile", action="store_true",
@@ -456,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sw.start()
         b = Bench(work, sw, size, a.quick)
+        b.keep_logs = a.keep
         if a.profile:
             b.profile_dir = out / f"{stem}-profile"
         log(f"SeaweedFS on {sw.endpoint}; scratch {work}; volumes {size // MiB} MiB; {a.runs} runs")

@@ -72,21 +72,13 @@ def reset_members(cat: Catalog, grec: GroupSnapshotRecord) -> None:
     def unready(r: SnapshotRecord) -> None:
         r.ready, r.progress = False, "waiting for the group to be cut"
     for sid in grec.snapshots:
-        try:
-            cat.update_snapshot(sid, unready)
-        except CsiError as e:
-            if e.code != Code.NOT_FOUND:
-                raise
+        cat.update_snapshot_if_exists(sid, unready)
 
 
 def fail_group(cat: Catalog, gid: str, err: CsiError) -> None:
     def fail(r: GroupSnapshotRecord) -> None:
         r.error, r.error_code, r.node = err.message, err.code.name, ""
-    try:
-        cat.update_group(gid, fail)
-    except CsiError as e:
-        if e.code != Code.NOT_FOUND:
-            raise
+    cat.update_group_if_exists(gid, fail)
 
 
 def mark_group_ready(cat: Catalog, gid: str, cut_at: float) -> GroupSnapshotRecord:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +75,28 @@ class Node(rpc.NodeServicer):
 
     # -- helpers ---------------------------------------------------------------------------
     def _record(self, vid: str, secrets: dict[str, str] | None = None) -> VolumeRecord:
-        return self.stores.catalog(secrets).volume(vid)
+        """The volume's record, read with this call's secrets, else the driver's own configured
+        credentials; never the secrets another call left."""
+        return self.stores.volume_catalog(secrets).volume(vid)
 
     def _known_or_missing(self, vid: str) -> None:
-        """For calls on a volume this node holds nothing of: NOT_FOUND unless the volume exists."""
-        if self.stores.catalog().get_volume(vid) is None:
+        """For calls on a volume this node holds nothing of: NOT_FOUND unless the volume exists
+        (read with the driver's own credentials: these calls carry no secrets)."""
+        if self.stores.volume_catalog(None).get_volume(vid) is None:
             raise not_found(f"volume {vid} does not exist")
+
+    @contextmanager
+    def _held(self, volume_id: str, path: str, field: str) -> Iterator[tuple[str, str, LocalVolume | None]]:
+        """The start of NodeUnstage and NodeUnpublish: validate the volume ID and the path, hold
+        the volume's lock, look up its local copy. None: this node holds nothing of the volume
+        (NOT_FOUND unless it exists)."""
+        vid = ids.volume_id(volume_id)
+        checked = ids.host_path(path, field)
+        with self.locks.hold(vid):
+            lv = self.vols.get(vid)
+            if lv is None:
+                self._known_or_missing(vid)
+            yield vid, checked, lv
 
     # -- stage -----------------------------------------------------------------------------
     def NodeStageVolume(self, request: Any, context: Any) -> Any:
@@ -202,12 +220,8 @@ class Node(rpc.NodeServicer):
         self.vols.update(lv.id, lambda cur: setattr(cur, "device", device))
 
     def NodeUnstageVolume(self, request: Any, context: Any) -> Any:
-        vid = ids.volume_id(request.volume_id)
-        staging = ids.host_path(request.staging_target_path, "staging_target_path")
-        with self.locks.hold(vid):
-            lv = self.vols.get(vid)
+        with self._held(request.volume_id, request.staging_target_path, "staging_target_path") as (vid, staging, lv):
             if lv is None:
-                self._known_or_missing(vid)
                 fs.ensure_unmounted(staging)
                 return pb.NodeUnstageVolumeResponse()
             if lv.staged_path and lv.staged_path != staging:
@@ -285,12 +299,7 @@ class Node(rpc.NodeServicer):
             raise CsiError(Code.ALREADY_EXISTS, e.message) from e
 
     def NodeUnpublishVolume(self, request: Any, context: Any) -> Any:
-        vid = ids.volume_id(request.volume_id)
-        target = ids.host_path(request.target_path, "target_path")
-        with self.locks.hold(vid):
-            lv = self.vols.get(vid)
-            if lv is None:
-                self._known_or_missing(vid)
+        with self._held(request.volume_id, request.target_path, "target_path") as (vid, target, lv):
             fs.ensure_unmounted(target)
             if os.path.isdir(target) and not os.path.islink(target):
                 try:

@@ -14,8 +14,8 @@ import grpc
 
 from . import metrics
 from .csi import csi_pb2_grpc as rpc
-from .errors import CsiError, unavailable
-from .remote.store import StoreError
+from .errors import CsiError
+from .remote.store import StoreError, unreachable
 
 log = logging.getLogger("csi_perssd.rpc")
 
@@ -47,7 +47,7 @@ def _wrap(method: str, fn: Any) -> Any:
         except CsiError as e:
             code, msg = e.code, e.message
         except StoreError as e:         # a raw store call the logic did not wrap: the store is unreachable
-            err = unavailable(f"object store: {e}")
+            err = unreachable(e, "object store")
             code, msg = err.code, err.message
         except NotImplementedError:     # the generated servicer's default: an RPC this driver lacks
             code, msg = grpc.StatusCode.UNIMPLEMENTED, f"{short} is not implemented by this driver"

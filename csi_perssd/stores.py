@@ -3,8 +3,10 @@
 Stores come from the process's one cache (remote/factory.py), per distinct settings.
 Secrets are never logged; only the digest's first characters identify a cached store.
 
-Calls without secrets (NodeUnstage, the flush, heartbeats) reuse the secrets the CO gave last,
-but only secrets that have worked: a new set is adopted after the store answered a probe
+Work on one volume (`volume_catalog`: the Node RPCs, hydrate, flush) uses that call's secrets or
+the driver's own configured credentials, never another call's. Other calls without secrets
+(heartbeats, listings, garbage collection) reuse the secrets the CO gave last, but only secrets
+that have worked: a new set is adopted after the store answered a probe
 request with it, so one call with a wrong endpoint or wrong keys cannot cut the node off
 from its object store."""
 from __future__ import annotations

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import encryption, metrics
 from .config import Config
@@ -34,7 +34,7 @@ from .remote.catalog import VolumeRecord, check_owner
 from .remote.chunkmap import ChunkMap
 from .remote.codec import PLAIN, Codec
 from .remote.manifest import Manifest
-from .remote.store import StoreError
+from .remote.store import StoreError, unreachable
 from .remote.transfer import FlushPlan, FlushStats
 from .stores import Stores
 
@@ -216,7 +216,7 @@ class VolumeSync:
         t0 = time.monotonic()
         self.events.hydrate_started(rec)
         try:
-            cat = self.stores.catalog(secrets)
+            cat = self.stores.volume_catalog(secrets)
             codec = self.codec(rec)
             manifest = codec.open_manifest(cat.get_manifest(rec.id, rec.generation),
                                            f"volume {rec.id} generation {rec.generation}")
@@ -229,12 +229,7 @@ class VolumeSync:
             if isinstance(e, ChunkCorrupted):
                 log.error("volume %s generation %d: %s; the local copy was removed", rec.id, rec.generation, e)
                 raise CsiError(Code.DATA_LOSS, f"volume {rec.id} generation {rec.generation}: {e}") from e
-            if isinstance(e, StoreError):
-                raise CsiError(Code.UNAVAILABLE,
-                               f"volume {rec.id}: object store unreachable while hydrating: {e}") from e
-            if isinstance(e, (OSError, ValueError)):
-                raise CsiError(Code.INTERNAL, f"volume {rec.id}: hydrating generation {rec.generation}: {e}") from e
-            raise
+            _map_transfer_error(e, rec.id, "hydrating", f"hydrating generation {rec.generation}")
         dt = time.monotonic() - t0
         metrics.TRANSFER_SECONDS.labels("hydrate").observe(dt)
         metrics.BYTES.labels("hydrated").inc(stats.bytes_written)
@@ -249,18 +244,13 @@ class VolumeSync:
         are read and the rest in the background."""
         t0 = time.monotonic()
         try:
-            cat = self.stores.catalog(secrets)
+            cat = self.stores.volume_catalog(secrets)
             manifest = Manifest.decode(cat.get_manifest(rec.id, rec.generation))
             disk = self.backend.disk_path(rec.id)
             self.lazy.begin(rec.id, disk, manifest)
         except BaseException as e:
             self._discard(rec.id)
-            if isinstance(e, StoreError):
-                raise CsiError(Code.UNAVAILABLE,
-                               f"volume {rec.id}: object store unreachable while staging: {e}") from e
-            if isinstance(e, (OSError, ValueError)):
-                raise CsiError(Code.INTERNAL, f"volume {rec.id}: lazy stage of generation {rec.generation}: {e}") from e
-            raise
+            _map_transfer_error(e, rec.id, "staging", f"lazy stage of generation {rec.generation}")
         log.info("volume %s: generation %d staged lazily (%d data chunks to fetch) in %.3fs", rec.id,
                  rec.generation, manifest.data_chunks, time.monotonic() - t0)
 
@@ -395,11 +385,9 @@ class VolumeSync:
         # only the catalog's proof fences; every other error (FAILED_PRECONDITION included)
         # keeps the local data and is retried
         fenced = isinstance(e, Fenced)
-        code = (Code.UNAVAILABLE if isinstance(e, StoreError)
-                else e.code if isinstance(e, CsiError) else Code.INTERNAL)
+        code, job.error = _flush_failure(e)
         job.state = FlushState.FENCED if fenced else FlushState.FAILED
         job.error_code = code.name
-        job.error = f"object store unreachable: {e}" if code == Code.UNAVAILABLE else str(e)
 
         def record(lv: LocalVolume) -> None:
             lv.flush = job
@@ -489,7 +477,7 @@ class VolumeSync:
             return
         if guard is not None:
             from .remote.catalog import manifest_key
-            guard.claim(manifest, source_path=dev, compression_level=rec.compression, codec=codec,
+            guard.claim(manifest, source=volume_io.source_of(dev), compression_level=rec.compression, codec=codec,
                         manifests=[manifest_key(vid, rec.generation + 1)])
         gen = cat.put_manifest(vid, rec.generation + 1, codec.encode_manifest(manifest))
         cat.commit_generation(vid, gen, self.node_id, job.epoch)
@@ -648,3 +636,23 @@ class VolumeSync:
                 log.info("removing orphaned local volume %s", vid)
                 self.lazy.discard(vid)
                 self.backend.delete(vid)
+
+
+def _map_transfer_error(e: BaseException, vid: str, doing: str, step: str) -> NoReturn:
+    """Raise what a failed hydrate or lazy stage reports: an unreachable store as UNAVAILABLE, a
+    local I/O or format error as INTERNAL; anything else (a CsiError, an interrupt) as it was."""
+    if isinstance(e, StoreError):
+        raise unreachable(e, f"volume {vid}: object store unreachable while {doing}") from e
+    if isinstance(e, (OSError, ValueError)):
+        raise CsiError(Code.INTERNAL, f"volume {vid}: {step}: {e}") from e
+    raise e
+
+
+def _flush_failure(e: Exception) -> tuple[Code, str]:
+    """A failed flush's status code and the message kept in its job."""
+    if isinstance(e, StoreError):
+        err = unreachable(e, "object store unreachable")
+        return err.code, err.message
+    if isinstance(e, CsiError):
+        return e.code, (f"object store unreachable: {e}" if e.code == Code.UNAVAILABLE else str(e))
+    return Code.INTERNAL, str(e)

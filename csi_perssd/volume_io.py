@@ -3,6 +3,8 @@
 local file I/O and the object store's chunk pipeline."""
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from .local.fileio import ChunkReader, ChunkWriter
@@ -32,9 +34,15 @@ def hydrate(store: ObjectStore, manifest: Manifest, dest_path: str, *, workers: 
             progress: Progress | None = None, codec: Codec = PLAIN) -> HydrateStats:
     """Write the manifest's data chunks into the device or file `dest_path` (at least
     volume_size long, opened O_RDWR without truncation). With `fsync`, writeback starts as each
-    chunk lands and the file is fsync'd at the end."""
-    with ChunkWriter(dest_path, writeback=fsync) as writer:
+    chunk lands (O_DIRECT where it can) and the file is fsync'd at the end."""
+    with ChunkWriter(dest_path, writeback=fsync, chunk_size=manifest.chunk_size) as writer:
         if writer.size < manifest.volume_size:
             raise ValueError(f"{dest_path} holds {writer.size} bytes, less than {manifest.volume_size}")
         return hydrate_chunks(store, manifest, writer, workers=workers, verify=verify,
                               zero_holes=zero_holes, progress=progress, codec=codec)
+
+
+def source_of(path: str) -> Callable[[int], ChunkReader]:
+    """What FlushGuard.claim re-reads chunks a garbage collection deleted from: the device or
+    file `path`, opened (for chunks of the size it is called with) only when it must."""
+    return functools.partial(ChunkReader, path)

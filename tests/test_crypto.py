@@ -108,6 +108,39 @@ def test_sliced_gcm_roundtrips_any_length_and_matches_one_shot(n):
         aead.open_(key, b"other", sealed, start=1)
 
 
+def test_open_into_a_reused_buffer_and_a_failed_tag_leaves_no_plaintext_in_it():
+    key, data = os.urandom(32), os.urandom(3 * aead.SLICE + 7)
+    sealed = aead.seal(key, b"ad", [data], prefix=b"P")
+    out = bytearray(aead.open_size(len(sealed), start=1))
+    got = aead.open_(key, b"ad", sealed, start=1, out=out)
+    assert bytes(got) == data and got.obj is out                 # a view of the caller's buffer
+    got.release()
+    again = aead.open_(key, b"ad", aead.seal(key, b"ad", [data[:100]]), out=out)   # reused
+    assert bytes(again) == data[:100]
+    again.release()
+    out[:] = bytes(len(out))
+    with pytest.raises(Tampered):
+        aead.open_(key, b"ad", flip(bytes(sealed), len(sealed) - 1), start=1, out=out)  # bad tag
+    assert out == bytes(len(out))                               # decrypted bytes wiped
+    with pytest.raises(ValueError):
+        aead.open_(key, b"ad", sealed, start=1, out=bytearray(len(data)))      # too small
+
+
+def test_codec_decodes_into_a_buffer_and_ignores_one_too_small():
+    c = Codec(keys.LineageKeys.generate())
+    rnd, text = os.urandom(1 << 20), b"abcd" * (1 << 18)
+    for data in (rnd, text):
+        name = c.name(data)
+        blob = c.encode(name, data, 1)
+        out = bytearray((1 << 20) + 64)
+        assert bytes(c.decode(name, blob, 1 << 20, out=out)) == data
+        assert bytes(c.decode(name, blob, 1 << 20, out=bytearray(10))) == data    # too small: own
+    name = c.name(rnd)
+    out = bytearray((1 << 20) + 64)
+    view = c.decode(name, c.encode(name, rnd, 1), 1 << 20, out=out)
+    assert isinstance(view, memoryview) and view.obj is out      # raw chunk: no copy
+
+
 def test_nonces_are_fresh_per_object():
     key = os.urandom(32)
     nonces = {bytes(aead.seal(key, b"", [b"same"])[:aead.NONCE]) for _ in range(64)}

@@ -5,10 +5,13 @@ over gRPC with loop devices and SeaweedFS; these cover the decisions: placement,
 retries, fencing, eviction, restart."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +26,9 @@ from csi_perssd.local.state import NodeState, Phase
 from csi_perssd.local.volumes import LocalVolumes
 from csi_perssd.node import Node
 from csi_perssd.remote.catalog import SCHEMA, NodeRecord
+from csi_perssd.remote.factory import StoreFactory
 from csi_perssd.remote.layout import volume_key
+from csi_perssd.remote.store import ObjectStore
 from csi_perssd.stores import Stores
 from csi_perssd.sync import VolumeSync
 
@@ -108,7 +113,7 @@ class World:
     def __init__(self, tmp: Path):
         self.tmp = tmp
         self.catalog = f"file://{tmp / 'catalog'}"
-        self.controller = Controller(self.cfg("controller"), Stores(self.cfg("controller")))  # type: ignore[abstract]
+        self.controller = Controller(self.cfg("controller"), Stores(self.cfg("controller")))
         self.nodes: dict[str, tuple[Node, VolumeSync, LocalVolumes, FileBackend]] = {}
 
     def cfg(self, node: str) -> Config:
@@ -313,3 +318,67 @@ def test_a_volume_is_never_served_or_flushed_with_another_volumes_secrets(world:
         "after a restart a volume must use the driver's own credentials, not another volume's"
     world.unstage("node-a", b)                          # flushed with the driver's own settings
     assert vols.phase(b) == Phase.CLEAN and world.record(b).generation == 1
+
+
+class _RecordingFactory(StoreFactory):
+    """The store factory, remembering the secrets of every store it is asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[dict[str, str]] = []
+
+    def open(self, url: str, secrets: Mapping[str, str] | None = None, defaults: Any = None,
+             *, cache: bool = True, **opts: Any) -> ObjectStore:
+        self.asked.append(dict(secrets or {}))
+        return super().open(url, secrets, defaults, cache=cache, **opts)
+
+
+def test_node_record_reads_never_use_another_calls_secrets(world: World) -> None:
+    c, d, a = world.create("sec-c"), world.create("sec-d"), world.create("sec-a2")
+    world.stage("node-a", c)
+    _write(world.nodes["node-a"][3].device(c), 0, b"c" * MiB)
+    world.unstage("node-a", c)
+    world.unpublish(c, "node-a")
+    assert world.record(c).generation == 1
+    node, sync, vols, _ = world.nodes["node-b"]
+    factory = _RecordingFactory()
+    node.stores.factory = sync.stores.factory = factory
+    secrets_a = {"accessKeyId": "AKVOLUMEA", "secretAccessKey": "volume-a-secret"}
+    world.stage("node-b", a, secrets=secrets_a)         # these secrets work: they are adopted
+    assert secrets_a in factory.asked
+    factory.asked.clear()
+    world.stage("node-b", c)                            # record read + hydrate, no secrets given
+    assert vols.phase(c) == Phase.STAGED and vols.get(c).generation == 1
+    world.unstage("node-b", d)                          # not on this node: existence check only
+    node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(
+        volume_id=d, target_path=str(world.tmp / "node-b" / "pods" / d)), None)
+    assert factory.asked and all(s == {} for s in factory.asked), \
+        f"a call without secrets read the catalog with another volume's: {factory.asked}"
+
+
+def _snapshotting_controller(world: World, alpha: bool) -> Controller:
+    from csi_perssd.snapshots import Snapshots
+    cfg = dataclasses.replace(world.cfg("controller"), enable_alpha=alpha)
+    ctl = Controller(cfg, Stores(cfg))
+    ctl.snapshots = Snapshots(cfg, ctl.stores, ctl)
+    return ctl
+
+
+def test_get_snapshot_is_alpha_and_reports_a_snapshot_until_it_is_deleted(world: World) -> None:
+    Cap = pb.ControllerServiceCapability.RPC
+    off = _snapshotting_controller(world, alpha=False)
+    assert Cap.GET_SNAPSHOT not in {c.rpc.type for c in off.ControllerGetCapabilities(None, None).capabilities}
+    with pytest.raises(CsiError) as e:
+        off.GetSnapshot(pb.GetSnapshotRequest(snapshot_id="snap-x"), None)
+    assert e.value.code == Code.UNIMPLEMENTED
+    ctl = _snapshotting_controller(world, alpha=True)
+    assert Cap.GET_SNAPSHOT in {c.rpc.type for c in ctl.ControllerGetCapabilities(None, None).capabilities}
+    vid = world.create("gs")
+    made = ctl.CreateSnapshot(pb.CreateSnapshotRequest(name="gs-snap", source_volume_id=vid), None).snapshot
+    got = ctl.GetSnapshot(pb.GetSnapshotRequest(snapshot_id=made.snapshot_id), None).snapshot
+    assert got == made and got.source_volume_id == vid
+    ctl.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=made.snapshot_id), None)
+    for sid, code in ((made.snapshot_id, Code.NOT_FOUND), ("", Code.INVALID_ARGUMENT)):
+        with pytest.raises(CsiError) as e:
+            ctl.GetSnapshot(pb.GetSnapshotRequest(snapshot_id=sid), None)
+        assert e.value.code == code, (sid, e.value)

@@ -44,17 +44,24 @@ def seal_chunk(keys: LineageKeys, name: str, parts: Sequence[aead.Buffer]) -> by
     return aead.seal(keys.chunk_key, chunk_aad(keys.lineage, name), parts, prefix=_CHUNK_TAG)
 
 
+def chunk_open_size(blob_len: int) -> int:
+    """Bytes of the `out` buffer open_chunk() needs for a sealed chunk of `blob_len` bytes."""
+    return aead.open_size(blob_len, start=1)
+
+
 def is_sealed_chunk(blob: aead.Buffer) -> bool:
     return len(blob) > 0 and blob[0] == CHUNK_FORMAT
 
 
-def open_chunk(keys: LineageKeys, name: str, blob: aead.Buffer) -> memoryview:
+def open_chunk(keys: LineageKeys, name: str, blob: aead.Buffer,
+               out: bytearray | memoryview | None = None) -> memoryview:
     """The inner (compressed) blob of a sealed chunk; Tampered if it is not sealed, truncated,
-    modified, stored under another name or sealed by another lineage."""
+    modified, stored under another name or sealed by another lineage. `out`: see aead.open_
+    (at least chunk_open_size(len(blob)) bytes)."""
     if not is_sealed_chunk(blob):
         raise Tampered("chunk object is not encrypted, but its volume is")
     try:
-        return aead.open_(keys.chunk_key, chunk_aad(keys.lineage, name), blob, start=1)
+        return aead.open_(keys.chunk_key, chunk_aad(keys.lineage, name), blob, start=1, out=out)
     except Tampered as e:
         raise Tampered(f"encrypted chunk {e}") from None
 

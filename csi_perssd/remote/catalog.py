@@ -257,10 +257,17 @@ class Catalog:
         self.cache.drop(key)
 
     def _update(self, cls: type[R], key: str, fn: Callable[[R], None], what: str) -> R:
+        rec = self._update_existing(cls, key, fn, what)
+        if rec is None:
+            raise not_found(f"{what} not found")
+        return rec
+
+    def _update_existing(self, cls: type[R], key: str, fn: Callable[[R], None], what: str) -> R | None:
+        """Read-modify-write with If-Match (retried on a lost race); None when there is no record."""
         for _ in range(CAS_RETRIES):
             rec = self._get(cls, key)
             if rec is None:
-                raise not_found(f"{what} not found")
+                return None
             fn(rec)
             try:
                 self._put(key, rec)
@@ -453,6 +460,10 @@ class Catalog:
     def update_snapshot(self, sid: str, fn: Callable[[SnapshotRecord], None]) -> SnapshotRecord:
         return self._update(SnapshotRecord, snapshot_key(sid), fn, f"snapshot {sid}")
 
+    def update_snapshot_if_exists(self, sid: str, fn: Callable[[SnapshotRecord], None]) -> SnapshotRecord | None:
+        """`update_snapshot`, but None (nothing written) when the snapshot was deleted."""
+        return self._update_existing(SnapshotRecord, snapshot_key(sid), fn, f"snapshot {sid}")
+
     def snapshot_page(self, after: str = "", limit: int = 0) -> SnapshotPage:
         recs, more, last = self._records(SnapshotRecord, layout.SNAPSHOTS, after, limit, snapshot_key)
         return SnapshotPage(recs, more, last)
@@ -473,6 +484,10 @@ class Catalog:
 
     def update_group(self, gid: str, fn: Callable[[GroupSnapshotRecord], None]) -> GroupSnapshotRecord:
         return self._update(GroupSnapshotRecord, group_key(gid), fn, f"group snapshot {gid}")
+
+    def update_group_if_exists(self, gid: str, fn: Callable[[GroupSnapshotRecord], None]) -> GroupSnapshotRecord | None:
+        """`update_group`, but None (nothing written) when the group snapshot was deleted."""
+        return self._update_existing(GroupSnapshotRecord, group_key(gid), fn, f"group snapshot {gid}")
 
     def delete_group(self, rec: GroupSnapshotRecord) -> None:
         self._delete(group_key(rec.id))

@@ -53,15 +53,20 @@ class Codec:
         # bytes, like a plain blob: the store client then sends both kinds the same way
         return bytes(envelope.seal_chunk(self.keys, name, parts))
 
-    def decode(self, name: str, blob: Buffer, max_size: int) -> bytes | memoryview:
+    def decode(self, name: str, blob: Buffer, max_size: int,
+               out: bytearray | memoryview | None = None) -> bytes | memoryview:
         """The plaintext of a stored chunk; CorruptBlob when it cannot be opened or decoded.
-        The caller checks the plaintext against `name` (name())."""
+        The caller checks the plaintext against `name` (name()). `out`: a reusable buffer an
+        encrypted chunk is opened into (unused when too small, and by plain chunks); the result
+        may then be a view of it, valid until `out` is reused."""
         if self.keys is None:
             if envelope.is_sealed_chunk(blob):
                 raise CorruptBlob("chunk object is encrypted, but its volume is not")
             return decompress(blob, max_size=max_size)
+        if out is not None and len(out) < envelope.chunk_open_size(len(blob)):
+            out = None
         try:
-            inner = envelope.open_chunk(self.keys, name, blob)
+            inner = envelope.open_chunk(self.keys, name, blob, out=out)
         except Tampered as e:
             raise CorruptBlob(str(e)) from None
         return decompress(inner, max_size=max_size)

@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -273,25 +273,30 @@ def _collect(cat: Catalog, rep: GcReport, t_start: float, *, grace: float, keep:
 
 def _sweep(store: ObjectStore, rep: GcReport, chunks: list[ObjectInfo], referenced: set[str],
            drop: list[ObjectInfo], t_start: float, grace: float, dry_run: bool, deadline: float) -> None:
-    for info in chunks:
-        h = layout.parse_chunk_key(info.key) or info.key.rsplit("/", 1)[-1]
-        if h in referenced:
-            continue
-        if t_start - info.mtime <= grace:
-            rep.kept_young += 1
-            continue
+    def unreferenced() -> Iterator[ObjectInfo]:
+        for info in chunks:
+            h = layout.parse_chunk_key(info.key) or info.key.rsplit("/", 1)[-1]
+            if h in referenced:
+                continue
+            if t_start - info.mtime <= grace:
+                rep.kept_young += 1
+                continue
+            yield info
+    rep.deleted_chunk_bytes += _delete_in_time(store, unreferenced(), rep.deleted_chunks, rep, dry_run, deadline)
+    rep.deleted_other_bytes += _delete_in_time(store, drop, rep.deleted_manifests, rep, dry_run, deadline)
+
+
+def _delete_in_time(store: ObjectStore, infos: Iterable[ObjectInfo], deleted: list[str], rep: GcReport,
+                    dry_run: bool, deadline: float) -> int:
+    """Delete `infos` in order (a dry run only lists them) until the sweep's deadline, which
+    stops the run early; the keys go into `deleted`; returns their bytes."""
+    freed = 0
+    for info in infos:
         if not dry_run and time.monotonic() > deadline:
             rep.stopped_early = True
             break
-        rep.deleted_chunks.append(info.key)
-        rep.deleted_chunk_bytes += info.size
+        deleted.append(info.key)
+        freed += info.size
         if not dry_run:
             store.delete(info.key)
-    for info in drop:
-        if not dry_run and time.monotonic() > deadline:
-            rep.stopped_early = True
-            break
-        rep.deleted_manifests.append(info.key)
-        rep.deleted_other_bytes += info.size
-        if not dry_run:
-            store.delete(info.key)
+    return freed

@@ -270,9 +270,23 @@ class ChunkFetcher:
         self.store, self.manifest, self.sink = store, manifest, sink
         self.first, self.more = slots       # name -> first index; the other indexes of the duplicated ones
         self.verify, self.zero_tails, self.codec = verify, zero_tails, codec
+        self._local = threading.local()
 
-    def fetch(self, h: str) -> tuple[bytes | memoryview, int]:
-        """The verified plaintext of chunk `h` and its stored size (ChunkMissing/ChunkCorrupted)."""
+    def _scratch(self) -> bytearray | None:
+        """This worker thread's buffer that encrypted chunks are opened into (one per thread for
+        the whole hydrate: a fresh 4 MiB buffer per chunk cost a page fault per 4 KiB, ~65,000
+        per 256 MiB, and made encrypted hydrates ~20% slower); None for plain volumes."""
+        if not self.codec.encrypted:
+            return None
+        buf: bytearray | None = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = bytearray(self.manifest.chunk_size + 64)
+        return buf
+
+    def fetch(self, h: str, out: bytearray | None = None) -> tuple[bytes | memoryview, int]:
+        """The verified plaintext of chunk `h` and its stored size (ChunkMissing/ChunkCorrupted).
+        With `out` (see Codec.decode) the plaintext may be a view of it: valid until `out` is
+        reused."""
         from .transfer import ChunkCorrupted, ChunkMissing
         key = chunk_key(h)
         try:
@@ -280,7 +294,7 @@ class ChunkFetcher:
         except NotFound:
             raise ChunkMissing(key, "missing from the store") from None
         try:
-            raw = self.codec.decode(h, blob, self.manifest.chunk_size)
+            raw = self.codec.decode(h, blob, self.manifest.chunk_size, out=out)
         except CorruptBlob as e:
             raise ChunkCorrupted(key, str(e)) from None
         if self.verify and self.codec.name(raw) != h:
@@ -289,7 +303,7 @@ class ChunkFetcher:
 
     def __call__(self, h: str) -> tuple[int, int, int]:
         from .transfer import ChunkCorrupted
-        raw, stored = self.fetch(h)
+        raw, stored = self.fetch(h, self._scratch())
         size, cs = self.manifest.volume_size, self.manifest.chunk_size
         written = slots = 0
         for i in (self.first[h], *self.more.get(h, ())):

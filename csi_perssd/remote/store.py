@@ -4,7 +4,8 @@ Both implementations (`FileStore` for file://DIR, `S3Store` for s3://BUCKET/PREF
 interface and one test suite. Keys are relative ('volumes/pvol-1.json'); they are built only by
 `remote.layout` from validated IDs and hex hashes.
 
-`reachable(store)` is the one place a StoreError becomes a CsiError (UNAVAILABLE); NotFound and
+`unreachable(e, where)` is the one place a StoreError becomes a CsiError (UNAVAILABLE);
+`reachable(store)` applies it around a block of store calls and lets NotFound and
 PreconditionFailed pass through, since callers decide what those mean.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from ..errors import unavailable
+from ..errors import CsiError, unavailable
 
 _KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
 
@@ -47,6 +48,12 @@ class ObjectInfo:
 Page = list[ObjectInfo]             # one LIST response (a name that a class's `list` method cannot shadow)
 
 
+def unreachable(e: StoreError, where: str) -> CsiError:
+    """The one translation of a failed store request: CsiError(UNAVAILABLE), `where` (naming the
+    store or the operation, never a key's secret) before the store's own message."""
+    return unavailable(f"{where}: {e}")
+
+
 @contextmanager
 def reachable(store: ObjectStore | str) -> Iterator[None]:
     """Map a failed store request to CsiError(UNAVAILABLE) naming the store (or its URL, for
@@ -56,7 +63,7 @@ def reachable(store: ObjectStore | str) -> Iterator[None]:
     except (NotFound, PreconditionFailed):
         raise
     except StoreError as e:
-        raise unavailable(f"object store {store if isinstance(store, str) else store.url}: {e}") from e
+        raise unreachable(e, f"object store {store if isinstance(store, str) else store.url}") from e
 
 
 @dataclass(frozen=True)
