@@ -82,6 +82,8 @@ class Controller(rpc.ControllerServicer):
              Cap.SINGLE_NODE_MULTI_WRITER, Cap.PUBLISH_READONLY, Cap.MODIFY_VOLUME]
         if self.snapshots is not None:
             c += [Cap.CREATE_DELETE_SNAPSHOT, Cap.LIST_SNAPSHOTS, Cap.CLONE_VOLUME]
+            if self.cfg.enable_alpha:
+                c.append(Cap.GET_SNAPSHOT)
         return c
 
     def ControllerGetCapabilities(self, request: Any, context: Any) -> Any:
@@ -503,3 +505,9 @@ class Controller(rpc.ControllerServicer):
 
     def ListSnapshots(self, request: Any, context: Any) -> Any:
         return self._snap().list(request)
+
+    def GetSnapshot(self, request: Any, context: Any) -> Any:
+        """CSI alpha: served (and GET_SNAPSHOT advertised) only with --enable-alpha."""
+        if not self.cfg.enable_alpha:
+            raise CsiError(Code.UNIMPLEMENTED, "GetSnapshot is an alpha RPC: it needs --enable-alpha")
+        return self._snap().get(request)

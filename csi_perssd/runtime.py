@@ -65,9 +65,7 @@ class Runtime:
             self.node = Node(cfg, self.stores, self.backend, self.volumes, self.sync)
             local_node = self.node_record()
         if cfg.mode in ("controller", "all"):
-            # ignore[abstract] until Controller implements GetSnapshot (alpha; the base servicer
-            # answers UNIMPLEMENTED, the typing stubs declare it abstract)
-            self.controller = Controller(cfg, self.stores, local_node=local_node)  # type: ignore[abstract]
+            self.controller = Controller(cfg, self.stores, local_node=local_node)
             try:
                 from .snapshots import Snapshots
                 self.controller.snapshots = Snapshots(cfg, self.stores, self.controller)

@@ -179,7 +179,16 @@ class Snapshots:
             raise not_found(f"snapshot {sid} not found")
         return rec
 
-    # -- DeleteSnapshot / ListSnapshots ----------------------------------------------------
+    # -- GetSnapshot / DeleteSnapshot / ListSnapshots --------------------------------------
+    def get(self, request: Any) -> pb.GetSnapshotResponse:
+        """One snapshot's current state, ready or not yet (spec: "must be retrievable");
+        NOT_FOUND once it is deleted."""
+        sid = ids.snapshot_id(request.snapshot_id)
+        rec = self.stores.catalog(dict(request.secrets)).get_snapshot(sid)
+        if rec is None:
+            raise not_found(f"snapshot {sid} does not exist")
+        return pb.GetSnapshotResponse(snapshot=self.proto(rec))
+
     def delete(self, request: Any) -> pb.DeleteSnapshotResponse:
         sid = ids.snapshot_id(request.snapshot_id)
         cat = self.stores.catalog(dict(request.secrets))
@@ -514,7 +523,7 @@ class NodeSnapshotWorker:
         plan = FlushPlan(size=size, chunk_size=vol.chunk_size, base=base, ranges=ranges, ranges_mode=mode,
                          compression_level=vol.compression, workers=self.rt.cfg.flush_workers, codec=codec)
         m, stats = volume_io.flush(cat.store, path, plan, progress)
-        g = guard.claim(m, source_path=path, compression_level=vol.compression, codec=codec,
+        g = guard.claim(m, source=volume_io.source_of(path), compression_level=vol.compression, codec=codec,
                         manifests=[snapshot_manifest_key(snap.id)])
         uploaded = stats.bytes_uploaded + g.repaired_bytes
         cat.store.put(snapshot_manifest_key(snap.id), codec.encode_manifest(m))

@@ -3,6 +3,8 @@
 local file I/O and the object store's chunk pipeline."""
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from .local.fileio import ChunkReader, ChunkWriter
@@ -38,3 +40,9 @@ def hydrate(store: ObjectStore, manifest: Manifest, dest_path: str, *, workers: 
             raise ValueError(f"{dest_path} holds {writer.size} bytes, less than {manifest.volume_size}")
         return hydrate_chunks(store, manifest, writer, workers=workers, verify=verify,
                               zero_holes=zero_holes, progress=progress, codec=codec)
+
+
+def source_of(path: str) -> Callable[[int], ChunkReader]:
+    """What FlushGuard.claim re-reads chunks a garbage collection deleted from: the device or
+    file `path`, opened (for chunks of the size it is called with) only when it must."""
+    return functools.partial(ChunkReader, path)

@@ -5,6 +5,7 @@ over gRPC with loop devices and SeaweedFS; these cover the decisions: placement,
 retries, fencing, eviction, restart."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -112,7 +113,7 @@ class World:
     def __init__(self, tmp: Path):
         self.tmp = tmp
         self.catalog = f"file://{tmp / 'catalog'}"
-        self.controller = Controller(self.cfg("controller"), Stores(self.cfg("controller")))  # type: ignore[abstract]
+        self.controller = Controller(self.cfg("controller"), Stores(self.cfg("controller")))
         self.nodes: dict[str, tuple[Node, VolumeSync, LocalVolumes, FileBackend]] = {}
 
     def cfg(self, node: str) -> Config:
@@ -353,3 +354,31 @@ def test_node_record_reads_never_use_another_calls_secrets(world: World) -> None
         volume_id=d, target_path=str(world.tmp / "node-b" / "pods" / d)), None)
     assert factory.asked and all(s == {} for s in factory.asked), \
         f"a call without secrets read the catalog with another volume's: {factory.asked}"
+
+
+def _snapshotting_controller(world: World, alpha: bool) -> Controller:
+    from csi_perssd.snapshots import Snapshots
+    cfg = dataclasses.replace(world.cfg("controller"), enable_alpha=alpha)
+    ctl = Controller(cfg, Stores(cfg))
+    ctl.snapshots = Snapshots(cfg, ctl.stores, ctl)
+    return ctl
+
+
+def test_get_snapshot_is_alpha_and_reports_a_snapshot_until_it_is_deleted(world: World) -> None:
+    Cap = pb.ControllerServiceCapability.RPC
+    off = _snapshotting_controller(world, alpha=False)
+    assert Cap.GET_SNAPSHOT not in {c.rpc.type for c in off.ControllerGetCapabilities(None, None).capabilities}
+    with pytest.raises(CsiError) as e:
+        off.GetSnapshot(pb.GetSnapshotRequest(snapshot_id="snap-x"), None)
+    assert e.value.code == Code.UNIMPLEMENTED
+    ctl = _snapshotting_controller(world, alpha=True)
+    assert Cap.GET_SNAPSHOT in {c.rpc.type for c in ctl.ControllerGetCapabilities(None, None).capabilities}
+    vid = world.create("gs")
+    made = ctl.CreateSnapshot(pb.CreateSnapshotRequest(name="gs-snap", source_volume_id=vid), None).snapshot
+    got = ctl.GetSnapshot(pb.GetSnapshotRequest(snapshot_id=made.snapshot_id), None).snapshot
+    assert got == made and got.source_volume_id == vid
+    ctl.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=made.snapshot_id), None)
+    for sid, code in ((made.snapshot_id, Code.NOT_FOUND), ("", Code.INVALID_ARGUMENT)):
+        with pytest.raises(CsiError) as e:
+            ctl.GetSnapshot(pb.GetSnapshotRequest(snapshot_id=sid), None)
+        assert e.value.code == code, (sid, e.value)

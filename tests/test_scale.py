@@ -67,7 +67,7 @@ def _controller(sw: Seaweed, prefix: str) -> tuple[Controller, Any]:
     stores = Stores(cfg, StoreFactory())               # a private factory: its own store and stats
     secrets_ = {"accessKeyId": sw.access_key, "secretAccessKey": sw.secret_key}
     stores.catalog(secrets_)                           # adopt the credentials (one HEAD)
-    return Controller(cfg, stores), stores.store(secrets_)   # type: ignore[abstract]
+    return Controller(cfg, stores), stores.store(secrets_)
 
 
 def test_a_list_volumes_page_costs_its_page_not_the_catalog(bucket: tuple[Seaweed, str]) -> None:

@@ -19,14 +19,15 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import CsiError
 from . import layout
 from .catalog import Catalog, VolumeRecord
-from .codec import manifest_refs
+from .chunkmap import hex_slots
+from .codec import manifest_ref_digests
 from .guard import CLAIM_TTL_S, CLONE_CLAIM_TTL_S, SWEEP_LIMIT_S, TOMB_TTL_S, FlushGuard, GuardStats, new_id
 from .store import NotFound, ObjectInfo, ObjectStore, reachable
 
@@ -36,19 +37,20 @@ REQUEST_MIN_AGE_S = 3600.0         # snapshot requests without a snapshot record
 
 
 class ManifestCache:
-    """The chunk hashes a manifest references, by its key and ETag (manifests are written once;
+    """The chunks a manifest references (their raw digests, 32 bytes each: a 16 TiB volume's
+    manifest is 128 MiB here, not 4 Mi strs), by its key and ETag (manifests are written once;
     an ETag that changed means the object was replaced and is read again)."""
 
     def __init__(self) -> None:
         self._mu = threading.Lock()
-        self._d: dict[str, tuple[str, frozenset[str]]] = {}
+        self._d: dict[str, tuple[str, bytes]] = {}
 
-    def get(self, key: str, etag: str) -> frozenset[str] | None:
+    def get(self, key: str, etag: str) -> bytes | None:
         with self._mu:
             hit = self._d.get(key)
         return hit[1] if hit is not None and etag and hit[0] == etag else None
 
-    def put(self, key: str, etag: str, hashes: frozenset[str]) -> None:
+    def put(self, key: str, etag: str, hashes: bytes) -> None:
         if etag:
             with self._mu:
                 self._d[key] = (etag, hashes)
@@ -223,7 +225,7 @@ def _mark(store: ObjectStore, keys: list[ObjectInfo], referenced: set[str], cach
             misses.append(info)
         else:
             rep.manifests_cached += 1
-            referenced |= hashes
+            referenced.update(hex_slots(hashes))
 
     def read(info: ObjectInfo) -> tuple[ObjectInfo, bytes, str] | None:
         try:
@@ -238,9 +240,9 @@ def _mark(store: ObjectStore, keys: list[ObjectInfo], referenced: set[str], cach
             info, data, etag = got
             rep.manifests_read += 1
             rep.bytes_read += len(data)
-            hashes = frozenset(manifest_refs(data))      # plain or sealed: no keys needed
+            hashes = manifest_ref_digests(data)         # plain or sealed: no keys needed
             cache.put(info.key, info.etag or etag, hashes)
-            referenced |= hashes
+            referenced.update(hex_slots(hashes))
 
 
 def _collect(cat: Catalog, rep: GcReport, t_start: float, *, grace: float, keep: int, dry_run: bool,
@@ -271,25 +273,30 @@ def _collect(cat: Catalog, rep: GcReport, t_start: float, *, grace: float, keep:
 
 def _sweep(store: ObjectStore, rep: GcReport, chunks: list[ObjectInfo], referenced: set[str],
            drop: list[ObjectInfo], t_start: float, grace: float, dry_run: bool, deadline: float) -> None:
-    for info in chunks:
-        h = layout.parse_chunk_key(info.key) or info.key.rsplit("/", 1)[-1]
-        if h in referenced:
-            continue
-        if t_start - info.mtime <= grace:
-            rep.kept_young += 1
-            continue
+    def unreferenced() -> Iterator[ObjectInfo]:
+        for info in chunks:
+            h = layout.parse_chunk_key(info.key) or info.key.rsplit("/", 1)[-1]
+            if h in referenced:
+                continue
+            if t_start - info.mtime <= grace:
+                rep.kept_young += 1
+                continue
+            yield info
+    rep.deleted_chunk_bytes += _delete_in_time(store, unreferenced(), rep.deleted_chunks, rep, dry_run, deadline)
+    rep.deleted_other_bytes += _delete_in_time(store, drop, rep.deleted_manifests, rep, dry_run, deadline)
+
+
+def _delete_in_time(store: ObjectStore, infos: Iterable[ObjectInfo], deleted: list[str], rep: GcReport,
+                    dry_run: bool, deadline: float) -> int:
+    """Delete `infos` in order (a dry run only lists them) until the sweep's deadline, which
+    stops the run early; the keys go into `deleted`; returns their bytes."""
+    freed = 0
+    for info in infos:
         if not dry_run and time.monotonic() > deadline:
             rep.stopped_early = True
             break
-        rep.deleted_chunks.append(info.key)
-        rep.deleted_chunk_bytes += info.size
+        deleted.append(info.key)
+        freed += info.size
         if not dry_run:
             store.delete(info.key)
-    for info in drop:
-        if not dry_run and time.monotonic() > deadline:
-            rep.stopped_early = True
-            break
-        rep.deleted_manifests.append(info.key)
-        rep.deleted_other_bytes += info.size
-        if not dry_run:
-            store.delete(info.key)
+    return freed

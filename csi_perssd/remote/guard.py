@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from ..errors import Code, CsiError
@@ -45,6 +46,7 @@ from .codec import PLAIN, Codec
 from .layout import GC_LAST_RUN, GC_RUNNING, chunk_key, gc_claim_key
 from .manifest import Manifest
 from .store import NotFound, ObjectStore, StoreError, reachable
+from .transfer import ChunkSource
 
 log = logging.getLogger(__name__)
 TOMB_TTL_S = 600.0                 # a collector's tomb older than this is dead (crashed collector)
@@ -52,6 +54,8 @@ SWEEP_LIMIT_S = TOMB_TTL_S / 2     # a collector stops deleting this long after 
 CLAIM_TTL_S = 6 * 3600.0           # a claim left behind by a crashed writer stops protecting
 CLONE_CLAIM_TTL_S = 120.0          # a clone's claim whose volume record never appeared (crash)
 WAIT_POLL_S = 0.2
+# opens the flushed source for reads of chunks of the given size (the caller's local reader)
+SourceOpener = Callable[[int], AbstractContextManager[ChunkSource]]
 
 
 def new_id() -> str:
@@ -74,7 +78,7 @@ class FlushGuard:
         guard = FlushGuard.begin(store, "node-a/pvol-x", resumed=journal_exists)
         base = ...read the base manifest...
         manifest, stats = volume_io.flush(store, dev, plan)
-        guard.claim(manifest, source_path=dev, compression_level=1)   # may repair chunks
+        guard.claim(manifest, source=volume_io.source_of(dev), compression_level=1)   # may repair chunks
         ...put_manifest + commit_generation...
         guard.release()
 
@@ -104,13 +108,15 @@ class FlushGuard:
         tombs = {i.key for i in self.store.list(GC_RUNNING) if now - i.mtime < TOMB_TTL_S}
         return last, tombs
 
-    def claim(self, manifest: Manifest | set[str], *, source_path: str | None = None,
+    def claim(self, manifest: Manifest | set[str], *, source: SourceOpener | None = None,
               compression_level: int = DEFAULT_COMPRESSION, manifests: list[str] | tuple[str, ...] = (),
               volume: str = "", codec: Codec = PLAIN) -> GuardStats:
         """`manifest`: the manifest, or only the chunk names it references (a sealed manifest
         copied without its keys; then there is no source to repair from). `volume`: the claim
         protects a new volume's first manifest until its record exists (a clone); a collector
-        drops it once it sees that record. `codec` encodes repaired chunks like the flush did."""
+        drops it once it sees that record. `codec` encodes repaired chunks like the flush did.
+        `source(chunk_size)` opens what the flush read (volume_io.source_of), only when a chunk
+        must be uploaded again."""
         hashes = sorted(manifest.referenced_hashes() if isinstance(manifest, Manifest) else manifest)
         doc = {"owner": self.owner, "created_at": time.time(), "hashes": hashes, "manifests": list(manifests),
                "volume": volume}
@@ -122,7 +128,7 @@ class FlushGuard:
             self.stats.overlapped = overlapped
             if overlapped or self.resumed:
                 self._wait_for(tombs)
-                self._verify(manifest, source_path, compression_level, codec)
+                self._verify(manifest, source, compression_level, codec)
         if overlapped:
             log.info("%s: a garbage collection overlapped the flush: verified %d chunks, uploaded %d again",
                      self.owner, self.stats.verified_chunks, self.stats.repaired_chunks)
@@ -138,16 +144,15 @@ class FlushGuard:
                 time.sleep(WAIT_POLL_S)
         self.stats.waited_s = time.monotonic() - t0
 
-    def _verify(self, manifest: Manifest | set[str], source_path: str | None, level: int,
+    def _verify(self, manifest: Manifest | set[str], source: SourceOpener | None, level: int,
                 codec: Codec) -> None:
         first: dict[str, int] = {}
         if not isinstance(manifest, Manifest):
             first = {h: -1 for h in sorted(manifest)}
-            source_path = None
+            source = None
         else:
-            for i, h in enumerate(manifest.entries):
-                if h is not None:
-                    first.setdefault(h, i)
+            for i, h in manifest.data_items():
+                first.setdefault(h, i)
         missing = []
         for h in first:
             self.stats.verified_chunks += 1
@@ -156,21 +161,15 @@ class FlushGuard:
                 missing.append(h)
         if not missing:
             return
-        if source_path is None:
+        if source is None:
             raise CsiError(Code.ABORTED, f"{self.owner}: {len(missing)} chunks were garbage-collected "
                            f"meanwhile and there is no source to upload them again from; try again")
         assert isinstance(manifest, Manifest)
-        fd = os.open(source_path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
+        with source(manifest.chunk_size) as reader:
             for h in missing:
                 i = first[h]
                 off, length = chunk_span(i, manifest.volume_size, manifest.chunk_size)
-                buf = os.pread(fd, length, off)
-                while len(buf) < length:
-                    more = os.pread(fd, length - len(buf), off + len(buf))
-                    if not more:
-                        break
-                    buf += more
+                buf = reader.read(off, length)
                 if codec.name(buf) != h:
                     raise CsiError(Code.ABORTED, f"{self.owner}: chunk {i} was garbage-collected meanwhile and "
                                    f"the source changed since it was read; flush again")
@@ -178,8 +177,6 @@ class FlushGuard:
                 self.store.put(chunk_key(h), blob)
                 self.stats.repaired_chunks += 1
                 self.stats.repaired_bytes += len(blob)
-        finally:
-            os.close(fd)
 
     def release(self) -> None:
         """The manifest is committed (or abandoned): the claim is no longer needed."""

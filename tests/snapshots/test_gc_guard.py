@@ -62,7 +62,7 @@ def test_reused_chunk_deleted_by_gc_is_repaired(s3_store, tmp_path) -> None:
     assert st.chunks_skipped_known == 4
     rep = gc.collect(cat, grace=0, keep=0, dry_run=False)
     assert rep.deleted_chunks, "the collection must have deleted the reused chunks"
-    g = guard.claim(m, source_path=src)
+    g = guard.claim(m, source=volume_io.source_of(src))
     assert g.overlapped and g.repaired_chunks == 6
     assert _missing(s3_store, m) == []
     # a collection after the claim keeps every claimed chunk
@@ -81,7 +81,7 @@ def test_no_overlap_costs_no_verification(s3_store, tmp_path) -> None:
     _image(src, [os.urandom(CS) for _ in range(3)])
     guard = gc.FlushGuard.begin(s3_store, "test/a")
     m, _ = volume_io.flush_path(s3_store, src, 3 * CS, CS)
-    g = guard.claim(m, source_path=src)
+    g = guard.claim(m, source=volume_io.source_of(src))
     guard.release()
     assert not g.overlapped and g.verified_chunks == 0
 
@@ -130,7 +130,7 @@ def test_gc_loop_racing_guarded_flushes(s3_store, tmp_path) -> None:
             _image(src, [pool[(r + k) % 8] for k in range(4)] + [os.urandom(CS) for _ in range(4)])
             guard = gc.FlushGuard.begin(s3_store, f"test/{r}")
             m, _ = volume_io.flush_path(s3_store, src, 8 * CS, CS, check_exists=True, workers=2)
-            overlaps.append(guard.claim(m, source_path=src))
+            overlaps.append(guard.claim(m, source=volume_io.source_of(src)))
             key = f"volumes/pvol-race{r}/gen/0000000001.manifest"
             s3_store.put(key, m.encode())
             # "commit": the manifest is referenced by a live snapshot record from now on
