@@ -22,6 +22,7 @@ from .csi import csi_pb2 as pb
 from .csi import csi_pb2_grpc as rpc
 from .errors import Code, CsiError, invalid, not_found, precondition
 from .remote.catalog import Catalog, SnapshotRecord
+from .remote.chunkmap import changed_chunks
 from .remote.layout import snapshot_manifest_key
 from .remote.manifest import Manifest
 from .snapshots import read_manifest
@@ -46,7 +47,17 @@ def coalesce(chunks: Iterator[int], chunk_size: int, size: int) -> Iterator[tupl
 
 
 def allocated(m: Manifest) -> Iterator[tuple[int, int]]:
-    return coalesce((i for i, h in enumerate(m.entries) if h is not None), m.chunk_size, m.volume_size)
+    """The runs of data chunks of the compact table (nothing per chunk)."""
+    cs, size = m.chunk_size, m.volume_size
+    start = end = -1
+    for first, count in m.data_spans():
+        if first != end:
+            if start >= 0:
+                yield start * cs, min(end * cs, size) - start * cs
+            start = first
+        end = first + count
+    if start >= 0:
+        yield start * cs, min(end * cs, size) - start * cs
 
 
 def changed(base: Manifest, target: Manifest) -> Iterator[tuple[int, int]]:
@@ -55,9 +66,7 @@ def changed(base: Manifest, target: Manifest) -> Iterator[tuple[int, int]]:
     if base.chunk_size != target.chunk_size:
         raise precondition(f"the snapshots have different chunk sizes ({base.chunk_size} and "
                            f"{target.chunk_size}): no delta can be computed, take a full backup")
-    old = base.entries
-    idx = (i for i, h in enumerate(target.entries) if (old[i] if i < len(old) else None) != h)
-    return coalesce(idx, target.chunk_size, target.volume_size)
+    return coalesce(changed_chunks(base.chunk_map(), target.chunk_map()), target.chunk_size, target.volume_size)
 
 
 def from_offset(ranges: Iterator[tuple[int, int]], start: int) -> Iterator[tuple[int, int]]:
@@ -121,7 +130,7 @@ class SnapshotMetadata(rpc.SnapshotMetadataServicer):
         rec, m = self._snapshot(cat, request.snapshot_id, "snapshot_id", dict(request.secrets))
         self._check_offset(request.starting_offset, m)
         log.info("GetMetadataAllocated %s from %d: %d of %d chunks allocated", rec.id, request.starting_offset,
-                 m.data_chunks, len(m.entries))
+                 m.data_chunks, m.chunk_count)
         return (pb.GetMetadataAllocatedResponse(block_metadata_type=VARIABLE, volume_capacity_bytes=m.volume_size,
                                                 block_metadata=batch)
                 for batch in messages(from_offset(allocated(m), request.starting_offset), per))

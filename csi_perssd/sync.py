@@ -31,6 +31,7 @@ from .local.keyfiles import NodeKeys
 from .local.state import FlushJob, FlushState, LocalVolume, Phase
 from .local.volumes import STAGED_PHASES, LocalVolumes
 from .remote.catalog import VolumeRecord, check_owner
+from .remote.chunkmap import ChunkMap
 from .remote.codec import PLAIN, Codec
 from .remote.manifest import Manifest
 from .remote.store import StoreError, unreachable
@@ -65,7 +66,7 @@ class _PreFlush:
     base_generation: int
     size: int
     started_at: float           # its uploads are at most this old (gc grace period)
-    hashes: dict[str, int]      # hash -> stored size
+    hashes: ChunkMap            # the chunks it stored (its manifest's chunk table)
     manifest: Manifest | None   # set when it read PRE_SNAP
 
 
@@ -464,7 +465,7 @@ class VolumeSync:
             with self._mu:
                 self._preflushed[vid] = _PreFlush(
                     rec.generation, size, started_at,
-                    {h: manifest.sizes.get(h, 0) for h in manifest.referenced_hashes()},
+                    manifest.chunk_map(),
                     manifest if snap is not None else None)
             job.state, job.done_bytes = FlushState.UPLOADED, total
 

@@ -1,6 +1,7 @@
 """Manifest: roundtrip, helpers, and hostile manifests rejected on decode."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -152,3 +153,144 @@ def test_hostile_binary_manifests_rejected():
     for data in cases:
         with pytest.raises(ManifestError):
             Manifest.decode(data)
+
+
+# -- the compact in-memory form (issue 13: no object per chunk on the hot paths) ----------------
+def _hashes(n: int, seed: int = 0) -> list[str]:
+    import hashlib
+    return [hashlib.blake2s(f"{seed}-{i}".encode()).hexdigest() for i in range(n)]
+
+
+def _pattern(n: int) -> list[str | None]:
+    hs = _hashes(n)
+    return [None if i % 7 in (2, 3) or i >= n - 2 else hs[i % 11] for i in range(n)]   # dups, holes, hole tail
+
+
+def test_decoded_manifest_stays_compact_through_views_and_encode():
+    entries = _pattern(60)
+    m = Manifest(60 * MiB - 5, MiB, entries, sizes={h: 10 + i for i, h in enumerate(sorted(set(entries) - {None}))})
+    d = Manifest.decode(m.encode())
+    assert [d.hash_at(i) for i in range(62)] == entries + [None, None]
+    assert list(d.data_items()) == [(i, h) for i, h in enumerate(entries) if h is not None]
+    runs = [(k, len(list(g))) for k, g in itertools.groupby(entries, key=lambda h: h is None)]
+    starts = list(itertools.accumulate([n for _, n in runs], initial=0))
+    assert d.data_spans() == [(s, n) for s, (hole, n) in zip(starts, runs) if not hole]
+    assert d.hole_spans() == [(s, n) for s, (hole, n) in zip(starts, runs) if hole]
+    assert d.hole_spans()[-1] == (58, 2) and sum(c for _, c in d.hole_spans()) == d.hole_chunks
+    assert d.referenced_hashes() == m.referenced_hashes()
+    assert d.stored_size(entries[0]) == m.sizes[entries[0]] and d.stored_size("f" * 64) is None
+    assert d.stored_size("not hex") is None
+    assert d.data_chunks == m.data_chunks and d.logical_bytes == m.logical_bytes == 42 * MiB
+    assert d.stored_bytes == m.stored_bytes and d.chunk_count == 60
+    assert d.encode() == m.encode()
+    assert "entries" not in d.__dict__ and "sizes" not in d.__dict__     # nothing expanded
+    assert d.entries == entries and d.sizes == m.sizes                   # on demand, equal
+
+
+def test_short_last_data_chunk_counts_its_length():
+    m = Manifest(10 * MiB, 4 * MiB, [H1, None, H2])
+    assert m.logical_bytes == Manifest.decode(m.encode()).logical_bytes == 6 * MiB
+
+
+def test_expanded_lists_are_the_manifest_from_then_on():
+    m = Manifest(16 * MiB, 4 * MiB, [H1, None, H2, H1], sizes={H1: 100, H2: 200})
+    d = Manifest.decode(m.encode())
+    d.entries[1] = H2                       # a caller changing the list changes the manifest
+    again = Manifest.decode(d.encode())
+    assert again.entries == [H1, H2, H2, H1] and again.hash_at(1) == H2 and again.sizes == {H1: 100, H2: 200}
+
+
+def test_resize_of_a_compact_manifest():
+    d = Manifest.decode(Manifest(8 * MiB, 4 * MiB, [None, H1], sizes={H1: 5}).encode())
+    r = d.resize(20 * MiB)
+    assert "entries" not in r.__dict__ and r.entries == [None, H1, None, None, None] and r.sizes == {H1: 5}
+    r2 = Manifest.decode(Manifest(8 * MiB, 4 * MiB, [H1, H1]).encode()).resize(12 * MiB)
+    assert r2.entries == [H1, H1, None] and r2.hole_spans() == [(2, 1)]
+
+
+def test_schema_1_decodes_into_the_compact_form():
+    d = Manifest.decode(_encode_doc(_doc()))
+    assert "entries" not in d.__dict__ and d.hash_at(2) == H2 and d.stored_size(H1) == 100
+    assert d.entries == [H1, None, H2, H1]
+
+
+def test_from_map_validates_the_table():
+    from array import array
+
+    from csi_perssd.remote.chunkmap import ChunkMap
+    good = Manifest(8 * MiB, 4 * MiB, [H1, None]).chunk_map()
+    assert Manifest.from_map(8 * MiB, 4 * MiB, good).entries == [H1, None]
+    with pytest.raises(ManifestError):
+        Manifest.from_map(12 * MiB, 4 * MiB, good)                      # 2 chunks for 3
+    with pytest.raises(ManifestError):
+        Manifest.from_map(8 * MiB, 4 * MiB, ChunkMap(2, array("I", [2]), good.digests, good.stored))
+    with pytest.raises(ManifestError):
+        Manifest.from_map(8 * MiB, 4 * MiB, ChunkMap(2, good.runs, good.digests, array("I", [9 * MiB])))
+
+
+@pytest.mark.parametrize("dense_after", [1 << 16, 7])
+def test_chunk_map_builder_and_lookup_by_name(dense_after):
+    from csi_perssd.remote.chunkmap import SET_AFTER, ChunkMapBuilder
+    hs = _hashes(300)
+    b = ChunkMapBuilder(310, dense_after=dense_after)
+    for i, h in enumerate(hs):
+        b.set(i, bytes.fromhex(h), i + 1)
+    b.set(5, None)
+    b.set(0, None)
+    assert b.data_count() == 298 and b.get(5) == (None, 0) and b.get(7) == (bytes.fromhex(hs[7]), 8)
+    cm = b.build()
+    m = Manifest.from_map(310 * MiB, MiB, cm)
+    assert m.entries == [None] + hs[1:5] + [None] + hs[6:] + [None] * 10
+    assert cm.runs.tolist() == [0, 1, 4, 1, 294, 10]
+    for k in range(SET_AFTER + 50):                     # past the point where a dict is built
+        h = hs[k % 300]
+        assert cm.stored_of(h) == (None if k % 300 in (0, 5) else k % 300 + 1)
+    assert cm.stored_of("0" * 64) is None
+    empty = ChunkMapBuilder(3).build()
+    assert empty.runs.tolist() == [0, 3] and Manifest.from_map(3 * MiB, MiB, empty).entries == [None] * 3
+
+
+def test_changed_chunks_between_compact_manifests():
+    from csi_perssd.remote.chunkmap import changed_chunks
+    hs = _hashes(5000)
+    base: list[str | None] = [None if i % 9 == 0 else hs[i] for i in range(5000)]
+    target = list(base) + [hs[1], None]
+    target[3], target[9], target[2048], target[4999] = hs[7], hs[9], None, None   # new, hole->data, data->hole x2
+    a = Manifest(5000 * MiB, MiB, base).chunk_map()
+    b = Manifest(5002 * MiB, MiB, target).chunk_map()
+    assert list(changed_chunks(a, b, block=64)) == [3, 9, 2048, 4999, 5000]
+    assert list(changed_chunks(a, a)) == []
+
+
+@pytest.mark.parametrize("dense_after", [1 << 16, 2])
+def test_chunk_map_builder_over_a_base_keeps_what_is_not_set(dense_after):
+    from csi_perssd.remote.chunkmap import ChunkMapBuilder
+    hs = _hashes(20, seed=1)
+    base_entries: list[str | None] = [None if i in (4, 5, 6, 15) else hs[i] for i in range(16)]
+    base = Manifest(16 * MiB, MiB, base_entries, sizes={h: 3 for h in hs}).chunk_map()
+    b = ChunkMapBuilder(20, base=base, dense_after=dense_after)     # grown by 4 chunks
+    assert b.data_count() == 12 and b.has(3) and not b.has(4) and not b.has(17)
+    b.set(0, None)
+    b.set(5, bytes.fromhex(hs[19]), 9)
+    b.set(18, bytes.fromhex(hs[18]), 8)
+    want = list(base_entries) + [None] * 4
+    want[0], want[5], want[18] = None, hs[19], hs[18]
+    m = Manifest.from_map(20 * MiB, MiB, b.build(), created_at=1.0)
+    assert m.entries == want and b.data_count() == 13
+    assert m.sizes == {**{h: 3 for h in want[:16] if h is not None}, hs[19]: 9, hs[18]: 8}
+    assert m.encode() == Manifest(20 * MiB, MiB, want, sizes=m.sizes, created_at=1.0).encode()  # canonical runs
+
+
+def test_u32_bound_check_by_byte_planes():
+    import random
+    from array import array
+
+    from csi_perssd.remote.chunkmap import u32_all_le
+    rnd = random.Random(5)
+    for limit in (0, 1, 255, 256, 0x410000, 0x41FFFF, 0x01000000, 0xFFFFFFFF):
+        for _ in range(60):
+            vals = array("I", [rnd.choice([limit, max(0, limit - 1), min(0xFFFFFFFF, limit + 1),
+                                           rnd.randrange(0, limit + 1), limit & 0xFF00FF00, limit | 0xFF])
+                               for _ in range(rnd.randrange(0, 12))])
+            assert u32_all_le(vals, limit) == all(v <= limit for v in vals), (limit, vals)
+    assert u32_all_le(array("I", [7] * 1000), 7) and not u32_all_le(array("I", [7] * 999 + [8]), 7)

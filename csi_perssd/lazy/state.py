@@ -52,8 +52,8 @@ class HydrationState:
         """A fresh state: holes are present from the start (the new local volume reads zeros)."""
         n = chunk_count(m.volume_size, m.chunk_size)
         st = cls(m.volume_size, m.chunk_size, m.generation, bytearray((n + 7) // 8), bytearray((n + 7) // 8))
-        for i, h in enumerate(m.entries):
-            if h is None:
+        for first, count in m.hole_spans():
+            for i in range(first, first + count):
                 _set(st.present, i)
         return st
 

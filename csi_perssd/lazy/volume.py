@@ -89,7 +89,7 @@ class LazyVolume:
 
     def _fill(self, i: int) -> None:
         """Fetch chunk i (verified) and write it to the local volume."""
-        h = self.manifest.entries[i] if i < len(self.manifest.entries) else None
+        h = self.manifest.hash_at(i)
         if h is not None:
             raw = self.fetcher(h)
             off, length = chunk_span(i, self.manifest.volume_size, self.manifest.chunk_size)

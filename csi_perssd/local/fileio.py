@@ -91,17 +91,27 @@ def zero_range(fd: int, offset: int, length: int) -> None:
 
 
 class ChunkReader:
-    """Reads chunks of a device or file into one reusable buffer per thread (no 4 MiB
-    allocation per chunk). Reads are buffered: the kernel's readahead (and `prefetch`) keep the
-    disk busy while the workers hash and upload; O_DIRECT reads measured slower here because
-    each worker then waits for its own disk read. A returned view is valid until the same
-    thread reads again."""
+    """Reads chunks of a device or file into one reusable page-aligned buffer per thread (no
+    4 MiB allocation per chunk). Aligned chunks are read with O_DIRECT through a second
+    descriptor where the file system takes it (`direct`): no page-cache fill and copy, and no
+    readahead of its own (`prefetch` is then a no-op; the pool keeps `workers` reads in flight).
+    Measured (256 MiB cold reflink snapshot on the bench's XFS-on-loop, 4 workers hashing, 3
+    rounds): buffered + POSIX_FADV_WILLNEED 539-613 MB/s at 0.20-0.23 s CPU, O_DIRECT 701-822 MB/s
+    at 0.11-0.12 s. The kernel writes dirty page-cache pages of a range back before an O_DIRECT
+    read of it, so a device written through its page cache reads the same either way. Unaligned
+    pieces (a short last chunk) and refusing file systems read buffered. A returned view is
+    valid until the same thread reads again."""
 
-    def __init__(self, path: str, chunk_size: int):
+    def __init__(self, path: str, chunk_size: int, direct: bool = True):
         self.path, self.chunk_size = path, chunk_size
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.direct_fd = -1
+        self.direct = False             # cleared (never closed: other threads may be reading) on EINVAL
         try:
             self.size = device_size(self.fd)
+            if direct:
+                self.direct_fd = _open_direct(path, os.O_RDONLY)
+                self.direct = self.direct_fd >= 0
         except BaseException:
             os.close(self.fd)
             raise
@@ -124,8 +134,14 @@ class ChunkReader:
             mv = self._local.mv = memoryview(buf)
         return mv
 
+    def _aligned(self, offset: int, length: int) -> bool:
+        return self.direct and not offset % DIRECT_ALIGN and not length % DIRECT_ALIGN
+
     def prefetch(self, offset: int, length: int) -> None:
-        """Start reading a range the pool will ask for soon (POSIX_FADV_WILLNEED)."""
+        """Start reading a range the pool will ask for soon (POSIX_FADV_WILLNEED; not for
+        ranges read with O_DIRECT, which would read them twice)."""
+        if self._aligned(offset, length):
+            return
         try:
             os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
         except OSError:
@@ -133,9 +149,17 @@ class ChunkReader:
 
     def read(self, offset: int, length: int) -> memoryview:
         mv = self._buffer()[:length]
+        fd = self.direct_fd if self._aligned(offset, length) else self.fd
         got = 0
         while got < length:
-            n = os.preadv(self.fd, [mv[got:]], offset + got)
+            try:
+                n = os.preadv(fd, [mv[got:]], offset + got)
+            except OSError as e:
+                if e.errno != errno.EINVAL or fd == self.fd:
+                    raise
+                self.direct = False         # the device wants another alignment: buffered
+                fd = self.fd
+                continue
             if n <= 0:
                 raise OSError(f"short read at offset {offset + got}: source ended early")
             got += n
@@ -143,6 +167,9 @@ class ChunkReader:
 
     def close(self) -> None:
         os.close(self.fd)
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+            self.direct_fd, self.direct = -1, False
         self._local = threading.local()
         with self._lock:
             bufs, self._bufs = self._bufs, []
@@ -167,10 +194,12 @@ class ChunkWriter:
         self.path, self.writeback, self.chunk_size = path, writeback, chunk_size
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         self.direct_fd = -1
+        self.direct = False             # cleared (never closed: other threads may be writing) on EINVAL
         try:
             self.size = device_size(self.fd)
             if writeback:
                 self.direct_fd = _open_direct(path)
+                self.direct = self.direct_fd >= 0
         except BaseException:
             os.close(self.fd)
             raise
@@ -195,7 +224,7 @@ class ChunkWriter:
     def _write_direct(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """O_DIRECT write of an aligned chunk; False when this one must be written buffered."""
         n = len(data)
-        if (self.direct_fd < 0 or n == 0 or n > self.chunk_size or offset % DIRECT_ALIGN
+        if (not self.direct or n == 0 or n > self.chunk_size or offset % DIRECT_ALIGN
                 or n % DIRECT_ALIGN):
             return False
         buf = self._buffer()
@@ -206,8 +235,7 @@ class ChunkWriter:
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
-                os.close(self.direct_fd)    # the device wants another alignment: buffered from now
-                self.direct_fd = -1
+                self.direct = False         # the device wants another alignment: buffered from now
                 return False
         return True
 
@@ -229,7 +257,7 @@ class ChunkWriter:
         os.close(self.fd)
         if self.direct_fd >= 0:
             os.close(self.direct_fd)
-            self.direct_fd = -1
+            self.direct_fd, self.direct = -1, False
         self._local = threading.local()
         with self._lock:
             bufs, self._bufs = self._bufs, []
@@ -243,10 +271,10 @@ class ChunkWriter:
 DIRECT_ALIGN = 4096             # offsets, lengths and buffers of O_DIRECT writes
 
 
-def _open_direct(path: str) -> int:
+def _open_direct(path: str, mode: int = os.O_RDWR) -> int:
     """A second O_DIRECT descriptor of `path`, or -1 where the file system refuses it."""
     try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
+        return os.open(path, mode | os.O_CLOEXEC | os.O_DIRECT)
     except OSError as e:
         if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
             return -1

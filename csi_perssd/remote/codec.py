@@ -19,7 +19,7 @@ from ..crypto.errors import Tampered
 from ..crypto.keys import LineageKeys
 from ..errors import Code, CsiError
 from .chunks import CorruptBlob, chunk_hash, compress, compress_parts, decompress
-from .manifest import Manifest, ManifestError
+from .manifest import Manifest, ManifestError, hex_digests
 
 Buffer = bytes | bytearray | memoryview
 MANIFEST_KIND = "manifest"
@@ -117,6 +117,19 @@ def manifest_refs(data: Buffer) -> set[str]:
         except Tampered as e:
             raise ManifestError(str(e)) from None
     return Manifest.decode(bytes(data)).referenced_hashes()
+
+
+def manifest_ref_digests(data: Buffer) -> bytes:
+    """The raw 32-byte digests of the chunk names a stored manifest references (duplicates
+    possible), plain or sealed, without keys: what gc's cache holds (32 bytes per chunk instead
+    of a str each). ManifestError for a malformed one."""
+    if envelope.is_sealed_meta(data):
+        try:
+            refs = envelope.read_header(data).refs
+        except Tampered as e:
+            raise ManifestError(str(e)) from None
+        return hex_digests(list(refs))
+    return Manifest.decode(bytes(data)).chunk_map().digests
 
 
 def manifest_summary(data: Buffer, what: str) -> tuple[set[str], int]:

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from ..errors import CsiError
 from . import layout
 from .catalog import Catalog, VolumeRecord
-from .codec import manifest_refs
+from .chunkmap import hex_slots
+from .codec import manifest_ref_digests
 from .guard import CLAIM_TTL_S, CLONE_CLAIM_TTL_S, SWEEP_LIMIT_S, TOMB_TTL_S, FlushGuard, GuardStats, new_id
 from .store import NotFound, ObjectInfo, ObjectStore, reachable
 
@@ -36,19 +37,20 @@ REQUEST_MIN_AGE_S = 3600.0         # snapshot requests without a snapshot record
 
 
 class ManifestCache:
-    """The chunk hashes a manifest references, by its key and ETag (manifests are written once;
+    """The chunks a manifest references (their raw digests, 32 bytes each: a 16 TiB volume's
+    manifest is 128 MiB here, not 4 Mi strs), by its key and ETag (manifests are written once;
     an ETag that changed means the object was replaced and is read again)."""
 
     def __init__(self) -> None:
         self._mu = threading.Lock()
-        self._d: dict[str, tuple[str, frozenset[str]]] = {}
+        self._d: dict[str, tuple[str, bytes]] = {}
 
-    def get(self, key: str, etag: str) -> frozenset[str] | None:
+    def get(self, key: str, etag: str) -> bytes | None:
         with self._mu:
             hit = self._d.get(key)
         return hit[1] if hit is not None and etag and hit[0] == etag else None
 
-    def put(self, key: str, etag: str, hashes: frozenset[str]) -> None:
+    def put(self, key: str, etag: str, hashes: bytes) -> None:
         if etag:
             with self._mu:
                 self._d[key] = (etag, hashes)
@@ -223,7 +225,7 @@ def _mark(store: ObjectStore, keys: list[ObjectInfo], referenced: set[str], cach
             misses.append(info)
         else:
             rep.manifests_cached += 1
-            referenced |= hashes
+            referenced.update(hex_slots(hashes))
 
     def read(info: ObjectInfo) -> tuple[ObjectInfo, bytes, str] | None:
         try:
@@ -238,9 +240,9 @@ def _mark(store: ObjectStore, keys: list[ObjectInfo], referenced: set[str], cach
             info, data, etag = got
             rep.manifests_read += 1
             rep.bytes_read += len(data)
-            hashes = frozenset(manifest_refs(data))      # plain or sealed: no keys needed
+            hashes = manifest_ref_digests(data)         # plain or sealed: no keys needed
             cache.put(info.key, info.etag or etag, hashes)
-            referenced |= hashes
+            referenced.update(hex_slots(hashes))
 
 
 def _collect(cat: Catalog, rep: GcReport, t_start: float, *, grace: float, keep: int, dry_run: bool,

@@ -151,9 +151,8 @@ class FlushGuard:
             first = {h: -1 for h in sorted(manifest)}
             source = None
         else:
-            for i, h in enumerate(manifest.entries):
-                if h is not None:
-                    first.setdefault(h, i)
+            for i, h in manifest.data_items():
+                first.setdefault(h, i)
         missing = []
         for h in first:
             self.stats.verified_chunks += 1

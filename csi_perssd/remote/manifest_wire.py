@@ -27,6 +27,8 @@ from functools import partial
 from itertools import groupby, repeat
 from typing import Any
 
+from .chunkmap import u32_all_le
+
 MAGIC2 = b"PERSSD-MANIFEST2\n"
 SCHEMA2 = 2
 DIGEST = 32
@@ -76,9 +78,12 @@ def encode_raw(header: dict[str, Any], runs: Any, raw_digests: Any, stored: Any)
     ndata = len(raw_digests) // DIGEST
     head = json.dumps({**header, "schema": SCHEMA2, "runs": len(runs), "data": ndata},
                       separators=(",", ":")).encode()
-    body = b"".join([MAGIC2, _U32.pack(len(head)), head, _u32s(runs), raw_digests,
-                     stored if isinstance(stored, (bytes, bytearray, memoryview)) else _u32s(stored)])
-    return body + _U32.pack(zlib.crc32(body))
+    parts = [MAGIC2, _U32.pack(len(head)), head, _u32s(runs), raw_digests,
+             stored if isinstance(stored, (bytes, bytearray, memoryview)) else _u32s(stored)]
+    crc = 0
+    for p in parts:
+        crc = zlib.crc32(p, crc)
+    return b"".join([*parts, _U32.pack(crc)])        # one copy of the 144 MiB of a 16 TiB volume
 
 
 def _header(view: memoryview) -> tuple[dict[str, Any], int]:
@@ -99,7 +104,7 @@ def _header(view: memoryview) -> tuple[dict[str, Any], int]:
     return doc, len(MAGIC2) + 4 + hlen
 
 
-Wire = tuple[Any, bytes, Any]       # (runs, raw digests, stored sizes): what `materialize` expands
+Wire = tuple[Any, bytes, Any]       # (runs, raw digests, stored sizes): a chunkmap.ChunkMap's parts
 
 
 def decode(data: bytes, n_chunks_of: Any, max_stored: Any) -> tuple[dict[str, Any], Wire]:
@@ -122,34 +127,6 @@ def decode(data: bytes, n_chunks_of: Any, max_stored: Any) -> tuple[dict[str, An
     digests = bytes(view[off:off + DIGEST * ndata])
     off += DIGEST * ndata
     stored = _read_u32s(view[off:off + 4 * ndata])
-    if ndata and max(stored) > max_stored(doc):
+    if not u32_all_le(stored, max_stored(doc)):
         raise WireError(f"binary manifest: stored size {max(stored)} exceeds the chunk size")
     return doc, (runs, digests, stored)
-
-
-def materialize(runs: Any, digests: bytes, stored: Any) -> tuple[list[str | None], dict[str, int]]:
-    """The dense entry list (hex hashes, None for holes) and hash -> stored size."""
-    hexed = digests.hex()
-    hashes = [hexed[i:i + 2 * DIGEST] for i in range(0, len(hexed), 2 * DIGEST)]
-    return _entries(runs, hashes), _sizes(hashes, stored)
-
-
-def _entries(runs: array[int], hashes: list[str]) -> list[str | None]:
-    if len(runs) == 1:
-        return list(hashes)
-    out: list[str | None] = []
-    pos = 0
-    for i, length in enumerate(runs):
-        if i % 2:
-            out.extend(repeat(None, length))
-        else:
-            out.extend(hashes[pos:pos + length])
-            pos += length
-    return out
-
-
-def _sizes(hashes: list[str], stored: array[int]) -> dict[str, int]:
-    sizes = dict(zip(hashes, stored))
-    if 0 in stored:
-        sizes = {h: s for h, s in sizes.items() if s}
-    return sizes

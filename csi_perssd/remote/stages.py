@@ -5,7 +5,7 @@
   finished are still handed over (`salvage`), so the journal keeps them.
 - `ChunkUploader` (flush worker stage): read -> hole? -> name (hash) -> known? -> encode
   (compress, and seal when the codec encrypts) -> HEAD? -> PUT. One call per chunk index.
-- `ManifestBuilder`: settles worker results in completion order into the manifest entries
+- `ManifestBuilder`: settles worker results in completion order into the manifest's chunk table
   (waiting duplicates, the journal, the stats) and builds the Manifest.
 - `ChunkFetcher` (hydrate worker stage): GET -> decode -> verify -> write to every slot.
 
@@ -19,6 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
+from .chunkmap import ChunkMap, ChunkMapBuilder
 from .chunks import CorruptBlob, chunk_key, chunk_span, is_zero
 from .codec import Codec
 from .journal import Journal
@@ -83,11 +84,48 @@ class ChunkResult:
     requests: int = 0
 
 
+class KnownSizes:
+    """name -> stored size (0: unknown) of the chunks known to be stored: the ones in the chunk
+    tables given (the base generation's, a pre-flush's; searched, never expanded into a dict)
+    and the ones added since, which win."""
+
+    def __init__(self, tables: Iterable[ChunkMap] = (), extra: dict[str, int] | None = None):
+        self.tables, self.extra = [t for t in tables if t.data_count], dict(extra or {})
+
+    def get(self, h: str, default: int | None = None) -> int | None:
+        v = self.extra.get(h)
+        if v is not None:
+            return v
+        for t in self.tables:
+            v = t.stored_of(h)
+            if v is not None:
+                return v
+        return default
+
+    def __contains__(self, h: object) -> bool:
+        return isinstance(h, str) and self.get(h) is not None
+
+    def __getitem__(self, h: str) -> int:
+        v = self.get(h)
+        if v is None:
+            raise KeyError(h)
+        return v
+
+    def __setitem__(self, h: str, size: int) -> None:
+        self.extra[h] = size
+
+    def setdefault(self, h: str, size: int) -> int:
+        v = self.get(h)
+        if v is None:
+            self.extra[h] = v = size
+        return v
+
+
 @dataclass
 class KnownChunks:
     """Chunk names known to be stored (name -> stored size) and the ones being uploaded now;
     decides whether a new chunk is HEADed before its PUT."""
-    known: dict[str, int]
+    known: KnownSizes
     check_exists: bool | str = "auto"
     claimed: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -151,18 +189,21 @@ class ChunkUploader:
 
 
 class ManifestBuilder:
-    """Settles the worker results (in completion order) into the new manifest's entries."""
+    """Settles the worker results (in completion order) into the new manifest's chunk table
+    (dense: 37 bytes per chunk, no object per chunk but for the ones settled)."""
 
-    def __init__(self, plan: FlushPlan, chunks: KnownChunks, stats: FlushStats, journal: Journal | None):
+    def __init__(self, plan: FlushPlan, chunks: KnownChunks, stats: FlushStats, journal: Journal | None,
+                 keep: ChunkMap | None = None):
+        """`keep`: the base generation's table, whose chunks stay unless settled again."""
         self.plan, self.chunks, self.stats, self.journal = plan, chunks, stats, journal
-        self.entries: list[str | None] = [None] * plan.chunk_count
-        self.sizes: dict[str, int] = {}
+        self.table = ChunkMapBuilder(plan.chunk_count, base=keep)
+        self.unsized: list[tuple[int, str]] = []     # settled without a stored size: from `known` at the end
         self.deferred: dict[str, list[int]] = {}     # duplicates waiting for their upload
 
     def record(self, i: int, h: str | None, stored: int, journal: bool = True) -> None:
-        self.entries[i] = h
-        if h is not None and stored:
-            self.sizes[h] = stored
+        self.table.set(i, None if h is None else bytes.fromhex(h), stored)
+        if h is not None and not stored:
+            self.unsized.append((i, h))
         if journal and self.journal is not None:
             self.journal.append(i, h, stored)
 
@@ -204,17 +245,18 @@ class ManifestBuilder:
     def build(self) -> Manifest:
         if self.deferred:
             raise RuntimeError(f"flush: {len(self.deferred)} chunk hashes never settled")
-        plan = self.plan
-        for h in self.entries:
-            if h is not None and h not in self.sizes and self.chunks.known.get(h):
-                self.sizes[h] = self.chunks.known[h]
-        self.stats.hole_chunks = sum(1 for h in self.entries if h is None)
+        plan, table = self.plan, self.table
+        for i, h in self.unsized:
+            digest, stored = table.get(i)
+            if digest is not None and not stored:
+                table.set(i, digest, self.chunks.known.get(h) or 0)
+        self.stats.hole_chunks = table.n - table.data_count()
         base = plan.base
-        return Manifest(
-            volume_size=plan.size, chunk_size=plan.chunk_size, entries=self.entries,
+        return Manifest.from_map(
+            plan.size, plan.chunk_size, table.build(),
             generation=plan.generation if plan.generation is not None else (base.generation + 1 if base else 1),
             parent=plan.parent if plan.parent is not None else (base.generation if base is not None else None),
-            sizes=self.sizes, stats=self.stats.as_dict())
+            stats=self.stats.as_dict())
 
 
 # -- hydrate --------------------------------------------------------------------------------
@@ -222,9 +264,11 @@ class ChunkFetcher:
     """The hydrate's worker stage: one distinct chunk name per call, written to all its slots.
     Returns (stored bytes, written bytes, logical bytes of its slots)."""
 
-    def __init__(self, store: ObjectStore, manifest: Manifest, sink: ChunkSink, slots: dict[str, list[int]],
+    def __init__(self, store: ObjectStore, manifest: Manifest, sink: ChunkSink,
+                 slots: tuple[dict[str, int], dict[str, list[int]]],
                  *, verify: bool, zero_tails: bool, codec: Codec):
-        self.store, self.manifest, self.sink, self.slots = store, manifest, sink, slots
+        self.store, self.manifest, self.sink = store, manifest, sink
+        self.first, self.more = slots       # name -> first index; the other indexes of the duplicated ones
         self.verify, self.zero_tails, self.codec = verify, zero_tails, codec
         self._local = threading.local()
 
@@ -262,7 +306,7 @@ class ChunkFetcher:
         raw, stored = self.fetch(h, self._scratch())
         size, cs = self.manifest.volume_size, self.manifest.chunk_size
         written = slots = 0
-        for i in self.slots[h]:
+        for i in (self.first[h], *self.more.get(h, ())):
             off, length = chunk_span(i, size, cs)
             if len(raw) > length:
                 raise ChunkCorrupted(chunk_key(h), f"{len(raw)} bytes do not fit chunk {i}")
@@ -272,15 +316,3 @@ class ChunkFetcher:
             written += len(raw)
             slots += length
         return stored, written, slots
-
-
-def coalesce(indices: list[int], size: int, cs: int) -> list[tuple[int, int]]:
-    """Byte ranges of runs of adjacent chunk indices."""
-    out: list[tuple[int, int]] = []
-    for i in indices:
-        off, length = chunk_span(i, size, cs)
-        if out and out[-1][0] + out[-1][1] == off:
-            out[-1] = (out[-1][0], out[-1][1] + length)
-        else:
-            out.append((off, length))
-    return out

@@ -47,11 +47,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from ..extents import Extent
+from .chunkmap import ChunkMap
 from .chunks import DEFAULT_COMPRESSION, check_chunk_size, check_hash, chunk_count, chunk_span
 from .codec import PLAIN, Codec
 from .journal import Journal
 from .manifest import Manifest
-from .stages import ChunkFetcher, ChunkUploader, KnownChunks, ManifestBuilder, coalesce, run_bounded
+from .stages import ChunkFetcher, ChunkUploader, KnownChunks, KnownSizes, ManifestBuilder, run_bounded
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class HydrateStats:
 @dataclass
 class FlushPlan:
     """Everything a flush needs to know besides the store and the source (module docstring).
-    `known` (name -> stored size): chunks the caller knows are stored and safe from garbage
+    `known` (name -> stored size, or a chunk table such as a pre-flush manifest's): chunks the caller knows are stored and safe from garbage
     collection until this flush's manifest claims them (e.g. the pre-flush of the same volume a
     moment ago): neither compressed, HEADed nor uploaded again. `generation`/`parent` of the
     new manifest default to base.generation + 1 / base.generation."""
@@ -147,7 +148,7 @@ class FlushPlan:
     check_exists: bool | str = "auto"
     generation: int | None = None
     parent: int | None = None
-    known: Mapping[str, int] | None = None
+    known: Mapping[str, int] | ChunkMap | None = None
     codec: Codec = field(default=PLAIN)
 
     def __post_init__(self) -> None:
@@ -190,11 +191,14 @@ class _Start:
     total_bytes: int
 
 
-def _known_chunks(plan: FlushPlan) -> KnownChunks:
-    base = plan.base
-    known = {h: (base.sizes.get(h, 0) if base else 0) for h in (base.referenced_hashes() if base else ())}
-    for h, sz in (plan.known or {}).items():
-        known.setdefault(check_hash(h), sz)
+def _known_chunks(plan: FlushPlan, base: ChunkMap | None) -> KnownChunks:
+    """The base's chunks and `plan.known` (a pre-flush's chunk table or name -> size), looked up
+    in their tables: nothing is expanded per chunk."""
+    tables = [t for t in (base, plan.known) if isinstance(t, ChunkMap)]
+    known = KnownSizes(tables)
+    if plan.known is not None and not isinstance(plan.known, ChunkMap):
+        for h, sz in plan.known.items():
+            known.setdefault(check_hash(h), sz)
     return KnownChunks(known=known, check_exists=plan.check_exists)
 
 
@@ -206,22 +210,25 @@ def _open_journal(plan: FlushPlan) -> Journal | None:
         # not the source path: a loop device may get another number after a restart
         "size": plan.size, "chunk_size": plan.chunk_size,
         "base": base.generation if base is not None else None,
-        "base_chunks": len(base.entries) if base is not None else 0})
+        "base_chunks": base.chunk_count if base is not None else 0})
 
 
 def _start(plan: FlushPlan, stats: FlushStats) -> _Start:
     """Which chunks to read; base entries kept outside the changed ranges; journaled chunks."""
-    chunks = _known_chunks(plan)
+    base = plan.base.chunk_map() if plan.base is not None else None
+    chunks = _known_chunks(plan, base)
     journal = _open_journal(plan)
-    builder = ManifestBuilder(plan, chunks, stats, journal)
     n = plan.chunk_count
     to_read = list(range(n)) if plan.ranges is None else chunks_in(plan.ranges, plan.size, plan.chunk_size)
-    if plan.ranges is not None and plan.ranges_mode == "changed" and plan.base is not None:
-        wanted, base_entries = set(to_read), plan.base.entries
-        for i in range(min(n, len(base_entries))):
-            if i not in wanted and base_entries[i] is not None:
-                builder.entries[i] = base_entries[i]
-                stats.chunks_unchanged += 1
+    keep = base if plan.ranges is not None and plan.ranges_mode == "changed" else None
+    builder = ManifestBuilder(plan, chunks, stats, journal, keep=keep)
+    if keep is not None:
+        # the base's chunks stay as they are in its table; the chunks to read start as holes
+        kept = builder.table.data_count()
+        for i in to_read:
+            kept -= builder.table.has(i)
+            builder.table.set(i, None)
+        stats.chunks_unchanged += kept
     done_bytes = 0
     if journal is not None:
         for jh, jsz in journal.entries.values():
@@ -230,7 +237,7 @@ def _start(plan: FlushPlan, stats: FlushStats) -> _Start:
         if plan.trust_journal:
             done = [i for i in to_read if i in journal.entries]
             for i in done:
-                builder.entries[i] = journal.entries[i][0]
+                builder.record(i, journal.entries[i][0], 0, journal=False)
             stats.chunks_from_journal = len(done)
             skip = set(done)
             to_read = [i for i in to_read if i not in skip]
@@ -293,17 +300,15 @@ def hydrate_chunks(store: ObjectStore, manifest: Manifest, sink: ChunkSink, *, w
     cs, size = manifest.chunk_size, manifest.volume_size
     if sink.size < size:
         raise ValueError(f"the destination holds {sink.size} bytes, less than {size}")
-    slots: dict[str, list[int]] = {}
-    holes: list[int] = []
-    for i, h in enumerate(manifest.entries):
-        if h is None:
-            holes.append(i)
-        else:
-            slots.setdefault(h, []).append(i)
+    first: dict[str, int] = {}              # no list per chunk: only duplicated names get one
+    more: dict[str, list[int]] = {}
+    for i, h in manifest.data_items():
+        if first.setdefault(h, i) != i:
+            more.setdefault(h, []).append(i)
     if zero_holes:
-        for off, length in coalesce(holes, size, cs):
-            sink.zero(off, length)
-    stats.hole_chunks = len(holes)
+        for start, count in manifest.hole_spans():
+            sink.zero(start * cs, min(size, (start + count) * cs) - start * cs)
+    stats.hole_chunks = manifest.hole_chunks
     total, done = manifest.logical_bytes, [0]
 
     def fetched(r: tuple[int, int, int]) -> None:
@@ -315,8 +320,8 @@ def hydrate_chunks(store: ObjectStore, manifest: Manifest, sink: ChunkSink, *, w
         done[0] += logical
         if progress is not None:
             progress(done[0], total)
-    fetcher = ChunkFetcher(store, manifest, sink, slots, verify=verify, zero_tails=zero_holes, codec=codec)
-    run_bounded(list(slots), fetcher, workers, fetched, name="hydrate")
+    fetcher = ChunkFetcher(store, manifest, sink, (first, more), verify=verify, zero_tails=zero_holes, codec=codec)
+    run_bounded(iter(first), fetcher, workers, fetched, name="hydrate")
     sink.sync()
     stats.duration_s = time.monotonic() - t0
     log.info("hydrated %d chunks (%d bytes stored, %d written), %d holes, %.1f MB/s",
