@@ -126,6 +126,19 @@ def test_open_into_a_reused_buffer_and_a_failed_tag_leaves_no_plaintext_in_it():
         aead.open_(key, b"ad", sealed, start=1, out=bytearray(len(data)))      # too small
 
 
+def test_open_without_decrypt_into_uses_the_sliced_decryptor(monkeypatch):
+    key, data = os.urandom(32), os.urandom(2 * aead.SLICE + 3)
+    sealed = aead.seal(key, b"ad", [data])
+    fast = bytes(aead.open_(key, b"ad", sealed))
+    monkeypatch.setattr(aead, "_AESGCM", None)                   # an older cryptography
+    out = bytearray(aead.open_size(len(sealed)))
+    assert bytes(aead.open_(key, b"ad", sealed, out=out)) == fast == data
+    out[:] = bytes(len(out))
+    with pytest.raises(Tampered):
+        aead.open_(key, b"ad", flip(bytes(sealed), 20), out=out)
+    assert out == bytes(len(out))
+
+
 def test_codec_decodes_into_a_buffer_and_ignores_one_too_small():
     c = Codec(keys.LineageKeys.generate())
     rnd, text = os.urandom(1 << 20), b"abcd" * (1 << 18)

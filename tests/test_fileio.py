@@ -1,4 +1,4 @@
-"""local/fileio.ChunkWriter: aligned chunks go through O_DIRECT where the file system takes it
+"""local/fileio.ChunkReader / ChunkWriter: aligned chunks go through O_DIRECT where the file system takes it
 (/var/tmp: the host's disk file system; /dev/shm: tmpfs, which older kernels refuse O_DIRECT on),
 everything else buffered; the content is the same either way."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from csi_perssd.local.fileio import DIRECT_ALIGN, ChunkWriter
+from csi_perssd.local.fileio import DIRECT_ALIGN, ChunkReader, ChunkWriter
 
 CS = 64 << 10
 
@@ -33,7 +33,7 @@ def test_chunk_writer_content_is_exact_with_or_without_o_direct(tmp_path, where)
     path = os.path.join(where, f"perssd-fileio-{os.getpid()}-{tmp_path.name}.img")
     try:
         want, w = _write_pattern(path, 8 * CS, writeback=True)
-        direct = w.direct_fd >= 0
+        direct = w.direct
         w.close()
         with open(path, "rb") as f:
             assert f.read() == want
@@ -51,3 +51,31 @@ def test_chunk_writer_without_writeback_never_opens_o_direct(tmp_path):
     w.close()
     assert open(path, "rb").read() == want
     assert DIRECT_ALIGN == 4096
+
+
+def test_chunk_reader_reads_exact_content_direct_and_sees_unflushed_writes():
+    path = os.path.join("/var/tmp", f"perssd-fileio-r-{os.getpid()}.img")
+    size = 5 * CS + 1000                                # a short, unaligned last chunk
+    try:
+        data = bytearray(os.urandom(size))
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+            f.seek(CS + 10)
+            f.write(b"new bytes not yet written back")   # dirty in the page cache only
+            f.flush()
+        data[CS + 10:CS + 40] = b"new bytes not yet written back"
+        with ChunkReader(path, CS) as r:
+            assert r.direct                             # the host's disk file system takes O_DIRECT
+            got = b""
+            for off in range(0, size, CS):
+                n = min(CS, size - off)
+                r.prefetch(off, n)
+                got += bytes(r.read(off, n))
+        assert got == bytes(data)
+        with ChunkReader(path, CS, direct=False) as r:
+            assert not r.direct and bytes(r.read(CS, CS)) == bytes(data[CS:2 * CS])
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)

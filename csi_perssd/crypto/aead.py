@@ -1,6 +1,11 @@
-"""AES-256-GCM over buffers of any size, in slices: no call into OpenSSL holds the GIL for more
-than SLICE bytes (`AESGCM.encrypt` holds it for the whole buffer: measured here, a Python thread
-ran at 13% of its speed beside one encrypting 256 MiB buffers; beside the sliced form at ~70%).
+"""AES-256-GCM over buffers of any size. Sealing goes in slices: no call into OpenSSL holds the
+GIL for more than SLICE bytes (`AESGCM.encrypt` held it for the whole buffer when measured: a
+Python thread ran at 13% of its speed beside one encrypting 256 MiB buffers; beside the sliced
+form at ~70%). Opening uses `AESGCM.decrypt_into` where the installed `cryptography` has it
+(>= 45): it releases the GIL for the whole call (measured with 50.0.2: a Python thread beside
+one 64 MiB decrypt_into never waited more than 3 ms; 2 threads decrypt 1.45x as fast as one), at
+~8 GB/s; the sliced form hands the GIL back and forth at every slice, and beside a busy Python
+thread (a hydrate's other workers) ran at 57-67 MiB/s against 672-730 MiB/s for decrypt_into.
 
 Layout produced and read: prefix | nonce (12) | ciphertext | tag (16). The nonce is random
 (os.urandom) for every call. Decryption writes into a buffer of its own and returns it only
@@ -14,6 +19,11 @@ from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+try:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM as _AESGCM
+except ImportError:         # pragma: no cover - every supported cryptography has it
+    _AESGCM = None  # type: ignore[assignment,misc]
 
 from .errors import Tampered
 
@@ -70,25 +80,35 @@ def open_(key: bytes, aad: bytes, blob: Buffer, start: int = 0,
     mv = memoryview(blob).cast("B")
     if len(mv) < start + OVERHEAD:
         raise Tampered(f"sealed object of {len(mv)} bytes is truncated")
-    nonce = bytes(mv[start:start + NONCE])
-    tag = bytes(mv[len(mv) - TAG:])
-    ct = mv[start + NONCE:len(mv) - TAG]
-    dec = Cipher(algorithms.AES(key), modes.GCM(nonce, tag)).decryptor()
-    dec.authenticate_additional_data(aad)
-    need = len(ct) + _SPARE
+    n = len(mv) - start - OVERHEAD
+    need = n + _SPARE
     if out is None:
         out = bytearray(need)
     elif len(out) < need:
         raise ValueError(f"output buffer of {len(out)} bytes, {need} needed")
     mo = memoryview(out).cast("B")
+    try:
+        if _AESGCM is not None and hasattr(_AESGCM, "decrypt_into"):
+            nonce = bytes(mv[start:start + NONCE])
+            _AESGCM(key).decrypt_into(nonce, mv[start + NONCE:], aad, mo[:n])
+        else:
+            _open_sliced(key, aad, mv, start, mo)
+    except InvalidTag:
+        mo[:n] = bytes(n)               # no unauthenticated plaintext is left behind
+        raise Tampered("authentication failed (wrong key, or the object was modified, "
+                       "truncated or moved)") from None
+    return mo[:n]
+
+
+def _open_sliced(key: bytes, aad: bytes, mv: memoryview, start: int, mo: memoryview) -> None:
+    """open_ for a `cryptography` without AESGCM.decrypt_into: a GCM decryptor fed in slices."""
+    nonce = bytes(mv[start:start + NONCE])
+    tag = bytes(mv[len(mv) - TAG:])
+    ct = mv[start + NONCE:len(mv) - TAG]
+    dec = Cipher(algorithms.AES(key), modes.GCM(nonce, tag)).decryptor()
+    dec.authenticate_additional_data(aad)
     pos = 0
     for off in range(0, len(ct), SLICE):
         piece = ct[off:off + SLICE]
         pos += dec.update_into(piece, mo[pos:pos + len(piece) + _SPARE])
-    try:
-        dec.finalize()
-    except InvalidTag:
-        mo[:pos] = bytes(pos)           # no unauthenticated plaintext is left behind
-        raise Tampered("authentication failed (wrong key, or the object was modified, "
-                       "truncated or moved)") from None
-    return mo[:pos]
+    dec.finalize()

@@ -14,6 +14,7 @@ import mmap
 import os
 import threading
 from types import TracebackType
+from typing import Self
 
 from ..extents import Extent
 
@@ -90,18 +91,22 @@ def zero_range(fd: int, offset: int, length: int) -> None:
         offset += n
 
 
-class ChunkReader:
-    """Reads chunks of a device or file into one reusable buffer per thread (no 4 MiB
-    allocation per chunk). Reads are buffered: the kernel's readahead (and `prefetch`) keep the
-    disk busy while the workers hash and upload; O_DIRECT reads measured slower here because
-    each worker then waits for its own disk read. A returned view is valid until the same
-    thread reads again."""
+class _ChunkFile:
+    """A device or file open for chunk I/O: a buffered descriptor, with `direct` a second
+    O_DIRECT one where the file system takes it (`direct` is cleared on EINVAL, the descriptor
+    never closed meanwhile: other threads may be using it), and one chunk buffer per thread
+    (page-aligned anonymous mmap, reused: no 4 MiB allocation per chunk)."""
 
-    def __init__(self, path: str, chunk_size: int):
+    def __init__(self, path: str, mode: int, chunk_size: int, direct: bool):
         self.path, self.chunk_size = path, chunk_size
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.fd = os.open(path, mode | os.O_CLOEXEC)
+        self.direct_fd = -1
+        self.direct = False
         try:
             self.size = device_size(self.fd)
+            if direct:
+                self.direct_fd = _open_direct(path, mode)
+                self.direct = self.direct_fd >= 0
         except BaseException:
             os.close(self.fd)
             raise
@@ -109,40 +114,25 @@ class ChunkReader:
         self._bufs: list[mmap.mmap] = []
         self._lock = threading.Lock()
 
-    def __enter__(self) -> ChunkReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
-    def _buffer(self) -> memoryview:
-        mv: memoryview | None = getattr(self._local, "mv", None)
-        if mv is None:
-            buf = mmap.mmap(-1, self.chunk_size)
+    def _mmap(self) -> mmap.mmap:
+        buf: mmap.mmap | None = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = mmap.mmap(-1, self.chunk_size)
             with self._lock:
                 self._bufs.append(buf)
-            mv = self._local.mv = memoryview(buf)
-        return mv
-
-    def prefetch(self, offset: int, length: int) -> None:
-        """Start reading a range the pool will ask for soon (POSIX_FADV_WILLNEED)."""
-        try:
-            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-
-    def read(self, offset: int, length: int) -> memoryview:
-        mv = self._buffer()[:length]
-        got = 0
-        while got < length:
-            n = os.preadv(self.fd, [mv[got:]], offset + got)
-            if n <= 0:
-                raise OSError(f"short read at offset {offset + got}: source ended early")
-            got += n
-        return mv
+        return buf
 
     def close(self) -> None:
         os.close(self.fd)
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+            self.direct_fd, self.direct = -1, False
         self._local = threading.local()
         with self._lock:
             bufs, self._bufs = self._bufs, []
@@ -153,7 +143,61 @@ class ChunkReader:
                 pass
 
 
-class ChunkWriter:
+class ChunkReader(_ChunkFile):
+    """Reads chunks of a device or file into one reusable page-aligned buffer per thread (no
+    4 MiB allocation per chunk). Aligned chunks are read with O_DIRECT through a second
+    descriptor where the file system takes it (`direct`): no page-cache fill and copy, and no
+    readahead of its own (`prefetch` is then a no-op; the pool keeps `workers` reads in flight).
+    Measured (256 MiB cold reflink snapshot on the bench's XFS-on-loop, 4 workers hashing, 3
+    rounds): buffered + POSIX_FADV_WILLNEED 539-613 MB/s at 0.20-0.23 s CPU, O_DIRECT 701-822 MB/s
+    at 0.11-0.12 s. The kernel writes dirty page-cache pages of a range back before an O_DIRECT
+    read of it, so a device written through its page cache reads the same either way. Unaligned
+    pieces (a short last chunk) and refusing file systems read buffered. A returned view is
+    valid until the same thread reads again."""
+
+    def __init__(self, path: str, chunk_size: int, direct: bool = True):
+        super().__init__(path, os.O_RDONLY, chunk_size, direct)
+
+    def _buffer(self) -> memoryview:
+        mv: memoryview | None = getattr(self._local, "mv", None)
+        if mv is None:
+            mv = self._local.mv = memoryview(self._mmap())
+        return mv
+
+    def _aligned(self, offset: int, length: int) -> bool:
+        return self.direct and not offset % DIRECT_ALIGN and not length % DIRECT_ALIGN
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """Start reading a range the pool will ask for soon (POSIX_FADV_WILLNEED; not for
+        ranges read with O_DIRECT, which would read them twice)."""
+        if self._aligned(offset, length):
+            return
+        try:
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+
+    def read(self, offset: int, length: int) -> memoryview:
+        mv = self._buffer()[:length]
+        fd = self.direct_fd if self._aligned(offset, length) else self.fd
+        got = 0
+        while got < length:
+            try:
+                n = os.preadv(fd, [mv[got:]], offset + got)
+            except OSError as e:
+                if e.errno != errno.EINVAL or fd == self.fd:
+                    raise
+                self.direct = False         # the device wants another alignment: buffered
+                fd = self.fd
+                continue
+            if n <= 0:
+                raise OSError(f"short read at offset {offset + got}: source ended early")
+            got += n
+        return mv
+
+
+
+class ChunkWriter(_ChunkFile):
     """Writes chunks into a device or file opened O_RDWR (never truncated); with `writeback`
     (a durable hydrate) `sync` fsyncs at the end, and each write either goes to the device at
     once through a second O_DIRECT descriptor (aligned chunks: copied into this thread's
@@ -164,41 +208,16 @@ class ChunkWriter:
     caller then does the file system's allocation and the submission itself)."""
 
     def __init__(self, path: str, writeback: bool = True, chunk_size: int = 4 << 20):
-        self.path, self.writeback, self.chunk_size = path, writeback, chunk_size
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        self.direct_fd = -1
-        try:
-            self.size = device_size(self.fd)
-            if writeback:
-                self.direct_fd = _open_direct(path)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self._local = threading.local()
-        self._bufs: list[mmap.mmap] = []
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> ChunkWriter:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
-
-    def _buffer(self) -> mmap.mmap:
-        buf: mmap.mmap | None = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = self._local.buf = mmap.mmap(-1, self.chunk_size)
-            with self._lock:
-                self._bufs.append(buf)
-        return buf
+        self.writeback = writeback
+        super().__init__(path, os.O_RDWR, chunk_size, direct=writeback)
 
     def _write_direct(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """O_DIRECT write of an aligned chunk; False when this one must be written buffered."""
         n = len(data)
-        if (self.direct_fd < 0 or n == 0 or n > self.chunk_size or offset % DIRECT_ALIGN
+        if (not self.direct or n == 0 or n > self.chunk_size or offset % DIRECT_ALIGN
                 or n % DIRECT_ALIGN):
             return False
-        buf = self._buffer()
+        buf = self._mmap()
         buf[:n] = data
         with memoryview(buf) as mv:
             try:
@@ -206,8 +225,7 @@ class ChunkWriter:
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
-                os.close(self.direct_fd)    # the device wants another alignment: buffered from now
-                self.direct_fd = -1
+                self.direct = False         # the device wants another alignment: buffered from now
                 return False
         return True
 
@@ -225,28 +243,15 @@ class ChunkWriter:
         if self.writeback:
             os.fsync(self.fd)       # the inode's data (both descriptors' writes) and metadata
 
-    def close(self) -> None:
-        os.close(self.fd)
-        if self.direct_fd >= 0:
-            os.close(self.direct_fd)
-            self.direct_fd = -1
-        self._local = threading.local()
-        with self._lock:
-            bufs, self._bufs = self._bufs, []
-        for b in bufs:
-            try:
-                b.close()
-            except BufferError:
-                pass
 
 
 DIRECT_ALIGN = 4096             # offsets, lengths and buffers of O_DIRECT writes
 
 
-def _open_direct(path: str) -> int:
+def _open_direct(path: str, mode: int = os.O_RDWR) -> int:
     """A second O_DIRECT descriptor of `path`, or -1 where the file system refuses it."""
     try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
+        return os.open(path, mode | os.O_CLOEXEC | os.O_DIRECT)
     except OSError as e:
         if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
             return -1
