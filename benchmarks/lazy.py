@@ -195,6 +195,9 @@ def markdown(doc: dict[str, Any]) -> str:
     m = doc["meta"]
     lines = [f"# Lazy hydration (FUSE + loop path), {m['date']} on {m['host']} ({m['cpus']} CPUs), "
              f"commit {m['commit']}{' QUICK' if m['quick'] else ''}", "",
+             "load average at the end (1/5/15 min): " + " / ".join(f"{x:.2f}" for x in m.get("load_avg", ()))
+             + "; NodeStage lazy of the background-only volume: "
+             + ", ".join(f"{r['volume']} {r['stage_lazy2_s']:.2f} s" for r in doc["volumes"]), "",
              "| volume (data) | NodeStage full | NodeStage lazy | full hydrate | read after lazy stage "
              "| ratio (≥ 0.7) | background only | ratio (≥ 0.8) | chunks on demand / background during read |",
              "|---|---|---|---|---|---|---|---|---|"]
