@@ -72,7 +72,9 @@ class LazyBench:
     def __init__(self, work: Path, quick: bool, sparse_gib: int = 16, skip: tuple[str, ...] = ()):
         self.work, self.quick, self.sparse_gib, self.skip = work, quick, sparse_gib, skip
         self.sw = Seaweed(work / "seaweed")
-        self.cl = Cluster(work / "cluster", seaweed=self.sw, prefix="lazy")
+        # the nodes look for deleted volumes every second (default 900 s): drop() waits for that
+        self.cl = Cluster(work / "cluster", seaweed=self.sw, prefix="lazy",
+                          node_extra=["--volume-check-seconds", "1"])
         self.cap = block_cap()
 
     def make(self, name: str, size: int, data: int, params: dict[str, str]) -> str:
@@ -106,7 +108,7 @@ class LazyBench:
         self.cl.delete(vid)
         dirs = [Path(n.rawfile_dir) / vid for n in self.cl.nodes.values()]
         deadline = time.monotonic() + timeout
-        while any(d.exists() for d in dirs):        # the nodes drop deleted copies at heartbeat
+        while any(d.exists() for d in dirs):        # dropped at the next heartbeat (2 s)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{vid}: local copies still present after {timeout:.0f}s")
             time.sleep(0.2)
