@@ -201,13 +201,25 @@ def _plan_generations(cat: Catalog, plan: _Plan, t_start: float, grace: float, k
     return seen
 
 
-def _plan_snapshots(cat: Catalog, plan: _Plan, snap_ids: set[str], t_start: float, grace: float,
-                    claimed: set[str]) -> list[str]:
-    seen = []
-    for info in cat.store.list(layout.SNAPSHOTS):
+def _snapshot_manifests(store: ObjectStore) -> list[tuple[str, ObjectInfo]]:
+    """(snapshot ID, info) of every snapshots/<sid>.manifest. Listed BEFORE the snapshot records
+    are read: writers create a snapshot's record before they write its manifest, so a manifest
+    this listing shows has a record the later read sees unless the snapshot was deleted. (Read
+    the other way round, a record and manifest both written between the two reads looked like a
+    deleted snapshot's leftover manifest, and whole-second LastModified times can make a manifest
+    written during the run look older than a zero grace period: the sweep deleted it.)"""
+    out = []
+    for info in store.list(layout.SNAPSHOTS):
         sid = layout.parse_snapshot_manifest_key(info.key)
-        if sid is None:
-            continue
+        if sid is not None:
+            out.append((sid, info))
+    return out
+
+
+def _plan_snapshots(manifests: list[tuple[str, ObjectInfo]], plan: _Plan, snap_ids: set[str], t_start: float,
+                    grace: float, claimed: set[str]) -> list[str]:
+    seen = []
+    for sid, info in manifests:
         seen.append(info.key)
         if sid in snap_ids or info.key in claimed or t_start - info.mtime <= grace:
             plan.keep_keys.append(info)
@@ -248,13 +260,15 @@ def _mark(store: ObjectStore, keys: list[ObjectInfo], referenced: set[str], cach
 def _collect(cat: Catalog, rep: GcReport, t_start: float, *, grace: float, keep: int, dry_run: bool,
              deadline: float, cache: ManifestCache) -> None:
     store = cat.store
-    # order matters (see remote/guard.py): chunks, then claims, then manifests
+    # order matters (see remote/guard.py): chunks, then claims, then manifests; snapshot
+    # manifests before snapshot records (see _snapshot_manifests)
     chunks = list(store.list(layout.CHUNKS))
     referenced, claimed = _live_claims(cat, t_start, dry_run, rep)
+    snap_manifests = _snapshot_manifests(store)
     snap_ids = {s.id for s in cat.list_snapshots()}
     plan = _Plan()
     seen = _plan_generations(cat, plan, t_start, grace, keep, claimed)
-    seen += _plan_snapshots(cat, plan, snap_ids, t_start, grace, claimed)
+    seen += _plan_snapshots(snap_manifests, plan, snap_ids, t_start, grace, claimed)
     _mark(store, plan.keep_keys, referenced, cache, rep)
     cache.retain(seen)
     rep.referenced_chunks = len(referenced)

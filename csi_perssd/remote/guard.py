@@ -15,7 +15,7 @@ and the collector follow a handshake (both sides write first, then read the othe
 the object store is strongly consistent):
 
   collector: PUT gc/running/<run>.json (tomb), PUT gc/last-run.json, LIST gc/claims/ + read
-             them, list manifests, delete, DELETE its tomb. It deletes nothing once
+             them, list manifests (snapshot manifests before snapshot records), delete, DELETE its tomb. It deletes nothing once
              SWEEP_LIMIT_S have passed since its tomb was written (the rest waits for the
              next run) and a tomb older than TOMB_TTL_S counts as dead.
   writer (`FlushGuard`): before reading its base manifest, read gc/last-run.json and the

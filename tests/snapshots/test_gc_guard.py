@@ -153,3 +153,47 @@ def test_gc_loop_racing_guarded_flushes(s3_store, tmp_path) -> None:
     for m, src in results:
         assert _missing(s3_store, m) == []
         assert _hydrated_equals(s3_store, m, src, tmp_path)
+
+
+def test_snapshot_committed_between_gc_reads_keeps_its_manifest(s3_store, tmp_path, monkeypatch) -> None:
+    """The interleaving behind test_gc_loop_racing_guarded_flushes' rare loss, forced: a guarded
+    writer creates its snapshot record and then writes the snapshot manifest while a collection
+    runs, both after the collection read the snapshot records. That collection must not take the
+    manifest for a deleted snapshot's leftover (it used to list the manifests after reading the
+    records and delete it: once the claim was released the next run deleted its chunks).
+    The collector's clock runs 2 s ahead of the S3 server's here, so the manifest is older than
+    the zero grace period, as whole-second LastModified times make it under load anyway."""
+    from csi_perssd.remote.catalog import SnapshotRecord
+    import types
+    cat = Catalog(s3_store)
+    src = str(tmp_path / "s.img")
+    _image(src, [os.urandom(CS) for _ in range(4)])
+    guard = gc.FlushGuard.begin(s3_store, "test/snap")
+    m, _ = volume_io.flush_path(s3_store, src, 4 * CS, CS)
+    assert not guard.claim(m, source=volume_io.source_of(src)).overlapped
+    mkey = "snapshots/snap-between.manifest"
+    committed = []
+
+    def commit() -> None:       # the writer's "commit", as in the racing test
+        cat.create_snapshot(SnapshotRecord(id="snap-between", name="between", source_volume="pvol-x",
+                                           size=4 * CS, ready=True, manifest_key=mkey))
+        s3_store.put(mkey, m.encode())
+        committed.append(True)
+
+    scan_pages = s3_store.scan_pages
+
+    def scan_then_commit(prefix, *a, **kw):  # type: ignore[no-untyped-def]
+        yield from scan_pages(prefix, *a, **kw)
+        if prefix == "snapshots/" and not committed:
+            commit()            # the collection has just read the snapshot records
+    monkeypatch.setattr(s3_store, "scan_pages", scan_then_commit)
+    monkeypatch.setattr(gc, "time", types.SimpleNamespace(time=lambda: time.time() + 2.0, monotonic=time.monotonic))
+    rep = gc.collect(cat, grace=0, keep=0, dry_run=False)
+    assert committed, "the writer never committed during the collection: nothing tested"
+    assert mkey not in rep.deleted_manifests
+    assert s3_store.head(mkey) is not None
+    guard.release()
+    rep = gc.collect(cat, grace=0, keep=0, dry_run=False)
+    assert not rep.deleted_chunks and s3_store.head(mkey) is not None
+    assert _missing(s3_store, m) == []
+    assert _hydrated_equals(s3_store, m, src, tmp_path)
