@@ -169,7 +169,9 @@ def markdown(doc: dict[str, Any]) -> str:
              f"images on XFS (reflink) on a loop device. "
              f"MB/s are of the logical volume size (1 MB = 10^6 bytes). Change (c): "
              f"{m['change']['extents']} x {m['change']['extent_bytes'] / MiB:.0f} MiB extents in "
-             f"{m['change']['chunks']} chunks.", "",
+             f"{m['change']['chunks']} chunks."
+             + (f" Load average (1 min) at the start {m['load'][0]:.2f}, at the end {m['load'][1]:.2f}."
+                if m.get("load") else ""), "",
              "### Targets (ratios inside each run; judged on the median)", "",
              "| target | median | min | max | |", "|---|---:|---:|---:|---|"]
     for t in doc["targets"]:

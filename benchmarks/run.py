@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}{'-quick' if quick else ''}"
     out = Path(a.out)
     work = Path(tempfile.mkdtemp(prefix="perssd-bench-", dir=a.workdir))
-    t_start = time.monotonic()
+    t_start, load0 = time.monotonic(), os.getloadavg()[0]
     sw = Seaweed(work / "seaweed")
     runs: list[dict[str, Any]] = []
     try:
@@ -477,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
                 "change": {"extents": len(b.change.offsets), "extent_bytes": b.change.extent,
                            "chunks": len(b.change.chunks(CHUNK))},
                 "tree_b": b.tree_counts, "versions": versions(b), "commit": git_commit(),
-                "elapsed_s": round(time.monotonic() - t_start, 1)}
+                "elapsed_s": round(time.monotonic() - t_start, 1),
+                "load": [round(load0, 2), round(os.getloadavg()[0], 2)]}
     finally:
         sw.stop()
         if not a.keep:

@@ -14,6 +14,7 @@ import mmap
 import os
 import threading
 from types import TracebackType
+from typing import Self
 
 from ..extents import Extent
 
@@ -90,7 +91,59 @@ def zero_range(fd: int, offset: int, length: int) -> None:
         offset += n
 
 
-class ChunkReader:
+class _ChunkFile:
+    """A device or file open for chunk I/O: a buffered descriptor, with `direct` a second
+    O_DIRECT one where the file system takes it (`direct` is cleared on EINVAL, the descriptor
+    never closed meanwhile: other threads may be using it), and one chunk buffer per thread
+    (page-aligned anonymous mmap, reused: no 4 MiB allocation per chunk)."""
+
+    def __init__(self, path: str, mode: int, chunk_size: int, direct: bool):
+        self.path, self.chunk_size = path, chunk_size
+        self.fd = os.open(path, mode | os.O_CLOEXEC)
+        self.direct_fd = -1
+        self.direct = False
+        try:
+            self.size = device_size(self.fd)
+            if direct:
+                self.direct_fd = _open_direct(path, mode)
+                self.direct = self.direct_fd >= 0
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._local = threading.local()
+        self._bufs: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def _mmap(self) -> mmap.mmap:
+        buf: mmap.mmap | None = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = mmap.mmap(-1, self.chunk_size)
+            with self._lock:
+                self._bufs.append(buf)
+        return buf
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+            self.direct_fd, self.direct = -1, False
+        self._local = threading.local()
+        with self._lock:
+            bufs, self._bufs = self._bufs, []
+        for b in bufs:
+            try:
+                b.close()
+            except BufferError:         # a view is still referenced somewhere: GC frees it
+                pass
+
+
+class ChunkReader(_ChunkFile):
     """Reads chunks of a device or file into one reusable page-aligned buffer per thread (no
     4 MiB allocation per chunk). Aligned chunks are read with O_DIRECT through a second
     descriptor where the file system takes it (`direct`): no page-cache fill and copy, and no
@@ -103,35 +156,12 @@ class ChunkReader:
     valid until the same thread reads again."""
 
     def __init__(self, path: str, chunk_size: int, direct: bool = True):
-        self.path, self.chunk_size = path, chunk_size
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self.direct_fd = -1
-        self.direct = False             # cleared (never closed: other threads may be reading) on EINVAL
-        try:
-            self.size = device_size(self.fd)
-            if direct:
-                self.direct_fd = _open_direct(path, os.O_RDONLY)
-                self.direct = self.direct_fd >= 0
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self._local = threading.local()
-        self._bufs: list[mmap.mmap] = []
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> ChunkReader:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
+        super().__init__(path, os.O_RDONLY, chunk_size, direct)
 
     def _buffer(self) -> memoryview:
         mv: memoryview | None = getattr(self._local, "mv", None)
         if mv is None:
-            buf = mmap.mmap(-1, self.chunk_size)
-            with self._lock:
-                self._bufs.append(buf)
-            mv = self._local.mv = memoryview(buf)
+            mv = self._local.mv = memoryview(self._mmap())
         return mv
 
     def _aligned(self, offset: int, length: int) -> bool:
@@ -165,22 +195,9 @@ class ChunkReader:
             got += n
         return mv
 
-    def close(self) -> None:
-        os.close(self.fd)
-        if self.direct_fd >= 0:
-            os.close(self.direct_fd)
-            self.direct_fd, self.direct = -1, False
-        self._local = threading.local()
-        with self._lock:
-            bufs, self._bufs = self._bufs, []
-        for b in bufs:
-            try:
-                b.close()
-            except BufferError:         # a view is still referenced somewhere: GC frees it
-                pass
 
 
-class ChunkWriter:
+class ChunkWriter(_ChunkFile):
     """Writes chunks into a device or file opened O_RDWR (never truncated); with `writeback`
     (a durable hydrate) `sync` fsyncs at the end, and each write either goes to the device at
     once through a second O_DIRECT descriptor (aligned chunks: copied into this thread's
@@ -191,35 +208,8 @@ class ChunkWriter:
     caller then does the file system's allocation and the submission itself)."""
 
     def __init__(self, path: str, writeback: bool = True, chunk_size: int = 4 << 20):
-        self.path, self.writeback, self.chunk_size = path, writeback, chunk_size
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        self.direct_fd = -1
-        self.direct = False             # cleared (never closed: other threads may be writing) on EINVAL
-        try:
-            self.size = device_size(self.fd)
-            if writeback:
-                self.direct_fd = _open_direct(path)
-                self.direct = self.direct_fd >= 0
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self._local = threading.local()
-        self._bufs: list[mmap.mmap] = []
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> ChunkWriter:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
-
-    def _buffer(self) -> mmap.mmap:
-        buf: mmap.mmap | None = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = self._local.buf = mmap.mmap(-1, self.chunk_size)
-            with self._lock:
-                self._bufs.append(buf)
-        return buf
+        self.writeback = writeback
+        super().__init__(path, os.O_RDWR, chunk_size, direct=writeback)
 
     def _write_direct(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """O_DIRECT write of an aligned chunk; False when this one must be written buffered."""
@@ -227,7 +217,7 @@ class ChunkWriter:
         if (not self.direct or n == 0 or n > self.chunk_size or offset % DIRECT_ALIGN
                 or n % DIRECT_ALIGN):
             return False
-        buf = self._buffer()
+        buf = self._mmap()
         buf[:n] = data
         with memoryview(buf) as mv:
             try:
@@ -253,19 +243,6 @@ class ChunkWriter:
         if self.writeback:
             os.fsync(self.fd)       # the inode's data (both descriptors' writes) and metadata
 
-    def close(self) -> None:
-        os.close(self.fd)
-        if self.direct_fd >= 0:
-            os.close(self.direct_fd)
-            self.direct_fd, self.direct = -1, False
-        self._local = threading.local()
-        with self._lock:
-            bufs, self._bufs = self._bufs, []
-        for b in bufs:
-            try:
-                b.close()
-            except BufferError:
-                pass
 
 
 DIRECT_ALIGN = 4096             # offsets, lengths and buffers of O_DIRECT writes

@@ -5,7 +5,6 @@ two nodes are refused."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import grpc
@@ -14,6 +13,7 @@ import pytest
 from csi_perssd.csi import csi_pb2 as pb
 from csi_perssd.remote.catalog import Catalog, NodeRecord
 from csi_perssd.remote.filestore import FileStore
+from tests.harness.counters import counting, read_counter
 from tests.plugins.driver import NODE_ID, POOL, block_cap, create_request, expect, mount_cap, unique_name
 
 pytestmark = pytest.mark.root
@@ -195,44 +195,15 @@ class TestDeleteVolumeGroupSnapshot:
         assert again.group_snapshot_id != g.group_snapshot_id          # the name is free again
 
 
-def _counter_writer(paths: list[str], stop: threading.Event, written: list[int]) -> None:
-    """Write n to every volume in order, each write synced before the next one starts: in any
-    point-in-time copy of the group, an earlier volume's counter is the later one's or one more."""
-    fds = [os.open(os.path.join(p, "counter"), os.O_RDWR | os.O_CREAT, 0o644) for p in paths]
-    try:
-        while not stop.is_set():
-            n = written[0] + 1
-            for fd in fds:
-                os.pwrite(fd, f"{n:012d}".encode(), 0)
-                os.fsync(fd)
-            written[0] = n
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-def _read_counter(staging: str) -> int:
-    with open(os.path.join(staging, "counter"), "rb") as f:
-        return int(f.read(12))
-
-
 class TestCrashConsistency:
     def test_members_staged_on_one_node_are_cut_at_one_point_in_time(self, driver):
         staged = [driver.staged(parameters=OBJECT) for _ in range(3)]
-        stop, written = threading.Event(), [0]
-        t = threading.Thread(target=_counter_writer, args=([s for _, s in staged], stop, written), daemon=True)
-        t.start()
-        try:
-            while written[0] < 20:
-                time.sleep(0.01)
+        with counting([s for _, s in staged], at_least=20) as written:
             g = group_snapshot(driver, unique_name(), [v for v, _ in staged])
             at_ready = written[0]
             time.sleep(0.2)
-        finally:
-            stop.set()
-            t.join(10)
         assert written[0] > at_ready, "the writer was not running across the cut"
-        counters = [_read_counter(restore(driver, s.snapshot_id)[1]) for s in g.snapshots]
+        counters = [read_counter(restore(driver, s.snapshot_id)[1]) for s in g.snapshots]
         assert 20 <= counters[0] <= at_ready
         assert counters[0] - counters[-1] in (0, 1) and sorted(counters, reverse=True) == counters, counters
         assert len({s.creation_time.ToNanoseconds() for s in g.snapshots}) == 1
@@ -250,7 +221,7 @@ class TestCrashConsistency:
         gen = catalog(driver).volume(cold).generation
         g = group_snapshot(driver, unique_name(), [vid, cold])
         assert catalog(driver).get_snapshot(g.snapshots[1].snapshot_id).generation == gen   # pinned, not copied
-        assert [_read_counter(restore(driver, s.snapshot_id)[1]) for s in g.snapshots] == [7, 5]
+        assert [read_counter(restore(driver, s.snapshot_id)[1]) for s in g.snapshots] == [7, 5]
 
     def test_two_writable_staged_block_members_are_refused(self, driver):
         vids = [driver.staged(cap=block_cap(), parameters=OBJECT)[0] for _ in range(2)]

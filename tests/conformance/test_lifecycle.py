@@ -15,18 +15,12 @@ import pytest
 
 from csi_perssd.csi import csi_pb2 as pb
 from csi_perssd.csi import csi_pb2_grpc as rpc
+from tests.harness.blockio import write_file
 from tests.plugins.driver import (MiB, NODE_ID, XFS_SIZE, block_cap, cleanup_under, create_request, expect,
                                   mount_cap, mounts_under)
 
 pytestmark = pytest.mark.root
 C = grpc.StatusCode
-
-
-def write_file(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def read_file(path: str) -> bytes:

@@ -16,6 +16,7 @@ from csi_perssd import TOPOLOGY_NODE_KEY as NODE_KEY
 from csi_perssd import TOPOLOGY_POOL_KEY as POOL_KEY
 from csi_perssd.csi import csi_pb2 as pb
 from csi_perssd.local import fs
+from tests.harness.blockio import write_file
 from tests.plugins.driver import (MiB, NODE_ID, POOL, XFS_SIZE, AccessMode, block_cap, expect,
                                   mount_cap, mounts_under)
 
@@ -39,13 +40,6 @@ def mount_entry(path: str) -> tuple[str, str, set[str]] | None:
                 fstype, source, sopts = right.split()[:3]
                 found = (fstype, source, set(parts[5].split(",")) | set(sopts.split(",")))
     return found
-
-
-def write_file(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def statfs_total(path: str) -> int:

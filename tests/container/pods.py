@@ -21,10 +21,10 @@ from typing import Any
 import grpc
 
 from csi_perssd.csi import csi_pb2 as pb
-from csi_perssd.csi import csi_pb2_grpc as rpc
 from tests.harness.cleanup import cleanup_under, mounts_under
 from tests.harness.cluster import Cluster, free_port, mount_cap
 from tests.harness.seaweed import Seaweed
+from tests.harness.stubs import CsiStubs
 
 from . import translate as tr
 from .daemon import Daemon
@@ -35,7 +35,7 @@ DRIVER_NAME = "nvme.perssd.io"
 NAMESPACE = "perssd-system"
 
 
-class ContainerPod:
+class ContainerPod(CsiStubs):
     """One container started from a RunSpec; the same surface as tests.harness.procs.DriverProcess."""
 
     def __init__(self, docker: Daemon, name: str, spec: tr.RunSpec, socket: str):
@@ -86,28 +86,9 @@ class ContainerPod:
         assert self.id is not None
         return self.docker.run("exec", self.id, *argv, check=check, timeout=120)
 
-    def _chan(self) -> grpc.Channel:
-        if self._channel is None:
-            self._channel = grpc.insecure_channel(f"unix://{self.socket}")
-        return self._channel
-
-    @property
-    def identity(self) -> Any:
-        return rpc.IdentityStub(self._chan())
-
-    @property
-    def controller(self) -> Any:
-        return rpc.ControllerStub(self._chan())
-
-    @property
-    def node(self) -> Any:
-        return rpc.NodeStub(self._chan())
-
     def stop(self, timeout: int = 30) -> int | None:
         """SIGTERM (docker stop), then remove the container by its id; its exit code."""
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        self._close()
         if self.id is None:
             return None
         self.docker.run("stop", "-t", str(timeout), self.id, check=False, timeout=timeout + 30)

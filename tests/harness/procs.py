@@ -8,15 +8,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import grpc
 
 from csi_perssd.csi import csi_pb2 as pb
-from csi_perssd.csi import csi_pb2_grpc as rpc
+
+from .stubs import CsiStubs
 
 
-class DriverProcess:
+class DriverProcess(CsiStubs):
     def __init__(self, workdir: str | os.PathLike[str], *, mode: str = "all", node_id: str = "node-a",
                  pool: str = "pool-1", catalog: str = "", env: dict[str, str] | None = None,
                  extra: list[str] | None = None, name: str | None = None):
@@ -72,36 +72,6 @@ class DriverProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except FileNotFoundError:
             return ""
-
-    def _chan(self) -> grpc.Channel:
-        if self._channel is None:
-            self._channel = grpc.insecure_channel(f"unix://{self.socket}")
-        return self._channel
-
-    @property
-    def identity(self) -> Any:
-        return rpc.IdentityStub(self._chan())
-
-    @property
-    def controller(self) -> Any:
-        return rpc.ControllerStub(self._chan())
-
-    @property
-    def node(self) -> Any:
-        return rpc.NodeStub(self._chan())
-
-    @property
-    def group(self) -> Any:
-        return rpc.GroupControllerStub(self._chan())
-
-    @property
-    def metadata(self) -> Any:
-        return rpc.SnapshotMetadataStub(self._chan())
-
-    def _close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait; returns the exit code."""

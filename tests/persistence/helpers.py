@@ -4,7 +4,9 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +19,8 @@ from tests.harness.cluster import Cluster
 
 MiB = 1 << 20
 CHUNK = 4 * MiB
+# crash tests: one upload at a time and short NodeUnstage waits: the flush takes seconds and reports progress
+SLOW_FLUSH_CLUSTER = {"node_extra": ["--flush-workers", "1"], "env": {"PERSSD_UNSTAGE_WAIT_SECONDS": "0.3"}}
 
 
 def run(argv: list[str]) -> str:
@@ -125,3 +129,30 @@ def unstage_once(cl: Cluster, node: str, vid: str, timeout: float = 60) -> tuple
     staging, _ = cl.paths(node, vid)
     return code(cl.nodes[node].node.NodeUnstageVolume,
                 pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging), timeout=timeout)
+
+
+def fill_random(device: str, nbytes: int) -> str:
+    """Write `nbytes` of random data from offset 0, a chunk at a time, and fsync; the device's sha256."""
+    fd = os.open(device, os.O_WRONLY)
+    try:
+        for off in range(0, nbytes, CHUNK):
+            os.pwrite(fd, os.urandom(CHUNK), off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return sha256_file(device)
+
+
+def unpublish_until_flushing(cl: Cluster, node: str, vid: str, timeout: float = 60) -> str:
+    """The last NodeUnpublish, then NodeUnstage calls until one answers ABORTED with progress
+    (done/total bytes, done > 0): the flush is under way. Returns that message."""
+    cl.unpublish(node, vid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        c, msg = unstage_once(cl, node, vid, timeout=30)
+        assert c == grpc.StatusCode.ABORTED, f"flush ended before the kill ({c}: {msg})"
+        m = re.search(r"(\d+)/(\d+) bytes \((\d+)%\)", msg)
+        assert m, f"no progress in the ABORTED message: {msg!r}"
+        if int(m.group(1)) > 0:
+            return msg
+    raise AssertionError("the flush never made progress")

@@ -4,22 +4,18 @@ restarted node resumes and commits the flush with the lineage key it kept from N
 the other node reads the data back with the KEK."""
 from __future__ import annotations
 
-import os
-import re
 import stat
-import time
 from pathlib import Path
 
-import grpc
 import pytest
 
 from tests.harness.cluster import Cluster, block_cap
 
 from .enc import ENC, new_kek, secrets, unpublish_controller
-from .helpers import CHUNK, MiB, sha256_file, unstage_once
+from .helpers import CHUNK, SLOW_FLUSH_CLUSTER, MiB, fill_random, sha256_file, unpublish_until_flushing
 
 pytestmark = [pytest.mark.root, pytest.mark.s3]
-CLUSTER = {"node_extra": ["--flush-workers", "1"], "env": {"PERSSD_UNSTAGE_WAIT_SECONDS": "0.3"}}
+CLUSTER = SLOW_FLUSH_CLUSTER
 SIZE = 128 * MiB
 RANDOM = 112 * MiB
 
@@ -29,28 +25,13 @@ def test_sigkill_mid_flush_of_an_encrypted_volume_resumes_and_commits(cluster: C
     kek = new_kek()
     vid = cl.create("enc-crash", SIZE, cap=cap, params=ENC, secrets=secrets(kek))
     target = cl.attach("node-a", vid, cap=cap, secrets=secrets(kek))
-    fd = os.open(target, os.O_WRONLY)
-    try:
-        for off in range(0, RANDOM, CHUNK):
-            os.pwrite(fd, os.urandom(CHUNK), off)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    want = sha256_file(target)
+    want = fill_random(target, RANDOM)
     keyfile = Path(cl.nodes["node-a"].state_dir) / "keys" / f"{vid}.key"
     assert stat.S_IMODE(keyfile.stat().st_mode) == 0o600
     assert stat.S_IMODE(keyfile.parent.stat().st_mode) == 0o700
     assert kek not in keyfile.read_text()                   # the lineage key, never the KEK
 
-    cl.unpublish("node-a", vid)
-    deadline = time.monotonic() + 60
-    progressed = False
-    while time.monotonic() < deadline and not progressed:
-        c, msg = unstage_once(cl, "node-a", vid)
-        assert c == grpc.StatusCode.ABORTED, f"flush ended before the kill ({c}: {msg})"
-        m = re.search(r"(\d+)/(\d+) bytes", msg)
-        progressed = bool(m and int(m.group(1)) > 0)
-    assert progressed, "the flush never made progress"
+    unpublish_until_flushing(cl, "node-a", vid)
     cl.nodes["node-a"].kill()
     at_kill = len(cl.chunks())
     assert 0 < at_kill < RANDOM // CHUNK, f"not killed mid-flush ({at_kill} chunks stored)"

@@ -240,23 +240,23 @@ def _teardown(csi: Csi) -> None:
         pytest.fail("; ".join(problems), pytrace=False)
 
 
-@pytest.fixture(scope="module")
-def driver(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Csi]:
-    """One `--mode all` server for the whole test module (extra flags: module attribute DRIVER_FLAGS)."""
+def _serve(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Csi]:
+    """A `--mode all` server (extra flags: module attribute DRIVER_FLAGS), torn down after use."""
     base = tmp_path_factory.mktemp("csi")
     csi = Csi(_start(base, extra=list(getattr(request.module, "DRIVER_FLAGS", []))), base)
     try:
         yield csi
     finally:
         _teardown(csi)
+
+
+@pytest.fixture(scope="module")
+def driver(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Csi]:
+    """One `--mode all` server for the whole test module (extra flags: module attribute DRIVER_FLAGS)."""
+    yield from _serve(request, tmp_path_factory)
 
 
 @pytest.fixture
 def fresh_driver(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Csi]:
     """A server of its own for one test (for tests that kill, restart or stop it)."""
-    base = tmp_path_factory.mktemp("csi")
-    csi = Csi(_start(base, extra=list(getattr(request.module, "DRIVER_FLAGS", []))), base)
-    try:
-        yield csi
-    finally:
-        _teardown(csi)
+    yield from _serve(request, tmp_path_factory)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from csi_perssd.csi import csi_pb2 as pb
 from csi_perssd.remote.catalog import Catalog
 from csi_perssd.remote.s3 import S3Store
+from tests.harness.blockio import write_file
 from tests.harness.cluster import Cluster, block_cap, cleanup_under, mount_cap
 from tests.harness.seaweed import Seaweed
 from tests.plugins.s3 import make_s3_store
@@ -94,13 +94,6 @@ def expect_code(code: grpc.StatusCode, fn, *args, **kw) -> str:  # type: ignore[
         fn(*args, **kw)
     assert ei.value.code() == code, f"want {code}, got {ei.value.code()}: {ei.value.details()}"
     return ei.value.details()
-
-
-def write_file(path: str | Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 __all__ = ["MiB", "SnapCluster", "block_cap", "mount_cap", "expect_code", "write_file"]

@@ -3,13 +3,12 @@ the members staged to cut the group through the object store (SeaweedFS); the re
 show one point in time on another node; members in use on two nodes are refused."""
 from __future__ import annotations
 
-import os
-import threading
 import time
 
 import grpc
 
 from csi_perssd.csi import csi_pb2 as pb
+from tests.harness.counters import counting, read_counter
 from tests.snapshots.conftest import MiB, expect_code
 
 
@@ -24,41 +23,18 @@ def _group(cluster, name: str, vids: list[str], timeout: float = 120.0) -> pb.Vo
         time.sleep(0.2)
 
 
-def _writer(targets: list[str], stop: threading.Event, written: list[int]) -> None:
-    fds = [os.open(os.path.join(t, "counter"), os.O_RDWR | os.O_CREAT, 0o644) for t in targets]
-    try:
-        while not stop.is_set():
-            n = written[0] + 1
-            for fd in fds:
-                os.pwrite(fd, f"{n:012d}".encode(), 0)
-                os.fsync(fd)
-            written[0] = n
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
 def test_group_cut_by_the_node_and_restored_on_another(cluster) -> None:
     vids = [cluster.create(f"grp-{i}", 32 * MiB) for i in range(2)]
     targets = [cluster.attach("node-a", v) for v in vids]
-    stop, written = threading.Event(), [0]
-    t = threading.Thread(target=_writer, args=(targets, stop, written), daemon=True)
-    t.start()
-    try:
-        while written[0] < 10:
-            time.sleep(0.01)
+    with counting(targets, at_least=10):
         g = _group(cluster, "grp-live", vids)
-    finally:
-        stop.set()
-        t.join(10)
     restored = []
     try:
         counters = []
         for i, s in enumerate(g.snapshots):
             rid = cluster.restore(f"grp-restored-{i}", 32 * MiB, snapshot=s.snapshot_id)
             restored.append(rid)
-            with open(os.path.join(cluster.attach("node-b", rid), "counter"), "rb") as f:
-                counters.append(int(f.read(12)))
+            counters.append(read_counter(cluster.attach("node-b", rid)))
         assert counters[0] >= 10 and counters[0] - counters[1] in (0, 1), counters
         assert "2 file systems frozen together" in cluster.nodes["node-a"].tail(400)
     finally:
