@@ -1,6 +1,6 @@
 #!/bin/bash
 # Runs INSIDE the test VM (started by tests/vm/run.py): load modules, then the LVM pytest suite.
-# Args: <work dir> <pytest args: selection and options>. Writes <work dir>/guest.rc; prints PERSSD-VM-BOOTED first.
+# Args: <work dir> <pytest args: selection and options> | --script <file.py> <its args>. Writes <work dir>/guest.rc; prints PERSSD-VM-BOOTED first.
 set -u
 work="$1"; shift
 echo "PERSSD-VM-BOOTED $(cut -d' ' -f1 /proc/uptime)"
@@ -19,8 +19,13 @@ mkdir -p /tmp/perssd-vm && mount -t tmpfs -o size=512m perssd-vm-tmp /tmp/perssd
 export PERSSD_VM=1 LVM_SUPPRESS_FD_WARNINGS=1 TMPDIR=/tmp/perssd-vm PYTHONUNBUFFERED=1
 export PATH="$PWD/.venv/bin:$PATH"
 rc=0
-.venv/bin/python -m pytest -p no:cacheprovider --junitxml="$work/junit.xml" \
-    -o junit_family=xunit2 "$@" || rc=$?
+if [ "${1:-}" = "--script" ]; then      # tests/vm/run.py --script: a benchmark, not the suite
+    shift; script="$1"; shift
+    .venv/bin/python "$script" "$@" || rc=$?
+else
+    .venv/bin/python -m pytest -p no:cacheprovider --junitxml="$work/junit.xml" \
+        -o junit_family=xunit2 "$@" || rc=$?
+fi
 umount /tmp/perssd-vm || true
 echo "$rc" > "$work/guest.rc"
 echo "PERSSD-VM-DONE rc=$rc uptime=$(cut -d' ' -f1 /proc/uptime)"

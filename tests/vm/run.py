@@ -1,6 +1,7 @@
 """Boot ONE test VM (virtme-ng, QEMU TCG) and run the LVM suite (tests/lvm) inside it.
 
     python tests/vm/run.py [--check] [--kernel /boot/vmlinuz-X] [-- pytest args]
+    python tests/vm/run.py --script benchmarks/lazy_dm.py [-- script args]   (a benchmark)
 
 The guest runs the host's own root file system read-only (9p) with the project directory
 shared read-write, so it uses the host venv. Two emulated NVMe disks (`-device nvme`, sparse
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--memory", default="2G")
     ap.add_argument("--timeout", type=float, default=1500, help="kill the VM after this many seconds")
-    ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    ap.add_argument("--script", default=None, help="run this Python script in the guest, not pytest")
+    ap.add_argument("pytest_args", nargs="*", help="extra pytest (or --script) arguments (after --)")
     args = ap.parse_args(argv)
     kernel = args.kernel or newest_kernel()
     missing = problems(kernel)
@@ -136,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_vm(args: argparse.Namespace, kernel: str) -> int:
     pytest_args = list(args.pytest_args)
-    if not any(a.startswith("tests/") for a in pytest_args):
+    if args.script:
+        pytest_args = ["--script", args.script, *pytest_args]
+    elif not any(a.startswith("tests/") for a in pytest_args):
         pytest_args.insert(0, "tests/lvm")
     argv_ = vng_argv(kernel, make_disks(), pytest_args, args.cpus, args.memory, network=True)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
