@@ -169,7 +169,11 @@ class FlushGuard:
             for h in missing:
                 i = first[h]
                 off, length = chunk_span(i, manifest.volume_size, manifest.chunk_size)
-                buf = reader.read(off, length)
+                try:
+                    buf = reader.read(off, length)
+                except OSError as e:  # the source ended early or went away: the same as a changed source
+                    raise CsiError(Code.ABORTED, f"{self.owner}: cannot re-read chunk {i} to upload it again "
+                                   f"({e}); flush again") from e
                 if codec.name(buf) != h:
                     raise CsiError(Code.ABORTED, f"{self.owner}: chunk {i} was garbage-collected meanwhile and "
                                    f"the source changed since it was read; flush again")

@@ -197,3 +197,21 @@ def test_snapshot_committed_between_gc_reads_keeps_its_manifest(s3_store, tmp_pa
     assert not rep.deleted_chunks and s3_store.head(mkey) is not None
     assert _missing(s3_store, m) == []
     assert _hydrated_equals(s3_store, m, src, tmp_path)
+
+
+def test_claim_aborts_when_the_source_is_shorter_than_its_manifest(s3_store, tmp_path) -> None:
+    """The repair source cannot give a chunk back (the file ended early): ABORTED, retriable, as for
+    a source that changed; nothing is uploaded under the chunk's name."""
+    src = str(tmp_path / "a.img")
+    _image(src, [os.urandom(CS) for _ in range(2)])
+    guard = gc.FlushGuard.begin(s3_store, "test/short")
+    m, _ = volume_io.flush_path(s3_store, src, 2 * CS, CS)
+    gc.collect(Catalog(s3_store), grace=0, keep=0, dry_run=False)     # the chunks were not claimed yet
+    assert len(_missing(s3_store, m)) == 2
+    os.truncate(src, CS // 2)
+    from csi_perssd.errors import CsiError
+    with pytest.raises(CsiError) as ei:
+        guard.claim(m, source=volume_io.source_of(src))
+    assert ei.value.code.name == "ABORTED" and "flush again" in ei.value.message
+    assert len(_missing(s3_store, m)) == 2
+    guard.release()
