@@ -31,6 +31,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.report import git_commit, write_results  # noqa: E402
 from csi_perssd.lazy.manager import LazyManager  # noqa: E402
 from tests.harness.cluster import Cluster, block_cap  # noqa: E402
 from tests.harness.seaweed import Seaweed  # noqa: E402
@@ -237,19 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         b.sw.stop()
         shutil.rmtree(work, ignore_errors=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip()
+    commit = git_commit()
     doc["meta"] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                    "host": socket.gethostname(), "cpus": os.cpu_count(), "quick": a.quick,
                    "commit": commit, "elapsed_s": round(time.monotonic() - t0, 1),
                    "load_avg": os.getloadavg()}
     stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}-lazy{'-quick' if a.quick else ''}"
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    md = markdown(doc)
-    (out / f"{stem}.md").write_text(md)
-    print("\n" + md)
+    write_results(Path(a.out), stem, doc, markdown(doc))
     return 0
 
 

@@ -41,6 +41,7 @@ from tests.harness.procs import DriverProcess  # noqa: E402
 from tests.lvm.util import POOL, POOL_DEVICE, VG  # noqa: E402
 
 from benchmarks.lazy import fio, write_random  # noqa: E402
+from benchmarks.report import git_commit, write_results  # noqa: E402
 
 MiB = 1 << 20
 JOBS = (("randread", "4k"), ("randwrite", "4k"), ("read", "1M"), ("write", "1M"))
@@ -206,17 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         doc = measure(work, args.size_mib * MiB, args.reps, args.seconds)
     finally:
         subprocess.run(["lvm", "vgremove", "--config", NO_UDEV_CONFIG, "-ff", "-y", VG], capture_output=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE.parent).stdout.strip()
     doc.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               commit=commit, loadavg=" ".join(load))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.date.today().isoformat()}-vm-lazy-dm"
-    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    md = markdown(doc)
-    (out / f"{stem}.md").write_text(md)
-    print("\n" + md)
+               commit=git_commit(), loadavg=" ".join(load))
+    write_results(Path(args.out), f"{datetime.date.today().isoformat()}-vm-lazy-dm", doc, markdown(doc))
     return 0
 
 

@@ -1,7 +1,10 @@
 """Aggregate benchmark runs: medians with min/max, per-run ratios, targets, markdown."""
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+from pathlib import Path
 from typing import Any
 
 MiB = 1 << 20
@@ -196,3 +199,18 @@ def markdown(doc: dict[str, Any]) -> str:
     v = m.get("versions", {})
     lines += ["", "Tools: " + ", ".join(f"{k} {str(x).splitlines()[0] if x else ''}" for k, x in v.items()), ""]
     return "\n".join(lines)
+
+
+def git_commit() -> str:
+    """The checkout's short commit, or "unknown" outside a git checkout."""
+    r = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent.parent), "rev-parse", "--short", "HEAD"],
+                       capture_output=True, text=True, timeout=30)
+    return r.stdout.strip() if r.returncode == 0 else "unknown"
+
+
+def write_results(out: Path, stem: str, doc: dict[str, Any], md: str) -> None:
+    """<out>/<stem>.json and .md (every bench writes its results this way), and the table to stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    (out / f"{stem}.md").write_text(md)
+    print("\n" + md)

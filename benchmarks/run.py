@@ -416,12 +416,6 @@ class _Profiled:
         self.b.profiles[self.phase] = str(self.path.with_suffix(".txt"))
 
 
-def git_commit() -> str:
-    r = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"],
-                       capture_output=True, text=True)
-    return r.stdout.strip() if r.returncode == 0 else "unknown"
-
-
 def versions(b: Bench) -> dict[str, str]:
     out = {"python": platform.python_version(), "kernel": platform.release()}
     for name, fn in (("s5cmd", b.s5.version), ("rclone", b.rc.version),
@@ -476,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
                 "chunk_bytes": CHUNK, "runs": a.runs, "quick": quick, "profiles": b.profiles,
                 "change": {"extents": len(b.change.offsets), "extent_bytes": b.change.extent,
                            "chunks": len(b.change.chunks(CHUNK))},
-                "tree_b": b.tree_counts, "versions": versions(b), "commit": git_commit(),
+                "tree_b": b.tree_counts, "versions": versions(b), "commit": report.git_commit(),
                 "elapsed_s": round(time.monotonic() - t_start, 1),
                 "load": [round(load0, 2), round(os.getloadavg()[0], 2)]}
     finally:
@@ -484,11 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
     doc = report.build(meta, runs)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    md = report.markdown(doc)
-    (out / f"{stem}.md").write_text(md)
-    print("\n" + md)
+    report.write_results(out, stem, doc, report.markdown(doc))
     log(f"wrote {out / stem}.json and .md in {meta['elapsed_s']}s")
     return 0
 
