@@ -358,3 +358,29 @@ def test_known_chunks_from_an_earlier_pass_are_not_headed_or_uploaded(store, tmp
     assert [e for i, e in enumerate(second.entries) if i != 40] == [e for i, e in enumerate(first.entries) if i != 40]
     with pytest.raises(ValueError):
         flush(store, img["path"], SIZE, CS, known={"not-a-hash": 1})
+
+
+def test_hydrate_writes_raw_chunks_from_the_get_buffers_without_a_copy(store):
+    """Random chunks are stored raw (a 1-byte tag): each worker GETs into its page-aligned
+    buffer with the payload on a page boundary, so the O_DIRECT write goes from it and the
+    writer never fills a buffer of its own."""
+    from csi_perssd.local.fileio import ChunkWriter
+    from csi_perssd.remote.transfer import hydrate_chunks
+    path = os.path.join("/var/tmp", f"perssd-hydrate-aligned-{os.getpid()}.img")
+    size = 8 * CS
+    try:
+        with open(path, "wb") as f:
+            f.write(os.urandom(size))
+        m, _ = flush(store, path, size, CS, base=None, ranges=None, workers=4)
+        assert set(m.sizes.values()) == {CS + 1}
+        want = _sha(path)
+        with open(path, "wb") as f:
+            f.truncate(size)
+        with ChunkWriter(path, writeback=True, chunk_size=CS) as w:
+            hs = hydrate_chunks(store, m, w, workers=4)
+            assert w.direct and w._bufs == []
+        assert hs.chunks_downloaded == 8 and hs.requests == 8 and hs.bytes_downloaded == 8 * (CS + 1)
+        assert _sha(path) == want
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)

@@ -13,6 +13,7 @@ Every stage works on a ChunkSource / ChunkSink (see transfer.py), never on a loc
 """
 from __future__ import annotations
 
+import mmap
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -260,9 +261,20 @@ class ManifestBuilder:
 
 
 # -- hydrate --------------------------------------------------------------------------------
+LANDING_ALIGN = 4096           # the page: what O_DIRECT writes need of their buffers
+LANDING_SLACK = 64 << 10        # room beyond the chunk size for a stored object's framing
+
+
 class ChunkFetcher:
     """The hydrate's worker stage: one distinct chunk name per call, written to all its slots.
-    Returns (stored bytes, written bytes, logical bytes of its slots)."""
+    Returns (stored bytes, written bytes, logical bytes of its slots).
+
+    Each worker thread GETs its chunks into one reused page-aligned buffer (`_landing`, an
+    anonymous mmap), placed so that a raw plain chunk's payload (after its 1-byte format tag)
+    starts on a page boundary: the sink's O_DIRECT write then goes from it as it is. Measured
+    before (256 MiB, 16 workers): a new 4 MiB bytes object per GET (~60,000 page faults per
+    hydrate, 2x the node's CPU of s5cmd's for the same download) and a copy of every chunk into
+    the writer's aligned buffer. `close()` unmaps the buffers."""
 
     def __init__(self, store: ObjectStore, manifest: Manifest, sink: ChunkSink,
                  slots: tuple[dict[str, int], dict[str, list[int]]],
@@ -271,6 +283,8 @@ class ChunkFetcher:
         self.first, self.more = slots       # name -> first index; the other indexes of the duplicated ones
         self.verify, self.zero_tails, self.codec = verify, zero_tails, codec
         self._local = threading.local()
+        self._maps: list[mmap.mmap] = []
+        self._lock = threading.Lock()
 
     def _scratch(self) -> bytearray | None:
         """This worker thread's buffer that encrypted chunks are opened into (one per thread for
@@ -283,14 +297,36 @@ class ChunkFetcher:
             buf = self._local.buf = bytearray(self.manifest.chunk_size + 64)
         return buf
 
-    def fetch(self, h: str, out: bytearray | None = None) -> tuple[bytes | memoryview, int]:
+    def _landing(self) -> memoryview:
+        """This worker thread's GET buffer: a view starting one byte before a page boundary."""
+        mv: memoryview | None = getattr(self._local, "landing", None)
+        if mv is None:
+            m = mmap.mmap(-1, LANDING_ALIGN + self.manifest.chunk_size + LANDING_SLACK)
+            with self._lock:
+                self._maps.append(m)
+            mv = self._local.landing = memoryview(m)[LANDING_ALIGN - 1:]
+        return mv
+
+    def close(self) -> None:
+        self._local = threading.local()
+        with self._lock:
+            maps, self._maps = self._maps, []
+        for m in maps:
+            try:
+                m.close()
+            except BufferError:         # a view is still referenced somewhere: GC frees it
+                pass
+
+    def fetch(self, h: str, out: bytearray | None = None,
+              landing: memoryview | None = None) -> tuple[bytes | memoryview, int]:
         """The verified plaintext of chunk `h` and its stored size (ChunkMissing/ChunkCorrupted).
-        With `out` (see Codec.decode) the plaintext may be a view of it: valid until `out` is
-        reused."""
+        With `out` (see Codec.decode) the plaintext may be a view of it, with `landing` (a
+        buffer the stored object is read into, see ObjectStore.get_into) a view of that: valid
+        until the buffer is reused."""
         from .transfer import ChunkCorrupted, ChunkMissing
         key = chunk_key(h)
         try:
-            blob, _ = self.store.get(key)
+            blob, _ = self.store.get(key) if landing is None else self.store.get_into(key, landing)
         except NotFound:
             raise ChunkMissing(key, "missing from the store") from None
         try:
@@ -303,7 +339,7 @@ class ChunkFetcher:
 
     def __call__(self, h: str) -> tuple[int, int, int]:
         from .transfer import ChunkCorrupted
-        raw, stored = self.fetch(h, self._scratch())
+        raw, stored = self.fetch(h, self._scratch(), self._landing())
         size, cs = self.manifest.volume_size, self.manifest.chunk_size
         written = slots = 0
         for i in (self.first[h], *self.more.get(h, ())):
