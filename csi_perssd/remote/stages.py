@@ -7,7 +7,8 @@
   (compress, and seal when the codec encrypts) -> HEAD? -> PUT. One call per chunk index.
 - `ManifestBuilder`: settles worker results in completion order into the manifest's chunk table
   (waiting duplicates, the journal, the stats) and builds the Manifest.
-- `ChunkFetcher` (hydrate worker stage): GET -> decode -> verify -> write to every slot.
+- `ChunkFetcher` (hydrate worker stage): GET -> decode -> verify (`fetch_verified`) -> write to
+  every slot (`write_chunk`). Lazy hydration (lazy/volume.py) runs the same two functions per chunk.
 
 Every stage works on a ChunkSource / ChunkSink (see transfer.py), never on a local path.
 """
@@ -306,35 +307,48 @@ class ChunkFetcher:
         return buf
 
     def fetch(self, h: str, out: bytearray | None = None) -> tuple[bytes | memoryview, int]:
-        """The verified plaintext of chunk `h` and its stored size (ChunkMissing/ChunkCorrupted).
-        With `out` (see Codec.decode) the plaintext may be a view of it: valid until `out` is
-        reused."""
-        from .transfer import ChunkCorrupted, ChunkMissing
-        key = chunk_key(h)
-        try:
-            blob, _ = self.store.get(key)
-        except NotFound:
-            raise ChunkMissing(key, "missing from the store") from None
-        try:
-            raw = self.codec.decode(h, blob, self.manifest.chunk_size, out=out)
-        except CorruptBlob as e:
-            raise ChunkCorrupted(key, str(e)) from None
-        if self.verify and self.codec.name(raw) != h:
-            raise ChunkCorrupted(key, "content does not match its BLAKE3 hash")
-        return raw, len(blob)
+        """The verified plaintext of chunk `h` and its stored size (fetch_verified)."""
+        return fetch_verified(self.store, h, self.manifest.chunk_size, self.codec, verify=self.verify, out=out)
 
     def __call__(self, h: str) -> tuple[int, int, int]:
-        from .transfer import ChunkCorrupted
         raw, stored = self.fetch(h, self._scratch())
-        size, cs = self.manifest.volume_size, self.manifest.chunk_size
         written = slots = 0
         for i in (self.first[h], *self.more.get(h, ())):
-            off, length = chunk_span(i, size, cs)
-            if len(raw) > length:
-                raise ChunkCorrupted(chunk_key(h), f"{len(raw)} bytes do not fit chunk {i}")
-            self.sink.write(off, raw)
-            if self.zero_tails and len(raw) < length:
-                self.sink.zero(off + len(raw), length - len(raw))
-            written += len(raw)
-            slots += length
+            written += write_chunk(self.sink, self.manifest, i, h, raw, zero_tail=self.zero_tails)
+            slots += chunk_span(i, self.manifest.volume_size, self.manifest.chunk_size)[1]
         return stored, written, slots
+
+
+def fetch_verified(store: ObjectStore, h: str, max_size: int, codec: Codec, *, verify: bool = True,
+                   out: bytearray | None = None) -> tuple[bytes | memoryview, int]:
+    """GET -> decode -> verify of chunk `h`: its plaintext and stored size (ChunkMissing /
+    ChunkCorrupted; store errors propagate). The hydrate's worker stage and lazy hydration's
+    fetches (lazy/fetch.py) both run this. With `out` (see Codec.decode) the plaintext may be a
+    view of it: valid until `out` is reused."""
+    from .transfer import ChunkCorrupted, ChunkMissing
+    key = chunk_key(h)
+    try:
+        blob, _ = store.get(key)
+    except NotFound:
+        raise ChunkMissing(key, "missing from the store") from None
+    try:
+        raw = codec.decode(h, blob, max_size, out=out)
+    except CorruptBlob as e:
+        raise ChunkCorrupted(key, str(e)) from None
+    if verify and codec.name(raw) != h:
+        raise ChunkCorrupted(key, "content does not match its BLAKE3 hash")
+    return raw, len(blob)
+
+
+def write_chunk(sink: ChunkSink, manifest: Manifest, i: int, h: str, raw: bytes | memoryview, *,
+                zero_tail: bool = False) -> int:
+    """Write the plaintext `raw` of chunk `h` into slot i of `sink` (ChunkCorrupted when it does
+    not fit); with `zero_tail` the rest of a short chunk's slot is zeroed. The bytes written."""
+    from .transfer import ChunkCorrupted
+    off, length = chunk_span(i, manifest.volume_size, manifest.chunk_size)
+    if len(raw) > length:
+        raise ChunkCorrupted(chunk_key(h), f"{len(raw)} bytes do not fit chunk {i}")
+    sink.write(off, raw)
+    if zero_tail and len(raw) < length:
+        sink.zero(off + len(raw), length - len(raw))
+    return len(raw)
