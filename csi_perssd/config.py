@@ -36,7 +36,7 @@ class Config:
     # writes, 2 x 3 alternating rounds); each in flight holds the GET body and an aligned write buffer
     hydrate_workers: int = 16
     hydrate: str = "full"                     # default of the StorageClass parameter hydrate
-    lazy_background_workers: int = 8          # lazy: parallel background fetches (0 = on demand only)
+    lazy_background_workers: int = 16         # lazy: parallel background fetches (0 = on demand only; as hydrate_workers)
     lazy_fetch_timeout_seconds: float = 60.0  # lazy: an on-demand read waits this long for S3, then EIO
     heartbeat_seconds: float = 30.0           # local tick: the node record is written only when it changes...
     node_refresh_seconds: float = 3600.0      # ...or this long after it was last written

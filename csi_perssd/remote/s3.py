@@ -93,6 +93,9 @@ def _retryable(e: Exception) -> bool:
 def _describe(e: Exception) -> str:
     if isinstance(e, botocore.exceptions.ClientError):
         return f"{_code(e) or 'error'} (HTTP {_status(e)})"
+    if isinstance(e, botocore.exceptions.NoCredentialsError):
+        return ("no S3 credentials: none came with the call's CSI secrets and the driver has none of its own "
+                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or a role)")
     return f"{type(e).__name__}: {e}"
 
 
