@@ -1,6 +1,6 @@
 """`make bench-scale`: what the control plane costs in S3 requests at N = 1,000 and 10,000 volumes.
 
-A private SeaweedFS, a counting proxy in front of it (benchmarks/s3proxy.py), and the driver's
+A private SeaweedFS, a counting proxy in front of it (tests/harness/s3proxy.py), and the driver's
 Controller, node heartbeat and snapshot worker in this process, pointed at the proxy. The bucket
 is filled with N volume records (2 generations each, synthetic manifests of 16 chunks), N/10
 snapshots and 4 node records, written past the proxy. Every figure is counted twice, by the proxy
@@ -31,8 +31,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from s3proxy import CountingProxy  # noqa: E402
-
 from csi_perssd.config import Config  # noqa: E402
 from csi_perssd.controller import Controller  # noqa: E402
 from csi_perssd.csi import csi_pb2 as pb  # noqa: E402
@@ -44,6 +42,7 @@ from csi_perssd.remote.manifest import Manifest  # noqa: E402
 from csi_perssd.remote.s3 import S3Store  # noqa: E402
 from csi_perssd.snapshots import Snapshots  # noqa: E402
 from csi_perssd.stores import Stores  # noqa: E402
+from tests.harness.s3proxy import CountingProxy  # noqa: E402
 from tests.harness.seaweed import Seaweed  # noqa: E402
 
 PRICE = {"PUT": 0.005e-3, "POST": 0.005e-3, "LIST": 0.005e-3, "GET": 0.0004e-3, "HEAD": 0.0004e-3, "DELETE": 0.0}

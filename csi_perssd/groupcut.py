@@ -54,7 +54,7 @@ class GroupCutWorker:
 
     def poll_once(self) -> int:
         """Handle this node's group requests; returns how many are still unfinished."""
-        cat = self.rt.stores.catalog()
+        cat = self.rt.stores.background_catalog()
         pending = 0
         for info in list(cat.store.list(group_requests_prefix(self.node_id))):
             try:

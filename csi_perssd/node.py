@@ -79,17 +79,27 @@ class Node(rpc.NodeServicer):
         credentials; never the secrets another call left."""
         return self.stores.volume_catalog(secrets).volume(vid)
 
-    def _known_or_missing(self, vid: str) -> None:
-        """For calls on a volume this node holds nothing of: NOT_FOUND unless the volume exists
-        (read with the driver's own credentials: these calls carry no secrets)."""
-        if self.stores.volume_catalog(None).get_volume(vid) is None:
+    def _known_or_missing(self, vid: str, secrets: dict[str, str] | None = None) -> None:
+        """For calls on a volume this node holds nothing of: NOT_FOUND when the volume does not
+        exist (read with the call's secrets, else the driver's own credentials). A store that
+        cannot answer (an outage; a deployment whose only credentials come with CSI secrets, and
+        NodeUnstage/NodeUnpublish carry none) is no error here: the caller goes on as for a
+        volume that exists, since this node holds nothing of it either way."""
+        try:
+            known = self.stores.volume_catalog(secrets).get_volume(vid) is not None
+        except CsiError as e:
+            if e.code != Code.UNAVAILABLE:
+                raise
+            log.info("volume %s: not on this node; whether it exists is unknown: %s", vid, e.message)
+            return
+        if not known:
             raise not_found(f"volume {vid} does not exist")
 
     @contextmanager
     def _held(self, volume_id: str, path: str, field: str) -> Iterator[tuple[str, str, LocalVolume | None]]:
         """The start of NodeUnstage and NodeUnpublish: validate the volume ID and the path, hold
         the volume's lock, look up its local copy. None: this node holds nothing of the volume
-        (NOT_FOUND unless it exists)."""
+        (NOT_FOUND when it does not exist; OK when the store cannot tell)."""
         vid = ids.volume_id(volume_id)
         checked = ids.host_path(path, field)
         with self.locks.hold(vid):
@@ -261,7 +271,7 @@ class Node(rpc.NodeServicer):
         with self.locks.hold(vid):
             lv = self.vols.get(vid)
             if lv is None or not lv.staged:
-                self._known_or_missing(vid)
+                self._known_or_missing(vid, dict(request.secrets))
                 raise precondition(f"volume {vid} is not staged on this node; NodeStageVolume first")
             if lv.staged_path != staging:
                 raise precondition(f"volume {vid} is staged at {lv.staged_path}, not at {staging}")

@@ -115,7 +115,7 @@ class Runtime:
         rec = self.node_record()
         if self.controller is not None:
             self.controller.local_node = rec
-        cat = self.stores.catalog()
+        cat = self.stores.background_catalog()
         now = time.monotonic()
         if self._node_changed(rec) or now - self._node_put_at >= self.cfg.node_refresh_seconds:
             cat.put_node(rec)

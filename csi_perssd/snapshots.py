@@ -334,7 +334,7 @@ class Snapshots:
             cache = gc.ManifestCache()      # kept across runs: a run reads only new manifests
 
             def collect() -> None:
-                gc.collect(self.stores.catalog(), grace=self.cfg.gc_grace_seconds,
+                gc.collect(self.stores.background_catalog(), grace=self.cfg.gc_grace_seconds,
                            keep=self.cfg.gc_keep_generations, dry_run=False, cache=cache)
             runtime._loop("gc", self.cfg.gc_interval_seconds, collect)
 
@@ -381,7 +381,7 @@ class NodeSnapshotWorker:
 
     def tick(self) -> int:
         """One round: a HEAD, and a LIST of requests only when there may be something new."""
-        cat = self.rt.stores.catalog()
+        cat = self.rt.stores.background_catalog()
         with reachable(cat.store):
             info = cat.store.head(wake_key(self.node_id))
         tag = info.etag if info is not None else ""
@@ -396,7 +396,7 @@ class NodeSnapshotWorker:
             raise
 
     def poll_once(self) -> int:
-        cat = self.rt.stores.catalog()
+        cat = self.rt.stores.background_catalog()
         prefix = requests_prefix(self.node_id)
         done = 0
         with reachable(cat.store):

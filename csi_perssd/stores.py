@@ -3,12 +3,14 @@
 Stores come from the process's one cache (remote/factory.py), per distinct settings.
 Secrets are never logged; only the digest's first characters identify a cached store.
 
-Work on one volume (`volume_catalog`: the Node RPCs, hydrate, flush) uses that call's secrets or
-the driver's own configured credentials, never another call's. Other calls without secrets
-(heartbeats, listings, garbage collection) reuse the secrets the CO gave last, but only secrets
-that have worked: a new set is adopted after the store answered a probe
-request with it, so one call with a wrong endpoint or wrong keys cannot cut the node off
-from its object store."""
+Every CSI call uses its own secrets, else the driver's own configured credentials, never the
+secrets of another call (`catalog`: Controller RPCs; `volume_catalog`: work on one volume, the
+Node RPCs, hydrate and flush). A call without secrets in a deployment whose only credentials come
+with CSI secrets fails (UNAVAILABLE, "no S3 credentials"). Only the driver's own background work
+(`background_catalog`: heartbeats, garbage collection, the snapshot workers) reuses the secrets
+the CO gave last, since a secrets-only deployment has nothing else, and only secrets that have
+worked: a new set is adopted after the store answered a probe request with it, so one call with
+a wrong endpoint or wrong keys cannot cut the node off from its own object store."""
 from __future__ import annotations
 
 import hashlib
@@ -91,17 +93,20 @@ class Stores:
     def volume_catalog(self, secrets: dict[str, str] | None) -> Catalog:
         """The catalog for work on ONE volume: through the secrets given for that volume, else
         through the driver's own configured credentials; never secrets another call left."""
-        given = {k: v for k, v in (secrets or {}).items() if k in SECRET_KEYS}
-        if given:
-            return self.catalog(given)
-        return self._catalog(self.store({}))
+        return self.catalog(secrets)
 
     def catalog(self, secrets: dict[str, str] | None = None) -> Catalog:
+        """The catalog for a CSI call: through its secrets (adopted for background work once they
+        worked), else through the driver's own configured credentials; never another call's."""
         given = {k: v for k, v in (secrets or {}).items() if k in SECRET_KEYS}
-        if not given:
-            with self._mu:
-                given = dict(self.last_secrets)  # calls without secrets reuse what worked last
-            return self._catalog(self.store(given))
         st = self.store(given)
-        self._adopt(given, st)
+        if given:
+            self._adopt(given, st)
         return self._catalog(st)
+
+    def background_catalog(self) -> Catalog:
+        """The catalog for the driver's own work (heartbeats, GC, the snapshot workers): the
+        secrets the CO gave last that worked, else the driver's own configured credentials."""
+        with self._mu:
+            given = dict(self.last_secrets)
+        return self._catalog(self.store(given))

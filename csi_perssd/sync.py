@@ -30,7 +30,7 @@ from .local.backend import Backend
 from .local.keyfiles import NodeKeys
 from .local.state import FlushJob, FlushState, LocalVolume, Phase
 from .local.volumes import STAGED_PHASES, LocalVolumes
-from .remote.catalog import VolumeRecord, check_owner
+from .remote.catalog import Catalog, VolumeRecord, check_owner
 from .remote.chunkmap import ChunkMap
 from .remote.codec import PLAIN, Codec
 from .remote.manifest import Manifest
@@ -434,6 +434,9 @@ class VolumeSync:
             source, snap = self.backend.snapshot(vid, PRE_SNAP), PRE_SNAP
         ranges, mode, flush_base = self._ranges(vid, base, rec.generation if base is not None else 0,
                                                 snap, pre)
+        if job.final and _unchanged(base, flush_base, ranges, mode, size):
+            self._keep_generation(vid, job, cat, rec)
+            return
         total = sum(r.length for r in ranges)
         job.total_bytes = total
         metrics.FLUSH_BACKLOG.inc(total)
@@ -489,6 +492,27 @@ class VolumeSync:
         Path(self.vols.journal_path(vid)).unlink(missing_ok=True)
         self._mark_generation(vid, gen, previous=rec.generation)
         self._report_committed(vid, gen, stats, size, dt)
+
+    def _keep_generation(self, vid: str, job: FlushJob, cat: Catalog, rec: VolumeRecord) -> None:
+        """The final pass of a volume in which nothing changed since its committed generation
+        (a lazily staged volume nothing was written to; a tracked backend with no change): no
+        chunk, no manifest, no new generation. The record only notes, fenced by ownership, that
+        this node's copy is current (ControllerUnpublish and takeover tell data loss by it)."""
+        if rec.generation_node != self.node_id:
+            cat.keep_generation(vid, rec.generation, self.node_id, job.epoch)
+        job.state, job.manifest_gen, job.done_bytes = FlushState.COMMITTED, rec.generation, 0
+
+        def kept(lv: LocalVolume) -> None:
+            lv.flush, lv.dirty = job, False
+        self.vols.update_if(vid, kept, to=Phase.CLEAN)
+        Path(self.vols.journal_path(vid)).unlink(missing_ok=True)
+        if self.backend.tracks_changes:         # the pre-flush's point-in-time copy, if it made one
+            try:
+                self.backend.delete_snapshot(vid, PRE_SNAP)
+            except CsiError as e:
+                log.warning("volume %s: cannot drop the pre-flush snapshot: %s", vid, e)
+        log.info("volume %s: nothing changed since generation %d: nothing uploaded, no new generation",
+                 vid, rec.generation)
 
     def _report_committed(self, vid: str, gen: int, stats: FlushStats, size: int, dt: float) -> None:
         self.events.flush_committed(vid, gen, stats.bytes_read, stats.bytes_uploaded, dt)
@@ -646,6 +670,13 @@ def _map_transfer_error(e: BaseException, vid: str, doing: str, step: str) -> No
     if isinstance(e, (OSError, ValueError)):
         raise CsiError(Code.INTERNAL, f"volume {vid}: {step}: {e}") from e
     raise e
+
+
+def _unchanged(base: Manifest | None, flush_base: Manifest | None, ranges: list[Any], mode: str, size: int) -> bool:
+    """Whether a final pass has nothing to commit: nothing to read on top of the committed
+    generation itself (changed ranges, all empty) and the volume kept its size."""
+    return (base is not None and flush_base is base and mode == "changed" and size == base.volume_size
+            and not any(r.length for r in ranges))
 
 
 def _flush_failure(e: Exception) -> tuple[Code, str]:

@@ -242,3 +242,46 @@ def test_tampered_or_foreign_or_downgraded_manifest_is_refused():
         PLAIN.decode_manifest(data)
     with pytest.raises(ManifestError):       # sealed as another kind of object
         c.decode_manifest(c.encode_manifest(m, kind="allocation-map"))
+
+
+@pytest.mark.parametrize("n", [0, 1, aead.SLICE + 1, 3 * aead.SLICE + 7])
+def test_seal_without_encrypt_into_uses_the_sliced_encryptor_and_the_same_format(monkeypatch, n):
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    key, data = os.urandom(32), os.urandom(n)
+    parts = [data[:1], memoryview(data)[1:]]
+    fast = aead.seal(key, b"ad", parts, prefix=b"P")
+    monkeypatch.setattr(aead, "_HAS_ENCRYPT_INTO", False)        # an older cryptography
+    slow = aead.seal(key, b"ad", parts, prefix=b"P")
+    for sealed in (fast, slow):
+        assert len(sealed) == 1 + aead.OVERHEAD + n and sealed[:1] == b"P"
+        assert AESGCM(key).decrypt(bytes(sealed[1:13]), bytes(sealed[13:]), b"ad") == data
+    assert fast[1:13] != slow[1:13]                              # a fresh nonce each
+
+
+def test_seal_bytes_reuses_its_buffers_and_returns_independent_objects():
+    key = os.urandom(32)
+    big, small = os.urandom(3 * aead.SLICE + 7), os.urandom(100)
+    first = aead.seal_bytes(key, b"ad", [b"\x00", big], prefix=b"Q")
+    second = aead.seal_bytes(key, b"ad", [b"\x01", small], prefix=b"Q")    # same thread, smaller
+    assert isinstance(first, bytes) and isinstance(second, bytes)
+    assert len(first) == 1 + aead.OVERHEAD + 1 + len(big) and len(second) == 1 + aead.OVERHEAD + 1 + len(small)
+    assert bytes(aead.open_(key, b"ad", first, start=1)) == b"\x00" + big     # not overwritten
+    assert bytes(aead.open_(key, b"ad", second, start=1)) == b"\x01" + small
+    with pytest.raises(Tampered):
+        aead.open_(key, b"other", second, start=1)
+
+
+def test_buffer_pool_reuses_the_smallest_fit_and_keeps_at_most_its_budget():
+    pool = aead.BufferPool(keep_bytes=300)
+    a, b = pool.take(100), pool.take(200)
+    assert len(a) == 100 and len(b) == 200 and a is not b
+    pool.give(b)
+    pool.give(a)
+    assert pool.take(50) is a and pool.take(150) is b          # the smallest one that fits
+    pool.give(a)
+    pool.give(b)
+    pool.give(bytearray(10))                                     # over the budget: dropped
+    with pool.lease(10) as c:
+        assert c is a
+    assert len(pool.take(400)) == 400                            # none fits: a new one
+    assert pool.take(1) is a and pool.take(1) is b and pool.take(1) not in (a, b)

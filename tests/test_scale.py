@@ -62,15 +62,23 @@ def bucket(seaweed: Seaweed) -> tuple[Seaweed, str]:
     return seaweed, prefix
 
 
+@pytest.fixture
+def own_credentials(bucket: tuple[Seaweed, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver's own credentials, from the environment as in a deployment (ListVolumes and
+    the other calls without secrets use these, never an earlier call's secrets)."""
+    sw, _ = bucket
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", sw.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", sw.secret_key)
+
+
 def _controller(sw: Seaweed, prefix: str) -> tuple[Controller, Any]:
+    """A controller on its own credentials (the own_credentials fixture) and its store."""
     cfg = Config(mode="controller", catalog=sw.url(prefix), s3_endpoint=sw.endpoint)
     stores = Stores(cfg, StoreFactory())               # a private factory: its own store and stats
-    secrets_ = {"accessKeyId": sw.access_key, "secretAccessKey": sw.secret_key}
-    stores.catalog(secrets_)                           # adopt the credentials (one HEAD)
-    return Controller(cfg, stores), stores.store(secrets_)
+    return Controller(cfg, stores), stores.store()
 
 
-def test_a_list_volumes_page_costs_its_page_not_the_catalog(bucket: tuple[Seaweed, str]) -> None:
+def test_a_list_volumes_page_costs_its_page_not_the_catalog(bucket: tuple[Seaweed, str], own_credentials: None) -> None:
     ctl, store = _controller(*bucket)
     b = _requests(store)
     page = ctl.ListVolumes(pb.ListVolumesRequest(max_entries=100), None)
@@ -88,7 +96,7 @@ def test_a_list_volumes_page_costs_its_page_not_the_catalog(bucket: tuple[Seawee
     assert [e.volume.volume_id for e in again.entries] == [e.volume.volume_id for e in page.entries]
 
 
-def test_an_unchanged_full_listing_costs_only_lists(bucket: tuple[Seaweed, str]) -> None:
+def test_an_unchanged_full_listing_costs_only_lists(bucket: tuple[Seaweed, str], own_credentials: None) -> None:
     ctl, store = _controller(*bucket)
     ctl.ListVolumes(pb.ListVolumesRequest(), None)
     b = _requests(store)
@@ -106,7 +114,7 @@ def test_an_unchanged_full_listing_costs_only_lists(bucket: tuple[Seaweed, str])
     assert len(snaps.records) == 10 and snaps.more
 
 
-def test_gc_with_nothing_new_reads_no_manifest_again(bucket: tuple[Seaweed, str]) -> None:
+def test_gc_with_nothing_new_reads_no_manifest_again(bucket: tuple[Seaweed, str], own_credentials: None) -> None:
     _, store = _controller(*bucket)
     cat = Catalog(store)
     cache = gc.ManifestCache()
@@ -140,7 +148,7 @@ def _node(sw: Seaweed, prefix: str, tmp: Path, **cfg_over: Any) -> Any:
     rt = Runtime(cfg)
     stores = Stores(cfg, StoreFactory())
     creds = {"accessKeyId": sw.access_key, "secretAccessKey": sw.secret_key}
-    stores.catalog(creds)                              # adopted: calls without secrets use them
+    stores.catalog(creds)                              # adopted: the node's background work uses them
     rt.stores = rt.sync.stores = rt.node.stores = stores
     return rt, stores.store(creds)
 

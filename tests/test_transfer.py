@@ -1,12 +1,17 @@
 """Flush/hydrate pipelines against a real S3 server (SeaweedFS) on sparse image files (no root)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import threading
+from typing import Any
 
 import pytest
 
 from csi_perssd.local.backend import Extent
+from csi_perssd.remote import transfer
+from csi_perssd.remote.chunkmap import SET_AFTER, ChunkMap
 from csi_perssd.remote.chunks import chunk_key, compress
 from csi_perssd.remote.manifest import Manifest
 from csi_perssd.remote.store import StoreError
@@ -358,6 +363,93 @@ def test_known_chunks_from_an_earlier_pass_are_not_headed_or_uploaded(store, tmp
     assert [e for i, e in enumerate(second.entries) if i != 40] == [e for i, e in enumerate(first.entries) if i != 40]
     with pytest.raises(ValueError):
         flush(store, img["path"], SIZE, CS, known={"not-a-hash": 1})
+
+
+# -- name lookups in the base tables: never under the uploaders' lock, indexed ahead when many --
+class _OwnedLock:
+    """The uploaders' lock, knowing which thread holds it."""
+
+    def __init__(self) -> None:
+        self._lock, self.owner = threading.Lock(), 0
+
+    def __enter__(self) -> _OwnedLock:
+        self._lock.acquire()
+        self.owner = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.owner = 0
+        self._lock.release()
+
+
+class _CountingMap(ChunkMap):
+    """A chunk table counting its name lookups: all, those made under an uploaders' lock, and
+    those made before its name index existed (each a search of the whole digest buffer, or the
+    one that builds the index)."""
+
+    def __init__(self, cm: ChunkMap, locks: list[_OwnedLock]) -> None:
+        super().__init__(cm.n, cm.runs, cm.digests, cm.stored)
+        self.locks, self.finds, self.finds_locked, self.unindexed = locks, 0, 0, 0
+
+    def find(self, digest: bytes) -> int:
+        self.finds += 1
+        self.finds_locked += any(lk.owner == threading.get_ident() for lk in self.locks)
+        self.unindexed += self._names is None
+        return super().find(digest)
+
+    @property
+    def indexed(self) -> bool:
+        return self._names is not None
+
+
+@pytest.fixture
+def uploader_locks(monkeypatch) -> list[_OwnedLock]:
+    locks: list[_OwnedLock] = []
+
+    def owned() -> _OwnedLock:
+        locks.append(_OwnedLock())
+        return locks[-1]
+
+    @dataclasses.dataclass
+    class Watched(transfer.KnownChunks):
+        lock: Any = dataclasses.field(default_factory=owned)
+    monkeypatch.setattr(transfer, "KnownChunks", Watched)
+    return locks
+
+
+def test_base_table_lookups_run_outside_the_uploaders_lock(store, tmp_path, uploader_locks):
+    cs, n = 64 * 1024, 16
+    p = _sparse(tmp_path / "few.img", n * cs)
+    for i in range(n):
+        _pwrite(p, i * cs, os.urandom(cs))
+    first, _ = flush(store, p, n * cs, cs)
+    changed = (2, 7, 11)
+    for i in changed:
+        _pwrite(p, i * cs, os.urandom(cs))
+    table = _CountingMap(first.chunk_map(), uploader_locks)
+    ranges = [Extent(i * cs, cs) for i in changed]
+    second, st = flush(store, p, n * cs, cs, base=first, ranges=ranges, ranges_mode="changed", known=table)
+    assert st.chunks_uploaded == len(changed)
+    # few lookups: one buffer search each, no index built, none under the uploaders' lock
+    assert (table.finds, table.unindexed, table.indexed) == (len(changed), len(changed), False)
+    assert table.finds_locked == 0, f"{table.finds_locked} of {table.finds} lookups held the uploaders' lock"
+    assert [i for i in range(n) if second.entries[i] != first.entries[i]] == list(changed)
+
+
+def test_a_flush_of_many_chunks_indexes_the_base_table_ahead(store, tmp_path, uploader_locks):
+    cs, n = 64 * 1024, SET_AFTER + 28
+    p = _sparse(tmp_path / "many.img", n * cs)
+    for i in range(n):
+        _pwrite(p, i * cs, os.urandom(cs))
+    first, _ = flush(store, p, n * cs, cs)
+    table = _CountingMap(first.chunk_map(), uploader_locks)
+    before = dict(store.stats.snapshot()["requests"])
+    second, st = flush(store, p, n * cs, cs, known=table)
+    # every chunk is known: the index is built before the workers start, no buffer search at
+    # all (the table used to be searched SET_AFTER times first, under the uploaders' lock)
+    assert table.indexed and (table.finds, table.unindexed, table.finds_locked) == (n, 0, 0)
+    assert st.chunks_uploaded == 0 and store.stats.snapshot()["requests"].get("put", 0) == before.get("put", 0)
+    assert second.entries == first.entries
 
 
 def test_hydrate_writes_raw_chunks_from_the_get_buffers_without_a_copy(store):

@@ -39,9 +39,10 @@ def chunk_aad(lineage: str, name: str) -> bytes:
     return _CHUNK_AAD + lineage.encode() + b"\0" + name.encode()
 
 
-def seal_chunk(keys: LineageKeys, name: str, parts: Sequence[aead.Buffer]) -> bytearray:
-    """The stored object of chunk `name` whose inner blob is the concatenation of `parts`."""
-    return aead.seal(keys.chunk_key, chunk_aad(keys.lineage, name), parts, prefix=_CHUNK_TAG)
+def seal_chunk(keys: LineageKeys, name: str, parts: Sequence[aead.Buffer]) -> bytes:
+    """The stored object of chunk `name` whose inner blob is the concatenation of `parts`
+    (`bytes`, like a plain blob: the store client then sends both kinds the same way)."""
+    return aead.seal_bytes(keys.chunk_key, chunk_aad(keys.lineage, name), parts, prefix=_CHUNK_TAG)
 
 
 def chunk_open_size(blob_len: int) -> int:

@@ -51,7 +51,7 @@ def proc_start_time(pid: int) -> int:
 
 class LazyManager:
     def __init__(self, state_dir: str, store_settings: dict[str, str], fetch_timeout: float = 60.0,
-                 workers: int = 8):
+                 workers: int = 16):
         self.root = Path(state_dir) / "lazy"
         self.root.mkdir(parents=True, exist_ok=True)
         self.store_settings = dict(store_settings)

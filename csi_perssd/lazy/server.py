@@ -151,7 +151,10 @@ class _Fetcher:
     def store(self) -> Any:
         with self._mu:
             if self._store is None:
+                t0 = time.monotonic()
                 self._store = _store(self.settings, self.secrets)
+                log.info("object store client ready in %.2fs (no chunk is fetched before)",
+                         time.monotonic() - t0)
             return self._store
 
     def __call__(self, h: str) -> bytes | memoryview:
@@ -173,7 +176,7 @@ def serve(d: Path, secrets: dict[str, str]) -> int:
     # open the store while the mount comes up (the first fetches would wait for it otherwise)
     threading.Thread(target=fetcher.store, name="open-store", daemon=True).start()
     vol = LazyVolume(settings["disk"], manifest, state, str(d / "state.json"), fetcher,
-                     int(settings.get("workers", 8)))
+                     int(settings.get("workers", 16)))
     stop = threading.Event()
     ctl = threading.Thread(target=_control, args=(vol, settings["socket"], stop), daemon=True)
     ctl.start()

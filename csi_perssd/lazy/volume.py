@@ -3,8 +3,15 @@
 The local volume (a sparse file) holds every chunk whose present bit is set. A read of a missing
 chunk fetches it (verified) into the local volume first; a write to a missing chunk first fills
 the whole chunk, then lands locally. One fetch per chunk at a time: a second reader waits for the
-first. The background hydrator fetches every other missing chunk with `workers` threads, chunks
-right after recent demand reads first ("hot first"), then in order.
+first. The background hydrator fetches every other missing chunk, `workers` at a time, chunks
+right after recent demand reads first ("hot first": a sequential reader's next chunks are fetched
+in parallel ahead of it), then in order.
+
+A chunk goes the full hydrate's way (remote/stages.py): the fetcher is its GET -> decode -> verify
+(`fetch_verified`, lazy/fetch.py adds the retries), the chunk is written by `write_chunk` into a
+local/fileio.ChunkWriter (aligned chunks with O_DIRECT from the thread's reused page-aligned
+buffer: no page-cache copy and no dirty pages for the state's fsync to write back), and the
+background fetches run on `run_bounded`, the hydrate's bounded pool.
 
 Errors: a chunk that cannot be verified or is missing from the store raises ChunkCorrupted, a
 store that stays unreachable past the timeout FetchTimeout; the caller (the FUSE server) turns
@@ -18,20 +25,22 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from ..local.fileio import pwrite_full
-from ..remote.chunks import chunk_span
+from ..local.fileio import ChunkWriter, pwrite_full
 from ..remote.manifest import Manifest
+from ..remote.stages import run_bounded, write_chunk
 from ..remote.transfer import ChunkCorrupted
 from .fetch import FetchTimeout
 from .state import HydrationState
 
 log = logging.getLogger(__name__)
 Fetcher = Callable[[str], "bytes | memoryview"]
-READ_AHEAD = 4                  # chunks queued first after a demand read (sequential readers)
+READ_AHEAD = 8                  # chunks queued first after a read that found its chunk missing
+HOT_MAX = 1024                  # hot queue bound (oldest hints dropped first)
 PERSIST_EVERY_S = 1.0
+RETRY_PAUSE_S = 1.0             # before the hydrator retries chunks that timed out or failed locally
 
 
 @dataclass
@@ -42,15 +51,18 @@ class _Fetch:
 
 class LazyVolume:
     def __init__(self, disk_path: str, manifest: Manifest, state: HydrationState, state_path: str,
-                 fetcher: Fetcher, workers: int = 8):
+                 fetcher: Fetcher, workers: int = 16):
         self.manifest, self.state, self.state_path = manifest, state, state_path
         self.fetcher = fetcher
         self.workers = max(0, workers)      # 0: no background hydration, on demand only
-        self.fd = os.open(disk_path, os.O_RDWR | os.O_CLOEXEC)
+        # fills go through the hydrate's sink; reads and the workload's writes use its buffered
+        # descriptor (the kernel keeps the two coherent: an O_DIRECT write drops cached pages)
+        self.sink = ChunkWriter(disk_path, writeback=True, chunk_size=manifest.chunk_size)
+        self.fd = self.sink.fd
         self._mu = threading.Lock()             # state bits, in-flight table, hot queue
         self._persist_mu = threading.Lock()
         self._inflight: dict[int, _Fetch] = {}
-        self._hot: collections.deque[int] = collections.deque()
+        self._hot: collections.deque[int] = collections.deque(maxlen=HOT_MAX)
         self._cursor = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -91,11 +103,7 @@ class LazyVolume:
         """Fetch chunk i (verified) and write it to the local volume."""
         h = self.manifest.hash_at(i)
         if h is not None:
-            raw = self.fetcher(h)
-            off, length = chunk_span(i, self.manifest.volume_size, self.manifest.chunk_size)
-            if len(raw) > length:
-                raise ChunkCorrupted(h, f"{len(raw)} bytes do not fit chunk {i}")
-            pwrite_full(self.fd, raw, off)
+            write_chunk(self.sink, self.manifest, i, h, self.fetcher(h))
 
     def ensure(self, i: int, demand: bool = True) -> bool:
         """Make chunk i local; True when this call fetched it."""
@@ -123,11 +131,17 @@ class LazyVolume:
             return b""
         length = min(length, size - offset)
         for i in self._chunks(offset, length):
-            if self.ensure(i):
+            missing = not self.state.is_present(i)      # a hint only: ensure() decides
+            self.ensure(i)
+            if missing:
                 self._heat(i)
         return os.pread(self.fd, length, offset)
 
     def _heat(self, i: int) -> None:
+        """Read-ahead: the next READ_AHEAD chunks after a read that found chunk i missing go to
+        the front of the background queue (fetched in parallel, before the reader asks)."""
+        if not self.workers:
+            return                              # on demand only: exactly what is read is fetched
         with self._mu:
             for j in range(i + READ_AHEAD, i, -1):
                 if j < self.state.chunks and not self.state.is_present(j):
@@ -173,31 +187,47 @@ class LazyVolume:
                     return j
             return None
 
-    def _hydrate_loop(self) -> None:
+    def _todo(self) -> Iterator[int]:
         while not self._stop.is_set():
             i = self._next()
             if i is None:
                 return
-            try:
-                self.ensure(i, demand=False)
-            except ChunkCorrupted as e:
-                with self._mu:
-                    self._failed.add(i)
-                log.error("background hydration: %s; reads of chunk %d fail with EIO", e, i)
-            except FetchTimeout as e:
-                log.warning("background hydration paused: %s", e)
-                with self._mu:
-                    self._cursor = min(self._cursor, i)
-                self._stop.wait(1.0)
-            except OSError as e:
-                log.error("background hydration of chunk %d: %s", i, e)
-                self._stop.wait(1.0)
+            yield i
+
+    def _background(self, i: int) -> None:
+        """One background fetch (on the pool): its failure is logged, never raised."""
+        try:
+            self.ensure(i, demand=False)
+        except ChunkCorrupted as e:
+            with self._mu:
+                self._failed.add(i)
+            log.error("background hydration: %s; reads of chunk %d fail with EIO", e, i)
+        except FetchTimeout as e:
+            log.warning("background hydration paused: %s", e)
+            self._stop.wait(RETRY_PAUSE_S)
+        except Exception as e:      # noqa: BLE001 - a local I/O error: retried in the next round
+            log.error("background hydration of chunk %d: %s", i, e)
+            self._stop.wait(RETRY_PAUSE_S)
+
+    def _hydrate(self) -> None:
+        """Rounds of the bounded pool over the missing chunks (hot first, then in order) until
+        none is left but the ones that failed verification; a chunk that timed out or failed on
+        the local volume is tried again in the next round."""
+        while not self._stop.is_set():
+            run_bounded(self._todo(), self._background, self.workers, lambda _: None, name="lazy-hydrate")
+            with self._mu:
+                failed = sum(1 for i in self._failed if not self.state.is_present(i))
+                left = self.state.missing_count > failed
+                self._cursor = 0
+            if not left:
+                return
+            self._stop.wait(RETRY_PAUSE_S)
 
     def _supervise(self) -> None:
-        """Start the workers, persist the state about once a second (the resume point after a
+        """Start the hydrator, persist the state about once a second (the resume point after a
         restart), note the completion."""
-        for k in range(self.workers):
-            t = threading.Thread(target=self._hydrate_loop, name=f"hydrate-{k}", daemon=True)
+        if self.workers:
+            t = threading.Thread(target=self._hydrate, name="hydrate", daemon=True)
             t.start()
             self._threads.append(t)
         seen = -1
@@ -239,4 +269,4 @@ class LazyVolume:
                     "seconds": (self.completed_at or time.monotonic()) - self.started_at}
 
     def close(self) -> None:
-        os.close(self.fd)
+        self.sink.close()

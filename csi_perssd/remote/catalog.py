@@ -450,6 +450,16 @@ class Catalog:
             rec.generation_node = node
         return self.update_volume(vid, apply)
 
+    def keep_generation(self, vid: str, gen: int, node: str, epoch: int) -> VolumeRecord:
+        """`node` releases the volume with nothing changed since generation `gen`: no new
+        generation; its copy is current (generation_node), fenced by ownership like a commit."""
+        def apply(rec: VolumeRecord) -> None:
+            check_owner(rec, node, epoch, "local data kept")
+            if rec.generation != gen:
+                raise precondition(f"volume {vid}: generation {rec.generation} is committed, not {gen}")
+            rec.generation_node = node
+        return self.update_volume(vid, apply)
+
     # -- snapshots -------------------------------------------------------------------------
     def create_snapshot(self, rec: SnapshotRecord) -> tuple[SnapshotRecord, bool]:
         return self._create_named(SnapshotRecord, "snapnames", rec, snapshot_key(rec.id))

@@ -50,8 +50,7 @@ class Codec:
         if self.keys is None:
             return compress(buf, level)[0]
         parts, _ = compress_parts(buf, level)
-        # bytes, like a plain blob: the store client then sends both kinds the same way
-        return bytes(envelope.seal_chunk(self.keys, name, parts))
+        return envelope.seal_chunk(self.keys, name, parts)
 
     def decode(self, name: str, blob: Buffer, max_size: int,
                out: bytearray | memoryview | None = None) -> bytes | memoryview:

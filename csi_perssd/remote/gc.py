@@ -182,6 +182,10 @@ def _plan_generations(cat: Catalog, plan: _Plan, t_start: float, grace: float, k
     """Which volume manifests to keep and which to drop; returns every manifest key seen."""
     page = cat.volume_page()            # records and manifests from one listing
     volumes: dict[str, VolumeRecord] = {v.id: v for v in page.records}
+    # a claim names the generation its writer will store (committed + 1), but put_manifest takes
+    # the first free one: + 2 when a fenced-out node left an uncommitted + 1. While a claim names
+    # one of a volume's manifests, none of its generations newer than the committed one goes.
+    writing = {p[0] for p in map(layout.parse_manifest_key, claimed) if p is not None}
     gens: dict[str, list[tuple[int, ObjectInfo]]] = {}
     for vid, gen, info in page.manifests:
         gens.setdefault(vid, []).append((gen, info))
@@ -194,7 +198,8 @@ def _plan_generations(cat: Catalog, plan: _Plan, t_start: float, grace: float, k
         for g, info in lst:
             seen.append(info.key)
             young = t_start - info.mtime <= grace
-            if info.key in claimed or g in kept or (young and (vol is None or g > vol.generation)):
+            uncommitted = vol is None or g > vol.generation
+            if info.key in claimed or g in kept or (uncommitted and (young or vid in writing)):
                 plan.keep_keys.append(info)     # young orphans: a clone whose record is being written
             else:
                 plan.drop.append(info)

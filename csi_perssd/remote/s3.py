@@ -94,6 +94,9 @@ def _retryable(e: Exception) -> bool:
 def _describe(e: Exception) -> str:
     if isinstance(e, botocore.exceptions.ClientError):
         return f"{_code(e) or 'error'} (HTTP {_status(e)})"
+    if isinstance(e, botocore.exceptions.NoCredentialsError):
+        return ("no S3 credentials: none came with the call's CSI secrets and the driver has none of its own "
+                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or a role)")
     return f"{type(e).__name__}: {e}"
 
 
@@ -187,18 +190,32 @@ class S3Store:
         self._client = client(sign_payload)
         # chunk bodies: SigV4 would SHA-256 every byte (botocore always does over http) on top of
         # the CRC32 the server checks; a chunk's content is its BLAKE3 name, verified on every
-        # read, so its PUTs go unsigned unless sign_payload=True. Records stay signed.
-        self._chunk_client = self._client if sign_payload is not None else client(False)
-        if self._chunk_client is not self._client:
-            # chunk PUTs send their body at once: with "Expect: 100-continue" (botocore adds it to
-            # every PUT of a file-like body) each waited for the server's interim answer before
-            # the first body byte, a round trip per 4 MiB chunk (11% of a flush's samples in
-            # wait_for_read). The body's CRC32 still guards against a cut-off body; records keep
-            # the header (a refused conditional write then costs no body)
-            self._chunk_client.meta.events.register_last("before-call.s3", _no_expect_continue)
+        # read, so its PUTs go unsigned unless sign_payload=True. Records stay signed. That
+        # client is made at the first chunk PUT: a store that only reads (the lazy hydration
+        # server, a hydrate) does not pay for a second client (~0.1-0.2 s of CPU).
+        self._unsigned: Any = self._client if sign_payload is not None else None
+        self._unsigned_mu = threading.Lock()
+        self._make_unsigned = functools.partial(client, False)
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r}, endpoint={self.endpoint_url!r})"
+
+    @property
+    def _chunk_client(self) -> Any:
+        """The client chunk PUTs go through (unsigned payload), made at the first use."""
+        if self._unsigned is None:
+            with self._unsigned_mu:
+                if self._unsigned is None:
+                    c = self._make_unsigned()
+                    # chunk PUTs send their body at once: with "Expect: 100-continue" (botocore
+                    # adds it to every PUT of a file-like body) each waited for the server's
+                    # interim answer before the first body byte, a round trip per 4 MiB chunk (11%
+                    # of a flush's samples in wait_for_read). The body's CRC32 still guards
+                    # against a cut-off body; records keep the header (a refused conditional
+                    # write then costs no body)
+                    c.meta.events.register_last("before-call.s3", _no_expect_continue)
+                    self._unsigned = c
+        return self._unsigned
 
     def _key(self, key: str) -> str:
         check_key(key)

@@ -7,7 +7,8 @@
   (compress, and seal when the codec encrypts) -> HEAD? -> PUT. One call per chunk index.
 - `ManifestBuilder`: settles worker results in completion order into the manifest's chunk table
   (waiting duplicates, the journal, the stats) and builds the Manifest.
-- `ChunkFetcher` (hydrate worker stage): GET -> decode -> verify -> write to every slot.
+- `ChunkFetcher` (hydrate worker stage): GET -> decode -> verify (`fetch_verified`) -> write to
+  every slot (`write_chunk`). Lazy hydration (lazy/volume.py) runs the same two functions per chunk.
 
 Every stage works on a ChunkSource / ChunkSink (see transfer.py), never on a local path.
 """
@@ -20,7 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
-from .chunkmap import ChunkMap, ChunkMapBuilder
+from .chunkmap import SET_AFTER, ChunkMap, ChunkMapBuilder
 from .chunks import CorruptBlob, chunk_key, chunk_span, is_zero
 from .codec import Codec
 from .journal import Journal
@@ -87,21 +88,39 @@ class ChunkResult:
 
 class KnownSizes:
     """name -> stored size (0: unknown) of the chunks known to be stored: the ones in the chunk
-    tables given (the base generation's, a pre-flush's; searched, never expanded into a dict)
-    and the ones added since, which win."""
+    tables given (the base generation's, a pre-flush's; immutable, searched by name, never
+    expanded into a dict of str) and the ones added since, which win. The flush workers search
+    the tables (`in_tables`) outside the uploaders' lock: at 4 Mi chunks one search reads 128 MiB."""
 
     def __init__(self, tables: Iterable[ChunkMap] = (), extra: dict[str, int] | None = None):
         self.tables, self.extra = [t for t in tables if t.data_count], dict(extra or {})
+
+    def in_tables(self, h: str) -> int | None:
+        """The stored size the tables give (they never change: no lock needed), None if absent."""
+        for t in self.tables:
+            v = t.stored_of(h)
+            if v is not None:
+                return v
+        return None
+
+    def added(self, h: str) -> int | None:
+        """The stored size of a chunk added since (the caller holds the owner's lock)."""
+        return self.extra.get(h)
+
+    def index_ahead(self, lookups: int) -> None:
+        """Build the tables' name indexes now, before the workers start, when up to `lookups`
+        names will be looked up and that is more than the buffer searches a table makes before
+        it builds its index anyway (chunkmap.SET_AFTER): those searches would be wasted."""
+        if lookups > SET_AFTER:
+            for t in self.tables:
+                t.index_names()
 
     def get(self, h: str, default: int | None = None) -> int | None:
         v = self.extra.get(h)
         if v is not None:
             return v
-        for t in self.tables:
-            v = t.stored_of(h)
-            if v is not None:
-                return v
-        return default
+        v = self.in_tables(h)
+        return default if v is None else v
 
     def __contains__(self, h: object) -> bool:
         return isinstance(h, str) and self.get(h) is not None
@@ -164,9 +183,13 @@ class ChunkUploader:
         if is_zero(buf):
             return ChunkResult(i, "hole", read=length)
         h = plan.codec.name(buf)
+        listed = chunks.known.in_tables(h)          # searched outside the lock
         with chunks.lock:
-            if h in chunks.known:
-                return ChunkResult(i, "known", h, chunks.known[h], read=length)
+            stored = chunks.known.added(h)
+            if stored is None:
+                stored = listed
+            if stored is not None:
+                return ChunkResult(i, "known", h, stored, read=length)
             if h in chunks.claimed:
                 return ChunkResult(i, "dup", h, read=length)
             chunks.claimed.add(h)
@@ -216,8 +239,8 @@ class ManifestBuilder:
             self.record(r.index, None, 0)
             return r.read
         if r.kind == "dup":
-            with self.chunks.lock:
-                stored = self.chunks.known.get(r.hash)
+            with self.chunks.lock:      # a claimed name is in no table: only an added size can settle it
+                stored = self.chunks.known.added(r.hash)
             if stored is None:
                 self.deferred.setdefault(r.hash, []).append(r.index)   # wait for its upload
             else:
@@ -319,36 +342,51 @@ class ChunkFetcher:
 
     def fetch(self, h: str, out: bytearray | None = None,
               landing: memoryview | None = None) -> tuple[bytes | memoryview, int]:
-        """The verified plaintext of chunk `h` and its stored size (ChunkMissing/ChunkCorrupted).
-        With `out` (see Codec.decode) the plaintext may be a view of it, with `landing` (a
-        buffer the stored object is read into, see ObjectStore.get_into) a view of that: valid
-        until the buffer is reused."""
-        from .transfer import ChunkCorrupted, ChunkMissing
-        key = chunk_key(h)
-        try:
-            blob, _ = self.store.get(key) if landing is None else self.store.get_into(key, landing)
-        except NotFound:
-            raise ChunkMissing(key, "missing from the store") from None
-        try:
-            raw = self.codec.decode(h, blob, self.manifest.chunk_size, out=out)
-        except CorruptBlob as e:
-            raise ChunkCorrupted(key, str(e)) from None
-        if self.verify and self.codec.name(raw) != h:
-            raise ChunkCorrupted(key, "content does not match its BLAKE3 hash")
-        return raw, len(blob)
+        """The verified plaintext of chunk `h` and its stored size (fetch_verified)."""
+        return fetch_verified(self.store, h, self.manifest.chunk_size, self.codec, verify=self.verify, out=out,
+                              landing=landing)
 
     def __call__(self, h: str) -> tuple[int, int, int]:
-        from .transfer import ChunkCorrupted
         raw, stored = self.fetch(h, self._scratch(), self._landing())
-        size, cs = self.manifest.volume_size, self.manifest.chunk_size
         written = slots = 0
         for i in (self.first[h], *self.more.get(h, ())):
-            off, length = chunk_span(i, size, cs)
-            if len(raw) > length:
-                raise ChunkCorrupted(chunk_key(h), f"{len(raw)} bytes do not fit chunk {i}")
-            self.sink.write(off, raw)
-            if self.zero_tails and len(raw) < length:
-                self.sink.zero(off + len(raw), length - len(raw))
-            written += len(raw)
-            slots += length
+            written += write_chunk(self.sink, self.manifest, i, h, raw, zero_tail=self.zero_tails)
+            slots += chunk_span(i, self.manifest.volume_size, self.manifest.chunk_size)[1]
         return stored, written, slots
+
+
+def fetch_verified(store: ObjectStore, h: str, max_size: int, codec: Codec, *, verify: bool = True,
+                   out: bytearray | None = None,
+                   landing: memoryview | None = None) -> tuple[bytes | memoryview, int]:
+    """GET -> decode -> verify of chunk `h`: its plaintext and stored size (ChunkMissing /
+    ChunkCorrupted; store errors propagate). The hydrate's worker stage and lazy hydration's
+    fetches (lazy/fetch.py) both run this. With `out` (see Codec.decode) the plaintext may be a
+    view of it, with `landing` (a buffer the stored object is read into, see
+    ObjectStore.get_into) a view of that: valid until the buffer is reused."""
+    from .transfer import ChunkCorrupted, ChunkMissing
+    key = chunk_key(h)
+    try:
+        blob, _ = store.get(key) if landing is None else store.get_into(key, landing)
+    except NotFound:
+        raise ChunkMissing(key, "missing from the store") from None
+    try:
+        raw = codec.decode(h, blob, max_size, out=out)
+    except CorruptBlob as e:
+        raise ChunkCorrupted(key, str(e)) from None
+    if verify and codec.name(raw) != h:
+        raise ChunkCorrupted(key, "content does not match its BLAKE3 hash")
+    return raw, len(blob)
+
+
+def write_chunk(sink: ChunkSink, manifest: Manifest, i: int, h: str, raw: bytes | memoryview, *,
+                zero_tail: bool = False) -> int:
+    """Write the plaintext `raw` of chunk `h` into slot i of `sink` (ChunkCorrupted when it does
+    not fit); with `zero_tail` the rest of a short chunk's slot is zeroed. The bytes written."""
+    from .transfer import ChunkCorrupted
+    off, length = chunk_span(i, manifest.volume_size, manifest.chunk_size)
+    if len(raw) > length:
+        raise ChunkCorrupted(chunk_key(h), f"{len(raw)} bytes do not fit chunk {i}")
+    sink.write(off, raw)
+    if zero_tail and len(raw) < length:
+        sink.zero(off + len(raw), length - len(raw))
+    return len(raw)

@@ -197,6 +197,7 @@ def _known_chunks(plan: FlushPlan, base: ChunkMap | None) -> KnownChunks:
     tables = [t for t in (base, plan.known) if isinstance(t, ChunkMap)]
     known = KnownSizes(tables)
     if plan.known is not None and not isinstance(plan.known, ChunkMap):
+        known.index_ahead(len(plan.known))
         for h, sz in plan.known.items():
             known.setdefault(check_hash(h), sz)
     return KnownChunks(known=known, check_exists=plan.check_exists)
@@ -220,6 +221,7 @@ def _start(plan: FlushPlan, stats: FlushStats) -> _Start:
     journal = _open_journal(plan)
     n = plan.chunk_count
     to_read = list(range(n)) if plan.ranges is None else chunks_in(plan.ranges, plan.size, plan.chunk_size)
+    chunks.known.index_ahead(len(to_read))
     keep = base if plan.ranges is not None and plan.ranges_mode == "changed" else None
     builder = ManifestBuilder(plan, chunks, stats, journal, keep=keep)
     if keep is not None:

@@ -121,3 +121,80 @@ def test_state_file_is_validated(tmp_path: Path):
     p.write_text("not json")
     with pytest.raises(StateError):
         HydrationState.load(str(p))
+
+
+def test_a_read_that_finds_its_chunk_missing_queues_the_next_chunks_for_the_background_pool(setup):
+    """Read-ahead: the chunks after a missing one go to the front of the background queue (the
+    pool fetches them in parallel ahead of a sequential reader); never with workers=0."""
+    from csi_perssd.lazy.volume import READ_AHEAD
+    data = setup[4]
+    vol = _volume(setup, workers=2)                       # not started: the queue stays as it is
+    assert vol.read(3 * CS, CS) == data[3 * CS:4 * CS]
+    assert list(vol._hot) == [j for j in range(4, 4 + READ_AHEAD) if j not in (10, 11)]   # holes: present
+    vol._hot.clear()
+    assert vol.read(13 * CS, CS) == data[13 * CS:14 * CS]
+    assert list(vol._hot) == list(range(14, 14 + READ_AHEAD))
+    assert vol.read(13 * CS, 10) == data[13 * CS:13 * CS + 10]  # present: no new hints
+    assert list(vol._hot) == list(range(14, 14 + READ_AHEAD))
+    assert vol.state.on_demand == 2
+    vol.close()
+    ondemand = _volume(setup, workers=0)
+    ondemand.read(30 * CS, CS)
+    assert not ondemand._hot and ondemand.state.on_demand == 1
+    ondemand.close()
+
+
+def test_fills_go_through_the_hydrate_sink_with_o_direct(setup):
+    """A fetched chunk is written like a full hydrate writes it: ChunkWriter, O_DIRECT from the
+    thread's aligned buffer (no page-cache copy), the bytes the manifest says."""
+    data = setup[4]
+    vol = _volume(setup)
+    assert vol.sink.direct, "the local volume takes O_DIRECT here"
+    direct = []
+    real = vol.sink._write_direct
+
+    def spy(offset, buf):  # type: ignore[no-untyped-def]
+        ok = real(offset, buf)
+        direct.append((offset, len(buf), ok))
+        return ok
+    vol.sink._write_direct = spy  # type: ignore[method-assign]
+    assert vol.read(5 * CS, 2 * CS) == data[5 * CS:7 * CS]
+    vol.write(9 * CS + 3, b"z")                           # fill first (O_DIRECT), then the write
+    assert direct == [(5 * CS, CS, True), (6 * CS, CS, True), (9 * CS, CS, True)]
+    assert os.pread(vol.fd, 4, 9 * CS + 2) == data[9 * CS + 2:9 * CS + 3] + b"z" + data[9 * CS + 4:9 * CS + 6]
+    vol.close()
+
+
+def test_background_hydration_retries_a_chunk_that_timed_out_in_a_later_round(setup, monkeypatch):
+    import csi_perssd.lazy.volume as volume
+    monkeypatch.setattr(volume, "RETRY_PAUSE_S", 0.01)
+    store, entries = setup[0], setup[1].entries
+    calls: list[str] = []
+
+    def fetcher(h):  # type: ignore[no-untyped-def]
+        calls.append(h)
+        if h == entries[5] and calls.count(h) == 1:
+            raise FetchTimeout("object store unreachable for 2s")
+        return fetch_chunk(store, h, CS, timeout=2)
+    vol = _volume(setup, workers=3, fetcher=fetcher)
+    vol.start()
+    assert vol.wait_complete(30)
+    vol.stop()
+    assert calls.count(entries[5]) == 2 and len(calls) == 63       # 62 chunks, one of them twice
+    assert vol.state.background == 62 and not vol.status()["failed"]
+    assert Path(setup[2]).read_bytes() == setup[4]
+    vol.close()
+
+
+def test_a_plain_volume_refuses_an_encrypted_chunk_object(setup):
+    """The lazy fetch decodes with the hydrate's codec: a sealed object under a plain volume's
+    chunk name is corrupt, never data."""
+    from csi_perssd.crypto.keys import LineageKeys
+    from csi_perssd.remote.chunks import chunk_key
+    from csi_perssd.remote.codec import Codec
+    store, entries = setup[0], setup[1].entries
+    h = entries[2]
+    sealed = Codec(LineageKeys.generate()).encode(h, setup[4][2 * CS:3 * CS], 3)
+    store.put(chunk_key(h), bytes(sealed))
+    with pytest.raises(transfer.ChunkCorrupted, match="encrypted"):
+        fetch_chunk(store, h, CS, timeout=2)

@@ -215,3 +215,51 @@ def test_claim_aborts_when_the_source_is_shorter_than_its_manifest(s3_store, tmp
     assert ei.value.code.name == "ABORTED" and "flush again" in ei.value.message
     assert len(_missing(s3_store, m)) == 2
     guard.release()
+
+
+def test_manifest_stored_past_the_claimed_generation_survives_a_collection(s3_store, tmp_path, monkeypatch) -> None:
+    """put_manifest stores a flush's manifest under the first free generation: generation + 2 when
+    a fenced-out node left an uncommitted generation + 1, which is the one the writer's claim names.
+    A collection running with a zero grace period that read the record (still at the old
+    generation) must keep that manifest anyway; it used to delete it, and the commit that followed
+    made a generation whose manifest was gone. The collector's clock runs 2 s ahead of the
+    server's, so the manifest is older than the grace period (see the test above)."""
+    import types
+    from csi_perssd.errors import CsiError
+    from csi_perssd.remote.catalog import VolumeRecord, manifest_key
+    cat = Catalog(s3_store)
+    vid = "pvol-" + "2" * 32
+    cat.create_volume(VolumeRecord(id=vid, name="gen-plus-two", size=4 * CS, capabilities=[], owner="node-a",
+                                   epoch=1, chunk_size=CS))
+    first = str(tmp_path / "g1.img")
+    _image(first, [os.urandom(CS) for _ in range(4)])
+    m1, _ = volume_io.flush_path(s3_store, first, 4 * CS, CS)
+    cat.commit_generation(vid, cat.put_manifest(vid, 1, m1.encode()), "node-a", 1)
+    s3_store.put(manifest_key(vid, 2), m1.encode())         # a fenced-out node's uncommitted generation 2
+    src = str(tmp_path / "g.img")
+    _image(src, [os.urandom(CS) for _ in range(4)])
+    guard = gc.FlushGuard.begin(s3_store, f"node-a/{vid}")
+    m, _ = volume_io.flush_path(s3_store, src, 4 * CS, CS)
+    assert not guard.claim(m, source=volume_io.source_of(src), manifests=[manifest_key(vid, 2)]).overlapped
+    stored: list[int] = []
+    scan_pages = s3_store.scan_pages
+
+    def write_then_scan(prefix, *a, **kw):  # type: ignore[no-untyped-def]
+        if prefix == "volumes/" and not stored:     # the writer stores its manifest as the run lists volumes
+            stored.append(cat.put_manifest(vid, 2, m.encode()))
+        yield from scan_pages(prefix, *a, **kw)
+    monkeypatch.setattr(s3_store, "scan_pages", write_then_scan)
+    monkeypatch.setattr(gc, "time", types.SimpleNamespace(time=lambda: time.time() + 2.0, monotonic=time.monotonic))
+    rep = gc.collect(cat, grace=0, keep=0, dry_run=False)
+    assert stored == [3], f"the manifest went to generation {stored}, not 3: nothing tested"
+    assert manifest_key(vid, 3) not in rep.deleted_manifests, "the collection deleted the writer's manifest"
+    cat.commit_generation(vid, 3, "node-a", 1)
+    guard.release()
+    monkeypatch.undo()
+    gc.collect(cat, grace=0, keep=0, dry_run=False)
+    try:
+        got = Manifest.decode(cat.get_manifest(vid, 3))
+    except CsiError as e:
+        pytest.fail(f"committed generation 3 lost its manifest: {e}")
+    assert got.entries == m.entries and _missing(s3_store, got) == []
+    assert _hydrated_equals(s3_store, got, src, tmp_path)
