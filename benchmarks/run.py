@@ -2,13 +2,17 @@
 on the same images and the same SeaweedFS, in one run.
 
     .venv/bin/python benchmarks/run.py [--quick] [--runs N] [--size BYTES] [--out DIR]
+        [--enc-pairs N] [--only-enc] [--profile [--profile-native]]
 
 Volumes: (a) random data, fully allocated (raw block volume); (b) ext4 filled 40% with a
 realistic mix (compressible CSV/logs, random binaries, many small files); (c) = (a) after 1% is
 rewritten in random 1 MiB extents. Every run gets a fresh controller + node-a + node-b and its
 own catalog prefix on the one SeaweedFS (so no run finds another run's chunks), and its own
 restic repository. Figures are medians of the runs with min and max; ratios are computed inside
-each run first. Writes benchmarks/results/<date>-<host>[-quick].json and .md, prints the table.
+each run first. The encryption rows are pairs (unencrypted control, aes-256-gcm) interleaved in
+alternating order, `--enc-pairs` of them per run and kind, each ratio taken inside its pair and
+the median over all pairs. Writes benchmarks/results/<date>-<host>[-quick][-enc].json and .md,
+prints the table.
 """
 from __future__ import annotations
 
@@ -107,6 +111,10 @@ class Bench:
         self.profiles: dict[str, str] = {}
         self.run_no = 0
         self.keep_logs = False                   # --keep: copy the driver logs to work/logs-runN
+        self.enc_pairs = 1                       # --enc-pairs: control/encrypted pairs per run and kind
+        self.only_enc = False                    # --only-enc: the encryption rows alone
+        self.native = False                      # --profile-native: py-spy --native
+        self._enc_inputs: dict[tuple[str, int], tuple[str, str]] = {}
 
     def spy(self, pid: int, phase: str) -> Any:
         if self.profile_dir is None or self.run_no != 1 or not phase:
@@ -119,6 +127,7 @@ class Bench:
         """The inputs: (a) random image, (b) file tree. Kept in `cache` between invocations
         (each run still gets its own catalog prefix, so reuse dedups nothing)."""
         base = (cache / f"v{DATA_VERSION}-{self.size}") if cache else self.work / "inputs"
+        self.input_dir = base
         stamp = base / "complete.json"
         self.a_img, self.tree = str(base / "a.img"), str(base / "tree-b")
         # the encryption pair's own inputs: the unencrypted control must not dedup against (a)/(b)
@@ -128,6 +137,7 @@ class Bench:
             self.a_digest, self.tree_counts, self.tree_digest = meta["a"], meta["tree"], meta["tree_digest"]
             self.a2_digest, self.tree2_digest = meta["a2"], meta["tree2_digest"]
             log(f"inputs from {base}")
+            self.prepare_pairs()
             return
         shutil.rmtree(base, ignore_errors=True)
         base.mkdir(parents=True)
@@ -144,6 +154,42 @@ class Bench:
         self.tree2_digest = data.tree_digest(self.tree2)
         stamp.write_text(json.dumps({"a": self.a_digest, "tree": self.tree_counts, "tree_digest": self.tree_digest,
                                      "a2": self.a2_digest, "tree2_digest": self.tree2_digest}))
+        self.prepare_pairs()
+
+    def prepare_pairs(self) -> None:
+        for k in range(1, self.enc_pairs):      # before the runs, not between their steps
+            self.enc_input("a", k)
+            self.enc_input("b", k)
+
+    def enc_input(self, which: str, pair: int) -> tuple[str, str]:
+        """(path, digest) of the input of the encryption pair number `pair` (0-based) for (a) or
+        (b). Pair 0 uses a2.img / tree-b2; every further pair has other data of the same kind
+        (generated once, kept beside them): the pairs of one run share the run's store, and a
+        control given the data an earlier control uploaded would find its chunks there and
+        upload nothing."""
+        if pair == 0:
+            return (self.a2_img, self.a2_digest) if which == "a" else (self.tree2, self.tree2_digest)
+        got = self._enc_inputs.get((which, pair))
+        if got is not None:
+            return got
+        path = str(self.input_dir / (f"a2-p{pair}.img" if which == "a" else f"tree-b2-p{pair}"))
+        stamp = Path(path + ".json")
+        if stamp.exists():
+            digest = json.loads(stamp.read_text())["digest"]
+        else:
+            log(f"generating the encryption pair {pair + 1}'s ({which})")
+            shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            if which == "a":
+                digest = data.random_image(path, self.size)
+            else:
+                os.makedirs(path)
+                data.write_tree(path, int(self.size * 0.4), seed=8 + 100 * pair)
+                digest = data.tree_digest(path)
+            stamp.write_text(json.dumps({"digest": digest}))
+        self._enc_inputs[(which, pair)] = (path, digest)
+        return path, digest
 
     # -- one run ------------------------------------------------------------------------------
     def node_flush(self, cl: Cluster, node: str, vid: str, port: int, phase: str = "") -> dict[str, Any]:
@@ -244,12 +290,17 @@ class Bench:
                 cl.nodes[n] = DriverProcess(rdir, mode="node", node_id=n, pool=cl.pool,
                                             catalog=self.sw.url(cl.prefix), env=cl.env,
                                             extra=cl.store_args() + ["--metrics-address", f"127.0.0.1:{port}"]).start()
-            restic = peers.Restic(self.target, f"restic/r{run}", str(rdir / "restic-cache"))
-            restic.init()
-            res.update(self.run_a(cl, ports, run, restic))
-            res.update(self.run_enc(cl, ports, run, "a"))
-            res.update(self.run_b(cl, ports, run, restic))
-            res.update(self.run_enc(cl, ports, run, "b"))
+            if self.only_enc:
+                self.warm_up(cl, ports, run)
+                res.update(self.run_enc(cl, ports, run, "a"))
+                res.update(self.run_enc(cl, ports, run, "b"))
+            else:
+                restic = peers.Restic(self.target, f"restic/r{run}", str(rdir / "restic-cache"))
+                restic.init()
+                res.update(self.run_a(cl, ports, run, restic))
+                res.update(self.run_enc(cl, ports, run, "a"))
+                res.update(self.run_b(cl, ports, run, restic))
+                res.update(self.run_enc(cl, ports, run, "b"))
         except BaseException:
             keep = Path(HERE / "results" / "failed" / f"{time.strftime('%Y%m%d-%H%M%S')}-run{run}")
             keep.mkdir(parents=True, exist_ok=True)
@@ -362,34 +413,64 @@ class Bench:
     def run_enc(self, cl: Cluster, ports: dict[str, int], run: int, which: str) -> dict[str, Any]:
         """(a) or (b) — other data of the same kind, so nothing dedups against the run's own
         (a)/(b) — once unencrypted (the control, `*_ctl`) and once with encryption:
-        aes-256-gcm (`*_enc`), back to back, in alternating order from run to run, so neither
-        gets the other's position (what ran before, the store's state); each is flushed on
-        node-a and hydrated on node-b."""
-        res: dict[str, Any] = {}
-        order = ("ctl", "enc") if run % 2 else ("enc", "ctl")
-        for kind in order:
-            res.update(self._one_volume(cl, ports, run, which, kind))
-        return res
+        aes-256-gcm (`*_enc`), back to back; each is flushed on node-a and hydrated on node-b.
+        `enc_pairs` such pairs, interleaved (ctl enc / enc ctl / ...): the order alternates from
+        pair to pair and from run to run, so neither gets the other's position (what ran before,
+        the store's state). Every pair is kept (`enc_pairs_<which>`, with its order); the
+        encryption ratios are taken inside each pair (report.py). The first pair's figures also
+        stay under the old keys (`flush_a_ctl`, ...)."""
+        pairs: list[dict[str, Any]] = []
+        for k in range(self.enc_pairs):
+            order = ("ctl", "enc") if (run + k) % 2 else ("enc", "ctl")
+            pair: dict[str, Any] = {"pair": k + 1, "order": list(order), "load": round(os.getloadavg()[0], 2)}
+            for kind in order:
+                pair.update(self._one_volume(cl, ports, run, which, kind, k))
+            pairs.append(pair)
+        return {**{k: v for k, v in pairs[0].items() if k.startswith(("flush_", "hydrate_"))},
+                f"enc_pairs_{which}": pairs}
 
-    def _one_volume(self, cl: Cluster, ports: dict[str, int], run: int, which: str, kind: str) -> dict[str, Any]:
+    def warm_up(self, cl: Cluster, ports: dict[str, int], run: int) -> None:
+        """--only-enc: what (a) does for the pairs in a full run, unmeasured: a first flush and
+        hydrate through each fresh node process (the first hydrate of a node process runs at
+        about half the speed of later ones), once unencrypted and once encrypted, 64 MiB each,
+        so neither kind of the first pair pays it."""
+        size = min(self.size, 64 * MiB)
+        for kind in ("ctl", "enc"):
+            sec = {"encryptionKey": base64.b64encode(os.urandom(32)).decode()} if kind == "enc" else None
+            vid = cl.create(f"bench-warm-{kind}-{run}", size, block_cap(),
+                            params={"encryption": "aes-256-gcm"} if sec else None, secrets=sec)
+            dev = cl.attach("node-a", vid, block_cap(), secrets=sec)
+            with open(self.a_img, "rb") as fi, open(dev, "r+b", buffering=0) as fo:
+                fo.write(fi.read(size))
+                os.fsync(fo.fileno())
+            self.node_flush(cl, "node-a", vid, ports["node-a"])
+            self.node_stage(cl, "node-b", vid, ports["node-b"], block_cap(), secrets=sec)
+            cl.release("node-b", vid)
+            cl.delete(vid)
+        log(f"run {run}: warm-up done (unmeasured)")
+
+    def _one_volume(self, cl: Cluster, ports: dict[str, int], run: int, which: str, kind: str,
+                    pair: int = 0) -> dict[str, Any]:
         res: dict[str, Any] = {}
+        src, want = self.enc_input(which, pair)
         sec = {"encryptionKey": base64.b64encode(os.urandom(32)).decode()} if kind == "enc" else None
         cap = block_cap() if which == "a" else mount_cap("ext4")
-        vid = cl.create(f"bench-{which}-{kind}-{run}", self.size, cap,
+        vid = cl.create(f"bench-{which}-{kind}-{run}-{pair}", self.size, cap,
                         params={"encryption": "aes-256-gcm"} if sec else None, secrets=sec)
         tgt = cl.attach("node-a", vid, cap, secrets=sec)
         if which == "a":
-            data.copy_to_device(self.a2_img, tgt)
+            data.copy_to_device(src, tgt)
         else:
-            data.copy_tree(self.tree2, tgt)
+            data.copy_tree(src, tgt)
             os.sync()
-        log(f"run {run} ({which}, {kind}): flush node-a")
-        res[f"flush_{which}_{kind}"] = self.node_flush(cl, "node-a", vid, ports["node-a"])
-        log(f"run {run} ({which}, {kind}): hydrate node-b")
+        log(f"run {run} ({which}, {kind}, pair {pair + 1}): flush node-a")
+        phase = f"{which}-{kind}" if pair == 0 else ""          # --profile: run 1's first pair
+        res[f"flush_{which}_{kind}"] = self.node_flush(cl, "node-a", vid, ports["node-a"],
+                                                       f"flush-{phase}" if phase else "")
+        log(f"run {run} ({which}, {kind}, pair {pair + 1}): hydrate node-b")
         tgt_b, res[f"hydrate_{which}_{kind}"] = self.node_stage(cl, "node-b", vid, ports["node-b"], cap,
-                                                                secrets=sec)
-        ok = (data.digest(tgt_b, self.size) == self.a2_digest if which == "a"
-              else data.tree_digest(tgt_b) == self.tree2_digest)
+                                                                f"hydrate-{phase}" if phase else "", secrets=sec)
+        ok = data.digest(tgt_b, self.size) == want if which == "a" else data.tree_digest(tgt_b) == want
         if not ok:
             raise RuntimeError(f"hydrated volume ({which}, {kind}) differs from what was written")
         log(f"  ({which}, {kind}): flush {res[f'flush_{which}_{kind}']['mb_s']:.0f} MB/s, "
@@ -404,7 +485,7 @@ class _Profiled:
         assert b.profile_dir is not None
         self.b, self.phase = b, phase
         self.path = b.profile_dir / f"{phase}.folded"
-        self.spy = PySpy(pid, self.path)
+        self.spy = PySpy(pid, self.path, native=b.native)
 
     def __enter__(self) -> None:
         self.spy.__enter__()
@@ -441,6 +522,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (with the driver logs, logs-runN/)")
     ap.add_argument("--cache", default="/var/tmp/perssd-bench-cache", help="generated inputs, reused")
     ap.add_argument("--no-cache", action="store_true", help="generate the inputs in the scratch directory")
+    ap.add_argument("--enc-pairs", type=int, default=0,
+                    help="unencrypted/encrypted pairs per run for each of (a), (b), interleaved "
+                         "(default: 2 with --quick, else 1)")
+    ap.add_argument("--only-enc", action="store_true",
+                    help="only the encryption rows (the pairs), not the peers, (a)-(c) or restic")
+    ap.add_argument("--profile-native", action="store_true",
+                    help="with --profile: py-spy --native (C/Rust frames; the profiled phases run slower)")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy the node during run 1's flushes and hydrate (results/<stem>-profile/)")
     a = ap.parse_args(argv)
@@ -449,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     size = a.size or (256 * MiB if a.quick else 2 * GiB)
     quick = bool(a.quick and not a.size)
-    stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}{'-quick' if quick else ''}"
+    stem = (f"{datetime.date.today().isoformat()}-{socket.gethostname()}{'-quick' if quick else ''}"
+            f"{'-enc' if a.only_enc else ''}")
     out = Path(a.out)
     work = Path(tempfile.mkdtemp(prefix="perssd-bench-", dir=a.workdir))
     t_start, load0 = time.monotonic(), os.getloadavg()[0]
@@ -459,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         sw.start()
         b = Bench(work, sw, size, a.quick)
         b.keep_logs = a.keep
+        b.enc_pairs = a.enc_pairs if a.enc_pairs > 0 else (2 if quick else 1)
+        b.only_enc, b.native = a.only_enc, a.profile_native
         if a.profile:
             b.profile_dir = out / f"{stem}-profile"
         log(f"SeaweedFS on {sw.endpoint}; scratch {work}; volumes {size // MiB} MiB; {a.runs} runs")
@@ -468,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "host": socket.gethostname(), "cpus": os.cpu_count(), "volume_bytes": size,
                 "chunk_bytes": CHUNK, "runs": a.runs, "quick": quick, "profiles": b.profiles,
+                "enc_pairs": b.enc_pairs, "only_enc": b.only_enc,
                 "change": {"extents": len(b.change.offsets), "extent_bytes": b.change.extent,
                            "chunks": len(b.change.chunks(CHUNK))},
                 "tree_b": b.tree_counts, "versions": versions(b), "commit": report.git_commit(),

@@ -15,13 +15,17 @@ from peers import find_tool
 class PySpy:
     """with PySpy(pid, "flush-a.folded"): ...  -> folded stacks of every thread, 100 Hz."""
 
-    def __init__(self, pid: int, out: str | os.PathLike[str], rate: int = 100, gil_only: bool = False):
-        self.pid, self.out, self.rate, self.gil_only = pid, str(out), rate, gil_only
+    def __init__(self, pid: int, out: str | os.PathLike[str], rate: int = 100, gil_only: bool = False,
+                 native: bool = False):
+        """native: C/Rust frames too (py-spy then stops the process for every sample, so the
+        phase runs slower: for where the time goes, not for figures)."""
+        self.pid, self.out, self.rate, self.gil_only, self.native = pid, str(out), rate, gil_only, native
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> PySpy:
         argv = [find_tool("py-spy"), "record", "--pid", str(self.pid), "--rate", str(self.rate),
-                "--format", "raw", "--output", self.out, "--nonblocking", "--threads"]
+                "--format", "raw", "--output", self.out, "--threads"]
+        argv.append("--native" if self.native else "--nonblocking")
         if self.gil_only:
             argv.append("--gil")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -3,10 +3,10 @@
 Sealing uses `AESGCM.encrypt_into` where the installed `cryptography` has it (>= 45): it
 releases the GIL for the whole call (measured with 50.0.2: a Python thread spinning beside
 64 MiB encrypt_into calls never stalled more than 0.3 ms; beside `AESGCM.encrypt`, which keeps
-the GIL, 192 ms), at ~10 GB/s. The parts are first joined into one reused per-thread buffer
-(encrypt_into wants one contiguous input) and sealed into another (no fresh 4 MiB allocation,
-so no page fault per 4 KiB per chunk); `seal_bytes` copies the result out once, as the plain
-format's `tag + payload` does. Without encrypt_into a GCM encryptor is fed in slices of SLICE
+the GIL, 192 ms), at ~10 GB/s. The parts are first joined into one buffer (encrypt_into wants
+one contiguous input) and sealed into another, both from BUFFERS, reused across calls and
+threads (no fresh 4 MiB allocation, so no page fault per 4 KiB per chunk); `seal_bytes` copies
+the result out once, as the plain format's `tag + payload` does. Without encrypt_into a GCM encryptor is fed in slices of SLICE
 bytes (it hands the GIL back and forth at every slice: beside busy Python threads it ran at a
 fraction of the one-call form's speed, and 2 threads sealed at 0.52x one thread's rate).
 Opening uses `AESGCM.decrypt_into` likewise (it releases the GIL for the whole call; measured
@@ -20,9 +20,12 @@ unauthenticated plaintext never leaves this module.
 """
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Generic, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -42,7 +45,6 @@ SLICE = 256 << 10
 _SPARE = 15                 # update_into wants room for one more block than it writes
 _HAS_ENCRYPT_INTO = _AESGCM is not None and hasattr(_AESGCM, "encrypt_into")
 _HAS_DECRYPT_INTO = _AESGCM is not None and hasattr(_AESGCM, "decrypt_into")
-_local = threading.local()
 
 
 def _check_key(key: bytes) -> None:
@@ -50,14 +52,57 @@ def _check_key(key: bytes) -> None:
         raise ValueError("AES-256-GCM needs a 32-byte key")
 
 
-def _scratch(name: str, n: int) -> bytearray:
-    """This thread's reused buffer `name` of at least n bytes (grown, never shrunk: the
-    largest chunk plus a little)."""
-    buf: bytearray | None = getattr(_local, name, None)
-    if buf is None or len(buf) < n:
-        buf = bytearray(n)
-        setattr(_local, name, buf)
-    return buf
+BufT = TypeVar("BufT", bytearray, mmap.mmap)
+
+
+class BufferPool(Generic[BufT]):
+    """Scratch buffers reused across calls and threads, up to `keep_bytes` kept while unused.
+    A flush's or hydrate's worker threads live for that one transfer, so buffers kept per
+    thread died with them and the next transfer touched new memory again: a page fault per
+    4 KiB (measured ~6 us each on the 2-core VM; 8 hydrate workers x 4 MiB = 8,192 faults).
+    `make(n)` makes a new buffer of n bytes (bytearray, or an anonymous mmap: page-aligned)."""
+
+    def __init__(self, keep_bytes: int, make: Callable[[int], BufT]):
+        self.keep_bytes = keep_bytes
+        self.make: Callable[[int], BufT] = make
+        self._free: list[BufT] = []
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> BufT:
+        """A buffer of at least n bytes (its old content is not cleared). Never handed out
+        twice at once: a buffer is the taker's until given back."""
+        with self._lock:
+            best = -1
+            for i, b in enumerate(self._free):      # the smallest one that fits
+                if len(b) >= n and (best < 0 or len(b) < len(self._free[best])):
+                    best = i
+            if best >= 0:
+                return self._free.pop(best)
+        return self.make(n)
+
+    def give(self, buf: BufT) -> None:
+        with self._lock:
+            if sum(len(b) for b in self._free) + len(buf) <= self.keep_bytes:
+                self._free.append(buf)
+
+    @contextlib.contextmanager
+    def lease(self, n: int) -> Iterator[BufT]:
+        buf = self.take(n)
+        try:
+            yield buf
+        finally:
+            self.give(buf)
+
+
+def _mapped(n: int) -> mmap.mmap:
+    return mmap.mmap(-1, n)
+
+
+# the seal's joined and sealed buffers: 4 flush workers x 2 x 4 MiB chunks fit twice
+BUFFERS: BufferPool[bytearray] = BufferPool(64 << 20, bytearray)
+# page-aligned buffers sealed chunks are opened into (hydrate workers: remote/stages.py), so a
+# raw chunk's plaintext can be written with O_DIRECT as it is: 8 workers x 4 MiB chunks fit
+OPENED: BufferPool[mmap.mmap] = BufferPool(64 << 20, _mapped)
 
 
 def _seal_into(key: bytes, aad: bytes, views: list[memoryview], n: int, prefix: bytes,
@@ -72,22 +117,16 @@ def _seal_into(key: bytes, aad: bytes, views: list[memoryview], n: int, prefix: 
         if _HAS_ENCRYPT_INTO and _AESGCM is not None:
             if len(views) == 1:
                 _AESGCM(key).encrypt_into(nonce, views[0], aad, mo[start:total])
-            else:
-                with _joined(views, n) as data:
-                    _AESGCM(key).encrypt_into(nonce, data, aad, mo[start:total])
+            else:       # one contiguous input: the parts joined in a pooled buffer
+                with BUFFERS.lease(n) as joined, memoryview(joined) as jv:
+                    pos = 0
+                    for v in views:
+                        jv[pos:pos + len(v)] = v
+                        pos += len(v)
+                    _AESGCM(key).encrypt_into(nonce, jv[:n], aad, mo[start:total])
         else:
             _seal_sliced(key, aad, nonce, views, mo[start:total])
     return total
-
-
-def _joined(views: list[memoryview], n: int) -> memoryview:
-    """The parts as one contiguous input (encrypt_into wants one), in this thread's reused buffer."""
-    buf = _scratch("join", n)
-    pos = 0
-    for v in views:
-        buf[pos:pos + len(v)] = v
-        pos += len(v)
-    return memoryview(buf)[:n]
 
 
 def _seal_sliced(key: bytes, aad: bytes, nonce: bytes, views: list[memoryview], mo: memoryview) -> None:
@@ -121,14 +160,14 @@ def seal(key: bytes, aad: bytes, parts: Sequence[Buffer], prefix: bytes = b"") -
 
 
 def seal_bytes(key: bytes, aad: bytes, parts: Sequence[Buffer], prefix: bytes = b"") -> bytes:
-    """seal() as `bytes` (what the store client sends), sealed in this thread's reused buffer
-    and copied out once: a chunk costs no fresh buffer besides the result."""
+    """seal() as `bytes` (what the store client sends), sealed in a pooled buffer and copied
+    out once: a chunk costs no fresh buffer besides the result."""
     _check_key(key)
     views, n = _views(parts)
-    out = _scratch("sealed", len(prefix) + OVERHEAD + n)
-    total = _seal_into(key, aad, views, n, prefix, out)
-    with memoryview(out) as mo:
-        return bytes(mo[:total])
+    with BUFFERS.lease(len(prefix) + OVERHEAD + n) as out:
+        total = _seal_into(key, aad, views, n, prefix, out)
+        with memoryview(out) as mo:
+            return bytes(mo[:total])
 
 
 def open_size(blob_len: int, start: int = 0) -> int:

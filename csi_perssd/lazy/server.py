@@ -151,7 +151,10 @@ class _Fetcher:
     def store(self) -> Any:
         with self._mu:
             if self._store is None:
+                t0 = time.monotonic()
                 self._store = _store(self.settings, self.secrets)
+                log.info("object store client ready in %.2fs (no chunk is fetched before)",
+                         time.monotonic() - t0)
             return self._store
 
     def __call__(self, h: str) -> bytes | memoryview:
