@@ -151,6 +151,7 @@ class _Fetcher:
         self._store: Any = None
         self.error = ""                     # why the store could not be opened
         self.ready = threading.Event()
+        self.stopping = threading.Event()   # set at shutdown: fetches stop retrying
         self._mu = threading.Lock()
 
     def open(self) -> None:
@@ -177,7 +178,7 @@ class _Fetcher:
         return {"store_ready": self.ready.is_set() and self._store is not None, "store_error": self.error}
 
     def __call__(self, h: str) -> bytes | memoryview:
-        return fetch_chunk(self.store(), h, self.chunk_size, self.timeout)
+        return fetch_chunk(self.store(), h, self.chunk_size, self.timeout, stop=self.stopping)
 
 
 def _age() -> float:
@@ -219,6 +220,7 @@ def serve(d: Path, secrets: dict[str, str]) -> int:
                      attr_timeout=0, entry_timeout=0)
     finally:
         stop.set()
+        fetcher.stopping.set()
         vol.stop()
         vol.close()
         (d / "server.pid").unlink(missing_ok=True)
