@@ -79,3 +79,27 @@ def test_chunk_reader_reads_exact_content_direct_and_sees_unflushed_writes():
     finally:
         if os.path.exists(path):
             os.unlink(path)
+
+
+def test_a_threads_chunk_buffer_goes_with_the_thread(tmp_path):
+    """Short-lived threads (lazy hydration's pool rounds, FUSE request threads) writing through one
+    long-lived ChunkWriter leave no buffer behind: exactly the live threads' buffers are held."""
+    import gc
+    import threading
+
+    from csi_perssd.local.fileio import ChunkWriter
+    p = tmp_path / "f"
+    p.write_bytes(bytes(1 << 20))
+    w = ChunkWriter(str(p), chunk_size=64 << 10)
+
+    def one(k: int) -> None:
+        w.write(k * (64 << 10), bytes([k]) * (64 << 10))
+    for k in range(12):
+        t = threading.Thread(target=one, args=(k,))
+        t.start()
+        t.join()
+    gc.collect()
+    one(15)                                        # this thread's buffer stays, the others went
+    assert len(w._bufs) == 1 and w._bufs[0]() is not None
+    w.close()
+    assert p.read_bytes()[11 * (64 << 10)] == 11

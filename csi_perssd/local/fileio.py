@@ -13,6 +13,7 @@ import errno
 import mmap
 import os
 import threading
+import weakref
 from types import TracebackType
 from typing import Self
 
@@ -95,7 +96,9 @@ class _ChunkFile:
     """A device or file open for chunk I/O: a buffered descriptor, with `direct` a second
     O_DIRECT one where the file system takes it (`direct` is cleared on EINVAL, the descriptor
     never closed meanwhile: other threads may be using it), and one chunk buffer per thread
-    (page-aligned anonymous mmap, reused: no 4 MiB allocation per chunk)."""
+    (page-aligned anonymous mmap, reused: no 4 MiB allocation per chunk). A thread's buffer goes
+    with the thread (only weak references are kept for close()): a long-lived writer used by
+    short-lived threads (lazy hydration's pool rounds, FUSE request threads) does not pile them up."""
 
     def __init__(self, path: str, mode: int, chunk_size: int, direct: bool):
         self.path, self.chunk_size = path, chunk_size
@@ -111,7 +114,7 @@ class _ChunkFile:
             os.close(self.fd)
             raise
         self._local = threading.local()
-        self._bufs: list[mmap.mmap] = []
+        self._bufs: list[weakref.ref[mmap.mmap]] = []
         self._lock = threading.Lock()
 
     def __enter__(self) -> Self:
@@ -125,7 +128,8 @@ class _ChunkFile:
         if buf is None:
             buf = self._local.buf = mmap.mmap(-1, self.chunk_size)
             with self._lock:
-                self._bufs.append(buf)
+                self._bufs = [r for r in self._bufs if r() is not None]
+                self._bufs.append(weakref.ref(buf))
         return buf
 
     def close(self) -> None:
@@ -136,7 +140,10 @@ class _ChunkFile:
         self._local = threading.local()
         with self._lock:
             bufs, self._bufs = self._bufs, []
-        for b in bufs:
+        for r in bufs:
+            b = r()
+            if b is None:
+                continue
             try:
                 b.close()
             except BufferError:         # a view is still referenced somewhere: GC frees it
