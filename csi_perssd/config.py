@@ -32,9 +32,11 @@ class Config:
     # 4 uploads in flight kept up with 8 and 16 against SeaweedFS on 2 cores (1 GiB: 141-148 vs
     # 133-135 MB/s) at 110 instead of 155 MiB of node RSS; each in flight holds ~2 chunk buffers
     flush_workers: int = 4
-    # 16 GETs in flight: 341-502 MB/s against 188-435 with 8 (256 MiB from SeaweedFS on 2 cores, O_DIRECT
-    # writes, 2 x 3 alternating rounds); each in flight holds the GET body and an aligned write buffer
-    hydrate_workers: int = 16
+    # 8 GETs in flight, each into its own reused page-aligned buffer (ChunkFetcher): NodeStage of
+    # 256 MiB from SeaweedFS on 2 cores, 4 alternating rounds each (benchmarks/stage_probe.py):
+    # 0.44-0.58 s at 0.26-0.29 s node CPU with 8, 0.59-0.75 s at 0.31-0.32 s with 16, 0.40-0.63 s
+    # with 4 (16 had been faster than 8 when each GET allocated its body and copied it once more)
+    hydrate_workers: int = 8
     hydrate: str = "full"                     # default of the StorageClass parameter hydrate
     lazy_background_workers: int = 16         # lazy: parallel background fetches (0 = on demand only; as hydrate_workers)
     lazy_fetch_timeout_seconds: float = 60.0  # lazy: an on-demand read waits this long for S3, then EIO

@@ -373,7 +373,15 @@ class NodeSnapshotWorker:
             return True
 
     def _loop(self) -> None:
-        while not self.rt.stop_event.wait(self.fast if self._has_staged() else self.slow):
+        """A round every `fast` seconds while a volume is staged here, every `slow` seconds
+        otherwise; whether one is staged is checked every `fast` seconds (local state, no
+        request), so a volume staged during an idle wait is polled at once, not up to `slow`
+        seconds later (its first snapshot request waited that long)."""
+        last = time.monotonic()
+        while not self.rt.stop_event.wait(min(self.fast, self.slow)):
+            if not self._has_staged() and time.monotonic() - last < self.slow:
+                continue
+            last = time.monotonic()
             try:
                 self.tick()
             except Exception as e:   # the next round retries

@@ -272,7 +272,7 @@ def test_seal_bytes_reuses_its_buffers_and_returns_independent_objects():
 
 
 def test_buffer_pool_reuses_the_smallest_fit_and_keeps_at_most_its_budget():
-    pool = aead.BufferPool(keep_bytes=300)
+    pool = aead.BufferPool(300, bytearray)
     a, b = pool.take(100), pool.take(200)
     assert len(a) == 100 and len(b) == 200 and a is not b
     pool.give(b)
@@ -285,3 +285,24 @@ def test_buffer_pool_reuses_the_smallest_fit_and_keeps_at_most_its_budget():
         assert c is a
     assert len(pool.take(400)) == 400                            # none fits: a new one
     assert pool.take(1) is a and pool.take(1) is b and pool.take(1) not in (a, b)
+
+
+def test_opened_pool_hands_out_page_aligned_buffers_a_sealed_chunk_opens_into():
+    import ctypes
+    key = os.urandom(32)
+    m = aead.OPENED.take(4096 + (1 << 20) + 64)
+    try:
+        assert ctypes.addressof(ctypes.c_char.from_buffer(m)) % 4096 == 0
+        out = memoryview(m)[4095:]                  # the 1-byte format tag before a page boundary
+        data = b"\x00" + os.urandom(1 << 20)
+        got = aead.open_(key, b"ad", aead.seal(key, b"ad", [data]), out=out)
+        assert bytes(got) == data
+        payload = got[1:]
+        assert ctypes.addressof(ctypes.c_char.from_buffer(payload)) % 4096 == 0
+        payload.release()
+        got.release()
+        out.release()
+    finally:
+        aead.OPENED.give(m)
+    assert aead.OPENED.take(len(m)) is m             # kept for the next taker
+    aead.OPENED.give(m)

@@ -103,3 +103,29 @@ def test_a_threads_chunk_buffer_goes_with_the_thread(tmp_path):
     assert len(w._bufs) == 1 and w._bufs[0]() is not None
     w.close()
     assert p.read_bytes()[11 * (64 << 10)] == 11
+
+
+def test_chunk_writer_writes_page_aligned_views_without_a_copy(tmp_path):
+    import mmap
+    path = os.path.join("/var/tmp", f"perssd-fileio-a-{os.getpid()}.img")
+    try:
+        with open(path, "wb") as f:
+            f.truncate(4 * CS)
+        m = mmap.mmap(-1, DIRECT_ALIGN + CS)
+        landing = memoryview(m)[DIRECT_ALIGN - 1:]      # a 1-byte tag, then an aligned payload
+        payload = os.urandom(CS)
+        landing[1:CS + 1] = payload
+        with ChunkWriter(path, writeback=True, chunk_size=CS) as w:
+            w.write(CS, landing[1:CS + 1])              # aligned: straight from it
+            assert w.direct and w._bufs == []           # its own buffer was never needed
+            w.write(2 * CS, landing[:CS])               # unaligned view: copied, as before
+            assert len(w._bufs) == 1
+            w.sync()
+        with open(path, "rb") as f:
+            got = f.read()
+        assert got[CS:2 * CS] == payload and got[2 * CS:3 * CS] == bytes(landing[:CS])
+        del landing
+        m.close()
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)

@@ -51,6 +51,23 @@ def test_get_missing_raises_not_found(any_store):
         any_store.get("volumes/missing.json")
 
 
+def test_get_into_reads_into_the_buffer_when_it_fits_else_returns_bytes(any_store):
+    body = os.urandom((1 << 20) + 3)
+    etag = any_store.put("chunks/ab/x", body)
+    buf = memoryview(bytearray(len(body) + 100))
+    data, etag2 = any_store.get_into("chunks/ab/x", buf)
+    assert isinstance(data, memoryview) and data.obj is buf.obj and len(data) == len(body)
+    assert bytes(data) == body and bytes(buf[:len(body)]) == body and etag2 == etag
+    small = memoryview(bytearray(1000))
+    data, etag3 = any_store.get_into("chunks/ab/x", small)
+    assert isinstance(data, bytes) and data == body and etag3 == etag
+    assert bytes(small) == bytes(1000)                  # nothing was written into it
+    any_store.put("empty", b"")
+    assert bytes(any_store.get_into("empty", buf)[0]) == b""
+    with pytest.raises(NotFound):
+        any_store.get_into("chunks/ab/missing", buf)
+
+
 def test_head_reports_size_and_etag_and_none_when_missing(any_store):
     etag = any_store.put("a/b", b"12345")
     info = any_store.head("a/b")
@@ -255,6 +272,7 @@ class DroppingProxy:
         self.drop = threading.Event()
         self.cut = threading.Event()
         self.drop_continue = threading.Event()
+        self.cut_response = threading.Event()
         self.dropped = 0
         self.conns: list = []
         self.threads = [threading.Thread(target=self._accept, daemon=True)]
@@ -288,6 +306,11 @@ class DroppingProxy:
                 if (not is_response and self.cut.is_set() and len(data) > 64
                         and not data[:8].split(b" ")[0].isalpha()):     # body bytes, not headers
                     self.cut.clear()        # forward a part of the request, then hang up
+                    dst.sendall(data[:len(data) // 2])
+                    self.dropped += 1
+                    break
+                if is_response and self.cut_response.is_set() and not data.startswith(b"HTTP/"):
+                    self.cut_response.clear()   # a part of a response body, then hang up
                     dst.sendall(data[:len(data) // 2])
                     self.dropped += 1
                     break
@@ -369,11 +392,41 @@ def test_put_lost_before_its_body_leaves_no_empty_object(proxied_store):
 
 
 @pytest.mark.s3
+def test_chunk_puts_send_their_body_without_waiting_for_100_continue(proxied_store):
+    # records keep "Expect: 100-continue" (the proxy hangs up at the server's interim answer);
+    # chunk PUTs send the body at once, so the server never sends one
+    store, proxy = proxied_store
+    store.put("warm", b"x")
+    body = os.urandom(3 << 20)
+    key = "chunks/ef/" + "e" * 64
+    proxy.drop_continue.set()
+    store.put(key, body)
+    assert proxy.dropped == 0 and store.get(key)[0] == body
+    store.put("names/rec", body)
+    assert proxy.dropped == 1 and store.get("names/rec")[0] == body
+
+
+@pytest.mark.s3
 def test_get_retries_after_a_dropped_response(proxied_store):
     store, proxy = proxied_store
     store.put("g", b"data" * 1000)
     proxy.drop.set()
     assert store.get("g")[0] == b"data" * 1000 and proxy.dropped == 1
+
+
+@pytest.mark.s3
+def test_get_into_retries_a_body_cut_off_midway_and_reuses_connections(proxied_store):
+    store, proxy = proxied_store
+    body = os.urandom(3 << 20)
+    store.put("chunks/cd/g", body)
+    buf = memoryview(bytearray(4 << 20))
+    proxy.cut_response.set()
+    data, _ = store.get_into("chunks/cd/g", buf)
+    assert bytes(data) == body and proxy.dropped == 1 and store.stats.retries == 1
+    opened = len(proxy.conns)
+    for _ in range(5):                  # read to its end, each body gives its connection back
+        assert bytes(store.get_into("chunks/cd/g", buf)[0]) == body
+    assert len(proxy.conns) == opened   # (2 sockets per connection: no new one)
 
 
 @pytest.mark.s3

@@ -222,3 +222,32 @@ def test_pages_across_list_page_boundaries_list_every_volume_once(seaweed: Seawe
             break
         after = page.last
     assert got == vids
+
+
+def test_a_volume_staged_during_an_idle_wait_is_polled_at_the_fast_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's rounds on a fake clock (wake_poll 3 s, wake_idle 60 s): one HEAD round a
+    minute while nothing is staged, and from the first 3 s step after a volume is staged, one
+    every 3 s. It used to sleep out the whole idle minute first: the first snapshot request of a
+    volume staged just after the node started waited ~60 s (conformance test_snapshot_metadata's
+    60 s deadline then failed under load)."""
+    import types
+    from csi_perssd import snapshots
+    from csi_perssd.local.state import Phase
+    clock = [0.0]
+    staged_at = 130.0
+
+    class Stop:
+        def wait(self, timeout: float) -> bool:
+            clock[0] += timeout
+            return clock[0] > 160.0
+
+    volumes = types.SimpleNamespace(all=lambda: [types.SimpleNamespace(phase=Phase.STAGED)]
+                                    if clock[0] >= staged_at else [])
+    cfg = Config(mode="node", node_id="node-a", wake_poll_seconds=3.0, wake_idle_seconds=60.0)
+    rt = types.SimpleNamespace(cfg=cfg, stop_event=Stop(), volumes=volumes)
+    ticks: list[float] = []
+    worker = snapshots.NodeSnapshotWorker(rt)
+    monkeypatch.setattr(worker, "tick", lambda: ticks.append(clock[0]) or 0)
+    monkeypatch.setattr(snapshots, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+    worker._loop()
+    assert ticks == [60.0, 120.0, 132.0, 135.0, 138.0, 141.0, 144.0, 147.0, 150.0, 153.0, 156.0, 159.0], ticks

@@ -21,9 +21,11 @@ unauthenticated plaintext never leaves this module.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Generic, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -50,19 +52,25 @@ def _check_key(key: bytes) -> None:
         raise ValueError("AES-256-GCM needs a 32-byte key")
 
 
-class BufferPool:
+BufT = TypeVar("BufT", bytearray, mmap.mmap)
+
+
+class BufferPool(Generic[BufT]):
     """Scratch buffers reused across calls and threads, up to `keep_bytes` kept while unused.
     A flush's or hydrate's worker threads live for that one transfer, so buffers kept per
     thread died with them and the next transfer touched new memory again: a page fault per
-    4 KiB (measured ~6 us each on the 2-core VM; 16 hydrate workers x 4 MiB = 16,384 faults)."""
+    4 KiB (measured ~6 us each on the 2-core VM; 8 hydrate workers x 4 MiB = 8,192 faults).
+    `make(n)` makes a new buffer of n bytes (bytearray, or an anonymous mmap: page-aligned)."""
 
-    def __init__(self, keep_bytes: int):
+    def __init__(self, keep_bytes: int, make: Callable[[int], BufT]):
         self.keep_bytes = keep_bytes
-        self._free: list[bytearray] = []
+        self.make: Callable[[int], BufT] = make
+        self._free: list[BufT] = []
         self._lock = threading.Lock()
 
-    def take(self, n: int) -> bytearray:
-        """A buffer of at least n bytes (its old content is not cleared)."""
+    def take(self, n: int) -> BufT:
+        """A buffer of at least n bytes (its old content is not cleared). Never handed out
+        twice at once: a buffer is the taker's until given back."""
         with self._lock:
             best = -1
             for i, b in enumerate(self._free):      # the smallest one that fits
@@ -70,15 +78,15 @@ class BufferPool:
                     best = i
             if best >= 0:
                 return self._free.pop(best)
-        return bytearray(n)
+        return self.make(n)
 
-    def give(self, buf: bytearray) -> None:
+    def give(self, buf: BufT) -> None:
         with self._lock:
             if sum(len(b) for b in self._free) + len(buf) <= self.keep_bytes:
                 self._free.append(buf)
 
     @contextlib.contextmanager
-    def lease(self, n: int) -> Iterator[bytearray]:
+    def lease(self, n: int) -> Iterator[BufT]:
         buf = self.take(n)
         try:
             yield buf
@@ -86,8 +94,15 @@ class BufferPool:
             self.give(buf)
 
 
-# 4 flush workers x (joined + sealed) 4 MiB chunks, or 16 hydrate workers' 4 MiB plaintexts
-BUFFERS = BufferPool(64 << 20)
+def _mapped(n: int) -> mmap.mmap:
+    return mmap.mmap(-1, n)
+
+
+# the seal's joined and sealed buffers: 4 flush workers x 2 x 4 MiB chunks fit twice
+BUFFERS: BufferPool[bytearray] = BufferPool(64 << 20, bytearray)
+# page-aligned buffers sealed chunks are opened into (hydrate workers: remote/stages.py), so a
+# raw chunk's plaintext can be written with O_DIRECT as it is: 8 workers x 4 MiB chunks fit
+OPENED: BufferPool[mmap.mmap] = BufferPool(64 << 20, _mapped)
 
 
 def _seal_into(key: bytes, aad: bytes, views: list[memoryview], n: int, prefix: bytes,

@@ -207,8 +207,9 @@ class ChunkReader(_ChunkFile):
 class ChunkWriter(_ChunkFile):
     """Writes chunks into a device or file opened O_RDWR (never truncated); with `writeback`
     (a durable hydrate) `sync` fsyncs at the end, and each write either goes to the device at
-    once through a second O_DIRECT descriptor (aligned chunks: copied into this thread's
-    page-aligned buffer, no page-cache copy, no dirty pages) or, where O_DIRECT is refused
+    once through a second O_DIRECT descriptor (aligned chunks: from where they are when that
+    memory is page-aligned, as the hydrate's GET buffers are, else copied into this thread's
+    page-aligned buffer; no page-cache copy, no dirty pages) or, where O_DIRECT is refused
     (tmpfs, unaligned tails), is written buffered and its writeback started at once
     (sync_file_range). Measured in process (256 MiB from SeaweedFS into a file on XFS): the
     O_DIRECT form used 0.40-0.49 s of CPU against 0.43-1.03 s buffered + sync_file_range (the
@@ -224,11 +225,15 @@ class ChunkWriter(_ChunkFile):
         if (not self.direct or n == 0 or n > self.chunk_size or offset % DIRECT_ALIGN
                 or n % DIRECT_ALIGN):
             return False
-        buf = self._mmap()
-        buf[:n] = data
-        with memoryview(buf) as mv:
+        if _page_aligned(data):
+            src: memoryview = memoryview(data)  # already in an aligned buffer (the hydrate's GET buffer)
+        else:
+            buf = self._mmap()
+            buf[:n] = data
+            src = memoryview(buf)[:n]
+        with src:
             try:
-                pwrite_full(self.direct_fd, mv[:n], offset)
+                pwrite_full(self.direct_fd, src, offset)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
@@ -253,6 +258,14 @@ class ChunkWriter(_ChunkFile):
 
 
 DIRECT_ALIGN = 4096             # offsets, lengths and buffers of O_DIRECT writes
+
+
+def _page_aligned(data: bytes | bytearray | memoryview) -> bool:
+    """Does `data` start on a DIRECT_ALIGN boundary in memory (an O_DIRECT write can go from it
+    without a copy)? Only writable contiguous views can tell (bytes objects never are)."""
+    if not isinstance(data, memoryview) or data.readonly or not data.c_contiguous or not data.nbytes:
+        return False
+    return ctypes.addressof(ctypes.c_char.from_buffer(data)) % DIRECT_ALIGN == 0
 
 
 def _open_direct(path: str, mode: int = os.O_RDWR) -> int:

@@ -17,7 +17,7 @@ from ..atomic import write_atomic
 from .store import NotFound, ObjectInfo, Page, PreconditionFailed, Retry, StoreError, StoreStats, check_key
 
 
-def _etag(data: bytes | bytearray) -> str:
+def _etag(data: bytes | bytearray | memoryview) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
@@ -55,6 +55,27 @@ class FileStore:
         self.stats.count("get")
         try:
             data = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(key) from None
+        except OSError as e:
+            self.stats.add(errors=1, op="get")
+            raise StoreError(f"read {key}: {e}") from e
+        self.stats.add(down=len(data))
+        return data, _etag(data)
+
+    def get_into(self, key: str, buf: memoryview) -> tuple[bytes | memoryview, str]:
+        path = self._path(key)
+        self.stats.count("get")
+        try:
+            with open(path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > len(buf):
+                    data: bytes | memoryview = f.read()
+                else:
+                    got = 0
+                    while got < size and (n := f.readinto(buf[got:size])):
+                        got += n
+                    data = buf[:got]
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(key) from None
         except OSError as e:

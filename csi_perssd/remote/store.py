@@ -128,6 +128,11 @@ class ObjectStore(Protocol):
     def get(self, key: str) -> tuple[bytes, str]:
         """Return (data, etag); NotFound if missing."""
 
+    def get_into(self, key: str, buf: memoryview) -> tuple[bytes | memoryview, str]:
+        """get() into a caller's buffer: (data, etag) where data is a view of the start of `buf`
+        when the object fits in it (no allocation, no copy: the hydrate reads chunk bodies into
+        reused page-aligned buffers), else a new bytes object. NotFound if missing."""
+
     def put(self, key: str, data: bytes | bytearray, *, if_none_match: bool = False,
             if_match: str | None = None) -> str:
         """Write and return the new etag. if_none_match: only create. if_match: only replace

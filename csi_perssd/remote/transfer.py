@@ -323,7 +323,10 @@ def hydrate_chunks(store: ObjectStore, manifest: Manifest, sink: ChunkSink, *, w
         if progress is not None:
             progress(done[0], total)
     fetcher = ChunkFetcher(store, manifest, sink, (first, more), verify=verify, zero_tails=zero_holes, codec=codec)
-    run_bounded(iter(first), fetcher, workers, fetched, name="hydrate")
+    try:
+        run_bounded(iter(first), fetcher, workers, fetched, name="hydrate")
+    finally:
+        fetcher.close()
     sink.sync()
     stats.duration_s = time.monotonic() - t0
     log.info("hydrated %d chunks (%d bytes stored, %d written), %d holes, %.1f MB/s",
