@@ -21,15 +21,18 @@ class FetchTimeout(Exception):
 
 
 def fetch_chunk(store: ObjectStore, h: str, max_size: int, timeout: float,
-                pause: float = 0.2, codec: Codec = PLAIN) -> bytes | memoryview:
+                pause: float = 0.2, codec: Codec = PLAIN,
+                landing: memoryview | None = None) -> bytes | memoryview:
     """GET chunk `h` and verify it. Store errors are retried (exponential backoff, jitter) until
     `timeout` seconds have passed, then FetchTimeout. A missing or corrupt chunk is not retried:
-    it will not heal by waiting (ChunkMissing / ChunkCorrupted)."""
+    it will not heal by waiting (ChunkMissing / ChunkCorrupted). With `landing` the object is
+    read into it (ObjectStore.get_into) and the plaintext may be a view of it, valid until it is
+    reused."""
     deadline = time.monotonic() + timeout
     attempt = 0
     while True:
         try:
-            return fetch_verified(store, h, max_size, codec)[0]
+            return fetch_verified(store, h, max_size, codec, landing=landing)[0]
         except StoreError as e:
             attempt += 1
             left = deadline - time.monotonic()
