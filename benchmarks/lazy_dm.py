@@ -24,6 +24,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -271,6 +272,11 @@ def measure(work: Path, size: int, reps: int, seconds: int, big: list[tuple[int,
         raise
     finally:
         n.stop()
+        keep = Path(os.environ.get("PERSSD_VM_WORK", str(work))) / "logs"
+        keep.mkdir(parents=True, exist_ok=True)         # on the host: the guest's files vanish with the VM
+        shutil.copyfile(n.log_path, keep / "lazy-dm-bench-driver.log")
+        for f in (Path(n.state_dir) / "lazy").glob("*.log"):
+            shutil.copyfile(f, keep / f"lazy-dm-bench-{f.name}")
     return {"rows": rows, "reps": reps, "seconds": seconds}
 
 

@@ -153,6 +153,7 @@ class _Fetcher:
         self._store: Any = None
         self.error = ""                     # why the store could not be opened
         self.ready = threading.Event()
+        self.stopping = threading.Event()   # set at shutdown: fetches stop retrying
         self._mu = threading.Lock()
         self._local = threading.local()
 
@@ -195,7 +196,8 @@ class _Fetcher:
         return mv
 
     def __call__(self, h: str) -> bytes | memoryview:
-        return fetch_chunk(self.store(), h, self.chunk_size, self.timeout, landing=self._landing())
+        return fetch_chunk(self.store(), h, self.chunk_size, self.timeout, stop=self.stopping,
+                           landing=self._landing())
 
 
 def _age() -> float:
@@ -237,6 +239,7 @@ def serve(d: Path, secrets: dict[str, str]) -> int:
                      attr_timeout=0, entry_timeout=0)
     finally:
         stop.set()
+        fetcher.stopping.set()
         vol.stop()
         vol.close()
         (d / "server.pid").unlink(missing_ok=True)
