@@ -24,6 +24,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -96,7 +97,13 @@ class Co:
         """NodeUnpublish + NodeUnstage (retried while the flush runs) + ControllerUnpublish;
         the seconds NodeUnstage took."""
         staging, target = self.paths(node.node_id)
-        node.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=self.vid, target_path=target))
+        for _ in range(60):                          # ABORTED while another operation holds it: retried, as kubelet does
+            try:
+                node.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=self.vid, target_path=target))
+                break
+            except Exception as e:
+                log(f"NodeUnpublish: {e.__class__.__name__}, retried")
+                time.sleep(0.5)
         t0 = time.monotonic()
         deadline = t0 + 900
         while True:
@@ -271,6 +278,11 @@ def measure(work: Path, size: int, reps: int, seconds: int, big: list[tuple[int,
         raise
     finally:
         n.stop()
+        keep = Path(os.environ.get("PERSSD_VM_WORK", str(work))) / "logs"
+        keep.mkdir(parents=True, exist_ok=True)         # on the host: the guest's files vanish with the VM
+        shutil.copyfile(n.log_path, keep / "lazy-dm-bench-driver.log")
+        for f in (Path(n.state_dir) / "lazy").glob("*.log"):
+            shutil.copyfile(f, keep / f"lazy-dm-bench-{f.name}")
     return {"rows": rows, "reps": reps, "seconds": seconds}
 
 

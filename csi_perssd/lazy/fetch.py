@@ -23,16 +23,19 @@ class FetchTimeout(Exception):
 
 def fetch_chunk(store: ObjectStore, h: str, max_size: int, timeout: float,
                 pause: float = 0.2, codec: Codec = PLAIN,
-                stop: threading.Event | None = None) -> bytes | memoryview:
+                stop: threading.Event | None = None,
+                landing: memoryview | None = None) -> bytes | memoryview:
     """GET chunk `h` and verify it. Store errors are retried (exponential backoff, jitter) until
     `timeout` seconds have passed, then FetchTimeout; at once when `stop` is set (the server is
     shutting down: its hydrator must end before the plugin's kill deadline). A missing or corrupt
-    chunk is not retried: it will not heal by waiting (ChunkMissing / ChunkCorrupted)."""
+    chunk is not retried: it will not heal by waiting (ChunkMissing / ChunkCorrupted). With
+    `landing` the object is read into it (ObjectStore.get_into) and the plaintext may be a view
+    of it, valid until it is reused."""
     deadline = time.monotonic() + timeout
     attempt = 0
     while True:
         try:
-            return fetch_verified(store, h, max_size, codec)[0]
+            return fetch_verified(store, h, max_size, codec, landing=landing)[0]
         except StoreError as e:
             attempt += 1
             left = deadline - time.monotonic()

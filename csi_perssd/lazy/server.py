@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import mmap
 import os
 import socket
 import stat
@@ -26,11 +27,12 @@ from typing import Any
 import mfusepy  # type: ignore[import-untyped]
 
 from ..remote.manifest import Manifest
+from ..remote.stages import LANDING_ALIGN, LANDING_SLACK
 from ..remote.store import ObjectStore
 from ..remote.transfer import ChunkCorrupted
 from .fetch import FetchTimeout, fetch_chunk
 from .state import HydrationState
-from .volume import LazyVolume
+from .volume import POOL, LazyVolume
 
 log = logging.getLogger("csi_perssd.lazy.server")
 FILE = "disk"
@@ -153,6 +155,7 @@ class _Fetcher:
         self.ready = threading.Event()
         self.stopping = threading.Event()   # set at shutdown: fetches stop retrying
         self._mu = threading.Lock()
+        self._local = threading.local()
 
     def open(self) -> None:
         with self._mu:
@@ -177,8 +180,24 @@ class _Fetcher:
     def status(self) -> dict[str, Any]:
         return {"store_ready": self.ready.is_set() and self._store is not None, "store_error": self.error}
 
+    def _landing(self) -> memoryview | None:
+        """The background pool thread's reused GET buffer, placed as the hydrate's
+        (stages.ChunkFetcher._landing: a raw chunk's payload starts on a page, so the O_DIRECT
+        fill goes from it without a copy or a new 4 MiB object per chunk). The view it returns is
+        written by the same thread before its next fetch (LazyVolume._fill). None on libfuse's
+        threads: each FUSE callback comes with a fresh thread state, so a per-thread buffer
+        would be a new one per on-demand fill."""
+        if not threading.current_thread().name.startswith(POOL):
+            return None
+        mv: memoryview | None = getattr(self._local, "landing", None)
+        if mv is None:           # goes with the thread (the pool's threads end with its round)
+            m = mmap.mmap(-1, LANDING_ALIGN + self.chunk_size + LANDING_SLACK)
+            mv = self._local.landing = memoryview(m)[LANDING_ALIGN - 1:]
+        return mv
+
     def __call__(self, h: str) -> bytes | memoryview:
-        return fetch_chunk(self.store(), h, self.chunk_size, self.timeout, stop=self.stopping)
+        return fetch_chunk(self.store(), h, self.chunk_size, self.timeout, stop=self.stopping,
+                           landing=self._landing())
 
 
 def _age() -> float:

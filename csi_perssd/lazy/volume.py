@@ -40,6 +40,7 @@ Fetcher = Callable[[str], "bytes | memoryview"]
 READ_AHEAD = 8                  # chunks queued first after a read that found its chunk missing
 HOT_MAX = 1024                  # hot queue bound (oldest hints dropped first)
 PERSIST_EVERY_S = 1.0
+POOL = "lazy-hydrate"           # the background pool's thread names start with it
 STOP_JOIN_S = 10.0              # stop() waits this long in all for the hydrator (manager kills at 20 s)
 RETRY_PAUSE_S = 1.0             # before the hydrator retries chunks that timed out or failed locally
 
@@ -215,7 +216,7 @@ class LazyVolume:
         none is left but the ones that failed verification; a chunk that timed out or failed on
         the local volume is tried again in the next round."""
         while not self._stop.is_set():
-            run_bounded(self._todo(), self._background, self.workers, lambda _: None, name="lazy-hydrate")
+            run_bounded(self._todo(), self._background, self.workers, lambda _: None, name=POOL)
             with self._mu:
                 failed = sum(1 for i in self._failed if not self.state.is_present(i))
                 left = self.state.missing_count > failed

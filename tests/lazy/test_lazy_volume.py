@@ -203,6 +203,36 @@ def test_a_plain_volume_refuses_an_encrypted_chunk_object(setup):
         fetch_chunk(store, h, CS, timeout=2)
 
 
+def test_background_fetches_land_in_the_pool_threads_reused_buffer(setup):
+    """The server's fetcher GETs into one reused page-aligned buffer per background pool thread
+    (as the hydrate's ChunkFetcher): a raw chunk's plaintext is a page-aligned view of it, the
+    same buffer for the thread's next chunk; on other threads (libfuse's) a plain GET."""
+    import ctypes
+    import mmap
+
+    from csi_perssd.lazy.server import _Fetcher
+    from csi_perssd.lazy.volume import POOL
+    store, entries, data = setup[0], setup[1].entries, setup[4]
+    f = _Fetcher({"fetch_timeout": 2}, {}, CS)
+    f._store = store
+    seen: list[tuple[object, int, bool]] = []
+
+    def pool_thread() -> None:
+        for i in (0, 1):
+            raw = f(entries[i])
+            assert isinstance(raw, memoryview)
+            seen.append((raw.obj, ctypes.addressof(ctypes.c_char.from_buffer(raw)),
+                         bytes(raw) == data[i * CS:(i + 1) * CS]))
+    t = threading.Thread(target=pool_thread, name=f"{POOL}_0")
+    t.start()
+    t.join()
+    assert [ok for _, _, ok in seen] == [True, True]
+    assert seen[0][0] is seen[1][0] and isinstance(seen[0][0], mmap.mmap), "one reused buffer"
+    assert seen[0][1] % 4096 == 0, "page-aligned: the O_DIRECT fill writes it as it is"
+    other = f(entries[2])                                   # not a pool thread: no landing buffer
+    assert bytes(other) == data[2 * CS:3 * CS] and not isinstance(getattr(other, "obj", None), mmap.mmap)
+
+
 def test_stop_during_an_outage_ends_the_hydrator_and_saves_the_state(setup):
     """The store is unreachable and every background fetch is retrying (timeout 60 s): stop()
     must end the hydrator (the fetches stop retrying on the server's stop event) and save the
