@@ -97,7 +97,13 @@ class Co:
         """NodeUnpublish + NodeUnstage (retried while the flush runs) + ControllerUnpublish;
         the seconds NodeUnstage took."""
         staging, target = self.paths(node.node_id)
-        node.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=self.vid, target_path=target))
+        for _ in range(60):                          # ABORTED while another operation holds it: retried, as kubelet does
+            try:
+                node.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=self.vid, target_path=target))
+                break
+            except Exception as e:
+                log(f"NodeUnpublish: {e.__class__.__name__}, retried")
+                time.sleep(0.5)
         t0 = time.monotonic()
         deadline = t0 + 900
         while True:

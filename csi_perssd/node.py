@@ -203,6 +203,9 @@ class Node(rpc.NodeServicer):
         for lv in self.vols.all():
             if not (lv.staged and self.sync.lazy.active(lv.id)):
                 continue
+            st = self.sync.lazy.status(lv.id)       # without the volume's lock: RPCs on it go on
+            if not st or not st.get("complete"):
+                continue
             try:
                 with self.locks.hold(lv.id):
                     self.sync.lazy.switch_if_complete(lv.id, self.backend.device(lv.id),
