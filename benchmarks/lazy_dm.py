@@ -2,16 +2,20 @@
 
     .venv/bin/python tests/vm/run.py --script benchmarks/lazy_dm.py [-- --reps N --seconds S]
 
-Runs in the guest (PERSSD_VM=1, SeaweedFS on the host). node-w (controller + rawfile node) writes
-a raw block volume full of random data and flushes it; node-l (LVM thin, `hydrate: lazy`,
-background hydration on) stages it:
-  stage     NodeStage time on node-l (lazy: nothing is copied before it returns)
-  switch    time from NodeStage until the node's `lazy-switch` loop put the dm-linear table on
+Runs in the guest (PERSSD_VM=1, SeaweedFS on the host). One LVM node (controller too,
+`--hydrate lazy`, background hydration on):
+  256 MiB   random data written and flushed by the node; the node then loses its copy (the LV is
+            deleted) and stages the volume lazily:
+    stage   NodeStage time (lazy: nothing is copied before it returns)
+    switch  time from NodeStage until the node's `lazy-switch` loop put the dm-linear table on
             the LV (background hydration of the whole volume + the switch)
-  fio       after the switch: 4 KiB random read/write IOPS and 1 MiB sequential read/write
+    fio     after the switch: 4 KiB random read/write IOPS and 1 MiB sequential read/write
             throughput (fio, O_DIRECT, libaio, iodepth 16) on the dm-linear device vs the LV
             itself; REPS rounds, the order of the two devices alternating per round; the ratio
             of each round is reported with its median, min and max (TCG: emulated numbers)
+    flush   NodeUnstage after fio wrote: what the flush read (only what was written here)
+  2 GiB, 16 GiB sparse (2 GiB data): NodeStage time of a lazy stage of a bench-made generation
+            (--big; see synthetic_row: the VM's disks and TCG cannot write GiBs in minutes)
 Writes benchmarks/results/<date>-vm-lazy-dm.{json,md}.
 """
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,15 +56,16 @@ def log(msg: str) -> None:
     print(f"[lazy-dm-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def drivers(work: Path, cat: str) -> tuple[DriverProcess, DriverProcess]:
+def driver(work: Path, cat: str) -> DriverProcess:
+    """One LVM node (controller too), lazy by default (it keeps a warm spare lazy server, as a
+    production node with `--hydrate lazy` does), background hydration on (8 workers)."""
     env = {"AWS_ACCESS_KEY_ID": os.environ["PERSSD_VM_S3_ACCESS_KEY"],
            "AWS_SECRET_ACCESS_KEY": os.environ["PERSSD_VM_S3_SECRET_KEY"]}
-    s3 = ["--s3-endpoint", os.environ["PERSSD_VM_S3_ENDPOINT"], "--s3-region", "us-east-1",
-          "--unstage-wait-seconds", "120"]
-    w = DriverProcess(work, mode="all", node_id="node-w", catalog=cat, env=env, extra=s3)
-    n = DriverProcess(work, mode="node", node_id="node-l", catalog=cat, env=env, extra=s3 + [
-        "--backend", "lvm", "--volume-group", VG, "--thin-pool", POOL, "--lvm-config", NO_UDEV_CONFIG])
-    return w.start(300), n.start(300)
+    n = DriverProcess(work, mode="all", node_id="node-l", catalog=cat, env=env, extra=[
+        "--s3-endpoint", os.environ["PERSSD_VM_S3_ENDPOINT"], "--s3-region", "us-east-1",
+        "--unstage-wait-seconds", "120", "--backend", "lvm", "--volume-group", VG, "--thin-pool", POOL,
+        "--lvm-config", NO_UDEV_CONFIG, "--hydrate", "lazy"])
+    return n.start(600)
 
 
 class Co:
@@ -71,11 +77,14 @@ class Co:
     def paths(self, node: str) -> tuple[str, str]:
         return str(self.work / node / "staging"), str(self.work / node / "target")
 
-    def attach(self, node: DriverProcess) -> tuple[str, float]:
+    def publish(self, node: DriverProcess) -> Any:
+        return self.ctl.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+            volume_id=self.vid, node_id=node.node_id, volume_capability=self.cap)).publish_context
+
+    def attach(self, node: DriverProcess, ctx: Any = None) -> tuple[str, float]:
         staging, target = self.paths(node.node_id)
         os.makedirs(staging, exist_ok=True)
-        ctx = self.ctl.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
-            volume_id=self.vid, node_id=node.node_id, volume_capability=self.cap)).publish_context
+        ctx = self.publish(node) if ctx is None else ctx
         t0 = time.monotonic()
         node.node.NodeStageVolume(pb.NodeStageVolumeRequest(
             volume_id=self.vid, staging_target_path=staging, volume_capability=self.cap, publish_context=ctx))
@@ -84,10 +93,19 @@ class Co:
             volume_id=self.vid, staging_target_path=staging, target_path=target, volume_capability=self.cap))
         return target, dt
 
-    def release(self, node: DriverProcess) -> None:
+    def release(self, node: DriverProcess) -> float:
+        """NodeUnpublish + NodeUnstage (retried while the flush runs) + ControllerUnpublish;
+        the seconds NodeUnstage took."""
         staging, target = self.paths(node.node_id)
-        node.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=self.vid, target_path=target))
-        deadline = time.monotonic() + 900
+        for _ in range(60):                          # ABORTED while another operation holds it: retried, as kubelet does
+            try:
+                node.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=self.vid, target_path=target))
+                break
+            except Exception as e:
+                log(f"NodeUnpublish: {e.__class__.__name__}, retried")
+                time.sleep(0.5)
+        t0 = time.monotonic()
+        deadline = t0 + 900
         while True:
             try:
                 node.node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
@@ -97,8 +115,10 @@ class Co:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+        dt = time.monotonic() - t0
         self.ctl.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
             volume_id=self.vid, node_id=node.node_id))
+        return dt
 
 
 def on_lv(vid: str, lv: str) -> bool:
@@ -127,21 +147,47 @@ def fio_rounds(dmdev: str, lv: str, reps: int, seconds: int, span: int) -> dict[
     return out
 
 
-def measure(work: Path, size: int, reps: int, seconds: int) -> dict[str, Any]:
-    cat = f"s3://{os.environ['PERSSD_VM_S3_BUCKET']}/lazy-dm-bench-{uuid.uuid4().hex[:8]}"
-    w, n = drivers(work, cat)
-    backend = LvmBackend(VG, POOL, lvm_config=NO_UDEV_CONFIG)
-    vid, doc = "", {}
+def spares_warm(n: DriverProcess, count: int, timeout: float = 600.0) -> float:
+    """Wait until `count` spare lazy servers of the node have warmed up (the node starts one at
+    its start and one after each lazy stage; under TCG a warm-up takes a minute or two of CPU,
+    which would land in the next stage or in the fio rounds); the seconds waited."""
+    path = Path(n.state_dir) / "lazy" / "spare.log"
+    t0 = time.monotonic()
+    while True:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        if text.count("spare warm") >= count:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"{count} warm spares not seen in {timeout:.0f}s:\n{text[-2000:]}")
+        time.sleep(0.5)
+
+
+def create(n: DriverProcess, name: str, size: int) -> str:
+    return str(n.controller.CreateVolume(pb.CreateVolumeRequest(
+        name=name, volume_capabilities=[block_cap()], capacity_range=pb.CapacityRange(required_bytes=size),
+        parameters={"hydrate": "lazy"})).volume.volume_id)
+
+
+def committed_log(n: DriverProcess, vid: str, gen: int) -> str:
+    lines = [ln for ln in n.log_path.read_text(errors="replace").splitlines()
+             if vid in ln and (f"committed generation {gen}" in ln or "written on this node" in ln)]
+    return " | ".join(ln.split(": ", 1)[-1] for ln in lines[-2:])
+
+
+def full_row(work: Path, n: DriverProcess, backend: LvmBackend, size: int, reps: int,
+             seconds: int) -> dict[str, Any]:
+    """A volume full of random data written on this node and committed; the node then loses its
+    copy (the LV is deleted) and stages it lazily: stage time, time to the switch onto the LV
+    (background hydration of every chunk), fio dm-linear vs the LV, and the next flush."""
+    vid = create(n, f"lazy-dm-{size // MiB}m", size)
     try:
-        vid = w.controller.CreateVolume(pb.CreateVolumeRequest(
-            name="lazy-dm-bench", volume_capabilities=[block_cap()],
-            capacity_range=pb.CapacityRange(required_bytes=size),
-            parameters={"hydrate": "lazy"})).volume.volume_id
-        co = Co(w, work, vid)
-        target, _ = co.attach(w)
+        co = Co(n, work, vid)
+        target, _ = co.attach(n)                     # generation 0: the plain LV
         write_random(target, size)                  # every chunk holds data: all of it is fetched
-        co.release(w)
-        log(f"generation 1: {size // MiB} MiB of random data committed")
+        co.release(n)
+        log(f"{size // MiB} MiB: generation 1 committed")
+        backend.delete(vid)                         # this node loses its copy: the next stage is lazy
+        log(f"spare warm after {spares_warm(n, 1):.1f}s more")
         t0 = time.monotonic()
         _, stage_s = co.attach(n)
         lv = backend.device(vid)
@@ -150,49 +196,139 @@ def measure(work: Path, size: int, reps: int, seconds: int) -> dict[str, Any]:
             assert time.monotonic() < deadline, "no switch to the LV within 30 min"
             time.sleep(0.2)
         switch_s = time.monotonic() - t0
-        log(f"NodeStage {stage_s:.2f}s; on the LV after {switch_s:.1f}s")
-        doc = {"size": size, "stage_lazy_s": stage_s, "switch_s": switch_s, "reps": reps,
-               "seconds": seconds, "fio": fio_rounds(dm.path(vid), lv, reps, seconds, min(size, 64 * MiB))}
-        co.release(n)
+        log(f"{size // MiB} MiB: NodeStage {stage_s:.2f}s; on the LV after {switch_s:.1f}s")
+        log(f"the next spare warm after {spares_warm(n, 2):.1f}s more (before fio)")
+        span = min(size, 64 * MiB)
+        row = {"size": size, "data": size, "stage_lazy_s": stage_s, "switch_s": switch_s,
+               "fio": fio_rounds(dm.path(vid), lv, reps, seconds, span), "fio_span": span}
+        row["unstage_s"] = co.release(n)
+        row["flush_after_switch"] = committed_log(n, vid, 2)
+        log(f"{size // MiB} MiB: NodeUnstage {row['unstage_s']:.1f}s: {row['flush_after_switch']}")
+        return row
     finally:
-        if vid:
-            try:
-                w.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
-            except Exception:
-                pass
+        drop(n, backend, vid)
+
+
+def synthetic_row(work: Path, n: DriverProcess, backend: LvmBackend, size: int, data: int,
+                  spare: int) -> dict[str, Any]:
+    """NodeStage time of a lazily staged volume of `size` bytes holding `data` bytes. Generation 1
+    is made by the bench, not written through a node (the VM's disks and TCG cannot hold and push
+    GiBs in minutes): one 4 MiB random chunk uploaded once, a manifest whose data chunks (data /
+    4 MiB of them, spread evenly) all name it, committed as this node's publish. A lazy stage reads
+    only the manifest, so its work is that of any volume with as many data chunks."""
+    from csi_perssd.config import Config
+    from csi_perssd.remote.manifest import Manifest
+    from csi_perssd.remote.codec import PLAIN
+    from csi_perssd.stores import Stores
+    from csi_perssd import volume_io
+    vid = create(n, f"lazy-dm-{size // MiB}m-{data // MiB}m", size)
+    try:
+        co = Co(n, work, vid)
+        ctx = co.publish(n)
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", os.environ["PERSSD_VM_S3_ACCESS_KEY"])
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", os.environ["PERSSD_VM_S3_SECRET_KEY"])
+        cat = Stores(Config(catalog=n.catalog, s3_endpoint=os.environ["PERSSD_VM_S3_ENDPOINT"],
+                            s3_region="us-east-1")).catalog()
+        rec = cat.volume(vid)
+        cs = rec.chunk_size
+        one = work / "one-chunk"
+        one.write_bytes(os.urandom(cs))
+        m1, _ = volume_io.flush_path(cat.store, str(one), cs, cs)
+        h = m1.entries[0]
+        assert h is not None
+        chunks = -(-size // cs)
+        stride = max(1, chunks // max(1, data // cs))
+        entries: list[str | None] = [h if i % stride == 0 and i // stride < data // cs else None
+                                     for i in range(chunks)]
+        m = Manifest(size, cs, entries, generation=1, sizes={h: m1.sizes[h]})
+        gen = cat.put_manifest(vid, 1, PLAIN.encode_manifest(m))
+        cat.commit_generation(vid, gen, n.node_id, int(ctx["epoch"]))
+        log(f"spare warm after {spares_warm(n, spare):.1f}s more")
+        _, stage_s = co.attach(n, ctx)
+        log(f"{size // MiB} MiB holding {data // MiB} MiB ({sum(e is not None for e in entries)} data chunks): "
+            f"NodeStage {stage_s:.2f}s")
+        co.release(n)
+        return {"size": size, "data": data, "data_chunks": sum(e is not None for e in entries),
+                "stage_lazy_s": stage_s, "synthetic": True}
+    finally:
+        drop(n, backend, vid)
+
+
+def drop(n: DriverProcess, backend: LvmBackend, vid: str) -> None:
+    try:
+        n.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
+    except Exception as e:
+        log(f"DeleteVolume {vid}: {e}")
+    if backend.exists(vid):
+        backend.delete(vid)
+
+
+def measure(work: Path, size: int, reps: int, seconds: int, big: list[tuple[int, int]]) -> dict[str, Any]:
+    cat = f"s3://{os.environ['PERSSD_VM_S3_BUCKET']}/lazy-dm-bench-{uuid.uuid4().hex[:8]}"
+    t0 = time.monotonic()
+    n = driver(work, cat)
+    log(f"driver up in {time.monotonic() - t0:.1f}s")
+    backend = LvmBackend(VG, POOL, lvm_config=NO_UDEV_CONFIG)
+    try:
+        rows = [full_row(work, n, backend, size, reps, seconds)]
+        for k, (sz, data) in enumerate(big):
+            rows.append(synthetic_row(work, n, backend, sz, data, spare=2 + k))
+    except BaseException:
+        log("driver log tail:\n" + "\n".join(ln for ln in n.tail(3000).splitlines() if " DEBUG " not in ln)[-6000:])
+        raise
+    finally:
         n.stop()
-        w.stop()
-        if vid and backend.exists(vid):
-            backend.delete(vid)
-    return doc
+        keep = Path(os.environ.get("PERSSD_VM_WORK", str(work))) / "logs"
+        keep.mkdir(parents=True, exist_ok=True)         # on the host: the guest's files vanish with the VM
+        shutil.copyfile(n.log_path, keep / "lazy-dm-bench-driver.log")
+        for f in (Path(n.state_dir) / "lazy").glob("*.log"):
+            shutil.copyfile(f, keep / f"lazy-dm-bench-{f.name}")
+    return {"rows": rows, "reps": reps, "seconds": seconds}
 
 
 def markdown(doc: dict[str, Any]) -> str:
     unit = {"4k": "IOPS", "1M": "MB/s"}
+    a = doc["rows"][0]
     lines = [f"# Lazy hydration, device-mapper path (LVM VM, QEMU TCG), {doc['date']}, commit {doc['commit']}",
              "",
-             f"Volume {doc['size'] // MiB} MiB of random data, staged with `hydrate: lazy` on an LVM node "
-             f"(background hydration on). NodeStage: **{doc['stage_lazy_s']:.2f} s**; on the LV (background "
-             f"hydration done and switched by the node's lazy-switch loop) {doc['switch_s']:.1f} s after "
-             "NodeStage began.",
+             "One LVM node (`--hydrate lazy`: it keeps a warm spare lazy server; background hydration on, "
+             f"8 workers). Guest load average before: {doc['loadavg']}; host: {doc.get('host_loadavg', '?')}. "
+             "Emulated CPU (TCG): absolute figures are not a machine's; compare inside the run.",
              "",
-             f"fio after the switch, dm-linear device vs the LV itself: {doc['reps']} rounds of "
-             f"{doc['seconds']} s per job and device, order alternating, iodepth 16, O_DIRECT, libaio. "
-             f"Guest load average before: {doc['loadavg']}. Emulated CPU (TCG): absolute figures are not a disk's.",
+             "## NodeStage (target < 2 s, independent of size)",
              "",
-             "| job | dm-linear (median) | LV (median) | ratio median | ratio min | ratio max |",
-             "|---|---|---|---|---|---|"]
-    for job, r in doc["fio"].items():
+             "| volume | data | data chunks | NodeStage lazy | generation 1 |",
+             "|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        how = ("bench-made: one 4 MiB chunk named by every data entry" if r.get("synthetic")
+               else "random data written and flushed by the node")
+        chunks = r.get("data_chunks", r["data"] // (4 * MiB))
+        lines.append(f"| {r['size'] // MiB} MiB | {r['data'] // MiB} MiB | {chunks} | "
+                     f"{r['stage_lazy_s']:.2f} s | {how} |")
+    lines += ["",
+              f"## After the switch ({a['size'] // MiB} MiB volume; target >= 0.9x the LV itself)",
+              "",
+              f"On the LV {a['switch_s']:.1f} s after NodeStage began (background hydration of every chunk "
+              "+ the node's lazy-switch loop). fio on the dm-linear device vs the LV itself: "
+              f"{doc['reps']} rounds of {doc['seconds']} s per job and device over {a['fio_span'] // MiB} MiB, "
+              "order alternating, iodepth 16, O_DIRECT, libaio.",
+              "",
+              "| job | dm-linear (median) | LV (median) | ratio median | ratio min | ratio max |",
+              "|---|---|---|---|---|---|"]
+    for job, r in a["fio"].items():
         u = unit[job.split()[0]]
         lines.append(f"| {job} | {r['median_dm']:.0f} {u} | {r['median_lv']:.0f} {u} | "
                      f"{r['median_ratio']:.2f} | {r['min_ratio']:.2f} | {r['max_ratio']:.2f} |")
+    lines += ["", f"NodeUnstage after the fio writes: {a['unstage_s']:.1f} s; {a['flush_after_switch']}"]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size-mib", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=6)
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--big", default="2048:2048,16384:2048",
+                    help="SIZE_MIB:DATA_MIB,... lazily staged volumes whose NodeStage is timed ('' for none)")
+    ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--seconds", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
@@ -200,16 +336,18 @@ def main(argv: list[str] | None = None) -> int:
         print("lazy_dm.py runs inside the test VM: tests/vm/run.py --script benchmarks/lazy_dm.py",
               file=sys.stderr)
         return 2
+    big = [(int(a) * MiB, int(b) * MiB) for a, b in (x.split(":") for x in args.big.split(",") if x)]
     load = open("/proc/loadavg").read().split()[:3]
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "lazy-dm-bench"
     pool_cli.init(POOL_DEVICE, VG, POOL, chunk_size="64k", lvm_config=NO_UDEV_CONFIG)
     try:
-        doc = measure(work, args.size_mib * MiB, args.reps, args.seconds)
+        doc = measure(work, args.size_mib * MiB, args.reps, args.seconds, big)
     finally:
         subprocess.run(["lvm", "vgremove", "--config", NO_UDEV_CONFIG, "-ff", "-y", VG], capture_output=True)
     doc.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               commit=git_commit(), loadavg=" ".join(load))
+               commit=git_commit(), loadavg=" ".join(load), host_loadavg=os.environ.get("PERSSD_HOST_LOADAVG", "?"))
     write_results(Path(args.out), f"{datetime.date.today().isoformat()}-vm-lazy-dm", doc, markdown(doc))
+    print(markdown(doc))
     return 0
 
 

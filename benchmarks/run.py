@@ -275,7 +275,9 @@ class Bench:
     def one_run(self, run: int) -> dict[str, Any]:
         rdir = self.work / f"run{run}"
         self.run_no = run
-        with xfs_dir(str(rdir), 6 * self.size + GiB):
+        # every pair after the first leaves up to 6 more volumes' worth cached on the nodes
+        # (ctl + enc of (a) and (b), on node-a and node-b; deleted volumes stay cached)
+        with xfs_dir(str(rdir), (6 + 6 * (self.enc_pairs - 1)) * self.size + GiB):
             return self._one_run(run, rdir)
 
     def _one_run(self, run: int, rdir: Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@ stats, expansion. Each RPC is a short sequence of idempotent ensure-steps; objec
 (hydrate on stage, flush on release) is delegated to `sync.VolumeSync`."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -202,9 +203,13 @@ class Node(rpc.NodeServicer):
         for lv in self.vols.all():
             if not (lv.staged and self.sync.lazy.active(lv.id)):
                 continue
+            st = self.sync.lazy.status(lv.id)       # without the volume's lock: RPCs on it go on
+            if not st or not st.get("complete"):
+                continue
             try:
                 with self.locks.hold(lv.id):
-                    self.sync.lazy.switch_if_complete(lv.id, self.backend.device(lv.id))
+                    self.sync.lazy.switch_if_complete(lv.id, self.backend.device(lv.id),
+                                                      before_switch=functools.partial(self.sync.before_lazy_switch, lv.id))
             except CsiError as e:
                 if e.code != Code.ABORTED:      # ABORTED: an RPC holds the volume; next round
                     log.warning("volume %s: switch to the local volume failed: %s", lv.id, e)

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 
 PRE_SNAP = "flush-pre"          # the point-in-time copy a pre-flush reads (change-tracking backends)
+SWITCH_SNAP = "lazy-switch"     # the local volume when a lazily staged volume left the FUSE path (dm)
 
 
 def _count_flush(stats: FlushStats, chunk_size: int, dt: float) -> None:
@@ -93,7 +94,7 @@ class VolumeSync:
         self.lazy = LazyManager(cfg.state_dir, {"catalog": cfg.catalog, "s3_endpoint": cfg.s3_endpoint,
                                                 "s3_region": cfg.s3_region, "s3_ca_bundle": cfg.s3_ca_bundle},
                                 fetch_timeout=cfg.lazy_fetch_timeout_seconds,
-                                workers=cfg.lazy_background_workers)
+                                workers=cfg.lazy_background_workers, spare=cfg.hydrate == "lazy")
 
     def secrets_for(self, vid: str) -> dict[str, str]:
         """The object store secrets of THIS volume's NodeStage; none (the driver's own configured
@@ -565,6 +566,10 @@ class VolumeSync:
                     log.info("volume %s: %d bytes changed since the pre-flush", vid,
                              sum(r.length for r in changed))
                     return changed, "changed", pre.manifest
+            if base is not None:
+                switched = self._switched_ranges(vid, base_gen, snap)
+                if switched is not None:
+                    return switched, "changed", base
             if base is not None and tracking:
                 gen_snap = self._gen_snap(base_gen)
                 if self.backend.snapshot_path(vid, gen_snap) is not None:
@@ -577,10 +582,43 @@ class VolumeSync:
             log.warning("volume %s: change tracking failed, hashing everything: %s", vid, e)
         return self.backend.allocated_ranges(vid, snap=snap), "allocated", base
 
+    def before_lazy_switch(self, vid: str) -> None:
+        """Device-mapper path, right before the table moves onto the local volume: a snapshot of
+        it (writes after it are found by change tracking; the ones before are in the lazy dirty
+        set, kept across the switch). Without change tracking the next flush reads everything."""
+        if not self.backend.tracks_changes:
+            return
+        try:
+            self.backend.delete_snapshot(vid, SWITCH_SNAP)
+            self.backend.snapshot(vid, SWITCH_SNAP)
+        except CsiError as e:       # the switch goes on; the next flush reads everything allocated
+            log.warning("volume %s: no snapshot at the switch to the local volume (the next flush "
+                        "hashes everything): %s", vid, e)
+
+    def _switched_ranges(self, vid: str, base_gen: int, snap: str | None) -> list[Any] | None:
+        """After a lazy volume's switch to the local volume: what it wrote while lazily hydrated
+        and what changed since the switch; None when it was not switched or is not tracked."""
+        written = self.lazy.written_before_switch(vid)
+        if written is None or not self.backend.tracks_changes:
+            return None
+        if self.backend.snapshot_path(vid, SWITCH_SNAP) is None:
+            return None
+        after = self.backend.changed_ranges(vid, SWITCH_SNAP, snap=snap)
+        if after is None:
+            return None
+        from .local.lvm import merge_extents
+        out = merge_extents([*written, *after])
+        log.info("volume %s: %d bytes written on this node since generation %d (%d while lazily hydrated, "
+                 "%d after the switch to the local volume)", vid, sum(r.length for r in out), base_gen,
+                 sum(r.length for r in written), sum(r.length for r in after))
+        return out
+
     def _mark_generation(self, vid: str, gen: int, previous: int = 0) -> None:
         """Keep a snapshot of the local copy as generation `gen` (the next flush's base) and drop
         the previous one and the pre-flush's; only for backends that track changes (thin
-        snapshots and reflinks cost nothing until the volume is written)."""
+        snapshots and reflinks cost nothing until the volume is written). What a lazily staged
+        volume wrote before its switch to the local volume is in this generation: forgotten."""
+        self.lazy.forget_written(vid)
         if not self.backend.tracks_changes:
             return
         try:
@@ -588,6 +626,7 @@ class VolumeSync:
             if previous and previous != gen:
                 self.backend.delete_snapshot(vid, self._gen_snap(previous))
             self.backend.delete_snapshot(vid, PRE_SNAP)
+            self.backend.delete_snapshot(vid, SWITCH_SNAP)
         except CsiError as e:
             log.warning("volume %s: no base snapshot for generation %d (next flush hashes everything): %s",
                         vid, gen, e)

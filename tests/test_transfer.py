@@ -470,9 +470,45 @@ def test_hydrate_writes_raw_chunks_from_the_get_buffers_without_a_copy(store):
             f.truncate(size)
         with ChunkWriter(path, writeback=True, chunk_size=CS) as w:
             hs = hydrate_chunks(store, m, w, workers=4)
-            assert w.direct and w._bufs == []
+            assert w.direct and w._bufs == [] and w._spare == []
         assert hs.chunks_downloaded == 8 and hs.requests == 8 and hs.bytes_downloaded == 8 * (CS + 1)
         assert _sha(path) == want
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def test_hydrate_opens_sealed_raw_chunks_into_pooled_aligned_buffers_and_writes_them_without_a_copy(store):
+    """Encrypted: each worker opens its sealed chunks into a page-aligned buffer from
+    aead.OPENED (the plaintext payload on a page boundary), so the O_DIRECT write goes from it
+    and the writer fills no buffer of its own; close() gives the buffers back to the pool, and
+    the next hydrate takes them again instead of new memory."""
+    from csi_perssd.crypto import aead
+    from csi_perssd.crypto.keys import LineageKeys
+    from csi_perssd.local.fileio import ChunkWriter
+    from csi_perssd.remote.codec import Codec
+    from csi_perssd.remote.stages import LANDING_ALIGN, LANDING_SLACK
+    from csi_perssd.remote.transfer import hydrate_chunks
+    codec = Codec(LineageKeys.generate())
+    path = os.path.join("/var/tmp", f"perssd-hydrate-sealed-{os.getpid()}.img")
+    size, want_len = 8 * CS, LANDING_ALIGN + CS + LANDING_SLACK
+    try:
+        with open(path, "wb") as f:
+            f.write(os.urandom(size))
+        m, _ = flush(store, path, size, CS, base=None, ranges=None, workers=4, codec=codec)
+        want = _sha(path)
+        pooled = set()
+        for _ in range(2):
+            with open(path, "wb") as f:
+                f.truncate(size)
+            with ChunkWriter(path, writeback=True, chunk_size=CS) as w:
+                hs = hydrate_chunks(store, m, w, workers=4, codec=codec)
+                assert w.direct and w._bufs == [] and w._spare == []
+            assert hs.chunks_downloaded == 8 and _sha(path) == want
+            mine = [b for b in aead.OPENED._free if len(b) == want_len]
+            assert 1 <= len(mine) <= 4                       # given back: one per worker that ran
+            pooled.update(id(b) for b in mine)
+        assert len(pooled) <= 4                              # the second hydrate reused them
     finally:
         if os.path.exists(path):
             os.unlink(path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 
 from ..remote.chunks import chunk_key
@@ -21,15 +22,20 @@ class FetchTimeout(Exception):
 
 
 def fetch_chunk(store: ObjectStore, h: str, max_size: int, timeout: float,
-                pause: float = 0.2, codec: Codec = PLAIN) -> bytes | memoryview:
+                pause: float = 0.2, codec: Codec = PLAIN,
+                stop: threading.Event | None = None,
+                landing: memoryview | None = None) -> bytes | memoryview:
     """GET chunk `h` and verify it. Store errors are retried (exponential backoff, jitter) until
-    `timeout` seconds have passed, then FetchTimeout. A missing or corrupt chunk is not retried:
-    it will not heal by waiting (ChunkMissing / ChunkCorrupted)."""
+    `timeout` seconds have passed, then FetchTimeout; at once when `stop` is set (the server is
+    shutting down: its hydrator must end before the plugin's kill deadline). A missing or corrupt
+    chunk is not retried: it will not heal by waiting (ChunkMissing / ChunkCorrupted). With
+    `landing` the object is read into it (ObjectStore.get_into) and the plaintext may be a view
+    of it, valid until it is reused."""
     deadline = time.monotonic() + timeout
     attempt = 0
     while True:
         try:
-            return fetch_verified(store, h, max_size, codec)[0]
+            return fetch_verified(store, h, max_size, codec, landing=landing)[0]
         except StoreError as e:
             attempt += 1
             left = deadline - time.monotonic()
@@ -37,7 +43,12 @@ def fetch_chunk(store: ObjectStore, h: str, max_size: int, timeout: float,
             if left <= 0:
                 raise FetchTimeout(f"chunk {key}: object store unreachable for {timeout:.0f}s "
                                    f"({attempt} attempts): {e}") from e
+            if stop is not None and stop.is_set():
+                raise FetchTimeout(f"chunk {key}: not retried, the server is stopping: {e}") from e
             delay = min(left, random.uniform(pause / 2, pause * 2 ** min(attempt, 5)))
             log.warning("chunk %s: object store error (attempt %d, retrying for %.0fs more): %s",
                         key, attempt, left, e)
-            time.sleep(delay)
+            if stop is not None:
+                stop.wait(delay)
+            else:
+                time.sleep(delay)

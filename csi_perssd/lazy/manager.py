@@ -19,10 +19,12 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,10 @@ from .server import FILE
 from .state import HydrationState, StateError
 
 log = logging.getLogger(__name__)
-START_TIMEOUT_S = 60.0           # a cold start under emulation (the VM rig) takes ~20 s
+START_TIMEOUT_S = 60.0           # until the FUSE mount is up: a cold start under emulation (the VM rig) takes ~40 s
+# until a new server has its object store open (the S3 client's set-up): ~0.3 s on a node, 60-100 s
+# cold under the VM rig's emulation; it bounds a broken start only (the wait holds no shared lock)
+STORE_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 20.0
 
 
@@ -51,13 +56,57 @@ def proc_start_time(pid: int) -> int:
 
 class LazyManager:
     def __init__(self, state_dir: str, store_settings: dict[str, str], fetch_timeout: float = 60.0,
-                 workers: int = 16):
+                 workers: int = 16, spare: bool = False):
         self.root = Path(state_dir) / "lazy"
         self.root.mkdir(parents=True, exist_ok=True)
         self.store_settings = dict(store_settings)
         self.fetch_timeout = fetch_timeout
         self.workers = workers
         self._mu = threading.Lock()
+        # a warm spare server process (imports and S3 model loaded: the cost of a server's start,
+        # ~0.5 s on a node, minutes under emulation), kept from the first lazy stage on, or from
+        # the start with spare=True (the node's default is lazy)
+        self._spare: subprocess.Popen[bytes] | None = None
+        self._spare_mu = threading.Lock()
+        if spare:
+            self.keep_spare()
+
+    def _popen(self, arg: str, logf: Any) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-m", "csi_perssd.lazy.server", arg],
+                                stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True, cwd="/")
+        threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
+        return proc
+
+    def keep_spare(self) -> None:
+        """Start a spare server unless one is there (it warms up in the background; it ends when
+        this process closes its stdin: at exit, or by stop_spare)."""
+        with self._spare_mu:
+            if self._spare is not None and self._spare.poll() is None:
+                return
+            with open(self.root / "spare.log", "ab") as logf:
+                self._spare = self._popen("--spare", logf)
+
+    @property
+    def spare_pid(self) -> int:
+        """The warm spare's pid, 0 without one."""
+        with self._spare_mu:
+            proc = self._spare
+        return proc.pid if proc is not None and proc.poll() is None else 0
+
+    def _take_spare(self) -> subprocess.Popen[bytes] | None:
+        with self._spare_mu:
+            proc, self._spare = self._spare, None
+        return proc if proc is not None and proc.poll() is None else None
+
+    def stop_spare(self) -> None:
+        proc = self._take_spare()
+        if proc is not None and proc.stdin is not None:
+            proc.stdin.close()          # EOF: it ends unused
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
     # -- paths ------------------------------------------------------------------------------
     def dir(self, vid: str) -> Path:
@@ -122,21 +171,33 @@ class LazyManager:
         mnt = str(self.dir(vid) / "mnt")
         return self._pid(vid) != 0 and fs.mount_info(mnt) is not None and os.path.exists(self.file(vid))
 
-    def _start(self, vid: str, secrets: dict[str, str]) -> None:
+    def _start(self, vid: str, secrets: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Start the volume's server (the warm spare if there is one) and wait for its mount."""
         d = self.dir(vid)
-        with open(d / "server.log", "ab") as logf:
-            proc = subprocess.Popen([sys.executable, "-m", "csi_perssd.lazy.server", str(d)],
-                                    stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT,
-                                    start_new_session=True, close_fds=True, cwd="/")
-        assert proc.stdin is not None
-        proc.stdin.write(json.dumps(secrets).encode())
-        proc.stdin.close()
-        threading.Thread(target=proc.wait, name=f"reap-{vid}", daemon=True).start()
-        deadline = time.monotonic() + START_TIMEOUT_S
+        t0 = time.monotonic()
+        proc = self._take_spare()
+        if proc is not None:            # warm (or warming): it takes the job
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(json.dumps({"dir": str(d), "secrets": secrets}).encode() + b"\n")
+                proc.stdin.close()
+                log.info("volume %s: the spare lazy server %d takes it", vid, proc.pid)
+            except OSError as e:        # it died meanwhile: a cold start
+                log.warning("volume %s: the spare lazy server %d is gone (%s): starting one", vid, proc.pid, e)
+                proc = None
+        if proc is None:
+            with open(d / "server.log", "ab") as logf:
+                proc = self._popen(str(d), logf)
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(secrets).encode())
+            proc.stdin.close()
+        self.keep_spare()               # lazy stages happen here: the next one finds a warm spare
+        deadline = t0 + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.serving(vid):
-                log.info("volume %s: lazy server %d serving %s", vid, proc.pid, self.file(vid))
-                return
+                log.info("volume %s: lazy server %d serving %s after %.2fs", vid, proc.pid, self.file(vid),
+                         time.monotonic() - t0)
+                return proc
             if proc.poll() is not None:
                 break
             time.sleep(0.05)
@@ -144,6 +205,27 @@ class LazyManager:
         if proc.poll() is None:
             proc.kill()
         raise internal(f"volume {vid}: the lazy hydration server did not come up: {' | '.join(tail)}")
+
+    def _wait_store(self, vid: str, proc: subprocess.Popen[bytes] | None, t0: float) -> None:
+        """Until the new server has opened its object store (it does that beside the mount): the
+        first read of the device (the file system probe) needs it. Past STORE_TIMEOUT_S
+        UNAVAILABLE (the server keeps starting: a retried NodeStage adopts it and waits again)."""
+        deadline = time.monotonic() + STORE_TIMEOUT_S
+        while True:
+            st = self.request(vid, "status", timeout=10) or {}
+            if st.get("store_ready"):
+                log.info("volume %s: lazy server %s ready (object store open) after %.2fs", vid,
+                         st.get("pid"), time.monotonic() - t0)
+                return
+            if st.get("store_error"):
+                raise CsiError(Code.UNAVAILABLE, f"volume {vid}: the lazy hydration server cannot open "
+                               f"the object store: {st['store_error']}")
+            if (proc is not None and proc.poll() is not None) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        tail = (self.dir(vid) / "server.log").read_text(errors="replace").splitlines()[-3:]
+        raise CsiError(Code.UNAVAILABLE, f"volume {vid}: the lazy hydration server has not opened the object "
+                       f"store within {time.monotonic() - t0:.0f}s: {' | '.join(tail)}")
 
     def _clear_stale(self, vid: str) -> None:
         """What a dead server left: loop devices on its file, its (disconnected) FUSE mount."""
@@ -156,23 +238,27 @@ class LazyManager:
     def ensure_server(self, vid: str, secrets: dict[str, str]) -> bool:
         """Adopt the volume's running server or start one; True when a new one was started
         (devices on a dead server's file were detached: mounts on them must be redone)."""
+        t0 = time.monotonic()
+        proc = None
         with self._mu:
-            if self.serving(vid) and self.request(vid, "status", timeout=10) is not None:
-                return False
-            pid = self._pid(vid)
-            if pid:
-                log.warning("volume %s: lazy server %d does not answer: replacing it", vid, pid)
-                _kill(pid)
-            self._clear_stale(vid)
-            self._start(vid, secrets)
-            return True
+            st = self.request(vid, "status", timeout=10) if self.serving(vid) else None
+            if st is None:
+                pid = self._pid(vid)
+                if pid:
+                    log.warning("volume %s: lazy server %d does not answer: replacing it", vid, pid)
+                    _kill(pid)
+                self._clear_stale(vid)
+                proc = self._start(vid, secrets)
+        if st is None or not st.get("store_ready"):     # new, or still starting (a retried NodeStage)
+            self._wait_store(vid, proc, t0)
+        return st is None
 
     def device(self, vid: str, read_only: bool = False) -> str:
         """The loop device on the served file (direct I/O: no second page cache in FUSE); with
         device-mapper, the dm-linear device over it (switched to the local volume at completion)."""
         if not self.serving(vid):
             raise CsiError(Code.UNAVAILABLE, f"volume {vid}: its lazy hydration server is not running")
-        dev = loop.attach(self.file(vid), direct_io=True, read_only=read_only)
+        dev = loop.attach(self.file(vid), direct_io=True, read_only=read_only, sector_size=self._sector_size(vid))
         if read_only or not dm.available():
             return dev
         if not dm.exists(vid):
@@ -182,15 +268,54 @@ class LazyManager:
             dm.retarget(vid, dev)               # a restarted server: a new loop device under it
         return dm.path(vid)
 
-    def switch_if_complete(self, vid: str, local_device: str) -> bool:
+    def written_path(self, vid: str) -> Path:
+        return self.root / f"{ids.volume_id(vid)}.written.json"
+
+    def written_before_switch(self, vid: str) -> list[Extent] | None:
+        """Device-mapper path, after the switch: the ranges written on this node while the volume
+        was lazily hydrated (the server and its state are gone; the next flush needs them with
+        what changed on the local volume since `before_switch`). None when there was no switch."""
+        try:
+            raw = json.loads(self.written_path(vid).read_text())
+            return [Extent(int(o), int(n)) for o, n in raw["extents"]]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise internal(f"volume {vid}: {self.written_path(vid)} is unreadable: {e}") from e
+
+    def forget_written(self, vid: str) -> None:
+        """A generation holding those writes was committed."""
+        self.written_path(vid).unlink(missing_ok=True)
+
+    def _sector_size(self, vid: str) -> int:
+        """The served device's sector size: the local volume's when it is a block device (an LV:
+        512 B; a file system made on it may use 1 KiB blocks, which a 4 KiB-sector device cannot
+        mount, and after the switch the dm device maps the LV itself), else the loop default."""
+        try:
+            disk = json.loads((self.dir(vid) / "server.json").read_text())["disk"]
+            if stat.S_ISBLK(os.stat(disk).st_mode):
+                return fs.logical_sector_size(disk)
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("volume %s: the local volume's sector size is unknown (%s): %d B", vid, e, loop.SECTOR_SIZE)
+        return loop.SECTOR_SIZE
+
+    def switch_if_complete(self, vid: str, local_device: str,
+                           before_switch: Callable[[], None] | None = None) -> bool:
         """Device-mapper path: once hydration is complete, point the dm device at the local volume
         (suspend: in-flight I/O reaches the server; sync: its writes reach the disk; reload,
-        resume), then retire the server. The file system stays mounted throughout."""
+        resume), then retire the server. The file system stays mounted throughout.
+
+        `before_switch` runs first (the node takes a snapshot of the local volume there: what
+        changes after it is found by the backend's change tracking); the chunks written through
+        the server up to the suspend are kept in written_path(vid), so the next flush reads
+        only what was written on this node."""
         if not dm.available() or not dm.exists(vid):
             return False
         st = self.request(vid, "sync", timeout=30)
         if not st or not st.get("complete"):
             return False
+        if before_switch is not None:
+            before_switch()
         n = dm.name(vid)
         fs.run(["dmsetup", "suspend", "--noudevsync", n], what="dmsetup suspend")
         try:
@@ -198,6 +323,12 @@ class LazyManager:
             fs.run(["dmsetup", "reload", n, "--table", dm.linear(local_device)], what="dmsetup reload")
         finally:
             fs.run(["dmsetup", "resume", "--noudevsync", n], what="dmsetup resume")
+        state = self.state(vid)                     # its dirty set, final: no write reached it after the suspend
+        if state is None:
+            raise internal(f"volume {vid}: its hydration state is unreadable after the switch")
+        from ..atomic import write_atomic
+        write_atomic(self.written_path(vid), json.dumps(
+            {"generation": state.generation, "extents": [[e.offset, e.length] for e in state.dirty_extents()]}).encode())
         self.release(vid)                           # complete: the server goes, the state too
         fs.run(["blockdev", "--flushbufs", local_device], what="blockdev --flushbufs")
         log.info("volume %s: hydration complete; %s now maps the local volume %s directly",
@@ -244,6 +375,7 @@ class LazyManager:
     def discard(self, vid: str) -> None:
         """Forget the volume's lazy state (its local copy is being deleted)."""
         if not self.dir(vid).exists():
+            self.forget_written(vid)
             return
         with self._mu:
             if dm.available():
@@ -258,6 +390,7 @@ class LazyManager:
                 fs.run(["umount", "-l", mnt], what="umount -l (lazy server mount)")
             shutil.rmtree(self.dir(vid), ignore_errors=True)
             Path(self.socket_path(vid)).unlink(missing_ok=True)
+            self.forget_written(vid)
 
     def changed_extents(self, vid: str) -> list[Extent] | None:
         """For a flush or snapshot of a volume not fully hydrated: the ranges written on this node

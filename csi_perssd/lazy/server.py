@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import mmap
 import os
 import socket
 import stat
@@ -26,11 +27,12 @@ from typing import Any
 import mfusepy  # type: ignore[import-untyped]
 
 from ..remote.manifest import Manifest
+from ..remote.stages import LANDING_ALIGN, LANDING_SLACK
 from ..remote.store import ObjectStore
 from ..remote.transfer import ChunkCorrupted
 from .fetch import FetchTimeout, fetch_chunk
 from .state import HydrationState
-from .volume import LazyVolume
+from .volume import POOL, LazyVolume
 
 log = logging.getLogger("csi_perssd.lazy.server")
 FILE = "disk"
@@ -93,7 +95,7 @@ class _Ops(mfusepy.Operations):
         return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
 
 
-def _control(vol: LazyVolume, sock_path: str, stop: threading.Event) -> None:
+def _control(vol: LazyVolume, fetcher: _Fetcher, sock_path: str, stop: threading.Event) -> None:
     """Control socket: one JSON request per connection: {"op": "status" | "sync"}."""
     Path(sock_path).unlink(missing_ok=True)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -112,7 +114,7 @@ def _control(vol: LazyVolume, sock_path: str, stop: threading.Event) -> None:
                 req = json.loads(conn.makefile("rb").readline() or b"{}")
                 if req.get("op") == "sync":
                     vol.persist()
-                reply: dict[str, Any] = {"ok": True, "pid": os.getpid(), **vol.status()}
+                reply: dict[str, Any] = {"ok": True, "pid": os.getpid(), **vol.status(), **fetcher.status()}
             except (OSError, ValueError) as e:
                 reply = {"ok": False, "error": str(e)}
             try:
@@ -139,26 +141,71 @@ def _store(settings: dict[str, Any], secrets: dict[str, str]) -> ObjectStore:
 
 
 class _Fetcher:
-    """fetch_chunk on a store opened at the first fetch (boto3 takes a second to import and set
-    up: the mount, and so NodeStage, does not wait for it)."""
+    """fetch_chunk on a store opened once, in the background from the server's start (boto3's
+    import and client set-up take ~0.3 s on a node, over a minute under emulation: the FUSE
+    mount does not wait for it). `ready` is set when the store is open or its opening failed;
+    the control socket reports it, and the plugin waits for it before the first read of the
+    device, with its own timeout and a clear error, not a probe tool's."""
 
     def __init__(self, settings: dict[str, Any], secrets: dict[str, str], chunk_size: int):
         self.settings, self.secrets, self.chunk_size = settings, secrets, chunk_size
         self.timeout = float(settings["fetch_timeout"])
         self._store: Any = None
+        self.error = ""                     # why the store could not be opened
+        self.ready = threading.Event()
+        self.stopping = threading.Event()   # set at shutdown: fetches stop retrying
         self._mu = threading.Lock()
+        self._local = threading.local()
+
+    def open(self) -> None:
+        with self._mu:
+            if self._store is not None:
+                return
+            t0 = time.monotonic()
+            try:
+                self._store = _store(self.settings, self.secrets)
+                log.info("object store opened in %.2fs", time.monotonic() - t0)
+            except Exception as e:      # reported on the control socket; reads get EIO
+                self.error = f"{type(e).__name__}: {e}"
+                log.error("cannot open the object store (after %.2fs): %s", time.monotonic() - t0, self.error)
+            finally:
+                self.ready.set()
 
     def store(self) -> Any:
-        with self._mu:
-            if self._store is None:
-                t0 = time.monotonic()
-                self._store = _store(self.settings, self.secrets)
-                log.info("object store client ready in %.2fs (no chunk is fetched before)",
-                         time.monotonic() - t0)
-            return self._store
+        self.open()
+        if self._store is None:
+            raise FetchTimeout(f"the object store could not be opened: {self.error}")
+        return self._store
+
+    def status(self) -> dict[str, Any]:
+        return {"store_ready": self.ready.is_set() and self._store is not None, "store_error": self.error}
+
+    def _landing(self) -> memoryview | None:
+        """The background pool thread's reused GET buffer, placed as the hydrate's
+        (stages.ChunkFetcher._landing: a raw chunk's payload starts on a page, so the O_DIRECT
+        fill goes from it without a copy or a new 4 MiB object per chunk). The view it returns is
+        written by the same thread before its next fetch (LazyVolume._fill). None on libfuse's
+        threads: each FUSE callback comes with a fresh thread state, so a per-thread buffer
+        would be a new one per on-demand fill."""
+        if not threading.current_thread().name.startswith(POOL):
+            return None
+        mv: memoryview | None = getattr(self._local, "landing", None)
+        if mv is None:           # goes with the thread (the pool's threads end with its round)
+            m = mmap.mmap(-1, LANDING_ALIGN + self.chunk_size + LANDING_SLACK)
+            mv = self._local.landing = memoryview(m)[LANDING_ALIGN - 1:]
+        return mv
 
     def __call__(self, h: str) -> bytes | memoryview:
-        return fetch_chunk(self.store(), h, self.chunk_size, self.timeout)
+        return fetch_chunk(self.store(), h, self.chunk_size, self.timeout, stop=self.stopping,
+                           landing=self._landing())
+
+
+def _age() -> float:
+    """Seconds since this process started (its start time in /proc, in clock ticks since boot)."""
+    from .manager import proc_start_time
+    with open("/proc/uptime", encoding="ascii") as f:
+        up = float(f.read().split()[0])
+    return up - proc_start_time(os.getpid()) / os.sysconf("SC_CLK_TCK")
 
 
 def _pidfile(d: Path) -> None:
@@ -174,11 +221,11 @@ def serve(d: Path, secrets: dict[str, str]) -> int:
     state = HydrationState.load(str(d / "state.json"))
     fetcher = _Fetcher(settings, secrets, manifest.chunk_size)
     # open the store while the mount comes up (the first fetches would wait for it otherwise)
-    threading.Thread(target=fetcher.store, name="open-store", daemon=True).start()
+    threading.Thread(target=fetcher.open, name="open-store", daemon=True).start()
     vol = LazyVolume(settings["disk"], manifest, state, str(d / "state.json"), fetcher,
                      int(settings.get("workers", 16)))
     stop = threading.Event()
-    ctl = threading.Thread(target=_control, args=(vol, settings["socket"], stop), daemon=True)
+    ctl = threading.Thread(target=_control, args=(vol, fetcher, settings["socket"], stop), daemon=True)
     ctl.start()
     mnt = d / "mnt"
     mnt.mkdir(exist_ok=True)
@@ -192,6 +239,7 @@ def serve(d: Path, secrets: dict[str, str]) -> int:
                      attr_timeout=0, entry_timeout=0)
     finally:
         stop.set()
+        fetcher.stopping.set()
         vol.stop()
         vol.close()
         (d / "server.pid").unlink(missing_ok=True)
@@ -199,13 +247,38 @@ def serve(d: Path, secrets: dict[str, str]) -> int:
     return 0
 
 
+def _spare() -> int:
+    """A warm spare (`--spare`): import and set up everything serving needs (the S3 client's
+    model: ~0.3 s on a node, over a minute on the VM rig's 9p root), then wait for one job on
+    stdin, {"dir": DIR, "secrets": {...}}, and serve it with its output in DIR/server.log. EOF
+    (the plugin that started it is gone, or stops) ends it unused."""
+    from ..remote import s3
+    s3.warm()
+    log.info("spare warm, %.2fs after exec", _age())
+    line = sys.stdin.readline()
+    if not line.strip():
+        return 0
+    job = json.loads(line)
+    d = Path(job["dir"])
+    fd = os.open(d / "server.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    log.info("spare %d (started %.2fs ago) serves %s", os.getpid(), _age(), d)
+    return serve(d, job.get("secrets") or {})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m csi_perssd.lazy.server DIR (secrets as JSON on stdin)", file=sys.stderr)
+        print("usage: python -m csi_perssd.lazy.server DIR (secrets as JSON on stdin) | --spare",
+              file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("started, %.2fs after exec (interpreter and imports)", _age())
+    if args[0] == "--spare":
+        return _spare()
     raw = sys.stdin.read() if not sys.stdin.isatty() else ""
     secrets = json.loads(raw) if raw.strip() else {}
     return serve(Path(args[0]), secrets)

@@ -40,6 +40,8 @@ Fetcher = Callable[[str], "bytes | memoryview"]
 READ_AHEAD = 8                  # chunks queued first after a read that found its chunk missing
 HOT_MAX = 1024                  # hot queue bound (oldest hints dropped first)
 PERSIST_EVERY_S = 1.0
+POOL = "lazy-hydrate"           # the background pool's thread names start with it
+STOP_JOIN_S = 10.0              # stop() waits this long in all for the hydrator (manager kills at 20 s)
 RETRY_PAUSE_S = 1.0             # before the hydrator retries chunks that timed out or failed locally
 
 
@@ -214,7 +216,7 @@ class LazyVolume:
         none is left but the ones that failed verification; a chunk that timed out or failed on
         the local volume is tried again in the next round."""
         while not self._stop.is_set():
-            run_bounded(self._todo(), self._background, self.workers, lambda _: None, name="lazy-hydrate")
+            run_bounded(self._todo(), self._background, self.workers, lambda _: None, name=POOL)
             with self._mu:
                 failed = sum(1 for i in self._failed if not self.state.is_present(i))
                 left = self.state.missing_count > failed
@@ -247,9 +249,13 @@ class LazyVolume:
         self._supervisor = t
 
     def stop(self) -> None:
+        """End the hydrator and persist the state, within STOP_JOIN_S in all (under the plugin's
+        kill deadline, manager.STOP_TIMEOUT_S, so the final save runs even while the store is
+        unreachable; the fetcher stops retrying when the server sets its own stop event)."""
         self._stop.set()
+        deadline = time.monotonic() + STOP_JOIN_S
         for t in self._threads:
-            t.join(timeout=30)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         self.persist()
 
     def wait_complete(self, timeout: float) -> bool:
@@ -269,4 +275,10 @@ class LazyVolume:
                     "seconds": (self.completed_at or time.monotonic()) - self.started_at}
 
     def close(self) -> None:
+        """Close the local volume's descriptors, unless a hydrator thread is still running (it
+        could write through a closed or reused descriptor): the process is ending then anyway."""
+        alive = [t.name for t in self._threads if t.is_alive()]
+        if alive:
+            log.warning("not closing %s: %s still running", self.sink.path, ", ".join(alive))
+            return
         self.sink.close()

@@ -94,7 +94,7 @@ def zero_range(fd: int, offset: int, length: int) -> None:
 class _ChunkFile:
     """A device or file open for chunk I/O: a buffered descriptor, with `direct` a second
     O_DIRECT one where the file system takes it (`direct` is cleared on EINVAL, the descriptor
-    never closed meanwhile: other threads may be using it), and one chunk buffer per thread
+    never closed meanwhile: other threads may be using it), and (readers) one chunk buffer per thread
     (page-aligned anonymous mmap, reused: no 4 MiB allocation per chunk)."""
 
     def __init__(self, path: str, mode: int, chunk_size: int, direct: bool):
@@ -211,6 +211,15 @@ class ChunkWriter(_ChunkFile):
     def __init__(self, path: str, writeback: bool = True, chunk_size: int = 4 << 20):
         self.writeback = writeback
         super().__init__(path, os.O_RDWR, chunk_size, direct=writeback)
+        self._spare: list[mmap.mmap] = []   # _take/_give: copy buffers for unaligned sources
+        self._closed = False
+
+    def close(self) -> None:
+        with self._lock:
+            spare, self._spare, self._closed = self._spare, [], True
+        for b in spare:
+            b.close()
+        super().close()
 
     def _write_direct(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """O_DIRECT write of an aligned chunk; False when this one must be written buffered."""
@@ -218,21 +227,42 @@ class ChunkWriter(_ChunkFile):
         if (not self.direct or n == 0 or n > self.chunk_size or offset % DIRECT_ALIGN
                 or n % DIRECT_ALIGN):
             return False
+        buf: mmap.mmap | None = None
         if _page_aligned(data):
             src: memoryview = memoryview(data)  # already in an aligned buffer (the hydrate's GET buffer)
         else:
-            buf = self._mmap()
+            buf = self._take()
             buf[:n] = data
             src = memoryview(buf)[:n]
-        with src:
-            try:
+        try:
+            with src:
                 pwrite_full(self.direct_fd, src, offset)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                self.direct = False         # the device wants another alignment: buffered from now
-                return False
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self.direct = False             # the device wants another alignment: buffered from now
+            return False
+        finally:
+            if buf is not None:
+                self._give(buf)
         return True
+
+    def _take(self) -> mmap.mmap:
+        """A page-aligned chunk buffer leased for one write. Not per thread: the lazy server's
+        writes come from libfuse's threads through ctypes, where every callback gets a fresh
+        Python thread state (a thread-local buffer would be a new 4 MiB mmap per call, kept
+        until close: a leak of 4 MiB per chunk filled on demand)."""
+        with self._lock:
+            if self._spare:
+                return self._spare.pop()
+        return mmap.mmap(-1, self.chunk_size)
+
+    def _give(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            if not self._closed and len(self._spare) < SPARE_WRITE_BUFFERS:
+                self._spare.append(buf)
+                return
+        buf.close()
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self._write_direct(offset, data):
@@ -251,6 +281,7 @@ class ChunkWriter(_ChunkFile):
 
 
 DIRECT_ALIGN = 4096             # offsets, lengths and buffers of O_DIRECT writes
+SPARE_WRITE_BUFFERS = 16        # a ChunkWriter keeps at most this many copy buffers (one per worker)
 
 
 def _page_aligned(data: bytes | bytearray | memoryview) -> bool:

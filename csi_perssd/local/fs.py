@@ -36,6 +36,7 @@ EXT_TYPES = ("ext4", "ext3", "ext2")
 
 _FS_TYPE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
 _BLKGETSIZE64 = 0x80081272
+_BLKSSZGET = 0x1268
 
 
 # --------------------------------------------------------------------------- running tools
@@ -47,6 +48,16 @@ def is_block_device(path: str) -> bool:
         return stat.S_ISBLK(os.stat(path).st_mode)
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return False
+
+
+def logical_sector_size(device: str) -> int:
+    """The logical sector size of a block device (BLKSSZGET): the smallest I/O it takes, so the
+    smallest block a file system made on it may use."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4))[0]
+    finally:
+        os.close(fd)
 
 
 def block_size(device: str) -> int:

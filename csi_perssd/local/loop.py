@@ -109,7 +109,8 @@ def find(backing_file: str, read_only: bool | None = False) -> str | None:
     return found[0] if found else None
 
 
-def attach(backing_file: str, direct_io: bool = True, read_only: bool = False) -> str:
+def attach(backing_file: str, direct_io: bool = True, read_only: bool = False,
+           sector_size: int = SECTOR_SIZE) -> str:
     """Ensure `backing_file` is attached to a loop device and return the device (reuses an existing
     one of the same mode). A read-only device refuses writes (EPERM), which a read-only bind mount
     of a device node does not do: use one for read-only block publishing.
@@ -124,7 +125,7 @@ def attach(backing_file: str, direct_io: bool = True, read_only: bool = False) -
         existing = find(backing_file, read_only)
         if existing is not None:
             return existing
-        base = (["losetup", "--find", "--show", "--sector-size", str(SECTOR_SIZE)]
+        base = (["losetup", "--find", "--show", "--sector-size", str(sector_size)]
                 + (["--read-only"] if read_only else []))
         if direct_io:
             try:

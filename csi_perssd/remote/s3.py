@@ -156,6 +156,14 @@ def _shared_session() -> boto3.session.Session:
     return _SESSION[0]
 
 
+def warm() -> None:
+    """Pay the shared session's first-client cost (loading botocore's S3 model) now, ahead of the
+    first store: a client with placeholder credentials, never used (no request is made)."""
+    with _SESSION_LOCK:
+        _shared_session().client("s3", region_name="us-east-1", aws_access_key_id="warm",
+                                 aws_secret_access_key="warm")
+
+
 class S3Store:
     def __init__(self, url: str, endpoint_url: str | None = None, region: str | None = None,
                  access_key: str | None = None, secret_key: str | None = None,

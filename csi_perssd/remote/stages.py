@@ -21,6 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
+from ..crypto import aead
 from .chunkmap import SET_AFTER, ChunkMap, ChunkMapBuilder
 from .chunks import CorruptBlob, chunk_key, chunk_span, is_zero
 from .codec import Codec
@@ -307,18 +308,27 @@ class ChunkFetcher:
         self.verify, self.zero_tails, self.codec = verify, zero_tails, codec
         self._local = threading.local()
         self._maps: list[mmap.mmap] = []
+        self._opened: list[mmap.mmap] = []      # _scratch's buffers, back to aead.OPENED by close()
         self._lock = threading.Lock()
 
-    def _scratch(self) -> bytearray | None:
-        """This worker thread's buffer that encrypted chunks are opened into (one per thread for
-        the whole hydrate: a fresh 4 MiB buffer per chunk cost a page fault per 4 KiB, ~65,000
-        per 256 MiB, and made encrypted hydrates ~20% slower); None for plain volumes."""
+    def _scratch(self) -> memoryview | None:
+        """This worker thread's buffer that encrypted chunks are opened into (None for plain
+        volumes): a page-aligned buffer from crypto's pool (aead.OPENED; close() gives it back,
+        so the next hydrate touches no new memory), viewed from one byte before a page boundary
+        like `_landing`, so a raw chunk's plaintext (after its 1-byte format tag) is page-aligned
+        and the sink writes it with O_DIRECT as it is. Before: a bytearray per thread and
+        hydrate (first-touch page faults: 8 workers x 4 MiB), copied into the writer's buffer;
+        in process (128 MiB, 8 workers, in-memory store) 0.17-0.18 s CPU per encrypted hydrate,
+        now 0.12-0.13 s (plain 0.08-0.10 s)."""
         if not self.codec.encrypted:
             return None
-        buf: bytearray | None = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = self._local.buf = bytearray(self.manifest.chunk_size + 64)
-        return buf
+        mv: memoryview | None = getattr(self._local, "buf", None)
+        if mv is None:
+            m = aead.OPENED.take(LANDING_ALIGN + self.manifest.chunk_size + LANDING_SLACK)
+            with self._lock:
+                self._opened.append(m)
+            mv = self._local.buf = memoryview(m)[LANDING_ALIGN - 1:]
+        return mv
 
     def _landing(self) -> memoryview:
         """This worker thread's GET buffer: a view starting one byte before a page boundary."""
@@ -334,13 +344,16 @@ class ChunkFetcher:
         self._local = threading.local()
         with self._lock:
             maps, self._maps = self._maps, []
+            opened, self._opened = self._opened, []
+        for b in opened:
+            aead.OPENED.give(b)
         for m in maps:
             try:
                 m.close()
             except BufferError:         # a view is still referenced somewhere: GC frees it
                 pass
 
-    def fetch(self, h: str, out: bytearray | None = None,
+    def fetch(self, h: str, out: bytearray | memoryview | None = None,
               landing: memoryview | None = None) -> tuple[bytes | memoryview, int]:
         """The verified plaintext of chunk `h` and its stored size (fetch_verified)."""
         return fetch_verified(self.store, h, self.manifest.chunk_size, self.codec, verify=self.verify, out=out,
@@ -356,7 +369,7 @@ class ChunkFetcher:
 
 
 def fetch_verified(store: ObjectStore, h: str, max_size: int, codec: Codec, *, verify: bool = True,
-                   out: bytearray | None = None,
+                   out: bytearray | memoryview | None = None,
                    landing: memoryview | None = None) -> tuple[bytes | memoryview, int]:
     """GET -> decode -> verify of chunk `h`: its plaintext and stored size (ChunkMissing /
     ChunkCorrupted; store errors propagate). The hydrate's worker stage and lazy hydration's

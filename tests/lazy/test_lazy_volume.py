@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -149,7 +150,9 @@ def test_fills_go_through_the_hydrate_sink_with_o_direct(setup):
     thread's aligned buffer (no page-cache copy), the bytes the manifest says."""
     data = setup[4]
     vol = _volume(setup)
-    assert vol.sink.direct, "the local volume takes O_DIRECT here"
+    if not vol.sink.direct:
+        vol.close()
+        pytest.skip("the temporary file system refuses O_DIRECT: fills are written buffered there")
     direct = []
     real = vol.sink._write_direct
 
@@ -198,3 +201,71 @@ def test_a_plain_volume_refuses_an_encrypted_chunk_object(setup):
     store.put(chunk_key(h), bytes(sealed))
     with pytest.raises(transfer.ChunkCorrupted, match="encrypted"):
         fetch_chunk(store, h, CS, timeout=2)
+
+
+def test_background_fetches_land_in_the_pool_threads_reused_buffer(setup):
+    """The server's fetcher GETs into one reused page-aligned buffer per background pool thread
+    (as the hydrate's ChunkFetcher): a raw chunk's plaintext is a page-aligned view of it, the
+    same buffer for the thread's next chunk; on other threads (libfuse's) a plain GET."""
+    import ctypes
+    import mmap
+
+    from csi_perssd.lazy.server import _Fetcher
+    from csi_perssd.lazy.volume import POOL
+    store, entries, data = setup[0], setup[1].entries, setup[4]
+    f = _Fetcher({"fetch_timeout": 2}, {}, CS)
+    f._store = store
+    seen: list[tuple[object, int, bool]] = []
+
+    def pool_thread() -> None:
+        for i in (0, 1):
+            raw = f(entries[i])
+            assert isinstance(raw, memoryview)
+            seen.append((raw.obj, ctypes.addressof(ctypes.c_char.from_buffer(raw)),
+                         bytes(raw) == data[i * CS:(i + 1) * CS]))
+    t = threading.Thread(target=pool_thread, name=f"{POOL}_0")
+    t.start()
+    t.join()
+    assert [ok for _, _, ok in seen] == [True, True]
+    assert seen[0][0] is seen[1][0] and isinstance(seen[0][0], mmap.mmap), "one reused buffer"
+    assert seen[0][1] % 4096 == 0, "page-aligned: the O_DIRECT fill writes it as it is"
+    other = f(entries[2])                                   # not a pool thread: no landing buffer
+    assert bytes(other) == data[2 * CS:3 * CS] and not isinstance(getattr(other, "obj", None), mmap.mmap)
+
+
+def test_stop_during_an_outage_ends_the_hydrator_and_saves_the_state(setup):
+    """The store is unreachable and every background fetch is retrying (timeout 60 s): stop()
+    must end the hydrator (the fetches stop retrying on the server's stop event) and save the
+    state, within the plugin's kill deadline, and close() may then close the descriptors. Before,
+    stop() joined for 30 s while the fetches retried for 60 s, and the plugin's kill at 20 s came
+    first: the final save never ran and the pool's threads outlived close()."""
+    data, state_path = setup[4], setup[3]
+    attempts: list[str] = []
+    stopping = threading.Event()
+
+    class Down:
+        def get(self, key):  # type: ignore[no-untyped-def]
+            attempts.append(key)
+            raise StoreError("connection refused")
+
+    store, first = setup[0], setup[1].hash_at(0)
+
+    def fetcher(h):  # type: ignore[no-untyped-def]
+        if h == first:
+            return fetch_chunk(store, h, CS, timeout=2)
+        return fetch_chunk(Down(), h, CS, timeout=60, pause=0.01, stop=stopping)  # type: ignore[arg-type]
+    vol = _volume(setup, workers=2, fetcher=fetcher)
+    assert vol.read(0, CS) == data[:CS]                    # chunk 0 is reachable: on demand
+    vol.start()
+    deadline = time.monotonic() + 20
+    while len(attempts) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(attempts) >= 4                              # both workers are retrying
+    stopping.set()
+    vol.stop()
+    assert [t.name for t in vol._threads if t.is_alive()] == []
+    saved = HydrationState.load(state_path)
+    assert saved.is_present(0) and saved.on_demand == 1 and saved.missing_count == 61
+    vol.close()
+    with pytest.raises(OSError):
+        os.fstat(vol.sink.fd)                              # closed: nothing was still running

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 from csi_perssd.local.lvmcli import NO_UDEV_CONFIG, LvmCli
 from tests.harness.blockio import write_at
@@ -36,3 +39,16 @@ def device_size(path: str) -> int:
         return os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)
+
+
+def keep_logs(name: str, logs: list[Path]) -> str:
+    """Copy `logs` and the kernel log to tests/vm/.work/logs/<name>/ on the host (the guest's
+    files vanish with the VM; the console drops output under load); returns that directory."""
+    out = Path(os.environ.get("PERSSD_VM_WORK", "/tmp")) / "logs" / name
+    out.mkdir(parents=True, exist_ok=True)
+    for i, log in enumerate(logs):
+        if log.exists():
+            shutil.copyfile(log, out / f"{i:02d}-{log.parent.name}-{log.name}")
+    res = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=60)
+    (out / "dmesg.txt").write_text(res.stdout + res.stderr)
+    return str(out)

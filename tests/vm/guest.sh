@@ -16,7 +16,8 @@ fi
 if [ -f "$work/s3.env" ]; then set -a; . "$work/s3.env"; set +a; fi
 # The guest sees the host's /tmp through an overlay; give pytest its own tmpfs.
 mkdir -p /tmp/perssd-vm && mount -t tmpfs -o size=512m perssd-vm-tmp /tmp/perssd-vm
-export PERSSD_VM=1 LVM_SUPPRESS_FD_WARNINGS=1 TMPDIR=/tmp/perssd-vm PYTHONUNBUFFERED=1
+# PERSSD_VM_WORK: on the host (shared read-write): logs a failing test keeps outlive the VM
+export PERSSD_VM=1 PERSSD_VM_WORK="$work" LVM_SUPPRESS_FD_WARNINGS=1 TMPDIR=/tmp/perssd-vm PYTHONUNBUFFERED=1
 export PATH="$PWD/.venv/bin:$PATH"
 rc=0
 if [ "${1:-}" = "--script" ]; then      # tests/vm/run.py --script: a benchmark, not the suite

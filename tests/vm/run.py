@@ -97,7 +97,8 @@ def start_s3() -> object:
         f.write(f"PERSSD_VM_S3_ENDPOINT=http://10.0.2.2:{sw.ports['s3.port']}\n"
                 f"PERSSD_VM_S3_BUCKET={sw.bucket}\n"
                 f"PERSSD_VM_S3_ACCESS_KEY={sw.access_key}\n"
-                f"PERSSD_VM_S3_SECRET_KEY={sw.secret_key}\n")
+                f"PERSSD_VM_S3_SECRET_KEY={sw.secret_key}\n"
+                f"PERSSD_HOST_LOADAVG='{' '.join(open('/proc/loadavg').read().split()[:3])}'\n")
     return sw
 
 
