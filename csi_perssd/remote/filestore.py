@@ -51,25 +51,21 @@ class FileStore:
             os.close(fd)
 
     def get(self, key: str) -> tuple[bytes, str]:
-        path = self._path(key)
-        self.stats.count("get")
-        try:
-            data = path.read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
-            raise NotFound(key) from None
-        except OSError as e:
-            self.stats.add(errors=1, op="get")
-            raise StoreError(f"read {key}: {e}") from e
-        self.stats.add(down=len(data))
-        return data, _etag(data)
+        data, etag = self._read(key, None)
+        assert isinstance(data, bytes)      # no buffer: the file's bytes
+        return data, etag
 
     def get_into(self, key: str, buf: memoryview) -> tuple[bytes | memoryview, str]:
+        return self._read(key, buf)
+
+    def _read(self, key: str, buf: memoryview | None) -> tuple[bytes | memoryview, str]:
+        """The object's content: read into `buf` when given and it fits, else as bytes."""
         path = self._path(key)
         self.stats.count("get")
         try:
             with open(path, "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
-                if size > len(buf):
+                if buf is None or size > len(buf):
                     data: bytes | memoryview = f.read()
                 else:
                     got = 0

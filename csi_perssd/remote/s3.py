@@ -265,38 +265,27 @@ class S3Store:
 
     # -- ObjectStore ------------------------------------------------------------------------
     def get(self, key: str) -> tuple[bytes, str]:
-        k = self._key(key)
-
-        def once() -> tuple[bytes, str]:
-            r = self._client.get_object(Bucket=self.bucket, Key=k)
-            body = r["Body"]
-            try:
-                data = body.read()
-            finally:
-                body.close()
-            self.stats.add(down=len(data))
-            return data, _etag(r.get("ETag"))
-
-        try:
-            return self._call("get", key, once)
-        except botocore.exceptions.ClientError as e:
-            if _code(e) != "NoSuchBucket" and (_status(e) == 404 or _code(e) == "NoSuchKey"):
-                raise NotFound(key) from None
-            raise self._fail("get", key, e) from e
+        data, etag = self._get(key, None)
+        assert isinstance(data, bytes)      # no buffer: the body as read
+        return data, etag
 
     def get_into(self, key: str, buf: memoryview) -> tuple[bytes | memoryview, str]:
         """get() with the body read straight from the socket into `buf` when it fits (see
         _read_body_into): no 4 MiB bytes object per chunk (its allocation page-faulted every
         4 KiB of it: ~60,000 faults per 256 MiB hydrate) and no copy into the O_DIRECT buffer."""
+        return self._get(key, buf)
+
+    def _get(self, key: str, buf: memoryview | None) -> tuple[bytes | memoryview, str]:
+        """GET `key`: into `buf` when given and the body fits, else as bytes."""
         k = self._key(key)
 
         def once() -> tuple[bytes | memoryview, str]:
             r = self._client.get_object(Bucket=self.bucket, Key=k)
             body = r["Body"]
             try:
-                size = int(r.get("ContentLength", -1))
                 data: bytes | memoryview
-                if 0 <= size <= len(buf) and _read_body_into(body, buf[:size]):
+                size = int(r.get("ContentLength", -1)) if buf is not None else -1
+                if buf is not None and 0 <= size <= len(buf) and _read_body_into(body, buf[:size]):
                     data = buf[:size]
                 else:
                     data = body.read()
