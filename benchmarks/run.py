@@ -304,20 +304,12 @@ class Bench:
                 res.update(self.run_b(cl, ports, run, restic))
                 res.update(self.run_enc(cl, ports, run, "b"))
         except BaseException:
-            keep = Path(HERE / "results" / "failed" / f"{time.strftime('%Y%m%d-%H%M%S')}-run{run}")
-            keep.mkdir(parents=True, exist_ok=True)
-            for d in [cl.controller, *cl.nodes.values()]:
-                if d is not None and d.log_path.exists():
-                    shutil.copy(d.log_path, keep / f"{d.name}.log")
+            keep = cl.keep_logs(HERE / "results" / "failed" / f"{time.strftime('%Y%m%d-%H%M%S')}-run{run}")
             log(f"run {run} failed: driver logs kept in {keep}")
             raise
         finally:
             if self.keep_logs:
-                keep = self.work / f"logs-run{run}"
-                keep.mkdir(exist_ok=True)
-                for d in [cl.controller, *cl.nodes.values()]:
-                    if d is not None and d.log_path.exists():
-                        shutil.copy(d.log_path, keep / f"{d.name}.log")
+                cl.keep_logs(self.work / f"logs-run{run}")
             cl.stop()
         return res
 

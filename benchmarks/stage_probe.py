@@ -119,11 +119,7 @@ def main() -> int:
                     cl.release("node-b", vid)
                     cl.delete(vid)
             finally:
-                keep = work.parent / f"{work.name}-logs"
-                keep.mkdir(exist_ok=True)
-                for dp in [cl.controller, *cl.nodes.values()]:
-                    if dp is not None and dp.log_path.exists():
-                        shutil.copy(dp.log_path, keep / f"{dp.name}.log")
+                cl.keep_logs(work.parent / f"{work.name}-logs")
                 cl.stop()
     finally:
         sw.stop()

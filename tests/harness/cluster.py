@@ -4,6 +4,7 @@ Used by `make demo`, the multi-node integration tests and `make bench`."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -135,6 +136,15 @@ class Cluster:
                 *self.store_args()]
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                               env=dict(os.environ, **self.env))
+
+    def keep_logs(self, dest: Path) -> Path:
+        """Copy every driver process's log that exists into `dest` (made if missing), as
+        <name>.log: what a failed or kept run leaves to read after the cluster is gone."""
+        dest.mkdir(parents=True, exist_ok=True)
+        for d in [self.controller, *self.nodes.values()]:
+            if d is not None and d.log_path.exists():
+                shutil.copy(d.log_path, dest / f"{d.name}.log")
+        return dest
 
     def stop(self) -> None:
         procs = list(self.nodes.values()) + ([self.controller] if self.controller else [])
