@@ -306,3 +306,25 @@ def test_opened_pool_hands_out_page_aligned_buffers_a_sealed_chunk_opens_into():
         aead.OPENED.give(m)
     assert aead.OPENED.take(len(m)) is m             # kept for the next taker
     aead.OPENED.give(m)
+
+
+def test_encrypted_fetch_trusts_the_tag_not_a_rehash_and_refuses_a_copy_under_another_name(tmp_path,
+                                                                                           monkeypatch):
+    from csi_perssd.remote import stages
+    from csi_perssd.remote.filestore import FileStore
+    from csi_perssd.remote.transfer import ChunkCorrupted
+    store, c = FileStore(str(tmp_path)), Codec(keys.LineageKeys.generate())
+    a, b = os.urandom(100_000), os.urandom(100_000)
+    na, nb = c.name(a), c.name(b)
+    store.put(stages.chunk_key(na), bytes(c.encode(na, a, 1)))
+    store.put(stages.chunk_key(nb), bytes(c.encode(na, a, 1)))      # a's valid object under b's name
+    hashed = []
+    monkeypatch.setattr(Codec, "name", lambda self, buf: hashed.append(1) or "0" * 64)
+    raw, _ = stages.fetch_verified(store, na, len(a), c)
+    assert bytes(raw) == a and hashed == []                         # the tag verified it, no re-hash
+    with pytest.raises(ChunkCorrupted):                             # the AAD binds the name
+        stages.fetch_verified(store, nb, len(a), c)
+    with pytest.raises(ChunkCorrupted):                             # a plain volume still re-hashes
+        store.put(stages.chunk_key(na), chunks.compress(a, 1)[0])
+        stages.fetch_verified(store, na, len(a), PLAIN)
+    assert hashed == [1]
