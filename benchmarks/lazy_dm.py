@@ -31,6 +31,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
@@ -58,7 +59,7 @@ def log(msg: str) -> None:
 
 def driver(work: Path, cat: str) -> DriverProcess:
     """One LVM node (controller too), lazy by default (it keeps a warm spare lazy server, as a
-    production node with `--hydrate lazy` does), background hydration on (8 workers)."""
+    production node with `--hydrate lazy` does), background hydration on (the node default, 16 workers)."""
     env = {"AWS_ACCESS_KEY_ID": os.environ["PERSSD_VM_S3_ACCESS_KEY"],
            "AWS_SECRET_ACCESS_KEY": os.environ["PERSSD_VM_S3_SECRET_KEY"]}
     n = DriverProcess(work, mode="all", node_id="node-l", catalog=cat, env=env, extra=[
@@ -129,13 +130,31 @@ def on_lv(vid: str, lv: str) -> bool:
         and out.count("(") == 1
 
 
+def precondition(lv: str, span: int) -> float:
+    """One unmeasured sequential write over the span, on the LV (the dm device maps the same
+    blocks). After the switch the node holds a thin snapshot of the LV (`lazy-switch`, the base
+    of the next flush): the first write to each 64 KiB pool block after it breaks the sharing
+    (a new block, the old 64 KiB copied), and a 4 KiB random write job that runs first would pay
+    that for both devices. Preconditioned, both jobs write blocks the LV owns alone."""
+    t0 = time.monotonic()
+    subprocess.run(["fio", "--name=pre", f"--filename={lv}", "--rw=write", "--bs=1M", "--direct=1",
+                    "--ioengine=libaio", "--iodepth=16", f"--size={span}", "--output-format=json"],
+                   capture_output=True, text=True, timeout=600, check=True)
+    return time.monotonic() - t0
+
+
 def fio_rounds(dmdev: str, lv: str, reps: int, seconds: int, span: int) -> dict[str, Any]:
+    """REPS rounds of every job on both devices, the order alternating per round; plus, per
+    round, the LV against itself for 4k randwrite (the method's noise floor: 1.0 is exact)."""
     runs: dict[str, list[tuple[float, float]]] = {f"{bs} {rw}": [] for rw, bs in JOBS}
+    runs["4k randwrite LV/LV"] = []
     for r in range(reps):
         for rw, bs in JOBS:
             order = (dmdev, lv) if r % 2 == 0 else (lv, dmdev)
             got = {d: fio(d, rw, bs, seconds, span) for d in order}
             runs[f"{bs} {rw}"].append((got[dmdev], got[lv]))
+        runs["4k randwrite LV/LV"].append((fio(lv, "randwrite", "4k", seconds, span),
+                                           fio(lv, "randwrite", "4k", seconds, span)))
         log(f"fio round {r + 1}/{reps}: " + json.dumps({k: v[-1] for k, v in runs.items()}))
     out: dict[str, Any] = {}
     for job, pairs in runs.items():
@@ -166,6 +185,12 @@ def create(n: DriverProcess, name: str, size: int) -> str:
     return str(n.controller.CreateVolume(pb.CreateVolumeRequest(
         name=name, volume_capabilities=[block_cap()], capacity_range=pb.CapacityRange(required_bytes=size),
         parameters={"hydrate": "lazy"})).volume.volume_id)
+
+
+def stage_tools(n: DriverProcess, vid: str) -> str:
+    """The tool runs of the volume's last NodeStage, as the node logged them."""
+    lines = [ln for ln in n.log_path.read_text(errors="replace").splitlines() if f"volume {vid} staged at" in ln]
+    return lines[-1].split("; ", 1)[-1].rstrip(")") if lines else "?"
 
 
 def committed_log(n: DriverProcess, vid: str, gen: int) -> str:
@@ -199,7 +224,10 @@ def full_row(work: Path, n: DriverProcess, backend: LvmBackend, size: int, reps:
         log(f"{size // MiB} MiB: NodeStage {stage_s:.2f}s; on the LV after {switch_s:.1f}s")
         log(f"the next spare warm after {spares_warm(n, 2):.1f}s more (before fio)")
         span = min(size, 64 * MiB)
+        pre_s = precondition(lv, span)
+        log(f"span preconditioned (1 MiB writes on the LV) in {pre_s:.1f}s")
         row = {"size": size, "data": size, "stage_lazy_s": stage_s, "switch_s": switch_s,
+               "stage_tools": stage_tools(n, vid), "precondition_s": pre_s,
                "fio": fio_rounds(dm.path(vid), lv, reps, seconds, span), "fio_span": span}
         row["unstage_s"] = co.release(n)
         row["flush_after_switch"] = committed_log(n, vid, 2)
@@ -245,11 +273,12 @@ def synthetic_row(work: Path, n: DriverProcess, backend: LvmBackend, size: int, 
         cat.commit_generation(vid, gen, n.node_id, int(ctx["epoch"]))
         log(f"spare warm after {spares_warm(n, spare):.1f}s more")
         _, stage_s = co.attach(n, ctx)
+        tools = stage_tools(n, vid)
         log(f"{size // MiB} MiB holding {data // MiB} MiB ({sum(e is not None for e in entries)} data chunks): "
-            f"NodeStage {stage_s:.2f}s")
+            f"NodeStage {stage_s:.2f}s ({tools})")
         co.release(n)
         return {"size": size, "data": data, "data_chunks": sum(e is not None for e in entries),
-                "stage_lazy_s": stage_s, "synthetic": True}
+                "stage_lazy_s": stage_s, "stage_tools": tools, "synthetic": True}
     finally:
         drop(n, backend, vid)
 
@@ -263,16 +292,28 @@ def drop(n: DriverProcess, backend: LvmBackend, vid: str) -> None:
         backend.delete(vid)
 
 
-def measure(work: Path, size: int, reps: int, seconds: int, big: list[tuple[int, int]]) -> dict[str, Any]:
+def measure(work: Path, size: int, reps: int, seconds: int, big: list[tuple[int, int]],
+            save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """The rows; `save` gets the document after each row (a later row's failure, or the VM's
+    timeout, keeps the rows before it)."""
     cat = f"s3://{os.environ['PERSSD_VM_S3_BUCKET']}/lazy-dm-bench-{uuid.uuid4().hex[:8]}"
     t0 = time.monotonic()
     n = driver(work, cat)
     log(f"driver up in {time.monotonic() - t0:.1f}s")
     backend = LvmBackend(VG, POOL, lvm_config=NO_UDEV_CONFIG)
+    doc: dict[str, Any] = {"rows": [], "reps": reps, "seconds": seconds, "complete": False}
     try:
-        rows = [full_row(work, n, backend, size, reps, seconds)]
+        doc["rows"].append(full_row(work, n, backend, size, reps, seconds))
+        save(doc)
         for k, (sz, data) in enumerate(big):
-            rows.append(synthetic_row(work, n, backend, sz, data, spare=2 + k))
+            try:
+                doc["rows"].append(synthetic_row(work, n, backend, sz, data, spare=2 + k))
+            except Exception as e:          # recorded; the next row still runs
+                log(f"{sz // MiB} MiB row failed: {e}")
+                doc["rows"].append({"size": sz, "data": data, "error": f"{type(e).__name__}: {e}"[:500],
+                                    "synthetic": True})
+            save(doc)
+        doc["complete"] = True
     except BaseException:
         log("driver log tail:\n" + "\n".join(ln for ln in n.tail(3000).splitlines() if " DEBUG " not in ln)[-6000:])
         raise
@@ -283,7 +324,7 @@ def measure(work: Path, size: int, reps: int, seconds: int, big: list[tuple[int,
         shutil.copyfile(n.log_path, keep / "lazy-dm-bench-driver.log")
         for f in (Path(n.state_dir) / "lazy").glob("*.log"):
             shutil.copyfile(f, keep / f"lazy-dm-bench-{f.name}")
-    return {"rows": rows, "reps": reps, "seconds": seconds}
+    return doc
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -292,34 +333,42 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"# Lazy hydration, device-mapper path (LVM VM, QEMU TCG), {doc['date']}, commit {doc['commit']}",
              "",
              "One LVM node (`--hydrate lazy`: it keeps a warm spare lazy server; background hydration on, "
-             f"8 workers). Guest load average before: {doc['loadavg']}; host: {doc.get('host_loadavg', '?')}. "
-             "Emulated CPU (TCG): absolute figures are not a machine's; compare inside the run.",
+             f"16 workers). Guest load average before: {doc['loadavg']}; host at the VM's start: "
+             f"{doc.get('host_loadavg', '?')}. Emulated CPU (TCG): absolute figures are not a machine's; "
+             "compare inside the run." + ("" if doc.get("complete") else " **Incomplete run** (rows so far)."),
              "",
              "## NodeStage (target < 2 s, independent of size)",
              "",
-             "| volume | data | data chunks | NodeStage lazy | generation 1 |",
-             "|---|---|---|---|---|"]
+             "| volume | data | data chunks | NodeStage lazy | tools the node ran in it | generation 1 |",
+             "|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         how = ("bench-made: one 4 MiB chunk named by every data entry" if r.get("synthetic")
                else "random data written and flushed by the node")
         chunks = r.get("data_chunks", r["data"] // (4 * MiB))
+        stage = f"{r['stage_lazy_s']:.2f} s" if "stage_lazy_s" in r else f"failed: {r.get('error', '?')}"
         lines.append(f"| {r['size'] // MiB} MiB | {r['data'] // MiB} MiB | {chunks} | "
-                     f"{r['stage_lazy_s']:.2f} s | {how} |")
+                     f"{stage} | {r.get('stage_tools', '')} | {how} |")
     lines += ["",
               f"## After the switch ({a['size'] // MiB} MiB volume; target >= 0.9x the LV itself)",
               "",
               f"On the LV {a['switch_s']:.1f} s after NodeStage began (background hydration of every chunk "
-              "+ the node's lazy-switch loop). fio on the dm-linear device vs the LV itself: "
+              "+ the node's lazy-switch loop). The span was then written once (1 MiB, on the LV, "
+              f"{a.get('precondition_s', 0):.1f} s, unmeasured): the node's `lazy-switch` thin snapshot "
+              "makes the first write to each pool block a copy, which the first device to write would "
+              "pay alone. fio on the dm-linear device vs the LV itself: "
               f"{doc['reps']} rounds of {doc['seconds']} s per job and device over {a['fio_span'] // MiB} MiB, "
-              "order alternating, iodepth 16, O_DIRECT, libaio.",
+              "order alternating, iodepth 16, O_DIRECT, libaio; `LV/LV`: the LV against itself "
+              "(the method's noise).",
               "",
-              "| job | dm-linear (median) | LV (median) | ratio median | ratio min | ratio max |",
-              "|---|---|---|---|---|---|"]
+              "| job | dm-linear (median) | LV (median) | ratio per round | ratio median | ratio min | ratio max |",
+              "|---|---|---|---|---|---|---|"]
     for job, r in a["fio"].items():
         u = unit[job.split()[0]]
         lines.append(f"| {job} | {r['median_dm']:.0f} {u} | {r['median_lv']:.0f} {u} | "
+                     f"{' '.join(f'{x:.2f}' for x in r['ratios'])} | "
                      f"{r['median_ratio']:.2f} | {r['min_ratio']:.2f} | {r['max_ratio']:.2f} |")
-    lines += ["", f"NodeUnstage after the fio writes: {a['unstage_s']:.1f} s; {a['flush_after_switch']}"]
+    if "unstage_s" in a:
+        lines += ["", f"NodeUnstage after the fio writes: {a['unstage_s']:.1f} s; {a['flush_after_switch']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -339,16 +388,22 @@ def main(argv: list[str] | None = None) -> int:
     big = [(int(a) * MiB, int(b) * MiB) for a, b in (x.split(":") for x in args.big.split(",") if x)]
     load = open("/proc/loadavg").read().split()[:3]
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "lazy-dm-bench"
+    now = datetime.datetime.now(datetime.timezone.utc)
+    meta = {"date": now.isoformat(timespec="seconds"), "commit": git_commit(), "loadavg": " ".join(load),
+            "host_loadavg": os.environ.get("PERSSD_HOST_LOADAVG", "?")}
+
+    def save(doc: dict[str, Any]) -> None:
+        doc.update(meta)
+        write_results(Path(args.out), f"{now.date().isoformat()}-vm-lazy-dm", doc, markdown(doc))
+
     pool_cli.init(POOL_DEVICE, VG, POOL, chunk_size="64k", lvm_config=NO_UDEV_CONFIG)
     try:
-        doc = measure(work, args.size_mib * MiB, args.reps, args.seconds, big)
+        doc = measure(work, args.size_mib * MiB, args.reps, args.seconds, big, save)
     finally:
-        subprocess.run(["lvm", "vgremove", "--config", NO_UDEV_CONFIG, "-ff", "-y", VG], capture_output=True)
-    doc.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               commit=git_commit(), loadavg=" ".join(load), host_loadavg=os.environ.get("PERSSD_HOST_LOADAVG", "?"))
-    write_results(Path(args.out), f"{datetime.date.today().isoformat()}-vm-lazy-dm", doc, markdown(doc))
-    print(markdown(doc))
-    return 0
+        subprocess.run(["lvm", "vgremove", "--config", NO_UDEV_CONFIG, "-ff", "-y", VG], capture_output=True,
+                       timeout=300)
+    save(doc)
+    return 0 if all("error" not in r for r in doc["rows"]) else 1
 
 
 if __name__ == "__main__":

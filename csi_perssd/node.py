@@ -17,7 +17,7 @@ from .csi import csi_pb2 as pb
 from .csi import csi_pb2_grpc as rpc
 from .errors import Code, CsiError, invalid, not_found, precondition
 from .lazy import dm
-from .local import fs
+from .local import fs, proc
 from .local.backend import Backend
 from .local.state import LocalVolume, Phase
 from .local.volumes import LocalVolumes
@@ -120,7 +120,9 @@ class Node(rpc.NodeServicer):
         if why:
             raise invalid(why)
         secrets = dict(request.secrets)
-        with self.locks.hold(vid):
+        # the backend reuses one listing of its volumes through the stage (LVM: one lvs); the
+        # tool runs are counted and logged (each costs 0.3-1 s under emulation)
+        with self.locks.hold(vid), self.backend.batch(), proc.tally() as tools:
             rec = self._record(vid, secrets)
             kinds = {c["access_type"] for c in rec.capabilities}
             if cap["access_type"] not in kinds:     # spec: "Exceeds capabilities" -> FAILED_PRECONDITION
@@ -143,7 +145,8 @@ class Node(rpc.NodeServicer):
             lv = self.sync.prepare(rec, lv, secrets)       # local copy of the committed generation
             readonly = caps.is_read_only_mode(cap) or request.publish_context.get("readonly") == "true"
             lv = self._stage(lv, staging, cap, readonly)
-        log.info("volume %s staged at %s (%s, generation %d)", vid, staging, lv.device, lv.generation)
+        log.info("volume %s staged at %s (%s, generation %d; %s)", vid, staging, lv.device, lv.generation,
+                 tools.summary())
         return pb.NodeStageVolumeResponse()
 
     def _stage(self, lv: LocalVolume, staging: str, cap: dict[str, Any], readonly: bool) -> LocalVolume:
@@ -191,8 +194,10 @@ class Node(rpc.NodeServicer):
         server's file while it is lazily hydrated, else the backend's device."""
         lazy = self.sync.lazy
         if lazy.active(vid):
-            lazy.ensure_server(vid, self.sync.secrets_for(vid))
-            return lazy.device(vid, read_only=read_only)
+            dev: list[str] = []         # set up while the server opens its object store
+            lazy.ensure_server(vid, self.sync.secrets_for(vid),
+                               meanwhile=lambda: dev.append(lazy.device(vid, read_only=read_only)))
+            return dev[0]
         if not read_only and dm.available() and dm.exists(vid):
             return dm.path(vid)         # switched to the local volume when hydration completed
         return self.backend.device(vid, read_only=read_only)

@@ -5,6 +5,7 @@ over gRPC with loop devices and SeaweedFS; these cover the decisions: placement,
 retries, fencing, eviction, restart."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -57,6 +58,9 @@ class FileBackend:
                 raise CsiError(Code.RESOURCE_EXHAUSTED, f"no room for {size} bytes")
             with open(self._p(vid), "wb") as f:
                 f.truncate(size)
+
+    def batch(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     def exists(self, vid: str) -> bool:
         return os.path.isfile(self._p(vid))

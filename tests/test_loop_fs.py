@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -11,7 +13,7 @@ from contextlib import contextmanager
 import pytest
 
 from csi_perssd.errors import Code, CsiError
-from csi_perssd.local import fs, loop
+from csi_perssd.local import fs, loop, proc
 
 pytestmark = pytest.mark.root
 
@@ -103,6 +105,63 @@ def test_loop_matches_by_inode_not_path(tmp_path):
         assert loop.find(img) is None                       # the new file is not that device
     finally:
         loop.detach(dev)
+
+
+def test_loop_listing_agrees_with_losetup_and_runs_no_tool(tmp_path):
+    """devices() reads sysfs and LOOP_GET_STATUS64, no process: the same devices, files, inodes
+    and modes `losetup --list` reports (a direct-I/O read-write one and a buffered read-only one)."""
+    a, b = str(tmp_path / "rw.img"), str(tmp_path / "ro.img")
+    for p in (a, b):
+        with open(p, "wb") as f:
+            f.truncate(8 * MiB)
+    rw, ro = loop.attach(a), loop.attach(b, direct_io=False, read_only=True)
+    try:
+        with proc.tally() as t:
+            mine = {d.name: d for d in loop.devices()}
+        assert t.count == 0, t.summary()
+        res = subprocess.run(["losetup", "--json", "--list", "--output",
+                              "NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN,DIO,RO"],
+                             capture_output=True, text=True, timeout=60, check=True)
+        theirs = {r["name"]: r for r in json.loads(res.stdout)["loopdevices"]}
+        assert set(mine) == set(theirs)
+        for name, r in theirs.items():
+            d = mine[name]
+            major, minor = (int(x) for x in r["back-maj:min"].split(":"))
+            assert (d.back_file, d.back_ino, d.back_dev, d.direct_io, d.read_only) == \
+                (r["back-file"], int(r["back-ino"]), (major, minor), r["dio"] in (True, "1"), r["ro"] in (True, "1")), name
+        assert mine[rw].direct_io and not mine[rw].read_only
+        assert mine[ro].read_only and not mine[ro].direct_io
+        st = os.stat(a)
+        assert (mine[rw].back_ino, mine[rw].back_dev) == (st.st_ino, (os.major(st.st_dev), os.minor(st.st_dev)))
+    finally:
+        loop.detach(rw)
+        loop.detach(ro)
+    assert rw not in {d.name for d in loop.devices()}
+
+
+def test_tally_counts_each_tool_run_of_the_thread(tmp_path):
+    with proc.tally() as outer:
+        proc.run(["true"])
+        with proc.tally() as inner:
+            proc.status(["false"])
+            seen: list[int] = []
+            th = threading.Thread(target=lambda: seen.append(proc.run(["true"]).returncode))
+            th.start()
+            th.join()                                       # another thread's run: not counted
+        with pytest.raises(CsiError):
+            proc.run(["sh-does-not-exist-perssd"])
+    assert inner.names() == ["false"] and seen == [0]
+    assert outer.names() == ["true", "false", "sh-does-not-exist-perssd"]
+    assert outer.summary().startswith("3 tool runs in ")
+
+
+def test_grow_unmounted_reads_the_superblock_once_when_nothing_grows(tmp_path):
+    img = str(tmp_path / "g.img")
+    with attached(img, 64 * MiB) as dev:
+        fs.ensure_fs(dev, "ext4")
+        with proc.tally() as t:
+            assert fs.grow_unmounted(dev, "ext4") is False
+        assert t.names() == ["dumpe2fs"], t.summary()
 
 
 def test_loop_rejects_bad_input(tmp_path):

@@ -235,9 +235,12 @@ class LazyManager:
         if fs.mount_info(mnt) is not None:
             fs.run(["umount", "-l", mnt], what="umount -l (stale lazy server mount)")
 
-    def ensure_server(self, vid: str, secrets: dict[str, str]) -> bool:
+    def ensure_server(self, vid: str, secrets: dict[str, str],
+                      meanwhile: Callable[[], None] | None = None) -> bool:
         """Adopt the volume's running server or start one; True when a new one was started
-        (devices on a dead server's file were detached: mounts on them must be redone)."""
+        (devices on a dead server's file were detached: mounts on them must be redone).
+        `meanwhile` runs once the server serves its file, while it may still be opening its
+        object store (the device set-up: a read of the file waits for the store meanwhile)."""
         t0 = time.monotonic()
         proc = None
         with self._mu:
@@ -249,6 +252,8 @@ class LazyManager:
                     _kill(pid)
                 self._clear_stale(vid)
                 proc = self._start(vid, secrets)
+        if meanwhile is not None:
+            meanwhile()
         if st is None or not st.get("store_ready"):     # new, or still starting (a retried NodeStage)
             self._wait_store(vid, proc, t0)
         return st is None

@@ -7,6 +7,7 @@ names (e.g. RESOURCE_EXHAUSTED when space runs out) and the tool's stderr in the
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -36,6 +37,11 @@ class Backend(Protocol):
 
     def check(self) -> list[str]:
         """What is missing for this backend to work (tools, modules, VG); empty when healthy."""
+
+    def batch(self) -> AbstractContextManager[None]:
+        """A block of one thread's work (an RPC) in which the backend may reuse what it read
+        about its volumes instead of asking its tools again (LVM: one `lvs`); nothing else
+        changes them meanwhile. A no-op where reading is free (rawfile)."""
 
     def create(self, vid: str, size: int) -> None:
         """Ensure a zero-filled, thinly provisioned volume of `size` bytes exists."""

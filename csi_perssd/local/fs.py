@@ -450,6 +450,8 @@ def grow_unmounted(device: str, fs_type: str | None = None) -> bool:
     CAP_SYS_RESOURCE). Returns True when an online grow is still due after mounting (xfs)."""
     fs_type = fs_type or detect_fs(device)
     if fs_type in EXT_TYPES:
+        if not needs_grow(device, fs_type):     # the usual case: one dumpe2fs, nothing to grow
+            return False
         if not mounts_of_device(device):
             grow_fs(device, None, fs_type)
         return needs_grow(device, fs_type)

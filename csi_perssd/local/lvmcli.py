@@ -28,7 +28,7 @@ NO_UDEV_CONFIG = ("activation{udev_sync=0 udev_rules=0 monitoring=0} "
 
 LV_FIELDS = ("lv_name", "vg_name", "lv_path", "lv_dm_path", "lv_size", "lv_tags", "lv_attr",
              "segtype", "pool_lv", "origin", "thin_id", "data_percent", "metadata_percent",
-             "chunk_size", "lv_active", "lv_device_open", "zero", "lv_metadata_size")
+             "chunk_size", "lv_active", "lv_device_open", "zero", "lv_metadata_size", "vg_extent_size")
 VG_FIELDS = ("vg_name", "vg_size", "vg_free", "vg_extent_size", "pv_count", "lv_count", "vg_tags")
 PV_FIELDS = ("pv_name", "vg_name", "pv_size", "pv_free")
 
@@ -57,6 +57,7 @@ class LvInfo:
     open: bool
     zero: bool
     metadata_size: int
+    extent_size: int = 0        # the VG's (LV sizes are whole extents)
 
     @property
     def hidden(self) -> bool:
@@ -179,7 +180,8 @@ class LvmCli:
                        metadata_percent=_float(r["metadata_percent"]),
                        chunk_size=_int(r["chunk_size"]), active=r["lv_active"] == "active",
                        open=r["lv_device_open"] == "open", zero=r["zero"] == "zero",
-                       metadata_size=_int(r["lv_metadata_size"]))
+                       metadata_size=_int(r["lv_metadata_size"]),
+                       extent_size=_int(r.get("vg_extent_size", "")))
                 for r in rows]
 
     def vgs(self, *vgs: str) -> list[VgInfo]:

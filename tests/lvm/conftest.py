@@ -1,6 +1,6 @@
 """The LVM suite runs only inside the test VM (tests/vm/run.py sets PERSSD_VM=1).
 
-Devices there: /dev/nvme0n1 (8 GiB) carries the session's thin pool, /dev/nvme1n1 (2 GiB) is
+Devices there: /dev/nvme0n1 (24 GiB, sparse) carries the session's thin pool, /dev/nvme1n1 (2 GiB) is
 left for the `pool init` tests. The VM has no udev rules for lvm, so lvm gets NO_UDEV_CONFIG.
 """
 from __future__ import annotations

@@ -9,6 +9,7 @@ import pytest
 from csi_perssd.errors import Code, CsiError
 from csi_perssd.local.backend import Backend, Extent
 from csi_perssd.local.lvm import LvmBackend
+from csi_perssd.local import proc
 from csi_perssd.local.lvmcli import NO_UDEV_CONFIG, dm_name
 
 from tests.lvm.util import CHUNK, POOL, MiB, device_size, lvm, read_at, write_at
@@ -63,6 +64,32 @@ def test_missing_volume_is_not_found(backend: LvmBackend) -> None:
     assert not backend.exists("pvol-missing")
     backend.delete("pvol-missing")                       # idempotent
     backend.release("pvol-missing")
+
+
+def test_a_batch_stages_with_one_lvs_and_lists_what_lvcreate_made(backend: LvmBackend, vid: str) -> None:
+    """What a NodeStage asks of the backend (exists, create, device, size) inside one batch runs
+    lvs once and lvcreate once; the LV it reports as made (size rounded up to whole extents, its
+    path, active) is what a fresh lvs lists afterwards. Outside a batch every call reads afresh."""
+    size = 5 * MiB + 512                                # not a whole 4 MiB extent
+    with proc.tally() as t, backend.batch():
+        assert not backend.exists(vid)
+        backend.create(vid, size)
+        dev = backend.device(vid)
+        got = backend.size(vid)
+        assert backend.exists(vid)
+    assert t.names() == ["lvm lvs", "lvm lvcreate"], t.summary()
+    fresh = next(lv for lv in backend.lvm.lvs(backend.vg) if lv.name == backend.volume_lv(vid))
+    assert got == fresh.size and got >= size and got % fresh.extent_size == 0, (got, fresh)
+    assert fresh.active and os.path.samefile(dev, fresh.path)
+    assert device_size(dev) == got
+    with proc.tally() as t:
+        backend.size(vid)
+        backend.device(vid)
+    assert t.names() == ["lvm lvs", "lvm lvs"], t.summary()
+    with proc.tally() as t, backend.batch():           # any other change drops the listing
+        backend.expand(vid, got + 8 * MiB)
+        assert backend.size(vid) == fresh.size + 8 * MiB
+    assert t.names() == ["lvm lvs", "lvm lvextend", "lvm lvs"], t.summary()
 
 
 def test_expand_grows_the_device_and_never_shrinks(backend: LvmBackend, vid: str) -> None:

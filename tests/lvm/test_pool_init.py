@@ -58,7 +58,7 @@ def test_discovers_nvme_namespaces_with_model_serial_size(scratch: str) -> None:
     pool_dev, empty = found[POOL_DEVICE], found[scratch]
     assert pool_dev.kind == "nvme" and pool_dev.model == "QEMU NVMe Ctrl"
     assert (pool_dev.serial, empty.serial) == ("perssd-test0", "perssd-test1")
-    assert (pool_dev.size, empty.size) == (8 << 30, 2 << 30)
+    assert (pool_dev.size, empty.size) == (24 << 30, 2 << 30)
     assert empty.empty and empty.in_use() == []
     assert pool_dev.signature == "LVM2_member"
     assert pool_dev.holders                       # the pool's dm devices sit on it

@@ -5,7 +5,7 @@
 
 The guest runs the host's own root file system read-only (9p) with the project directory
 shared read-write, so it uses the host venv. Two emulated NVMe disks (`-device nvme`, sparse
-images under tests/vm/.work/) give devices.py real namespaces: nvme0n1 (8 GiB) for the thin
+images under tests/vm/.work/) give devices.py real namespaces: nvme0n1 (24 GiB: room for the bench's 16 GiB volume) for the thin
 pool, nvme1n1 (2 GiB) for the `pool init` refusal tests. Output goes to the terminal and to
 tests/vm/.work/vm.log, JUnit XML to tests/vm/.work/junit.xml; the exit code is the suite's.
 KVM stays off on purpose: nested KVM on the CI machines cannot boot a Debian kernel.
@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 WORK = ROOT / "tests" / "vm" / ".work"
-DISKS = (("nvme0.img", 8 << 30, "perssd-test0"), ("nvme1.img", 2 << 30, "perssd-test1"))
+DISKS = (("nvme0.img", 24 << 30, "perssd-test0"), ("nvme1.img", 2 << 30, "perssd-test1"))
 
 
 def newest_kernel() -> str | None:
