@@ -293,8 +293,10 @@ class S3Store:
                     verify=ca_bundle if ca_bundle else None, config=cfg)
 
         self._client = client(sign_payload)
-        # the hydrate's chunk GETs (get_into) skip boto3's per-call machinery (see _LeanGet)
-        self._lean: _LeanGet | None = _LeanGet.for_client(self._client, self.bucket, self.endpoint_url)
+        # the hydrate's chunk GETs (get_into) skip boto3's per-call machinery (see _LeanGet);
+        # PERSSD_S3_LEAN_GET=0 sends them through boto3 too (an escape hatch, and the bench's A/B)
+        self._lean: _LeanGet | None = (_LeanGet.for_client(self._client, self.bucket, self.endpoint_url)
+                                       if os.environ.get("PERSSD_S3_LEAN_GET", "1") != "0" else None)
         # chunk bodies: SigV4 would SHA-256 every byte (botocore always does over http) on top of
         # the CRC32 the server checks; a chunk's content is its BLAKE3 name, verified on every
         # read, so its PUTs go unsigned unless sign_payload=True. Records stay signed. That
