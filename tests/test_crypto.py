@@ -271,22 +271,6 @@ def test_seal_bytes_reuses_its_buffers_and_returns_independent_objects():
         aead.open_(key, b"other", second, start=1)
 
 
-def test_buffer_pool_reuses_the_smallest_fit_and_keeps_at_most_its_budget():
-    pool = aead.BufferPool(300, bytearray)
-    a, b = pool.take(100), pool.take(200)
-    assert len(a) == 100 and len(b) == 200 and a is not b
-    pool.give(b)
-    pool.give(a)
-    assert pool.take(50) is a and pool.take(150) is b          # the smallest one that fits
-    pool.give(a)
-    pool.give(b)
-    pool.give(bytearray(10))                                     # over the budget: dropped
-    with pool.lease(10) as c:
-        assert c is a
-    assert len(pool.take(400)) == 400                            # none fits: a new one
-    assert pool.take(1) is a and pool.take(1) is b and pool.take(1) not in (a, b)
-
-
 def test_opened_pool_hands_out_page_aligned_buffers_a_sealed_chunk_opens_into():
     import ctypes
     key = os.urandom(32)
