@@ -38,17 +38,21 @@ R = TypeVar("R")
 
 def run_bounded(items: Iterable[T], work: Callable[[T], R], workers: int, done: Callable[[R], None], *,
                 submitted: Callable[[int], None] | None = None, salvage: Callable[[R], None] | None = None,
-                name: str = "transfer") -> None:
+                name: str = "transfer", ahead: int = 0) -> None:
     """Run `work` over `items` with at most `workers` in flight; `done(result)` in completion
-    order (the caller's thread); `submitted(n)` after the n-th submission (e.g. to prefetch)."""
+    order (the caller's thread); `submitted(n)` after the n-th submission (e.g. to prefetch).
+    `ahead`: that many more items queued behind the running ones, so that a worker that ends
+    one starts the next at once instead of waiting for this thread to be scheduled, take the
+    result and submit (for items that are cheap to hold: the hydrate's chunk names)."""
     width = max(1, workers)
+    depth = width + max(0, ahead)
     inflight: dict[Future[R], T] = {}
     todo: Iterator[T] = iter(items)
     pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix=name)
     n = 0
     try:
         while True:
-            while len(inflight) < width:
+            while len(inflight) < depth:
                 item = next(todo, None)
                 if item is None:
                     break
