@@ -32,6 +32,14 @@ __all__ = ["TOOL_TIMEOUT_S", "run"]
 
 log = logging.getLogger(__name__)
 MKFS_TYPES = ("ext4", "ext3", "ext2", "xfs")
+# Every file system the driver makes has 4 KiB blocks and sectors, whatever the device it is made
+# on reports, because a volume moves between nodes and backends: a file system does not mount on
+# a device whose logical sectors are larger than its blocks (ext4: "bad block size") or its
+# sectors (xfs: "device supports 4096 byte sectors"). A rawfile volume's loop device has 4 KiB
+# sectors (loop.SECTOR_SIZE); an LV on a 512 B-formatted NVMe namespace has 512 B ones, where
+# mkfs.ext4 picks 1 KiB blocks below 512 MiB and mkfs.xfs 512 B sectors.
+PORTABLE_SECTOR = 4096
+PORTABLE_MKFS = {"ext": ("-b", str(PORTABLE_SECTOR)), "xfs": ("-s", f"size={PORTABLE_SECTOR}")}
 EXT_TYPES = ("ext4", "ext3", "ext2")
 
 _FS_TYPE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
@@ -103,6 +111,8 @@ def detect_fs(device: str) -> str | None:
 
 def ensure_fs(device: str, fs_type: str, mkfs_options: Sequence[str] = ()) -> bool:
     """Make a file system of `fs_type` on `device` unless it already has one. True when it formatted.
+    Its blocks and sectors are 4 KiB whatever the device (PORTABLE_MKFS), so that it mounts on
+    every backend's device.
 
     FAILED_PRECONDITION when the device holds anything else (another fs, a partition table).
     """
@@ -119,9 +129,9 @@ def ensure_fs(device: str, fs_type: str, mkfs_options: Sequence[str] = ()) -> bo
         _check_arg(opt, "mkfs option")
     if fs_type in EXT_TYPES:
         argv = [f"mkfs.{fs_type}", "-F", "-q", "-E", "lazy_itable_init=1,lazy_journal_init=1",
-                *mkfs_options, device]
+                *PORTABLE_MKFS["ext"], *mkfs_options, device]
     else:
-        argv = ["mkfs.xfs", "-f", "-q", *mkfs_options, device]
+        argv = ["mkfs.xfs", "-f", "-q", *PORTABLE_MKFS["xfs"], *mkfs_options, device]
     run(argv, what=f"mkfs.{fs_type}", timeout=600)
     return True
 
