@@ -84,22 +84,41 @@ def block_size(device: str) -> int:
         os.close(fd)
 
 
+def _probe(device: str) -> dict[str, str] | None:
+    """`blkid -p` of a device or image file: its signature's values ({} when blank), None when
+    the probe is ambivalent."""
+    res = run(["blkid", "-p", "-o", "export", device], ok=(0, 2, 8), what="blkid")
+    if res.returncode == 2:          # nothing found
+        return {}
+    if res.returncode == 8:          # ambivalent probing result
+        return None
+    values: dict[str, str] = {}
+    for line in res.stdout.splitlines():
+        key, sep, val = line.partition("=")
+        if sep:
+            values[key.strip()] = val.strip()
+    return values
+
+
+def smallest_io(device: str) -> int | None:
+    """The smallest I/O the file system on a device or image needs (blkid's BLOCK_SIZE: ext's
+    block size, xfs's sector size): a device with larger logical sectors cannot mount it. None
+    when there is no file system or blkid does not say."""
+    values = _probe(device) or {}
+    if values.get("USAGE") != "filesystem" or not values.get("BLOCK_SIZE", "").isdigit():
+        return None
+    return int(values["BLOCK_SIZE"])
+
+
 def detect_fs(device: str) -> str | None:
     """The file system (or other signature) on a device; None when it is blank.
 
     A partition table is reported as `partition-table:<type>`, several conflicting signatures as
     `ambivalent`, so a caller never formats over something it does not understand.
     """
-    res = run(["blkid", "-p", "-o", "export", device], ok=(0, 2, 8), what="blkid")
-    if res.returncode == 2:          # nothing found
-        return None
-    if res.returncode == 8:          # ambivalent probing result
+    values = _probe(device)
+    if values is None:
         return "ambivalent"
-    values: dict[str, str] = {}
-    for line in res.stdout.splitlines():
-        key, sep, val = line.partition("=")
-        if sep:
-            values[key.strip()] = val.strip()
     if values.get("TYPE"):
         return values["TYPE"]
     if values.get("PTTYPE"):
