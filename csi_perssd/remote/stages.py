@@ -21,6 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
+from .. import buffers
 from ..crypto import aead
 from .chunkmap import SET_AFTER, ChunkMap, ChunkMapBuilder
 from .chunks import CorruptBlob, chunk_key, chunk_span, is_zero
@@ -328,8 +329,9 @@ class ChunkFetcher:
         return self._view("buf", self._opened, aead.OPENED.take)
 
     def _landing(self) -> memoryview:
-        """This worker thread's GET buffer (an anonymous mmap; close() unmaps it)."""
-        return self._view("landing", self._maps, lambda n: mmap.mmap(-1, n))
+        """This worker thread's GET buffer (an anonymous mmap, its pages made at once: it is filled
+        whole by the first GET; close() unmaps it)."""
+        return self._view("landing", self._maps, lambda n: buffers.mapped(n, populate=True))
 
     def _view(self, name: str, owned: list[mmap.mmap], make: Callable[[int], mmap.mmap]) -> memoryview:
         """This worker thread's buffer `name`, made at its first use by `make(size)` (kept in
