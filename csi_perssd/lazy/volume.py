@@ -11,7 +11,10 @@ A chunk goes the full hydrate's way (remote/stages.py): the fetcher is its GET -
 (`fetch_verified`, lazy/fetch.py adds the retries), the chunk is written by `write_chunk` into a
 local/fileio.ChunkWriter (aligned chunks with O_DIRECT from the thread's reused page-aligned
 buffer: no page-cache copy and no dirty pages for the state's fsync to write back), and the
-background fetches run on `run_bounded`, the hydrate's bounded pool.
+background fetches run on `run_bounded`, the hydrate's bounded pool. Except near a reader: the
+chunks from the latest read's on (NEAR_READ of them) are written through the page cache, so the
+reads that follow are served from memory; written with O_DIRECT, every one of them went back
+to the disk (measured: most of a reader's time right after stage, the hydrator long done).
 
 Errors: a chunk that cannot be verified or is missing from the store raises ChunkCorrupted, a
 store that stays unreachable past the timeout FetchTimeout; the caller (the FUSE server) turns
@@ -28,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from ..local.fileio import ChunkWriter, pwrite_full
+from ..local.fileio import ChunkWriter, pwrite_full, start_writeback, zero_range
 from ..remote.manifest import Manifest
 from ..remote.stages import run_bounded, write_chunk
 from ..remote.transfer import ChunkCorrupted
@@ -38,6 +41,7 @@ from .state import HydrationState
 log = logging.getLogger(__name__)
 Fetcher = Callable[[str], "bytes | memoryview"]
 READ_AHEAD = 8                  # chunks queued first after a read that found its chunk missing
+NEAR_READ = 64                  # fills of the chunks from the latest read's on (this many) go through the page cache
 HOT_MAX = 1024                  # hot queue bound (oldest hints dropped first)
 PERSIST_EVERY_S = 1.0
 POOL = "lazy-hydrate"           # the background pool's thread names start with it
@@ -51,6 +55,27 @@ class _Fetch:
     error: BaseException | None = None
 
 
+class _PageCacheSink:
+    """The local volume's buffered descriptor as a hydrate sink: a fill lands in the page cache
+    (its writeback started at once, so the state's fsync has little left to do), where the
+    reader about to read it finds it, instead of going back to the disk for what was just
+    written past the cache (the O_DIRECT sink)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.size = os.lseek(fd, 0, os.SEEK_END)       # at open, as ChunkWriter's
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        pwrite_full(self.fd, data, offset)
+        start_writeback(self.fd, offset, len(data))
+
+    def zero(self, offset: int, length: int) -> None:
+        zero_range(self.fd, offset, length)
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+
 class LazyVolume:
     def __init__(self, disk_path: str, manifest: Manifest, state: HydrationState, state_path: str,
                  fetcher: Fetcher, workers: int = 16):
@@ -61,6 +86,8 @@ class LazyVolume:
         # descriptor (the kernel keeps the two coherent: an O_DIRECT write drops cached pages)
         self.sink = ChunkWriter(disk_path, writeback=True, chunk_size=manifest.chunk_size)
         self.fd = self.sink.fd
+        self.cached = _PageCacheSink(self.fd)
+        self._read_at = -1                      # chunk of the latest read (-1: none yet)
         self._mu = threading.Lock()             # state bits, in-flight table, hot queue
         self._persist_mu = threading.Lock()
         self._inflight: dict[int, _Fetch] = {}
@@ -102,10 +129,17 @@ class LazyVolume:
         f.done.set()
 
     def _fill(self, i: int) -> None:
-        """Fetch chunk i (verified) and write it to the local volume."""
+        """Fetch chunk i (verified) and write it to the local volume: through the page cache
+        when it is at or just after the latest read (what a reader reads next: the reply to
+        its read then comes from memory), else with O_DIRECT (no page-cache copy, no dirty
+        pages), as the full hydrate writes."""
         h = self.manifest.hash_at(i)
         if h is not None:
-            write_chunk(self.sink, self.manifest, i, h, self.fetcher(h))
+            write_chunk(self._sink_for(i), self.manifest, i, h, self.fetcher(h))
+
+    def _sink_for(self, i: int) -> ChunkWriter | _PageCacheSink:
+        r = self._read_at
+        return self.cached if r >= 0 and 0 <= i - r < NEAR_READ else self.sink
 
     def ensure(self, i: int, demand: bool = True) -> bool:
         """Make chunk i local; True when this call fetched it."""
@@ -127,17 +161,24 @@ class LazyVolume:
         return True
 
     # -- I/O --------------------------------------------------------------------------------
-    def read(self, offset: int, length: int) -> bytes:
+    def prepare_read(self, offset: int, length: int) -> int:
+        """Make [offset, offset+length) local for a read; the bytes to read there (0 past the
+        end). The caller then reads them from `fd` (the FUSE server has libfuse do it)."""
         size = self.size
         if offset >= size:
-            return b""
+            return 0
         length = min(length, size - offset)
+        self._read_at = offset // self.manifest.chunk_size
         for i in self._chunks(offset, length):
             missing = not self.state.is_present(i)      # a hint only: ensure() decides
             self.ensure(i)
             if missing:
                 self._heat(i)
-        return os.pread(self.fd, length, offset)
+        return length
+
+    def read(self, offset: int, length: int) -> bytes:
+        n = self.prepare_read(offset, length)
+        return os.pread(self.fd, n, offset) if n else b""
 
     def _heat(self, i: int) -> None:
         """Read-ahead: the next READ_AHEAD chunks after a read that found chunk i missing go to

@@ -145,10 +145,35 @@ def test_a_read_that_finds_its_chunk_missing_queues_the_next_chunks_for_the_back
     ondemand.close()
 
 
-def test_fills_go_through_the_hydrate_sink_with_o_direct(setup):
-    """A fetched chunk is written like a full hydrate writes it: ChunkWriter, O_DIRECT from the
-    thread's aligned buffer (no page-cache copy), the bytes the manifest says."""
-    data = setup[4]
+def _resident(path: str, offset: int, length: int) -> list[bool]:
+    """Which pages of the file's range are in the page cache (mincore on a private mapping:
+    it faults nothing in)."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), length, offset=offset, access=mmap.ACCESS_COPY)
+    try:
+        ref = ctypes.c_char.from_buffer(m)
+        vec = (ctypes.c_ubyte * ((length + page - 1) // page))()
+        rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(ref)), ctypes.c_size_t(length), vec)
+        assert rc == 0, os.strerror(ctypes.get_errno())
+        del ref
+        return [bool(v & 1) for v in vec]
+    finally:
+        m.close()
+
+
+def test_fills_near_the_latest_read_go_through_the_page_cache_the_others_with_o_direct(setup, monkeypatch):
+    """A fetched chunk is written by the hydrate's sink (ChunkWriter, O_DIRECT from the thread's
+    aligned buffer: no page-cache copy) unless it is at or within NEAR_READ chunks after the
+    latest read: those are written through the page cache, where the reads that follow find
+    them (with O_DIRECT every one of them went back to the disk). The bytes are the
+    manifest's either way."""
+    import csi_perssd.lazy.volume as volume
+    monkeypatch.setattr(volume, "NEAR_READ", 4)
+    data, disk = setup[4], setup[2]
     vol = _volume(setup)
     if not vol.sink.direct:
         vol.close()
@@ -158,13 +183,21 @@ def test_fills_go_through_the_hydrate_sink_with_o_direct(setup):
 
     def spy(offset, buf):  # type: ignore[no-untyped-def]
         ok = real(offset, buf)
-        direct.append((offset, len(buf), ok))
+        direct.append((offset // CS, len(buf), ok))
         return ok
     vol.sink._write_direct = spy  # type: ignore[method-assign]
-    assert vol.read(5 * CS, 2 * CS) == data[5 * CS:7 * CS]
-    vol.write(9 * CS + 3, b"z")                           # fill first (O_DIRECT), then the write
-    assert direct == [(5 * CS, CS, True), (6 * CS, CS, True), (9 * CS, CS, True)]
+    vol.write(9 * CS + 3, b"z")                           # no read yet: fill with O_DIRECT, then the write
+    assert vol.read(5 * CS, 2 * CS) == data[5 * CS:7 * CS]     # chunks 5, 6: through the page cache
+    for i in (8, 20, 4):                                   # 8: near chunk 5; 20: too far; 4: before it
+        assert vol.ensure(i, demand=False)
+    assert direct == [(9, CS, True), (20, CS, True), (4, CS, True)]
+    pages = CS // 4096
+    assert _resident(disk, 5 * CS, 4 * CS) == [True] * (2 * pages) + [False] * pages + [True] * pages
+    assert _resident(disk, 20 * CS, CS) == [False] * pages
+    assert _resident(disk, 4 * CS, CS) == [False] * pages
     assert os.pread(vol.fd, 4, 9 * CS + 2) == data[9 * CS + 2:9 * CS + 3] + b"z" + data[9 * CS + 4:9 * CS + 6]
+    for i in (4, 5, 6, 8, 20):
+        assert os.pread(vol.fd, CS, i * CS) == data[i * CS:(i + 1) * CS]
     vol.close()
 
 
