@@ -145,58 +145,46 @@ def test_a_read_that_finds_its_chunk_missing_queues_the_next_chunks_for_the_back
     ondemand.close()
 
 
-def _resident(path: str, offset: int, length: int) -> list[bool]:
-    """Which pages of the file's range are in the page cache (mincore on a private mapping:
-    it faults nothing in)."""
-    import ctypes
-    import mmap
-    libc = ctypes.CDLL(None, use_errno=True)
-    page = mmap.PAGESIZE
-    with open(path, "rb") as f:
-        m = mmap.mmap(f.fileno(), length, offset=offset, access=mmap.ACCESS_COPY)
-    try:
-        ref = ctypes.c_char.from_buffer(m)
-        vec = (ctypes.c_ubyte * ((length + page - 1) // page))()
-        rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(ref)), ctypes.c_size_t(length), vec)
-        assert rc == 0, os.strerror(ctypes.get_errno())
-        del ref
-        return [bool(v & 1) for v in vec]
-    finally:
-        m.close()
-
-
-def test_fills_near_the_latest_read_go_through_the_page_cache_the_others_with_o_direct(setup, monkeypatch):
-    """A fetched chunk is written by the hydrate's sink (ChunkWriter, O_DIRECT from the thread's
-    aligned buffer: no page-cache copy) unless it is at or within NEAR_READ chunks after the
-    latest read: those are written through the page cache, where the reads that follow find
-    them (with O_DIRECT every one of them went back to the disk). The bytes are the
-    manifest's either way."""
+def test_fills_are_written_with_o_direct_and_read_back_near_readers(setup, monkeypatch):
+    """A fetched chunk is written as a full hydrate writes it (ChunkWriter, O_DIRECT from the
+    thread's aligned buffer: no page-cache copy); it is then read back into the page cache
+    (WILLNEED) when a read waits for it, or when it is at or up to NEAR_READ chunks after the
+    latest read (any chunk before the first read), while fewer than NEAR_READ read-back chunks
+    are unread. The bytes are the manifest's either way."""
     import csi_perssd.lazy.volume as volume
     monkeypatch.setattr(volume, "NEAR_READ", 4)
-    data, disk = setup[4], setup[2]
+    data = setup[4]
     vol = _volume(setup)
     if not vol.sink.direct:
         vol.close()
         pytest.skip("the temporary file system refuses O_DIRECT: fills are written buffered there")
-    direct = []
-    real = vol.sink._write_direct
+    direct, advised = [], []
+    real_direct, real_advise = vol.sink._write_direct, vol.readahead.advise
 
     def spy(offset, buf):  # type: ignore[no-untyped-def]
-        ok = real(offset, buf)
+        ok = real_direct(offset, buf)
         direct.append((offset // CS, len(buf), ok))
         return ok
+
+    def advise(fd, offset, length):  # type: ignore[no-untyped-def]
+        real_advise(fd, offset, length)
+        advised.append((offset // CS, length))
     vol.sink._write_direct = spy  # type: ignore[method-assign]
-    vol.write(9 * CS + 3, b"z")                           # no read yet: fill with O_DIRECT, then the write
-    assert vol.read(5 * CS, 2 * CS) == data[5 * CS:7 * CS]     # chunks 5, 6: through the page cache
-    for i in (8, 20, 4):                                   # 8: near chunk 5; 20: too far; 4: before it
+    vol.readahead.advise = advise
+    for i in (30, 31, 32, 33, 34):                        # before any read: 4 read back, then the bound
         assert vol.ensure(i, demand=False)
-    assert direct == [(9, CS, True), (20, CS, True), (4, CS, True)]
-    pages = CS // 4096
-    assert _resident(disk, 5 * CS, 4 * CS) == [True] * (2 * pages) + [False] * pages + [True] * pages
-    assert _resident(disk, 20 * CS, CS) == [False] * pages
-    assert _resident(disk, 4 * CS, CS) == [False] * pages
+    assert [i for i, _ in advised] == [30, 31, 32, 33]
+    vol.write(9 * CS + 3, b"z")                           # a fill the write waits for: read back too
+    assert vol.read(5 * CS, 2 * CS) == data[5 * CS:7 * CS]     # demand: 5, 6; 30-33 leave the window
+    for i in (8, 20, 4):                                  # 8: near chunk 5; 20: too far; 4: before it
+        assert vol.ensure(i, demand=False)
+    assert [i for i, _ in advised] == [30, 31, 32, 33, 9, 5, 6, 8]
+    assert all(n == CS for _, n in advised)
+    assert [i for i, _, _ in direct] == [30, 31, 32, 33, 34, 9, 5, 6, 8, 20, 4]
+    assert all(n == CS and ok for _, n, ok in direct), "every fill O_DIRECT"
+    assert vol._unread == {8}
     assert os.pread(vol.fd, 4, 9 * CS + 2) == data[9 * CS + 2:9 * CS + 3] + b"z" + data[9 * CS + 4:9 * CS + 6]
-    for i in (4, 5, 6, 8, 20):
+    for i in (4, 5, 6, 8, 20, 30, 34):
         assert os.pread(vol.fd, CS, i * CS) == data[i * CS:(i + 1) * CS]
     vol.close()
 
