@@ -28,6 +28,11 @@ DEFAULT_SIZE = 1 << 30
 ALIGN = 1 << 20
 TOKEN_PREFIX = "v1:"
 XFS_MIN = 300 << 20      # mkfs.xfs refuses smaller devices
+# Their requests carry no CSI secrets: served (and advertised) only when the driver reaches its
+# catalog without them (Stores.own_store). Published nodes and volume conditions are reported
+# only through ListVolumes and ControllerGetVolume, so they go with them.
+WITHOUT_SECRETS = (Cap.LIST_VOLUMES, Cap.GET_VOLUME, Cap.GET_CAPACITY, Cap.LIST_VOLUMES_PUBLISHED_NODES,
+                   Cap.VOLUME_CONDITION)
 
 
 def round_up(n: int, to: int = ALIGN) -> int:
@@ -74,12 +79,18 @@ class Controller(rpc.ControllerServicer):
         self._attach_locks: dict[str, threading.Lock] = {}
         self.snapshots: Any = None            # snapshots.Snapshots, attached by the runtime
         self.max_volume_bytes = cfg.max_volume_bytes
+        self.own_store = stores.own_store()   # fixed for the process: the capabilities follow it
+        if not self.own_store:
+            log.warning("not advertised, answered UNIMPLEMENTED: %s (their requests carry no CSI secrets)",
+                        ", ".join(Cap.Type.Name(c) for c in WITHOUT_SECRETS))
 
     # -- capabilities ----------------------------------------------------------------------
     def _caps(self) -> list[Cap.Type.ValueType]:
         c = [Cap.CREATE_DELETE_VOLUME, Cap.PUBLISH_UNPUBLISH_VOLUME, Cap.LIST_VOLUMES, Cap.GET_CAPACITY,
              Cap.EXPAND_VOLUME, Cap.GET_VOLUME, Cap.VOLUME_CONDITION, Cap.LIST_VOLUMES_PUBLISHED_NODES,
              Cap.SINGLE_NODE_MULTI_WRITER, Cap.PUBLISH_READONLY, Cap.MODIFY_VOLUME]
+        if not self.own_store:
+            c = [t for t in c if t not in WITHOUT_SECRETS]
         if self.snapshots is not None:
             c += [Cap.CREATE_DELETE_SNAPSHOT, Cap.LIST_SNAPSHOTS, Cap.CLONE_VOLUME]
             if self.cfg.enable_alpha:
@@ -89,6 +100,16 @@ class Controller(rpc.ControllerServicer):
     def ControllerGetCapabilities(self, request: Any, context: Any) -> Any:
         return pb.ControllerGetCapabilitiesResponse(capabilities=[
             pb.ControllerServiceCapability(rpc=Cap(type=t)) for t in self._caps()])
+
+    def _require_own_store(self, rpc_name: str) -> None:
+        """Before an RPC whose request carries no CSI secrets: UNIMPLEMENTED (spec:
+        "disabled in the Plugin's current mode of operation") where the driver has no S3
+        credentials of its own, as its capability is not advertised then."""
+        if not self.own_store:
+            raise CsiError(Code.UNIMPLEMENTED, f"{rpc_name} is disabled: its request carries no CSI secrets and "
+                           "this driver has no S3 credentials of its own (a secrets-only deployment). Give the "
+                           "controller its own credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile "
+                           "or a role) and restart it to serve it")
 
     # -- topology --------------------------------------------------------------------------
     def _nodes(self, cat: Catalog) -> list[NodeRecord]:
@@ -408,6 +429,7 @@ class Controller(rpc.ControllerServicer):
         """One page: a LIST from the token (records and their manifests' keys) and a GET for each
         record of the page that changed since this controller last read it. The token is the last
         volume ID returned, so it stays valid when volumes are deleted between pages."""
+        self._require_own_store("ListVolumes")
         if request.max_entries < 0:
             raise invalid("max_entries must not be negative")
         after = token_after(request.starting_token, TOKEN_PREFIX, ids.volume_id)
@@ -423,6 +445,7 @@ class Controller(rpc.ControllerServicer):
         return resp
 
     def ControllerGetVolume(self, request: Any, context: Any) -> Any:
+        self._require_own_store("ControllerGetVolume")
         vid = ids.volume_id(request.volume_id)
         cat = self.stores.catalog()
         rec = cat.volume(vid)
@@ -432,6 +455,7 @@ class Controller(rpc.ControllerServicer):
             status=pb.ControllerGetVolumeResponse.VolumeStatus(published_node_ids=nodes, volume_condition=cond))
 
     def GetCapacity(self, request: Any, context: Any) -> Any:
+        self._require_own_store("GetCapacity")
         for c in request.volume_capabilities:
             if caps.unsupported_reason(caps.to_dict(c)):
                 return pb.GetCapacityResponse(available_capacity=0)

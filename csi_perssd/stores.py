@@ -10,11 +10,16 @@ with CSI secrets fails (UNAVAILABLE, "no S3 credentials"). Only the driver's own
 (`background_catalog`: heartbeats, garbage collection, the snapshot workers) reuses the secrets
 the CO gave last, since a secrets-only deployment has nothing else, and only secrets that have
 worked: a new set is adopted after the store answered a probe request with it, so one call with
-a wrong endpoint or wrong keys cannot cut the node off from its own object store."""
+a wrong endpoint or wrong keys cannot cut the node off from its own object store.
+
+`own_store()` tells, once per process, whether calls without secrets can reach the catalog at
+all: the controller advertises the RPCs whose requests carry no secrets (ListVolumes,
+ControllerGetVolume, GetCapacity) only then."""
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import threading
 import weakref
@@ -26,8 +31,21 @@ from .remote.factory import STORES, StoreFactory
 from .remote.layout import PROBE_KEY
 from .remote.store import ObjectStore, reachable
 
+log = logging.getLogger(__name__)
 SECRET_KEYS = ("endpoint", "region", "accessKeyId", "secretAccessKey", "caBundle")
 _CREDENTIAL_RE = re.compile(r"[\x21-\x7e]{1,256}")       # printable ASCII, no whitespace
+
+
+def _own_credentials() -> bool:
+    """Whether boto3's credential chain (environment, shared files, container or instance role)
+    finds credentials: what an S3 call without CSI secrets signs with."""
+    import botocore.exceptions
+    import botocore.session
+    try:
+        return botocore.session.Session().get_credentials() is not None
+    except botocore.exceptions.BotoCoreError as e:
+        log.warning("the driver's own S3 credentials cannot be loaded: %s", type(e).__name__)
+        return False
 
 
 def _check_secrets(secrets: dict[str, str]) -> None:
@@ -48,6 +66,7 @@ class Stores:
         self._records: weakref.WeakKeyDictionary[ObjectStore, RecordCache] = weakref.WeakKeyDictionary()
         self._proven: set[str] = set()
         self.last_secrets: dict[str, str] = {}
+        self._own: bool | None = None
 
     def _open(self, secrets: dict[str, str]) -> ObjectStore:
         url = self.cfg.catalog
@@ -60,6 +79,18 @@ class Stores:
                 return self.factory.open(url, secrets, self.cfg)
         except ValueError as e:
             raise invalid(f"object store settings: {e}") from e
+
+    def own_store(self) -> bool:
+        """Whether calls without CSI secrets reach the catalog: a file:// catalog, or an s3://
+        one with credentials of the driver's own. Decided on the first call and kept for the
+        process's life (the capabilities that depend on it must not change)."""
+        with self._mu:
+            if self._own is None:
+                self._own = not self.cfg.catalog.startswith("s3://") or _own_credentials()
+                if not self._own:
+                    log.warning("the driver has no S3 credentials of its own: only calls that carry CSI "
+                                "secrets reach %s (a secrets-only deployment)", self.cfg.catalog)
+            return self._own
 
     @staticmethod
     def _digest(secrets: dict[str, str]) -> str:

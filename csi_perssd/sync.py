@@ -479,6 +479,11 @@ class VolumeSync:
             self.events.flush_uploaded(vid, stats.bytes_uploaded, dt)
             log.info("volume %s: background flush uploaded %d bytes in %.2fs", vid, stats.bytes_uploaded, dt)
             return
+        if base is not None and _same_content(manifest, base):
+            # nothing the last flush told apart (no change tracking: it read everything) differs
+            # from the committed generation: a new one would be the same chunks again
+            self._keep_generation(vid, job, cat, rec)
+            return
         if guard is not None:
             from .remote.catalog import manifest_key
             guard.claim(manifest, source=volume_io.source_of(dev), compression_level=rec.compression, codec=codec,
@@ -496,8 +501,9 @@ class VolumeSync:
 
     def _keep_generation(self, vid: str, job: FlushJob, cat: Catalog, rec: VolumeRecord) -> None:
         """The final pass of a volume in which nothing changed since its committed generation
-        (a lazily staged volume nothing was written to; a tracked backend with no change): no
-        chunk, no manifest, no new generation. The record only notes, fenced by ownership, that
+        (a lazily staged volume nothing was written to; a tracked backend with no change; or a
+        pass that read everything and found exactly the committed chunks): no chunk, no
+        manifest, no new generation. The record only notes, fenced by ownership, that
         this node's copy is current (ControllerUnpublish and takeover tell data loss by it)."""
         if rec.generation_node != self.node_id:
             cat.keep_generation(vid, rec.generation, self.node_id, job.epoch)
@@ -716,6 +722,12 @@ def _unchanged(base: Manifest | None, flush_base: Manifest | None, ranges: list[
     generation itself (changed ranges, all empty) and the volume kept its size."""
     return (base is not None and flush_base is base and mode == "changed" and size == base.volume_size
             and not any(r.length for r in ranges))
+
+
+def _same_content(manifest: Manifest, base: Manifest) -> bool:
+    """Whether a final pass's manifest holds exactly the committed generation's chunks."""
+    return (manifest.volume_size == base.volume_size and manifest.chunk_size == base.chunk_size
+            and manifest.chunk_map().same_chunks(base.chunk_map()))
 
 
 def _flush_failure(e: Exception) -> tuple[Code, str]:

@@ -271,22 +271,6 @@ def test_seal_bytes_reuses_its_buffers_and_returns_independent_objects():
         aead.open_(key, b"other", second, start=1)
 
 
-def test_buffer_pool_reuses_the_smallest_fit_and_keeps_at_most_its_budget():
-    pool = aead.BufferPool(300, bytearray)
-    a, b = pool.take(100), pool.take(200)
-    assert len(a) == 100 and len(b) == 200 and a is not b
-    pool.give(b)
-    pool.give(a)
-    assert pool.take(50) is a and pool.take(150) is b          # the smallest one that fits
-    pool.give(a)
-    pool.give(b)
-    pool.give(bytearray(10))                                     # over the budget: dropped
-    with pool.lease(10) as c:
-        assert c is a
-    assert len(pool.take(400)) == 400                            # none fits: a new one
-    assert pool.take(1) is a and pool.take(1) is b and pool.take(1) not in (a, b)
-
-
 def test_opened_pool_hands_out_page_aligned_buffers_a_sealed_chunk_opens_into():
     import ctypes
     key = os.urandom(32)
@@ -324,7 +308,9 @@ def test_encrypted_fetch_trusts_the_tag_not_a_rehash_and_refuses_a_copy_under_an
     assert bytes(raw) == a and hashed == []                         # the tag verified it, no re-hash
     with pytest.raises(ChunkCorrupted):                             # the AAD binds the name
         stages.fetch_verified(store, nb, len(a), c)
-    with pytest.raises(ChunkCorrupted):                             # a plain volume still re-hashes
-        store.put(stages.chunk_key(na), chunks.compress(a, 1)[0])
+    # A plain volume still re-hashes: the stubbed Codec.name returns "0"*64, so the re-hash is
+    # forced to mismatch; the point is that it is called (hashed grows) and a mismatch is refused.
+    store.put(stages.chunk_key(na), chunks.compress(a, 1)[0])
+    with pytest.raises(ChunkCorrupted):
         stages.fetch_verified(store, na, len(a), PLAIN)
     assert hashed == [1]

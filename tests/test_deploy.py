@@ -702,6 +702,23 @@ def test_csidriver_spec() -> None:
                     "requiresRepublish": False}
 
 
+def test_controller_has_credentials_of_its_own_where_capacity_is_published() -> None:
+    """ListVolumes, ControllerGetVolume and GetCapacity carry no CSI secrets: the controller
+    advertises them only with S3 credentials of its own (controller.WITHOUT_SECRETS). Every
+    rendering whose CSIDriver asks for storage capacity, or whose provisioner publishes it, gives
+    the controller container its keys from a required secretKeyRef."""
+    for k in KUSTOMIZATIONS:
+        objs = render(k)
+        pod = driver_pod(objs, "Deployment")
+        prov = next(c for c in pod.containers() if sidecar_kind(c) == "csi-provisioner")
+        if not one(objs, "CSIDriver")["spec"].get("storageCapacity") and "enable-capacity" not in arg_map(prov):
+            continue
+        env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in pod.container("csi-perssd").get("env", [])}
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            ref = env.get(name)
+            assert ref and not ref.get("optional"), f"{k}: the controller's {name} is not a required secret key"
+
+
 def test_storage_classes() -> None:
     objs = render("base")
     for name, mobility, persistence in (("perssd-nvme", "pool", "object"),

@@ -3,6 +3,7 @@
 everything else buffered; the content is the same either way."""
 from __future__ import annotations
 
+import ctypes
 import os
 
 import pytest
@@ -93,9 +94,9 @@ def test_chunk_writer_writes_page_aligned_views_without_a_copy(tmp_path):
         landing[1:CS + 1] = payload
         with ChunkWriter(path, writeback=True, chunk_size=CS) as w:
             w.write(CS, landing[1:CS + 1])              # aligned: straight from it
-            assert w.direct and w._spare == []          # its own buffer was never needed
+            assert w.direct and w._copies.kept == 0     # its own buffer was never needed
             w.write(2 * CS, landing[:CS])               # unaligned view: copied, as before
-            assert len(w._spare) == 1
+            assert w._copies.kept == 1
             w.sync()
         with open(path, "rb") as f:
             got = f.read()
@@ -124,9 +125,11 @@ def test_chunk_writer_copy_buffers_are_reused_across_short_lived_threads():
                 t = threading.Thread(target=w.write, args=(i * CS, data))
                 t.start()
                 t.join()
-            assert w._bufs == [] and len(w._spare) == 1
+            assert w._bufs == [] and w._copies.kept == 1
+            kept = list(w._copies._free)
+            assert all(ctypes.addressof(ctypes.c_char.from_buffer(b)) % 4096 == 0 for b in kept)   # O_DIRECT
             w.sync()
-        assert w._spare == []                        # close() unmapped them
+        assert w._copies.kept == 0 and all(b.closed for b in kept)      # close() unmapped them
         with open(path, "rb") as f:
             assert f.read() == b"".join(chunks)
     finally:

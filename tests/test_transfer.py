@@ -470,7 +470,7 @@ def test_hydrate_writes_raw_chunks_from_the_get_buffers_without_a_copy(store):
             f.truncate(size)
         with ChunkWriter(path, writeback=True, chunk_size=CS) as w:
             hs = hydrate_chunks(store, m, w, workers=4)
-            assert w.direct and w._bufs == [] and w._spare == []
+            assert w.direct and w._bufs == [] and w._copies.kept == 0
         assert hs.chunks_downloaded == 8 and hs.requests == 8 and hs.bytes_downloaded == 8 * (CS + 1)
         assert _sha(path) == want
     finally:
@@ -503,7 +503,7 @@ def test_hydrate_opens_sealed_raw_chunks_into_pooled_aligned_buffers_and_writes_
                 f.truncate(size)
             with ChunkWriter(path, writeback=True, chunk_size=CS) as w:
                 hs = hydrate_chunks(store, m, w, workers=4, codec=codec)
-                assert w.direct and w._bufs == [] and w._spare == []
+                assert w.direct and w._bufs == [] and w._copies.kept == 0
             assert hs.chunks_downloaded == 8 and _sha(path) == want
             mine = [b for b in aead.OPENED._free if len(b) == want_len]
             assert 1 <= len(mine) <= 4                       # given back: one per worker that ran

@@ -5,7 +5,7 @@ releases the GIL for the whole call (measured with 50.0.2: a Python thread spinn
 64 MiB encrypt_into calls never stalled more than 0.3 ms; beside `AESGCM.encrypt`, which keeps
 the GIL, 192 ms), at ~10 GB/s. The parts are first joined into one buffer (encrypt_into wants
 one contiguous input) and sealed into another, both from BUFFERS, reused across calls and
-threads (no fresh 4 MiB allocation, so no page fault per 4 KiB per chunk); `seal_bytes` copies
+threads (`buffers.BufferPool`: no fresh 4 MiB allocation, so no page fault per 4 KiB per chunk); `seal_bytes` copies
 the result out once, as the plain format's `tag + payload` does. Without encrypt_into a GCM encryptor is fed in slices of SLICE
 bytes (it hands the GIL back and forth at every slice: beside busy Python threads it ran at a
 fraction of the one-call form's speed, and 2 threads sealed at 0.52x one thread's rate).
@@ -20,12 +20,9 @@ unauthenticated plaintext never leaves this module.
 """
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -35,6 +32,7 @@ try:
 except ImportError:         # pragma: no cover - every supported cryptography has it
     _AESGCM = None  # type: ignore[assignment,misc]
 
+from ..buffers import BufferPool, mapped
 from .errors import Tampered
 
 Buffer = bytes | bytearray | memoryview
@@ -52,57 +50,11 @@ def _check_key(key: bytes) -> None:
         raise ValueError("AES-256-GCM needs a 32-byte key")
 
 
-BufT = TypeVar("BufT", bytearray, mmap.mmap)
-
-
-class BufferPool(Generic[BufT]):
-    """Scratch buffers reused across calls and threads, up to `keep_bytes` kept while unused.
-    A flush's or hydrate's worker threads live for that one transfer, so buffers kept per
-    thread died with them and the next transfer touched new memory again: a page fault per
-    4 KiB (measured ~6 us each on the 2-core VM; 8 hydrate workers x 4 MiB = 8,192 faults).
-    `make(n)` makes a new buffer of n bytes (bytearray, or an anonymous mmap: page-aligned)."""
-
-    def __init__(self, keep_bytes: int, make: Callable[[int], BufT]):
-        self.keep_bytes = keep_bytes
-        self.make: Callable[[int], BufT] = make
-        self._free: list[BufT] = []
-        self._lock = threading.Lock()
-
-    def take(self, n: int) -> BufT:
-        """A buffer of at least n bytes (its old content is not cleared). Never handed out
-        twice at once: a buffer is the taker's until given back."""
-        with self._lock:
-            best = -1
-            for i, b in enumerate(self._free):      # the smallest one that fits
-                if len(b) >= n and (best < 0 or len(b) < len(self._free[best])):
-                    best = i
-            if best >= 0:
-                return self._free.pop(best)
-        return self.make(n)
-
-    def give(self, buf: BufT) -> None:
-        with self._lock:
-            if sum(len(b) for b in self._free) + len(buf) <= self.keep_bytes:
-                self._free.append(buf)
-
-    @contextlib.contextmanager
-    def lease(self, n: int) -> Iterator[BufT]:
-        buf = self.take(n)
-        try:
-            yield buf
-        finally:
-            self.give(buf)
-
-
-def _mapped(n: int) -> mmap.mmap:
-    return mmap.mmap(-1, n)
-
-
 # the seal's joined and sealed buffers: 4 flush workers x 2 x 4 MiB chunks fit twice
 BUFFERS: BufferPool[bytearray] = BufferPool(64 << 20, bytearray)
 # page-aligned buffers sealed chunks are opened into (hydrate workers: remote/stages.py), so a
 # raw chunk's plaintext can be written with O_DIRECT as it is: 8 workers x 4 MiB chunks fit
-OPENED: BufferPool[mmap.mmap] = BufferPool(64 << 20, _mapped)
+OPENED: BufferPool[mmap.mmap] = BufferPool(64 << 20, mapped)
 
 
 def _seal_into(key: bytes, aad: bytes, views: list[memoryview], n: int, prefix: bytes,

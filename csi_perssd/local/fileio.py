@@ -16,6 +16,7 @@ import threading
 from types import TracebackType
 from typing import Self
 
+from ..buffers import BufferPool, mapped
 from ..extents import Extent
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -123,7 +124,7 @@ class _ChunkFile:
     def _mmap(self) -> mmap.mmap:
         buf: mmap.mmap | None = getattr(self._local, "buf", None)
         if buf is None:
-            buf = self._local.buf = mmap.mmap(-1, self.chunk_size)
+            buf = self._local.buf = mapped(self.chunk_size)
             with self._lock:
                 self._bufs.append(buf)
         return buf
@@ -211,14 +212,14 @@ class ChunkWriter(_ChunkFile):
     def __init__(self, path: str, writeback: bool = True, chunk_size: int = 4 << 20):
         self.writeback = writeback
         super().__init__(path, os.O_RDWR, chunk_size, direct=writeback)
-        self._spare: list[mmap.mmap] = []   # _take/_give: copy buffers for unaligned sources
-        self._closed = False
+        # page-aligned copy buffers for sources that are not, leased per write, never per
+        # thread: the lazy server's writes come from libfuse's threads through ctypes, where
+        # every callback gets a fresh Python thread state (a thread-local buffer was a new
+        # 4 MiB mmap per call, kept until close: 4 MiB per chunk filled on demand)
+        self._copies: BufferPool[mmap.mmap] = BufferPool(SPARE_WRITE_BUFFERS * chunk_size, mapped)
 
     def close(self) -> None:
-        with self._lock:
-            spare, self._spare, self._closed = self._spare, [], True
-        for b in spare:
-            b.close()
+        self._copies.close()                # unmaps the kept ones (and any given back later)
         super().close()
 
     def _write_direct(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
@@ -231,7 +232,7 @@ class ChunkWriter(_ChunkFile):
         if _page_aligned(data):
             src: memoryview = memoryview(data)  # already in an aligned buffer (the hydrate's GET buffer)
         else:
-            buf = self._take()
+            buf = self._copies.take(self.chunk_size)
             buf[:n] = data
             src = memoryview(buf)[:n]
         try:
@@ -244,25 +245,8 @@ class ChunkWriter(_ChunkFile):
             return False
         finally:
             if buf is not None:
-                self._give(buf)
+                self._copies.give(buf)
         return True
-
-    def _take(self) -> mmap.mmap:
-        """A page-aligned chunk buffer leased for one write. Not per thread: the lazy server's
-        writes come from libfuse's threads through ctypes, where every callback gets a fresh
-        Python thread state (a thread-local buffer would be a new 4 MiB mmap per call, kept
-        until close: a leak of 4 MiB per chunk filled on demand)."""
-        with self._lock:
-            if self._spare:
-                return self._spare.pop()
-        return mmap.mmap(-1, self.chunk_size)
-
-    def _give(self, buf: mmap.mmap) -> None:
-        with self._lock:
-            if not self._closed and len(self._spare) < SPARE_WRITE_BUFFERS:
-                self._spare.append(buf)
-                return
-        buf.close()
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self._write_direct(offset, data):

@@ -14,15 +14,17 @@ import threading
 from dataclasses import dataclass
 
 from ..errors import Code, CsiError, internal, precondition
-from .fs import run
+from .fs import PORTABLE_SECTOR, run
 
 _DEVICE_RE = re.compile(r"/dev/loop[0-9]{1,6}")
 _attach_lock = threading.Lock()
 # Every loop device gets 4 KiB logical sectors. Left to the kernel, a direct-I/O loop device takes
 # the backing file's DIO alignment, which XFS raises from 512 B to 4 KiB once the file is
 # reflinked (a generation's change-tracking copy): a volume made with 1 KiB ext4 blocks on a
-# 512 B device would then no longer mount. Fixed at 4 KiB, it looks the same at every attach.
-SECTOR_SIZE = 4096
+# 512 B device would then no longer mount. Fixed at 4 KiB, it looks the same at every attach;
+# the file systems the driver makes have blocks and sectors of that size (fs.PORTABLE_MKFS), so
+# one made on another backend's device (an LV with 512 B sectors) mounts here too.
+SECTOR_SIZE = PORTABLE_SECTOR
 
 
 @dataclass(frozen=True)

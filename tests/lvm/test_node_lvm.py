@@ -190,7 +190,7 @@ def test_lazy_stage_on_dm_linear_switches_to_the_lv_under_the_mounted_fs(
     with _volume(d, backend, tmp_path, "lvm-lazy", cap, {"chunkSize": "1Mi", "hydrate": "lazy"}) as vid:
         node = _Node(d, vid, cap, tmp_path)
         target = Path(node.target)
-        node.attach()             # generation 0: the LV itself; mkfs.ext4 makes 1 KiB blocks on 64 MiB
+        node.attach()             # generation 0: the LV itself (ext4 with 4 KiB blocks: fs.PORTABLE_MKFS)
         files = {"a.bin": os.urandom(24 * MiB), "b.bin": os.urandom(2 * MiB)}
         for name, data in files.items():
             (target / name).write_bytes(data)

@@ -5,8 +5,11 @@ on the session's SeaweedFS.
 - A driver with credentials of its own: Controller calls without secrets go to its own store,
   not to the store (endpoint) of the secrets an earlier call gave; counted at a proxy in front of
   SeaweedFS that only those secrets name.
-- A secrets-only deployment (the driver has no credentials of its own): Controller calls without
-  secrets fail with UNAVAILABLE "no S3 credentials"; NodeUnstage and NodeUnpublish (which carry no
+- A secrets-only deployment (the driver has no credentials of its own): the RPCs whose requests
+  carry no secrets (ListVolumes, ControllerGetVolume, GetCapacity) are not advertised (nor
+  LIST_VOLUMES_PUBLISHED_NODES and VOLUME_CONDITION, reported only through them) and answer
+  UNIMPLEMENTED; other Controller calls that come without secrets fail with UNAVAILABLE
+  "no S3 credentials"; NodeUnstage and NodeUnpublish (which carry no
   secrets) of a volume the node holds nothing of answer OK, as the spec says for a volume that is
   not staged or published there, and NodePublish FAILED_PRECONDITION ("not staged"), never a
   store error.
@@ -33,6 +36,9 @@ from tests.harness.seaweed import Seaweed
 from .helpers import MiB, code
 
 pytestmark = [pytest.mark.root, pytest.mark.s3]
+Cap = pb.ControllerServiceCapability.RPC
+WITHOUT_SECRETS = {Cap.LIST_VOLUMES, Cap.GET_VOLUME, Cap.GET_CAPACITY, Cap.LIST_VOLUMES_PUBLISHED_NODES,
+                   Cap.VOLUME_CONDITION}
 OWN_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 
@@ -40,6 +46,10 @@ def _create(d: DriverProcess, name: str, secrets: dict[str, str]) -> str:
     return d.controller.CreateVolume(pb.CreateVolumeRequest(
         name=name, volume_capabilities=[mount_cap()], capacity_range=pb.CapacityRange(required_bytes=16 * MiB),
         secrets=secrets)).volume.volume_id
+
+
+def _caps(d: DriverProcess) -> set[int]:
+    return {c.rpc.type for c in d.controller.ControllerGetCapabilities(pb.ControllerGetCapabilitiesRequest()).capabilities}
 
 
 def _store_args(sw: Seaweed) -> list[str]:
@@ -119,6 +129,7 @@ def test_controller_calls_without_secrets_use_the_drivers_own_store(seaweed: Sea
     url = seaweed.url(f"cred-{secrets.token_hex(4)}")
     own = {"AWS_ACCESS_KEY_ID": seaweed.access_key, "AWS_SECRET_ACCESS_KEY": seaweed.secret_key}
     ctl = _start(DriverProcess(tmp_path, mode="controller", catalog=url, env=own, extra=_store_args(seaweed)), drivers)
+    assert WITHOUT_SECRETS <= _caps(ctl), "a driver with its own credentials serves the calls without secrets"
     with CountingProxy(seaweed.endpoint) as proxy:
         theirs = {"endpoint": proxy.endpoint, "accessKeyId": seaweed.access_key,
                   "secretAccessKey": seaweed.secret_key}
@@ -136,18 +147,25 @@ def test_controller_calls_without_secrets_use_the_drivers_own_store(seaweed: Sea
     assert c == grpc.StatusCode.NOT_FOUND, "DeleteVolume without secrets did not delete through the driver's store"
 
 
-def test_secrets_only_controller_calls_without_secrets_fail_clearly(secrets_only: SecretsOnly,
-                                                                    seaweed: Seaweed) -> None:
+def test_secrets_only_controller_does_not_advertise_what_it_cannot_serve(secrets_only: SecretsOnly,
+                                                                         seaweed: Seaweed) -> None:
     d, vid, given = secrets_only.driver, secrets_only.vid, secrets_only.secrets
+    caps = _caps(d)
+    assert not caps & WITHOUT_SECRETS, \
+        f"advertised without credentials to serve them: {sorted(Cap.Type.Name(c) for c in caps & WITHOUT_SECRETS)}"
+    assert {Cap.CREATE_DELETE_VOLUME, Cap.PUBLISH_UNPUBLISH_VOLUME, Cap.EXPAND_VOLUME} <= caps
     for name, call in {
         "ListVolumes": lambda: d.controller.ListVolumes(pb.ListVolumesRequest()),
         "ControllerGetVolume": lambda: d.controller.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=vid)),
         "GetCapacity": lambda: d.controller.GetCapacity(pb.GetCapacityRequest()),
-        "DeleteVolume": lambda: d.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid)),
     }.items():
         c, msg = code(call)
-        assert c == grpc.StatusCode.UNAVAILABLE and "no S3 credentials" in msg, \
-            f"{name} without secrets in a secrets-only deployment -> {c}: {msg}"
+        assert c == grpc.StatusCode.UNIMPLEMENTED and "secrets-only" in msg, \
+            f"{name} (not advertised) in a secrets-only deployment -> {c}: {msg}"
+    # a call that can carry secrets but came without: the store cannot be reached
+    c, msg = code(d.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=vid))
+    assert c == grpc.StatusCode.UNAVAILABLE and "no S3 credentials" in msg, \
+        f"DeleteVolume without secrets in a secrets-only deployment -> {c}: {msg}"
     d.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid, secrets=given))
     cat = Catalog(S3Store(secrets_only.url, endpoint_url=seaweed.endpoint, access_key=seaweed.access_key,
                           secret_key=seaweed.secret_key))
