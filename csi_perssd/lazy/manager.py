@@ -86,7 +86,6 @@ class LazyManager:
                 return
             with open(self.root / "spare.log", "ab") as logf:
                 self._spare = self._popen("--spare", logf)
-            set_policy(self._spare.pid, os.SCHED_IDLE)
 
     @property
     def spare_pid(self) -> int:
@@ -179,7 +178,6 @@ class LazyManager:
         proc = self._take_spare()
         if proc is not None:            # warm (or warming): it takes the job
             assert proc.stdin is not None
-            set_policy(proc.pid, os.SCHED_OTHER)    # still warming up: not at idle priority
             try:
                 proc.stdin.write(json.dumps({"dir": str(d), "secrets": secrets}).encode() + b"\n")
                 proc.stdin.close()
@@ -418,24 +416,6 @@ class LazyManager:
         st = self.state(vid)
         return None if st is None else {"missing": st.missing_count, "complete": st.complete,
                                         "on_demand": st.on_demand, "background": st.background}
-
-
-def set_policy(pid: int, policy: int) -> None:
-    """Put every thread of process `pid` under scheduling `policy` (threads started later inherit
-    their creator's). A spare runs under SCHED_IDLE until it takes a volume: it gets the CPU only
-    when nothing else wants it. A spare is started while a lazy stage's server hydrates, and its
-    interpreter start, imports and S3 model load (~0.5 s of CPU) took one of the node's two cores
-    from that hydration. Both the manager (when it hands a volume to a spare that may still be
-    warming up) and the spare (server._spare) restore SCHED_OTHER."""
-    try:
-        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        return                      # gone
-    for tid in tids:
-        try:
-            os.sched_setscheduler(tid, policy, os.sched_param(0))
-        except OSError as e:        # gone, or not permitted: it runs under the policy it has
-            log.warning("lazy server %d thread %d: cannot set scheduling policy %d: %s", pid, tid, policy, e)
 
 
 def _kill(pid: int) -> None:

@@ -293,8 +293,6 @@ def _spare() -> int:
     line = sys.stdin.readline()
     if not line.strip():
         return 0
-    from .manager import set_policy
-    set_policy(os.getpid(), os.SCHED_OTHER)     # started under SCHED_IDLE (manager.keep_spare)
     job = json.loads(line)
     d = Path(job["dir"])
     fd = os.open(d / "server.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)

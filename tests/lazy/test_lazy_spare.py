@@ -36,7 +36,6 @@ def test_the_warm_spare_serves_the_next_lazy_stage_and_a_new_one_is_kept(tmp_pat
                       fetch_timeout=10, workers=0, spare=True)
     spare = mgr.spare_pid
     assert spare, "spare=True (the node's default is lazy): a spare is started with the manager"
-    assert os.sched_getscheduler(spare) == os.SCHED_IDLE, "a waiting spare takes no CPU from serving ones"
     vid = "pvol-spare"
     mgr.begin(vid, str(disk), manifest)
     try:
@@ -44,14 +43,10 @@ def test_the_warm_spare_serves_the_next_lazy_stage_and_a_new_one_is_kept(tmp_pat
         st = mgr.status(vid)
         assert st is not None and st["pid"] == spare and st["store_ready"], st
         assert f"spare {spare}" in (mgr.dir(vid) / "server.log").read_text()
-        threads = [int(t) for t in os.listdir(f"/proc/{spare}/task")]
-        assert len(threads) > 1 and {os.sched_getscheduler(t) for t in threads} == {os.SCHED_OTHER}, \
-            "serving: every thread back to normal priority"
         with open(mgr.file(vid), "rb") as f:            # on demand through the spare-turned-server
             assert f.read() == data
         nxt = mgr.spare_pid
         assert nxt and nxt != spare, "a new spare is kept for the next lazy stage"
-        assert os.sched_getscheduler(nxt) == os.SCHED_IDLE
     finally:
         mgr.release(vid)
         mgr.discard(vid)
