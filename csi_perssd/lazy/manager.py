@@ -201,10 +201,9 @@ class LazyManager:
             if proc.poll() is not None:
                 break
             time.sleep(0.05)
-        tail = (d / "server.log").read_text(errors="replace").splitlines()[-5:]
         if proc.poll() is None:
             proc.kill()
-        raise internal(f"volume {vid}: the lazy hydration server did not come up: {' | '.join(tail)}")
+        raise internal(f"volume {vid}: the lazy hydration server did not come up: {self._log_tail(vid, 5)}")
 
     def _wait_store(self, vid: str, proc: subprocess.Popen[bytes] | None, t0: float) -> None:
         """Until the new server has opened its object store (it does that beside the mount): the
@@ -223,9 +222,16 @@ class LazyManager:
             if (proc is not None and proc.poll() is not None) or time.monotonic() >= deadline:
                 break
             time.sleep(0.05)
-        tail = (self.dir(vid) / "server.log").read_text(errors="replace").splitlines()[-3:]
         raise CsiError(Code.UNAVAILABLE, f"volume {vid}: the lazy hydration server has not opened the object "
-                       f"store within {time.monotonic() - t0:.0f}s: {' | '.join(tail)}")
+                       f"store within {time.monotonic() - t0:.0f}s: {self._log_tail(vid, 3)}")
+
+    def _log_tail(self, vid: str, lines: int) -> str:
+        """The last lines of the volume's server.log, joined for an error message ('' if none)."""
+        try:
+            text = (self.dir(vid) / "server.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(text.splitlines()[-lines:])
 
     def _clear_stale(self, vid: str) -> None:
         """What a dead server left: loop devices on its file, its (disconnected) FUSE mount."""
