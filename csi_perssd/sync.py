@@ -479,17 +479,10 @@ class VolumeSync:
             self.events.flush_uploaded(vid, stats.bytes_uploaded, dt)
             log.info("volume %s: background flush uploaded %d bytes in %.2fs", vid, stats.bytes_uploaded, dt)
             return
-        if base is not None and _same_content(manifest, base):
-            # nothing the last flush told apart (no change tracking: it read everything) differs
-            # from the committed generation: a new one would be the same chunks again
+        if base is not None and _same_content(manifest, base):     # read it all, found the same chunks
             self._keep_generation(vid, job, cat, rec)
             return
-        if guard is not None:
-            from .remote.catalog import manifest_key
-            guard.claim(manifest, source=volume_io.source_of(dev), compression_level=rec.compression, codec=codec,
-                        manifests=[manifest_key(vid, rec.generation + 1)])
-        gen = cat.put_manifest(vid, rec.generation + 1, codec.encode_manifest(manifest))
-        cat.commit_generation(vid, gen, self.node_id, job.epoch)
+        gen = self._commit(vid, job, cat, rec, manifest, codec, volume_io.source_of(dev), guard)
         job.state, job.manifest_gen, job.done_bytes = FlushState.COMMITTED, gen, total
 
         def committed(lv: LocalVolume) -> None:
@@ -498,6 +491,18 @@ class VolumeSync:
         Path(self.vols.journal_path(vid)).unlink(missing_ok=True)
         self._mark_generation(vid, gen, previous=rec.generation)
         self._report_committed(vid, gen, stats, size, dt)
+
+    def _commit(self, vid: str, job: FlushJob, cat: Catalog, rec: VolumeRecord, manifest: Manifest, codec: Codec,
+                source: Any, guard: Any) -> int:
+        """The final pass's commit of generation n+1: gc's handshake (its chunks claimed), the
+        manifest (If-None-Match), then the record (If-Match, owner + epoch checked)."""
+        if guard is not None:
+            from .remote.catalog import manifest_key
+            guard.claim(manifest, source=source, compression_level=rec.compression, codec=codec,
+                        manifests=[manifest_key(vid, rec.generation + 1)])
+        gen = cat.put_manifest(vid, rec.generation + 1, codec.encode_manifest(manifest))
+        cat.commit_generation(vid, gen, self.node_id, job.epoch)
+        return gen
 
     def _keep_generation(self, vid: str, job: FlushJob, cat: Catalog, rec: VolumeRecord) -> None:
         """The final pass of a volume in which nothing changed since its committed generation
