@@ -43,6 +43,11 @@ START_TIMEOUT_S = 60.0           # until the FUSE mount is up: a cold start unde
 # cold under the VM rig's emulation; it bounds a broken start only (the wait holds no shared lock)
 STORE_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 20.0
+# the next spare is started this long after a lazy stage, not during it: its interpreter start,
+# imports and S3 model load (~0.5 s of CPU) took a core from the new server's first second of
+# hydration (256 MiB background-only, 4 pairs each, load 1.1-1.6: 0.42-1.01x of the full hydrate,
+# median ~0.55, spawned at once; 0.64-0.76x, median ~0.72, spawned 3 s later)
+SPARE_DELAY_S = 2.0
 
 
 def proc_start_time(pid: int) -> int:
@@ -56,7 +61,7 @@ def proc_start_time(pid: int) -> int:
 
 class LazyManager:
     def __init__(self, state_dir: str, store_settings: dict[str, str], fetch_timeout: float = 60.0,
-                 workers: int = 16, spare: bool = False):
+                 workers: int = 16, spare: bool = False, spare_delay: float = SPARE_DELAY_S):
         self.root = Path(state_dir) / "lazy"
         self.root.mkdir(parents=True, exist_ok=True)
         self.store_settings = dict(store_settings)
@@ -68,6 +73,8 @@ class LazyManager:
         # the start with spare=True (the node's default is lazy)
         self._spare: subprocess.Popen[bytes] | None = None
         self._spare_mu = threading.Lock()
+        self.spare_delay = spare_delay
+        self._spare_timer: threading.Timer | None = None
         if spare:
             self.keep_spare()
 
@@ -99,7 +106,23 @@ class LazyManager:
             proc, self._spare = self._spare, None
         return proc if proc is not None and proc.poll() is None else None
 
+    def _keep_spare_later(self) -> None:
+        """keep_spare, SPARE_DELAY_S from now (one pending at a time; at once with no delay)."""
+        if self.spare_delay <= 0:
+            self.keep_spare()
+            return
+        with self._spare_mu:
+            if self._spare_timer is not None and self._spare_timer.is_alive():
+                return
+            self._spare_timer = threading.Timer(self.spare_delay, self.keep_spare)
+            self._spare_timer.daemon = True
+            self._spare_timer.start()
+
     def stop_spare(self) -> None:
+        with self._spare_mu:
+            timer, self._spare_timer = self._spare_timer, None
+        if timer is not None:
+            timer.cancel()
         proc = self._take_spare()
         if proc is not None and proc.stdin is not None:
             proc.stdin.close()          # EOF: it ends unused
@@ -191,7 +214,7 @@ class LazyManager:
             assert proc.stdin is not None
             proc.stdin.write(json.dumps(secrets).encode())
             proc.stdin.close()
-        self.keep_spare()               # lazy stages happen here: the next one finds a warm spare
+        self._keep_spare_later()        # lazy stages happen here: the next one finds a warm spare
         deadline = t0 + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.serving(vid):
