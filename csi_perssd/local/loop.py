@@ -11,6 +11,7 @@ import json
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import Code, CsiError, internal, precondition
@@ -112,14 +113,15 @@ def find(backing_file: str, read_only: bool | None = False) -> str | None:
 
 
 def attach(backing_file: str, direct_io: bool = True, read_only: bool = False,
-           sector_size: int = SECTOR_SIZE) -> str:
+           sector_size: int | Callable[[], int] = SECTOR_SIZE) -> str:
     """Ensure `backing_file` is attached to a loop device and return the device (reuses an existing
     one of the same mode). A read-only device refuses writes (EPERM), which a read-only bind mount
     of a device node does not do: use one for read-only block publishing.
 
     Direct I/O keeps the data out of the page cache twice (once for the file system on the loop
     device, once for the backing file); when the kernel or the backing file system refuses it,
-    the device is attached with buffered I/O instead.
+    the device is attached with buffered I/O instead. `sector_size` may be a function: called
+    only when a new device is made (e.g. to probe the file's file system), not on reuse.
     """
     if not os.path.isfile(backing_file):
         raise CsiError(Code.NOT_FOUND, f"backing file {backing_file} does not exist")
@@ -127,7 +129,8 @@ def attach(backing_file: str, direct_io: bool = True, read_only: bool = False,
         existing = find(backing_file, read_only)
         if existing is not None:
             return existing
-        base = (["losetup", "--find", "--show", "--sector-size", str(sector_size)]
+        size = sector_size() if callable(sector_size) else sector_size
+        base = (["losetup", "--find", "--show", "--sector-size", str(size)]
                 + (["--read-only"] if read_only else []))
         if direct_io:
             try:

@@ -149,8 +149,8 @@ class RawfileBackend:
         path = self._disk(vid)
         if not os.path.isfile(path):
             raise not_found(f"volume {vid} does not exist on this node")
-        dev = loop.find(path, read_only) or loop.attach(path, direct_io=self.direct_io, read_only=read_only,
-                                                        sector_size=self._sector_size(vid, path))
+        dev = loop.attach(path, direct_io=self.direct_io, read_only=read_only,
+                          sector_size=lambda: self._sector_size(vid, path))    # probed only for a new device
         if fs.block_size(dev) != os.stat(path).st_size:     # expanded while detached/half-refreshed
             loop.refresh_size(dev)
         return dev
