@@ -29,6 +29,7 @@ from procstat import cpu_seconds  # noqa: E402
 
 from csi_perssd import volume_io  # noqa: E402
 from csi_perssd.remote.s3 import S3Store  # noqa: E402
+from csi_perssd.remote import stages, transfer  # noqa: E402
 from csi_perssd.remote.transfer import FlushPlan  # noqa: E402
 from tests.harness.seaweed import Seaweed  # noqa: E402
 from tests.harness.xfsdir import xfs_dir  # noqa: E402
@@ -93,6 +94,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", default="4,8,16")
     ap.add_argument("--only", default="s5,driver")
+    ap.add_argument("--boto", action="store_true",
+                    help="also each driver config through boto3's get_object (S3Store's lean GET off): wN-boto")
+    ap.add_argument("--no-ahead", action="store_true",
+                    help="also each driver config with no chunk names queued ahead of the workers: wN-noahead")
     ap.add_argument("--spy", default="", help="py-spy record the driver hydrates into DIR (--native)")
     ap.add_argument("--fresh-space", action="store_true",
                     help="every download into a new file, none deleted: never-written blocks of the "
@@ -125,7 +130,9 @@ def main() -> int:
             dst = os.path.join(d, "dst.img")
             for r in range(a.rounds):
                 for cfg in (["s5"] if "s5" in only else []) + (
-                        [f"w{w}" for w in a.workers.split(",")] if "driver" in only else []):
+                        [f"w{w}{b}" for w in a.workers.split(",")
+                         for b in ("", *(["-boto"] if a.boto else []), *(["-noahead"] if a.no_ahead else []))]
+                        if "driver" in only else []):
                     if a.fresh_space:
                         dst = os.path.join(d, f"dst-{r}-{cfg}.img")
                     fresh(dst, size)
@@ -152,7 +159,14 @@ def main() -> int:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                             time.sleep(1.0)
                             w0, t0 = cpu_seconds(weed), time.monotonic()
-                        volume_io.hydrate(store, m, dst, workers=int(cfg[1:]))
+                        lean, store._lean = store._lean, None if cfg.endswith("-boto") else store._lean
+                        if cfg.endswith("-noahead"):
+                            transfer.run_bounded = lambda *p, **k: stages.run_bounded(*p, **{**k, "ahead": 0})
+                        try:
+                            volume_io.hydrate(store, m, dst, workers=int(cfg[1:].split("-")[0]))
+                        finally:
+                            store._lean = lean
+                            transfer.run_bounded = stages.run_bounded
                         wall, ccpu = time.monotonic() - t0, self_cpu() - c0
                         extra = f" {self_faults() - f0} faults"
                         if spy is not None:

@@ -216,7 +216,9 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"each of (a) and (b), the order alternating from pair to pair and run to run; each "
                 f"encryption ratio is taken inside its pair, and median/min/max are over all "
                 f"{m['enc_pairs'] * m['runs']} pairs (none dropped)." if m.get("enc_pairs", 1) > 1 else "")
-             + (" Only the encryption rows were run (--only-enc)." if m.get("only_enc") else ""), "",
+             + (" Only the encryption rows were run (--only-enc)." if m.get("only_enc") else "")
+             + (" Only (a)'s flush and hydrate and s5cmd's upload and download were run (--only-hydrate)."
+                if m.get("only_hydrate") else ""), "",
              "### Targets (ratios inside each run; judged on the median)", "",
              "| target | median | min | max | |", "|---|---:|---:|---:|---|"]
     for t in doc["targets"]:

@@ -2,7 +2,7 @@
 on the same images and the same SeaweedFS, in one run.
 
     .venv/bin/python benchmarks/run.py [--quick] [--runs N] [--size BYTES] [--out DIR]
-        [--enc-pairs N] [--only-enc] [--profile [--profile-native]]
+        [--enc-pairs N] [--only-enc | --only-hydrate] [--profile [--profile-native]]
 
 Volumes: (a) random data, fully allocated (raw block volume); (b) ext4 filled 40% with a
 realistic mix (compressible CSV/logs, random binaries, many small files); (c) = (a) after 1% is
@@ -113,6 +113,7 @@ class Bench:
         self.keep_logs = False                   # --keep: copy the driver logs to work/logs-runN
         self.enc_pairs = 1                       # --enc-pairs: control/encrypted pairs per run and kind
         self.only_enc = False                    # --only-enc: the encryption rows alone
+        self.only_hydrate = False                # --only-hydrate: (a)'s flush, hydrate and s5cmd alone
         self.native = False                      # --profile-native: py-spy --native
         self._enc_inputs: dict[tuple[str, int], tuple[str, str]] = {}
 
@@ -296,6 +297,8 @@ class Bench:
                 self.warm_up(cl, ports, run)
                 res.update(self.run_enc(cl, ports, run, "a"))
                 res.update(self.run_enc(cl, ports, run, "b"))
+            elif self.only_hydrate:
+                res.update(self.run_a(cl, ports, run, None))
             else:
                 restic = peers.Restic(self.target, f"restic/r{run}", str(rdir / "restic-cache"))
                 restic.init()
@@ -313,7 +316,9 @@ class Bench:
             cl.stop()
         return res
 
-    def run_a(self, cl: Cluster, ports: dict[str, int], run: int, restic: peers.Restic) -> dict[str, Any]:
+    def run_a(self, cl: Cluster, ports: dict[str, int], run: int, restic: peers.Restic | None) -> dict[str, Any]:
+        """(a), then (c) and the cached re-stage; without `restic` (--only-hydrate) only (a)'s
+        flush, hydrate and s5cmd's upload and download."""
         res: dict[str, Any] = {}
         img = str(self.work / f"run{run}" / "a.img")       # this run's copy: (c) changes it
         shutil.copyfile(self.a_img, img)
@@ -329,7 +334,12 @@ class Bench:
         log(f"  hydrate (a): {res['hydrate_a']['mb_s']:.0f} MB/s, {res['hydrate_a']['seconds']:.2f}s")
         if data.digest(dev_b, self.size) != self.a_digest:
             raise RuntimeError("hydrated volume (a) differs from the image")
-        res.update({f"{k}_a": v for k, v in self.peer_copy(img, "a", run).items()})
+        res.update({f"{k}_a": v for k, v in self.peer_copy(img, "a", run, rclone=restic is not None).items()})
+        if restic is None:
+            cl.release("node-b", vid)
+            cl.delete(vid)
+            os.unlink(img)
+            return res
         quiesce()
         first = restic.backup(img)
         res["restic_first_a"] = {"seconds": first.run.seconds, "mb_s": self.size / first.run.seconds / 1e6,
@@ -521,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(default: 2 with --quick, else 1)")
     ap.add_argument("--only-enc", action="store_true",
                     help="only the encryption rows (the pairs), not the peers, (a)-(c) or restic")
+    ap.add_argument("--only-hydrate", action="store_true",
+                    help="only (a)'s flush and hydrate and s5cmd's upload and download of it (no rclone, "
+                         "restic, (b), (c) or encryption rows): the transfer targets' rows, quickly")
     ap.add_argument("--profile-native", action="store_true",
                     help="with --profile: py-spy --native (C/Rust frames; the profiled phases run slower)")
     ap.add_argument("--profile", action="store_true",
@@ -532,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     size = a.size or (256 * MiB if a.quick else 2 * GiB)
     quick = bool(a.quick and not a.size)
     stem = (f"{datetime.date.today().isoformat()}-{socket.gethostname()}{'-quick' if quick else ''}"
-            f"{'-enc' if a.only_enc else ''}")
+            f"{'-enc' if a.only_enc else ''}{'-hydrate' if a.only_hydrate else ''}")
     out = Path(a.out)
     work = Path(tempfile.mkdtemp(prefix="perssd-bench-", dir=a.workdir))
     t_start, load0 = time.monotonic(), os.getloadavg()[0]
@@ -544,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
         b.keep_logs = a.keep
         b.enc_pairs = a.enc_pairs if a.enc_pairs > 0 else (2 if quick else 1)
         b.only_enc, b.native = a.only_enc, a.profile_native
+        b.only_hydrate = a.only_hydrate and not a.only_enc
+        if b.only_hydrate:
+            b.enc_pairs = 1                 # no encryption rows: no pair inputs to prepare
         if a.profile:
             b.profile_dir = out / f"{stem}-profile"
         log(f"SeaweedFS on {sw.endpoint}; scratch {work}; volumes {size // MiB} MiB; {a.runs} runs")
@@ -553,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "host": socket.gethostname(), "cpus": os.cpu_count(), "volume_bytes": size,
                 "chunk_bytes": CHUNK, "runs": a.runs, "quick": quick, "profiles": b.profiles,
-                "enc_pairs": b.enc_pairs, "only_enc": b.only_enc,
+                "enc_pairs": b.enc_pairs, "only_enc": b.only_enc, "only_hydrate": b.only_hydrate,
                 "change": {"extents": len(b.change.offsets), "extent_bytes": b.change.extent,
                            "chunks": len(b.change.chunks(CHUNK))},
                 "tree_b": b.tree_counts, "versions": versions(b), "commit": report.git_commit(),

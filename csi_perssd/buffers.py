@@ -24,9 +24,16 @@ from typing import Generic, TypeVar
 BufT = TypeVar("BufT", bytearray, mmap.mmap)
 
 
-def mapped(n: int) -> mmap.mmap:
-    """A page-aligned buffer of n bytes (an anonymous mmap), zero-filled."""
-    return mmap.mmap(-1, n)
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def mapped(n: int, *, populate: bool = False) -> mmap.mmap:
+    """A page-aligned buffer of n bytes (a private anonymous mmap), zero-filled. `populate`: its
+    pages are made at once (MAP_POPULATE) instead of a fault per 4 KiB at the first touch, for a
+    buffer that will be filled whole (the hydrate's GET buffers). Measured (8 buffers of 4 MiB
+    filled, 2-core VM): 17-19 ms of CPU shared, 14-16 ms private, 8-11 ms private + populate."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (_POPULATE if populate else 0)
+    return mmap.mmap(-1, n, flags=flags)
 
 
 def _release(buf: bytearray | mmap.mmap) -> None:

@@ -479,12 +479,10 @@ class VolumeSync:
             self.events.flush_uploaded(vid, stats.bytes_uploaded, dt)
             log.info("volume %s: background flush uploaded %d bytes in %.2fs", vid, stats.bytes_uploaded, dt)
             return
-        if guard is not None:
-            from .remote.catalog import manifest_key
-            guard.claim(manifest, source=volume_io.source_of(dev), compression_level=rec.compression, codec=codec,
-                        manifests=[manifest_key(vid, rec.generation + 1)])
-        gen = cat.put_manifest(vid, rec.generation + 1, codec.encode_manifest(manifest))
-        cat.commit_generation(vid, gen, self.node_id, job.epoch)
+        if base is not None and _same_content(manifest, base):     # read it all, found the same chunks
+            self._keep_generation(vid, job, cat, rec)
+            return
+        gen = self._commit(vid, job, cat, rec, manifest, codec, volume_io.source_of(dev), guard)
         job.state, job.manifest_gen, job.done_bytes = FlushState.COMMITTED, gen, total
 
         def committed(lv: LocalVolume) -> None:
@@ -494,10 +492,23 @@ class VolumeSync:
         self._mark_generation(vid, gen, previous=rec.generation)
         self._report_committed(vid, gen, stats, size, dt)
 
+    def _commit(self, vid: str, job: FlushJob, cat: Catalog, rec: VolumeRecord, manifest: Manifest, codec: Codec,
+                source: Any, guard: Any) -> int:
+        """The final pass's commit of generation n+1: gc's handshake (its chunks claimed), the
+        manifest (If-None-Match), then the record (If-Match, owner + epoch checked)."""
+        if guard is not None:
+            from .remote.catalog import manifest_key
+            guard.claim(manifest, source=source, compression_level=rec.compression, codec=codec,
+                        manifests=[manifest_key(vid, rec.generation + 1)])
+        gen = cat.put_manifest(vid, rec.generation + 1, codec.encode_manifest(manifest))
+        cat.commit_generation(vid, gen, self.node_id, job.epoch)
+        return gen
+
     def _keep_generation(self, vid: str, job: FlushJob, cat: Catalog, rec: VolumeRecord) -> None:
         """The final pass of a volume in which nothing changed since its committed generation
-        (a lazily staged volume nothing was written to; a tracked backend with no change): no
-        chunk, no manifest, no new generation. The record only notes, fenced by ownership, that
+        (a lazily staged volume nothing was written to; a tracked backend with no change; or a
+        pass that read everything and found exactly the committed chunks): no chunk, no
+        manifest, no new generation. The record only notes, fenced by ownership, that
         this node's copy is current (ControllerUnpublish and takeover tell data loss by it)."""
         if rec.generation_node != self.node_id:
             cat.keep_generation(vid, rec.generation, self.node_id, job.epoch)
@@ -716,6 +727,12 @@ def _unchanged(base: Manifest | None, flush_base: Manifest | None, ranges: list[
     generation itself (changed ranges, all empty) and the volume kept its size."""
     return (base is not None and flush_base is base and mode == "changed" and size == base.volume_size
             and not any(r.length for r in ranges))
+
+
+def _same_content(manifest: Manifest, base: Manifest) -> bool:
+    """Whether a final pass's manifest holds exactly the committed generation's chunks."""
+    return (manifest.volume_size == base.volume_size and manifest.chunk_size == base.chunk_size
+            and manifest.chunk_map().same_chunks(base.chunk_map()))
 
 
 def _flush_failure(e: Exception) -> tuple[Code, str]:

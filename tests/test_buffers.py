@@ -85,3 +85,21 @@ def test_one_buffer_pool_for_crypto_and_local_file_io():
     assert not any(m.startswith("csi_perssd.crypto") for m in fileio), fileio
     assert not any(m.startswith("csi_perssd.local") for m in aead), aead
     assert _imports(PACKAGE / "buffers.py") == set()
+
+
+def test_mapped_populate_makes_the_pages_at_once_not_a_fault_per_page():
+    import resource
+
+    from csi_perssd import buffers
+    n = 4 << 20
+    src = b"\x01" * n              # made (and faulted in) before anything is counted
+    got = {}
+    for populate in (False, True):
+        m = buffers.mapped(n, populate=populate)
+        try:
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            m[:] = src
+            got[populate] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        finally:
+            m.close()
+    assert got[False] >= n // 4096 and got[True] <= 16, got

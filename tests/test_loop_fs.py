@@ -190,6 +190,46 @@ def test_ensure_fs_formats_once_and_refuses_another_fs(tmp_path):
         assert e.value.code == Code.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize("fs_type,size", [("ext4", 64 * MiB), ("ext4", 4 * MiB), ("xfs", 320 * MiB)])
+def test_a_file_system_made_on_512_byte_sectors_mounts_on_a_rawfile_loop_device(tmp_path, fs_type, size):
+    """A volume made on an LVM node (an LV on a 512 B-formatted namespace: 512 B logical sectors,
+    stood in for by a loop device with 512 B sectors) moves to a rawfile node, whose loop devices
+    have 4 KiB sectors. Left to mkfs, ext4 got 1 KiB blocks there ("bad block size" on the 4 KiB
+    device) and xfs 512 B sectors; and the other way round."""
+    path, mnt = str(tmp_path / "vol.img"), str(tmp_path / "mnt")
+    with open(path, "wb") as f:
+        f.truncate(size)
+    lvm_like = loop.attach(path, direct_io=False, sector_size=512)
+    try:
+        assert fs.ensure_fs(lvm_like, fs_type)
+        with cleanup_mounts(mnt):
+            fs.ensure_mounted(lvm_like, mnt, fs_type)
+            with open(os.path.join(mnt, "f"), "wb") as f:
+                f.write(b"made on 512 B sectors")
+            fs.ensure_unmounted(mnt)
+    finally:
+        loop.detach(lvm_like)
+    rawfile = loop.attach(path)                     # as the rawfile backend attaches it: 4 KiB sectors
+    try:
+        with cleanup_mounts(mnt):
+            fs.ensure_mounted(rawfile, mnt, fs_type)
+            with open(os.path.join(mnt, "f"), "rb") as f:
+                assert f.read() == b"made on 512 B sectors"
+            with open(os.path.join(mnt, "g"), "wb") as f:
+                f.write(b"and back")
+            fs.ensure_unmounted(mnt)
+    finally:
+        loop.detach(rawfile)
+    back = loop.attach(path, direct_io=False, sector_size=512)
+    try:
+        with cleanup_mounts(mnt):
+            fs.ensure_mounted(back, mnt, fs_type)
+            with open(os.path.join(mnt, "g"), "rb") as f:
+                assert f.read() == b"and back"
+    finally:
+        loop.detach(back)
+
+
 def test_thin_mkfs_allocates_little(tmp_path):
     img = str(tmp_path / "thin.img")
     with attached(img, 1024 * MiB) as dev:

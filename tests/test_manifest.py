@@ -294,3 +294,16 @@ def test_u32_bound_check_by_byte_planes():
                                for _ in range(rnd.randrange(0, 12))])
             assert u32_all_le(vals, limit) == all(v <= limit for v in vals), (limit, vals)
     assert u32_all_le(array("I", [7] * 1000), 7) and not u32_all_le(array("I", [7] * 999 + [8]), 7)
+
+
+def test_same_chunks_compares_chunks_and_holes_not_how_the_runs_are_split():
+    from array import array
+
+    from csi_perssd.remote.chunkmap import DIGEST, ChunkMap
+    d = bytes(range(3 * DIGEST))
+    a = ChunkMap(4, array("I", [3, 1]), d, array("I", [5, 6, 7]))
+    assert a.same_chunks(ChunkMap(4, array("I", [2, 0, 1, 1]), d, array("I", [5, 6, 7])))
+    assert not a.same_chunks(ChunkMap(4, array("I", [2, 1, 1]), d, array("I", [5, 6, 7])))      # a hole moved
+    assert not a.same_chunks(ChunkMap(4, array("I", [3, 1]), d[::-1], array("I", [5, 6, 7])))  # other chunks
+    assert not a.same_chunks(ChunkMap(4, array("I", [3, 1]), d, array("I", [5, 6, 8])))        # stored otherwise
+    assert not a.same_chunks(ChunkMap(5, array("I", [3, 2]), d, array("I", [5, 6, 7])))        # longer

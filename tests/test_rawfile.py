@@ -343,3 +343,31 @@ def test_sector_size_stays_4k_after_a_reflink_and_the_file_system_still_mounts(t
         fs.ensure_mounted(dev, target, "ext4", [])
         fs.ensure_unmounted(target)
         b.delete(vid)
+
+
+@pytest.mark.parametrize("fs_type,mkfs,size", [("ext4", ["mkfs.ext4", "-q", "-F", "-b", "1024"], 64 * MiB),
+                                               ("xfs", ["mkfs.xfs", "-q", "-f", "-s", "size=512"], 320 * MiB)])
+def test_a_volume_whose_file_system_needs_512_byte_io_gets_a_loop_device_it_mounts_on(backend, tmp_path, fs_type,
+                                                                                      mkfs, size):
+    """Volumes formatted on an LV with 512 B sectors before mkfs was told 4 KiB (ext4 with 1 KiB
+    blocks, xfs with 512 B sectors) still stage on a rawfile node: their loop device gets 512 B
+    sectors; every other volume 4 KiB."""
+    import subprocess
+    backend.create("pvol-legacy", size)
+    subprocess.run([*mkfs, backend.disk_path("pvol-legacy")], check=True, timeout=120, capture_output=True)
+    dev = backend.device("pvol-legacy")
+    assert fs.logical_sector_size(dev) == 512
+    mnt = str(tmp_path / "mnt")
+    try:
+        fs.ensure_mounted(dev, mnt, fs_type)
+        with open(os.path.join(mnt, "f"), "wb") as f:
+            f.write(b"still mounts")
+    finally:
+        fs.ensure_unmounted(mnt)
+    assert backend.device("pvol-legacy") == dev                # attached once
+    backend.create("pvol-fresh", size)
+    fresh = backend.device("pvol-fresh")
+    assert fs.logical_sector_size(fresh) == loop.SECTOR_SIZE
+    assert fs.ensure_fs(fresh, fs_type)
+    backend.release("pvol-fresh")
+    assert fs.logical_sector_size(backend.device("pvol-fresh")) == loop.SECTOR_SIZE    # 4 KiB fs: 4 KiB again

@@ -273,6 +273,8 @@ class DroppingProxy:
         self.cut = threading.Event()
         self.drop_continue = threading.Event()
         self.cut_response = threading.Event()
+        self.cut_every = threading.Event()     # cut_response for every response while set
+        self.canned: list[bytes] = []           # answer the next requests with these, not the server
         self.dropped = 0
         self.conns: list = []
         self.threads = [threading.Thread(target=self._accept, daemon=True)]
@@ -296,6 +298,9 @@ class DroppingProxy:
     def _pump(self, src, dst, is_response: bool) -> None:
         try:
             while data := src.recv(1 << 16):
+                if not is_response and self.canned and data[:4] == b"GET ":
+                    src.sendall(self.canned.pop(0))     # the request never reaches the server
+                    continue
                 if is_response and data.startswith(b"HTTP/1.1 100 "):
                     if self.drop_continue.is_set():     # hang up before the body is sent
                         self.drop_continue.clear()
@@ -309,7 +314,8 @@ class DroppingProxy:
                     dst.sendall(data[:len(data) // 2])
                     self.dropped += 1
                     break
-                if is_response and self.cut_response.is_set() and not data.startswith(b"HTTP/"):
+                if (is_response and (self.cut_response.is_set() or self.cut_every.is_set())
+                        and not data.startswith(b"HTTP/")):
                     self.cut_response.clear()   # a part of a response body, then hang up
                     dst.sendall(data[:len(data) // 2])
                     self.dropped += 1
@@ -427,6 +433,134 @@ def test_get_into_retries_a_body_cut_off_midway_and_reuses_connections(proxied_s
     for _ in range(5):                  # read to its end, each body gives its connection back
         assert bytes(store.get_into("chunks/cd/g", buf)[0]) == body
     assert len(proxy.conns) == opened   # (2 sockets per connection: no new one)
+
+
+def _canned(status: str, code: str = "", close: bool = False) -> bytes:
+    body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>test</Message>'
+            f'<Resource>/x</Resource><RequestId>1</RequestId></Error>').encode() if code else b""
+    return (f"HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
+            f"{'Connection: close' if close else 'Connection: keep-alive'}\r\n\r\n").encode() + body
+
+
+def _boto_gets(store: S3Store) -> list[str]:
+    """Names of the GetObject calls that go through boto3 (the lean GET makes none)."""
+    calls: list[str] = []
+    store._client.meta.events.register("before-call.s3.GetObject", lambda **kw: calls.append("get"))
+    return calls
+
+
+@pytest.mark.s3
+def test_get_into_takes_the_lean_path_and_counts_like_boto3(s3_store):
+    """A chunk GET into a buffer makes no boto3 call; the same GETs through boto3 (the lean
+    path off) give the same data, ETag and exactly the same stats (requests, errors, bytes)."""
+    body = os.urandom((2 << 20) + 5)
+    etag = s3_store.put("chunks/aa/lean", body)
+    twin = S3Store(s3_store.url, endpoint_url=s3_store.endpoint_url, access_key="x", secret_key="y")
+    twin._client, twin._lean = s3_store._client, None       # same bucket, same client: boto3 only
+    calls = _boto_gets(s3_store)
+    buf = memoryview(bytearray(4 << 20))
+    seen = []
+    for st in (s3_store, twin):
+        before = st.stats.snapshot()
+        data, got = st.get_into("chunks/aa/lean", buf)
+        assert isinstance(data, memoryview) and data.obj is buf.obj and bytes(data) == body and got == etag
+        small = st.get_into("chunks/aa/lean", memoryview(bytearray(10)))   # does not fit: bytes
+        assert small == (body, etag)
+        with pytest.raises(NotFound):
+            st.get_into("chunks/aa/missing", buf)
+        after = st.stats.snapshot()
+        seen.append({k: (after[k] if not isinstance(after[k], int) else after[k] - before[k])
+                     for k in ("total_requests", "errors", "retries", "bytes_down", "errors_by_op")})
+    assert calls == ["get"] * 3         # all three from the twin, none from the lean store
+    assert seen[0] == seen[1] == {"total_requests": 3, "errors": 0, "retries": 0,
+                                  "bytes_down": 2 * len(body), "errors_by_op": {}}
+
+
+@pytest.mark.s3
+def test_lean_get_of_a_missing_bucket_is_a_store_error(seaweed):
+    store = S3Store("s3://no-such-bucket-perssd/x", endpoint_url=seaweed.endpoint,
+                    access_key=seaweed.access_key, secret_key=seaweed.secret_key,
+                    retries=Retry(attempts=2, base_s=0.01))
+    assert store._lean is not None
+    with pytest.raises(StoreError) as ei:
+        store.get_into("chunks/ab/x", memoryview(bytearray(100)))
+    assert type(ei.value) is StoreError and "NoSuchBucket" in str(ei.value)
+
+
+@pytest.mark.s3
+def test_lean_get_signs_with_the_stores_credentials(seaweed):
+    store = S3Store(seaweed.url("lean-auth"), endpoint_url=seaweed.endpoint,
+                    access_key=seaweed.access_key, secret_key="not-the-secret",
+                    retries=Retry(attempts=2, base_s=0.01))
+    with pytest.raises(StoreError) as ei:
+        store.get_into("chunks/ab/x", memoryview(bytearray(100)))
+    assert "HTTP 403" in str(ei.value) and store.stats.retries == 0
+
+
+@pytest.mark.s3
+def test_lean_get_retries_a_5xx_and_a_dropped_response(proxied_store):
+    store, proxy = proxied_store
+    body = os.urandom(1 << 20)
+    store.put("chunks/cd/r", body)
+    calls = _boto_gets(store)
+    buf = memoryview(bytearray(2 << 20))
+    proxy.canned.append(_canned("503 Service Unavailable", "SlowDown"))
+    assert bytes(store.get_into("chunks/cd/r", buf)[0]) == body
+    assert (store.stats.requests["get"], store.stats.errors, store.stats.retries) == (2, 1, 1)
+    proxy.drop.set()
+    assert bytes(store.get_into("chunks/cd/r", buf)[0]) == body and proxy.dropped == 1
+    assert (store.stats.requests["get"], store.stats.errors, store.stats.retries) == (4, 2, 2)
+    assert store.stats.bytes_down == 2 * len(body) and calls == []
+
+
+@pytest.mark.s3
+def test_lean_get_body_always_cut_short_is_a_store_error(proxied_store):
+    store, proxy = proxied_store
+    body = os.urandom(3 << 20)
+    store.put("chunks/cd/short", body)
+    buf = memoryview(bytearray(4 << 20))
+    proxy.cut_every.set()
+    with pytest.raises(StoreError) as ei:
+        store.get_into("chunks/cd/short", buf)
+    assert "cut off" in str(ei.value) and "4 attempts" in str(ei.value)
+    assert (store.stats.requests["get"], store.stats.errors, store.stats.retries) == (4, 4, 3)
+    assert store.stats.bytes_down == 0
+    proxy.cut_every.clear()
+    assert bytes(store.get_into("chunks/cd/short", buf)[0]) == body
+
+
+@pytest.mark.s3
+def test_lean_get_leaves_a_redirect_to_boto3_from_then_on(proxied_store):
+    store, proxy = proxied_store
+    store.put("chunks/cd/moved", b"payload")
+    calls = _boto_gets(store)
+    buf = memoryview(bytearray(100))
+    proxy.canned.append(_canned("400 Bad Request", "AuthorizationHeaderMalformed"))
+    assert bytes(store.get_into("chunks/cd/moved", buf)[0]) == b"payload"
+    assert calls == ["get"] and store._lean is None
+    assert (store.stats.requests["get"], store.stats.errors, store.stats.retries) == (2, 0, 0)
+
+
+@pytest.mark.s3
+def test_lean_get_logs_no_credentials(proxied_store, caplog, seaweed):
+    import logging
+    store, proxy = proxied_store
+    store.put("chunks/cd/log", b"x" * 100)
+    caplog.set_level(logging.DEBUG)
+    proxy.canned.append(_canned("500 Internal Server Error", "InternalError"))
+    assert bytes(store.get_into("chunks/cd/log", memoryview(bytearray(200)))[0]) == b"x" * 100
+    assert store.stats.retries == 1 and caplog.records
+    assert seaweed.secret_key not in caplog.text and "Signature=" not in caplog.text
+
+
+def test_lean_get_only_with_an_endpoint_path_style_and_the_clients_own_http_session(tmp_path):
+    pem = tmp_path / "ca.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\n")
+    st = S3Store("s3://bkt/p", endpoint_url="https://s3.example:9000", access_key="a", secret_key="b",
+                 ca_bundle=str(pem))
+    assert st._lean is not None and st._lean._http is st._client._endpoint.http_session
+    assert st._lean._http._verify == str(pem) and st._lean._base == "https://s3.example:9000/bkt/"
+    assert S3Store("s3://bkt/p", access_key="a", secret_key="b")._lean is None     # AWS: its endpoint rules
 
 
 @pytest.mark.s3

@@ -512,3 +512,36 @@ def test_hydrate_opens_sealed_raw_chunks_into_pooled_aligned_buffers_and_writes_
     finally:
         if os.path.exists(path):
             os.unlink(path)
+
+
+def test_run_bounded_queues_ahead_but_runs_at_most_workers_and_cancels_the_queue_on_failure():
+    from csi_perssd.remote.stages import run_bounded
+    gate, mu = threading.Event(), threading.Lock()
+    running, peak, done, at_fifth = [0], [0], [], []
+
+    def work(i: int) -> int:
+        with mu:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        gate.wait(5)
+        with mu:
+            running[0] -= 1
+        return i
+
+    def submitted(n: int) -> None:
+        if n == 5:                      # 2 running + 3 queued, none ended yet
+            at_fifth.append(len(done))
+            gate.set()
+    run_bounded(range(20), work, 2, done.append, submitted=submitted, ahead=3)
+    assert at_fifth == [0] and peak[0] == 2 and sorted(done) == list(range(20))
+
+    started: list[int] = []
+
+    def fail_first(i: int) -> int:
+        started.append(i)
+        if i == 0:
+            raise RuntimeError("boom")
+        return i
+    with pytest.raises(RuntimeError):   # one worker: item 0 ends first, 1-3 are queued behind it
+        run_bounded(range(20), fail_first, 1, lambda r: None, ahead=3)
+    assert started[0] == 0 and set(started) <= {0, 1, 2, 3}     # nothing submitted after the failure

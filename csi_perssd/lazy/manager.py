@@ -43,6 +43,11 @@ START_TIMEOUT_S = 60.0           # until the FUSE mount is up: a cold start unde
 # cold under the VM rig's emulation; it bounds a broken start only (the wait holds no shared lock)
 STORE_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 20.0
+# the next spare is started this long after a lazy stage, not during it: its interpreter start,
+# imports and S3 model load (~0.5 s of CPU) took a core from the new server's first second of
+# hydration (256 MiB background-only, 4 pairs each, load 1.1-1.6: 0.42-1.01x of the full hydrate,
+# median ~0.55, spawned at once; 0.64-0.76x, median ~0.72, spawned 3 s later)
+SPARE_DELAY_S = 2.0
 
 
 def proc_start_time(pid: int) -> int:
@@ -56,7 +61,7 @@ def proc_start_time(pid: int) -> int:
 
 class LazyManager:
     def __init__(self, state_dir: str, store_settings: dict[str, str], fetch_timeout: float = 60.0,
-                 workers: int = 16, spare: bool = False):
+                 workers: int = 16, spare: bool = False, spare_delay: float = SPARE_DELAY_S):
         self.root = Path(state_dir) / "lazy"
         self.root.mkdir(parents=True, exist_ok=True)
         self.store_settings = dict(store_settings)
@@ -68,6 +73,8 @@ class LazyManager:
         # the start with spare=True (the node's default is lazy)
         self._spare: subprocess.Popen[bytes] | None = None
         self._spare_mu = threading.Lock()
+        self.spare_delay = spare_delay
+        self._spare_timer: threading.Timer | None = None
         if spare:
             self.keep_spare()
 
@@ -99,7 +106,23 @@ class LazyManager:
             proc, self._spare = self._spare, None
         return proc if proc is not None and proc.poll() is None else None
 
+    def _keep_spare_later(self) -> None:
+        """keep_spare, SPARE_DELAY_S from now (one pending at a time; at once with no delay)."""
+        if self.spare_delay <= 0:
+            self.keep_spare()
+            return
+        with self._spare_mu:
+            if self._spare_timer is not None and self._spare_timer.is_alive():
+                return
+            self._spare_timer = threading.Timer(self.spare_delay, self.keep_spare)
+            self._spare_timer.daemon = True
+            self._spare_timer.start()
+
     def stop_spare(self) -> None:
+        with self._spare_mu:
+            timer, self._spare_timer = self._spare_timer, None
+        if timer is not None:
+            timer.cancel()
         proc = self._take_spare()
         if proc is not None and proc.stdin is not None:
             proc.stdin.close()          # EOF: it ends unused
@@ -191,7 +214,7 @@ class LazyManager:
             assert proc.stdin is not None
             proc.stdin.write(json.dumps(secrets).encode())
             proc.stdin.close()
-        self.keep_spare()               # lazy stages happen here: the next one finds a warm spare
+        self._keep_spare_later()        # lazy stages happen here: the next one finds a warm spare
         deadline = t0 + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.serving(vid):
@@ -201,10 +224,9 @@ class LazyManager:
             if proc.poll() is not None:
                 break
             time.sleep(0.05)
-        tail = (d / "server.log").read_text(errors="replace").splitlines()[-5:]
         if proc.poll() is None:
             proc.kill()
-        raise internal(f"volume {vid}: the lazy hydration server did not come up: {' | '.join(tail)}")
+        raise internal(f"volume {vid}: the lazy hydration server did not come up: {self._log_tail(vid, 5)}")
 
     def _wait_store(self, vid: str, proc: subprocess.Popen[bytes] | None, t0: float) -> None:
         """Until the new server has opened its object store (it does that beside the mount): the
@@ -223,9 +245,16 @@ class LazyManager:
             if (proc is not None and proc.poll() is not None) or time.monotonic() >= deadline:
                 break
             time.sleep(0.05)
-        tail = (self.dir(vid) / "server.log").read_text(errors="replace").splitlines()[-3:]
         raise CsiError(Code.UNAVAILABLE, f"volume {vid}: the lazy hydration server has not opened the object "
-                       f"store within {time.monotonic() - t0:.0f}s: {' | '.join(tail)}")
+                       f"store within {time.monotonic() - t0:.0f}s: {self._log_tail(vid, 3)}")
+
+    def _log_tail(self, vid: str, lines: int) -> str:
+        """The last lines of the volume's server.log, joined for an error message ('' if none)."""
+        try:
+            text = (self.dir(vid) / "server.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(text.splitlines()[-lines:])
 
     def _clear_stale(self, vid: str) -> None:
         """What a dead server left: loop devices on its file, its (disconnected) FUSE mount."""

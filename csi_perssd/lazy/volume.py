@@ -11,7 +11,10 @@ A chunk goes the full hydrate's way (remote/stages.py): the fetcher is its GET -
 (`fetch_verified`, lazy/fetch.py adds the retries), the chunk is written by `write_chunk` into a
 local/fileio.ChunkWriter (aligned chunks with O_DIRECT from the thread's reused page-aligned
 buffer: no page-cache copy and no dirty pages for the state's fsync to write back), and the
-background fetches run on `run_bounded`, the hydrate's bounded pool.
+background fetches run on `run_bounded`, the hydrate's bounded pool. Near a reader, a filled
+chunk is then read back into the page cache (asynchronous readahead), so the reads that follow
+are served from memory; without it every one of them went back to the disk (measured: most of a
+reader's time right after stage, the hydrator long done).
 
 Errors: a chunk that cannot be verified or is missing from the store raises ChunkCorrupted, a
 store that stays unreachable past the timeout FetchTimeout; the caller (the FUSE server) turns
@@ -38,6 +41,7 @@ from .state import HydrationState
 log = logging.getLogger(__name__)
 Fetcher = Callable[[str], "bytes | memoryview"]
 READ_AHEAD = 8                  # chunks queued first after a read that found its chunk missing
+NEAR_READ = 64                  # chunks from the latest read's on read back into the page cache after their fill
 HOT_MAX = 1024                  # hot queue bound (oldest hints dropped first)
 PERSIST_EVERY_S = 1.0
 POOL = "lazy-hydrate"           # the background pool's thread names start with it
@@ -51,6 +55,33 @@ class _Fetch:
     error: BaseException | None = None
 
 
+class _ReadAheadSink:
+    """The hydrate's O_DIRECT sink, then the kernel is asked to read the chunk back into the
+    page cache (POSIX_FADV_WILLNEED: asynchronous readahead, off the reader's path), where the
+    reader about to read it finds it, instead of waiting for the disk in each of its reads.
+    Not a buffered write: measured, buffered fills of one file are serialized (~15 ms per 4 MiB
+    chunk here) and a 256 MiB hydration took 1.0-1.6 s instead of 0.55-0.65 s."""
+
+    def __init__(self, sink: ChunkWriter):
+        self.sink = sink
+        self.size = sink.size
+        self.advise = _willneed
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.sink.write(offset, data)
+        self.advise(self.sink.fd, offset, len(data))
+
+    def zero(self, offset: int, length: int) -> None:
+        self.sink.zero(offset, length)
+
+    def sync(self) -> None:
+        self.sink.sync()
+
+
+def _willneed(fd: int, offset: int, length: int) -> None:
+    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+
 class LazyVolume:
     def __init__(self, disk_path: str, manifest: Manifest, state: HydrationState, state_path: str,
                  fetcher: Fetcher, workers: int = 16):
@@ -61,6 +92,9 @@ class LazyVolume:
         # descriptor (the kernel keeps the two coherent: an O_DIRECT write drops cached pages)
         self.sink = ChunkWriter(disk_path, writeback=True, chunk_size=manifest.chunk_size)
         self.fd = self.sink.fd
+        self.readahead = _ReadAheadSink(self.sink)
+        self._read_at = -1                      # chunk of the latest read (-1: none yet)
+        self._unread: set[int] = set()          # background fills read back into the page cache, not read since
         self._mu = threading.Lock()             # state bits, in-flight table, hot queue
         self._persist_mu = threading.Lock()
         self._inflight: dict[int, _Fetch] = {}
@@ -101,11 +135,30 @@ class LazyVolume:
             self._inflight.pop(i, None)
         f.done.set()
 
-    def _fill(self, i: int) -> None:
-        """Fetch chunk i (verified) and write it to the local volume."""
+    def _fill(self, i: int, demand: bool) -> None:
+        """Fetch chunk i (verified) and write it to the local volume (O_DIRECT, as the full
+        hydrate writes: no page-cache copy, no dirty pages), then, for a chunk a reader is about
+        to read, have it read back into the page cache (`_sink_for`)."""
         h = self.manifest.hash_at(i)
         if h is not None:
-            write_chunk(self.sink, self.manifest, i, h, self.fetcher(h))
+            raw = self.fetcher(h)
+            write_chunk(self._sink_for(i, demand), self.manifest, i, h, raw)
+
+    def _sink_for(self, i: int, demand: bool) -> ChunkWriter | _ReadAheadSink:
+        """Read back: a chunk a read waits for; a chunk at or up to NEAR_READ after the latest
+        read (or any, before the first read: the hydrator starts where a reader starts, at the
+        hot chunks, then from 0), while fewer than NEAR_READ chunks read back are unread (what the
+        page cache holds for readers is bounded: with no reader, the rest of a long hydration is
+        not read back). Measured without it: right after stage, a reader's time went to pread
+        of the local volume going back to the disk for chunks the hydrator had just written."""
+        if demand:
+            return self.readahead
+        with self._mu:
+            r = self._read_at
+            if len(self._unread) >= NEAR_READ or (r >= 0 and not 0 <= i - r < NEAR_READ):
+                return self.sink
+            self._unread.add(i)
+            return self.readahead
 
     def ensure(self, i: int, demand: bool = True) -> bool:
         """Make chunk i local; True when this call fetched it."""
@@ -113,7 +166,7 @@ class LazyVolume:
         if f is None:
             return False
         try:
-            self._fill(i)
+            self._fill(i, demand)
         except BaseException as e:
             self._release(i, f, e)
             raise
@@ -127,17 +180,29 @@ class LazyVolume:
         return True
 
     # -- I/O --------------------------------------------------------------------------------
-    def read(self, offset: int, length: int) -> bytes:
+    def prepare_read(self, offset: int, length: int) -> int:
+        """Make [offset, offset+length) local for a read; the bytes to read there (0 past the
+        end). The caller then reads them from `fd` (the FUSE server has libfuse do it)."""
         size = self.size
         if offset >= size:
-            return b""
+            return 0
         length = min(length, size - offset)
-        for i in self._chunks(offset, length):
+        self._read_at = offset // self.manifest.chunk_size
+        chunks = self._chunks(offset, length)
+        for i in chunks:
             missing = not self.state.is_present(i)      # a hint only: ensure() decides
             self.ensure(i)
             if missing:
                 self._heat(i)
-        return os.pread(self.fd, length, offset)
+        if self._unread:            # read now, or out of the window (passed, or far ahead)
+            with self._mu:
+                r = self._read_at
+                self._unread = {j for j in self._unread if j not in chunks and 0 <= j - r < NEAR_READ}
+        return length
+
+    def read(self, offset: int, length: int) -> bytes:
+        n = self.prepare_read(offset, length)
+        return os.pread(self.fd, n, offset) if n else b""
 
     def _heat(self, i: int) -> None:
         """Read-ahead: the next READ_AHEAD chunks after a read that found chunk i missing go to

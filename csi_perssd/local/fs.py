@@ -32,6 +32,14 @@ __all__ = ["TOOL_TIMEOUT_S", "run"]
 
 log = logging.getLogger(__name__)
 MKFS_TYPES = ("ext4", "ext3", "ext2", "xfs")
+# Every file system the driver makes has 4 KiB blocks and sectors, whatever the device it is made
+# on reports, because a volume moves between nodes and backends: a file system does not mount on
+# a device whose logical sectors are larger than its blocks (ext4: "bad block size") or its
+# sectors (xfs: "device supports 4096 byte sectors"). A rawfile volume's loop device has 4 KiB
+# sectors (loop.SECTOR_SIZE); an LV on a 512 B-formatted NVMe namespace has 512 B ones, where
+# mkfs.ext4 picks 1 KiB blocks below 512 MiB and mkfs.xfs 512 B sectors.
+PORTABLE_SECTOR = 4096
+PORTABLE_MKFS = {"ext": ("-b", str(PORTABLE_SECTOR)), "xfs": ("-s", f"size={PORTABLE_SECTOR}")}
 EXT_TYPES = ("ext4", "ext3", "ext2")
 
 _FS_TYPE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
@@ -76,22 +84,41 @@ def block_size(device: str) -> int:
         os.close(fd)
 
 
+def _probe(device: str) -> dict[str, str] | None:
+    """`blkid -p` of a device or image file: its signature's values ({} when blank), None when
+    the probe is ambivalent."""
+    res = run(["blkid", "-p", "-o", "export", device], ok=(0, 2, 8), what="blkid")
+    if res.returncode == 2:          # nothing found
+        return {}
+    if res.returncode == 8:          # ambivalent probing result
+        return None
+    values: dict[str, str] = {}
+    for line in res.stdout.splitlines():
+        key, sep, val = line.partition("=")
+        if sep:
+            values[key.strip()] = val.strip()
+    return values
+
+
+def smallest_io(device: str) -> int | None:
+    """The smallest I/O the file system on a device or image needs (blkid's BLOCK_SIZE: ext's
+    block size, xfs's sector size): a device with larger logical sectors cannot mount it. None
+    when there is no file system or blkid does not say."""
+    values = _probe(device) or {}
+    if values.get("USAGE") != "filesystem" or not values.get("BLOCK_SIZE", "").isdigit():
+        return None
+    return int(values["BLOCK_SIZE"])
+
+
 def detect_fs(device: str) -> str | None:
     """The file system (or other signature) on a device; None when it is blank.
 
     A partition table is reported as `partition-table:<type>`, several conflicting signatures as
     `ambivalent`, so a caller never formats over something it does not understand.
     """
-    res = run(["blkid", "-p", "-o", "export", device], ok=(0, 2, 8), what="blkid")
-    if res.returncode == 2:          # nothing found
-        return None
-    if res.returncode == 8:          # ambivalent probing result
+    values = _probe(device)
+    if values is None:
         return "ambivalent"
-    values: dict[str, str] = {}
-    for line in res.stdout.splitlines():
-        key, sep, val = line.partition("=")
-        if sep:
-            values[key.strip()] = val.strip()
     if values.get("TYPE"):
         return values["TYPE"]
     if values.get("PTTYPE"):
@@ -103,6 +130,8 @@ def detect_fs(device: str) -> str | None:
 
 def ensure_fs(device: str, fs_type: str, mkfs_options: Sequence[str] = ()) -> bool:
     """Make a file system of `fs_type` on `device` unless it already has one. True when it formatted.
+    Its blocks and sectors are 4 KiB whatever the device (PORTABLE_MKFS), so that it mounts on
+    every backend's device.
 
     FAILED_PRECONDITION when the device holds anything else (another fs, a partition table).
     """
@@ -119,9 +148,9 @@ def ensure_fs(device: str, fs_type: str, mkfs_options: Sequence[str] = ()) -> bo
         _check_arg(opt, "mkfs option")
     if fs_type in EXT_TYPES:
         argv = [f"mkfs.{fs_type}", "-F", "-q", "-E", "lazy_itable_init=1,lazy_journal_init=1",
-                *mkfs_options, device]
+                *PORTABLE_MKFS["ext"], *mkfs_options, device]
     else:
-        argv = ["mkfs.xfs", "-f", "-q", *mkfs_options, device]
+        argv = ["mkfs.xfs", "-f", "-q", *PORTABLE_MKFS["xfs"], *mkfs_options, device]
     run(argv, what=f"mkfs.{fs_type}", timeout=600)
     return True
 

@@ -15,18 +15,21 @@ import os
 import re
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import Code, CsiError, internal, precondition
-from .fs import run
+from .fs import PORTABLE_SECTOR, run
 
 _DEVICE_RE = re.compile(r"/dev/loop[0-9]{1,6}")
 _attach_lock = threading.Lock()
 # Every loop device gets 4 KiB logical sectors. Left to the kernel, a direct-I/O loop device takes
 # the backing file's DIO alignment, which XFS raises from 512 B to 4 KiB once the file is
 # reflinked (a generation's change-tracking copy): a volume made with 1 KiB ext4 blocks on a
-# 512 B device would then no longer mount. Fixed at 4 KiB, it looks the same at every attach.
-SECTOR_SIZE = 4096
+# 512 B device would then no longer mount. Fixed at 4 KiB, it looks the same at every attach;
+# the file systems the driver makes have blocks and sectors of that size (fs.PORTABLE_MKFS), so
+# one made on another backend's device (an LV with 512 B sectors) mounts here too.
+SECTOR_SIZE = PORTABLE_SECTOR
 
 
 @dataclass(frozen=True)
@@ -125,14 +128,15 @@ def find(backing_file: str, read_only: bool | None = False) -> str | None:
 
 
 def attach(backing_file: str, direct_io: bool = True, read_only: bool = False,
-           sector_size: int = SECTOR_SIZE) -> str:
+           sector_size: int | Callable[[], int] = SECTOR_SIZE) -> str:
     """Ensure `backing_file` is attached to a loop device and return the device (reuses an existing
     one of the same mode). A read-only device refuses writes (EPERM), which a read-only bind mount
     of a device node does not do: use one for read-only block publishing.
 
     Direct I/O keeps the data out of the page cache twice (once for the file system on the loop
     device, once for the backing file); when the kernel or the backing file system refuses it,
-    the device is attached with buffered I/O instead.
+    the device is attached with buffered I/O instead. `sector_size` may be a function: called
+    only when a new device is made (e.g. to probe the file's file system), not on reuse.
     """
     if not os.path.isfile(backing_file):
         raise CsiError(Code.NOT_FOUND, f"backing file {backing_file} does not exist")
@@ -140,7 +144,8 @@ def attach(backing_file: str, direct_io: bool = True, read_only: bool = False,
         existing = find(backing_file, read_only)
         if existing is not None:
             return existing
-        base = (["losetup", "--find", "--show", "--sector-size", str(sector_size)]
+        size = sector_size() if callable(sector_size) else sector_size
+        base = (["losetup", "--find", "--show", "--sector-size", str(size)]
                 + (["--read-only"] if read_only else []))
         if direct_io:
             try:

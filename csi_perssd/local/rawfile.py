@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import threading
@@ -25,6 +26,7 @@ from . import fiemap, fs, loop
 from .backend import Capacity, Extent
 from .fileio import data_extents
 
+log = logging.getLogger(__name__)
 DISK = "disk.img"
 SNAP_PREFIX = "snap-"
 SNAP_SUFFIX = ".img"
@@ -151,10 +153,23 @@ class RawfileBackend:
         path = self._disk(vid)
         if not os.path.isfile(path):
             raise not_found(f"volume {vid} does not exist on this node")
-        dev = loop.attach(path, direct_io=self.direct_io, read_only=read_only)
+        dev = loop.attach(path, direct_io=self.direct_io, read_only=read_only,
+                          sector_size=lambda: self._sector_size(vid, path))    # probed only for a new device
         if fs.block_size(dev) != os.stat(path).st_size:     # expanded while detached/half-refreshed
             loop.refresh_size(dev)
         return dev
+
+    @staticmethod
+    def _sector_size(vid: str, path: str) -> int:
+        """The loop device's logical sector size: 4 KiB (loop.SECTOR_SIZE), the block and sector
+        size of every file system the driver makes; 512 B for a volume whose file system needs
+        smaller I/O (ext4 with 1 KiB blocks, xfs with 512 B sectors: made on an LV with 512 B
+        sectors before mkfs was told 4 KiB), which would not mount on 4 KiB sectors."""
+        need = fs.smallest_io(path)
+        if need is not None and need < loop.SECTOR_SIZE:
+            log.info("volume %s: its file system needs %d-byte I/O: loop device with 512-byte sectors", vid, need)
+            return 512
+        return loop.SECTOR_SIZE
 
     def hydrate_path(self, vid: str) -> str:
         """Where to write a fresh volume's content before first use: the backing file itself

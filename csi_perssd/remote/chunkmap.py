@@ -78,6 +78,17 @@ def hex_slots(digests: bytes | bytearray) -> list[str]:
     return [hexed[i:i + 2 * DIGEST] for i in range(0, len(hexed), 2 * DIGEST)]
 
 
+def _merged(spans: Iterator[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(start, count) spans with the adjacent ones joined."""
+    out: list[tuple[int, int]] = []
+    for start, count in spans:
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + count)
+        else:
+            out.append((start, count))
+    return out
+
+
 class ChunkMap:
     """Immutable compact chunk table of `n` chunks (see the module docstring)."""
 
@@ -129,6 +140,12 @@ class ChunkMap:
                 yield idx, length, pos
             idx += length
             pos += 0 if r % 2 else length
+
+    def same_chunks(self, other: ChunkMap) -> bool:
+        """The same chunk (digest and stored size) or hole at every index, however the runs
+        are split (an empty run between two of one kind)."""
+        return (self.n == other.n and self.digests == other.digests and self.stored == other.stored
+                and _merged(self.hole_spans()) == _merged(other.hole_spans()))
 
     def hole_spans(self) -> Iterator[tuple[int, int]]:
         """(first chunk index, count) of every non-empty run of holes."""

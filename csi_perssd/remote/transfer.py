@@ -324,7 +324,8 @@ def hydrate_chunks(store: ObjectStore, manifest: Manifest, sink: ChunkSink, *, w
             progress(done[0], total)
     fetcher = ChunkFetcher(store, manifest, sink, (first, more), verify=verify, zero_tails=zero_holes, codec=codec)
     try:
-        run_bounded(iter(first), fetcher, workers, fetched, name="hydrate")
+        # ahead: a name per worker queued (its buffers are the worker thread's, not the item's)
+        run_bounded(iter(first), fetcher, workers, fetched, name="hydrate", ahead=workers)
     finally:
         fetcher.close()
     sink.sync()

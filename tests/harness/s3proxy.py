@@ -3,6 +3,7 @@
     with CountingProxy("http://127.0.0.1:8333") as px:    # point the driver at px.endpoint
         ...
         px.counts()  -> {"GET": n, "HEAD": n, "PUT": n, "LIST": n, "DELETE": n, "POST": n}
+        px.by_key()  -> {("PUT", "/bucket/prefix/volumes/pvol-….json"): n, ...}  (paths without the query)
 
 Requests are forwarded byte for byte (the Host header included, so SigV4 signatures still hold);
 a GET with list-type=2 in its query is counted as LIST, as AWS bills it.
@@ -32,6 +33,7 @@ class CountingProxy:
         self.up_host, self.up_port = u.hostname or "127.0.0.1", u.port or 80
         self._mu = threading.Lock()
         self._counts: Counter[str] = Counter()
+        self._keys: Counter[tuple[str, str]] = Counter()
         self.bytes_down = 0
         proxy = self
 
@@ -62,6 +64,7 @@ class CountingProxy:
         headers = {k: v for k, v in h.headers.items() if k.lower() not in HOP and k.lower() != "expect"}
         with self._mu:
             self._counts[classify(h.command, h.path)] += 1
+            self._keys[(classify(h.command, h.path), urllib.parse.urlsplit(h.path).path)] += 1
         for attempt in (0, 1):
             try:
                 c = self._conn()
@@ -87,6 +90,10 @@ class CountingProxy:
     def counts(self) -> dict[str, int]:
         with self._mu:
             return dict(self._counts)
+
+    def by_key(self) -> dict[tuple[str, str], int]:
+        with self._mu:
+            return dict(self._keys)
 
     def __enter__(self) -> CountingProxy:
         threading.Thread(target=self.server.serve_forever, name="s3proxy", daemon=True).start()

@@ -33,7 +33,7 @@ def test_the_warm_spare_serves_the_next_lazy_stage_and_a_new_one_is_kept(tmp_pat
     with open(disk, "wb") as f:
         f.truncate(len(data))
     mgr = LazyManager(str(tmp_path / "state"), {"catalog": f"file://{tmp_path / 'store'}"},
-                      fetch_timeout=10, workers=0, spare=True)
+                      fetch_timeout=10, workers=0, spare=True, spare_delay=3600)
     spare = mgr.spare_pid
     assert spare, "spare=True (the node's default is lazy): a spare is started with the manager"
     vid = "pvol-spare"
@@ -45,6 +45,11 @@ def test_the_warm_spare_serves_the_next_lazy_stage_and_a_new_one_is_kept(tmp_pat
         assert f"spare {spare}" in (mgr.dir(vid) / "server.log").read_text()
         with open(mgr.file(vid), "rb") as f:            # on demand through the spare-turned-server
             assert f.read() == data
+        assert mgr.spare_pid == 0, "the next spare does not warm up during the stage's hydration"
+        timer = mgr._spare_timer
+        assert timer is not None and timer.is_alive() and timer.interval == 3600
+        timer.cancel()
+        timer.function()                                # what the timer runs, now
         nxt = mgr.spare_pid
         assert nxt and nxt != spare, "a new spare is kept for the next lazy stage"
     finally:

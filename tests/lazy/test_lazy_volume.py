@@ -145,26 +145,47 @@ def test_a_read_that_finds_its_chunk_missing_queues_the_next_chunks_for_the_back
     ondemand.close()
 
 
-def test_fills_go_through_the_hydrate_sink_with_o_direct(setup):
-    """A fetched chunk is written like a full hydrate writes it: ChunkWriter, O_DIRECT from the
-    thread's aligned buffer (no page-cache copy), the bytes the manifest says."""
+def test_fills_are_written_with_o_direct_and_read_back_near_readers(setup, monkeypatch):
+    """A fetched chunk is written as a full hydrate writes it (ChunkWriter, O_DIRECT from the
+    thread's aligned buffer: no page-cache copy); it is then read back into the page cache
+    (WILLNEED) when a read waits for it, or when it is at or up to NEAR_READ chunks after the
+    latest read (any chunk before the first read), while fewer than NEAR_READ read-back chunks
+    are unread. The bytes are the manifest's either way."""
+    import csi_perssd.lazy.volume as volume
+    monkeypatch.setattr(volume, "NEAR_READ", 4)
     data = setup[4]
     vol = _volume(setup)
     if not vol.sink.direct:
         vol.close()
         pytest.skip("the temporary file system refuses O_DIRECT: fills are written buffered there")
-    direct = []
-    real = vol.sink._write_direct
+    direct, advised = [], []
+    real_direct, real_advise = vol.sink._write_direct, vol.readahead.advise
 
     def spy(offset, buf):  # type: ignore[no-untyped-def]
-        ok = real(offset, buf)
-        direct.append((offset, len(buf), ok))
+        ok = real_direct(offset, buf)
+        direct.append((offset // CS, len(buf), ok))
         return ok
+
+    def advise(fd, offset, length):  # type: ignore[no-untyped-def]
+        real_advise(fd, offset, length)
+        advised.append((offset // CS, length))
     vol.sink._write_direct = spy  # type: ignore[method-assign]
-    assert vol.read(5 * CS, 2 * CS) == data[5 * CS:7 * CS]
-    vol.write(9 * CS + 3, b"z")                           # fill first (O_DIRECT), then the write
-    assert direct == [(5 * CS, CS, True), (6 * CS, CS, True), (9 * CS, CS, True)]
+    vol.readahead.advise = advise
+    for i in (30, 31, 32, 33, 34):                        # before any read: 4 read back, then the bound
+        assert vol.ensure(i, demand=False)
+    assert [i for i, _ in advised] == [30, 31, 32, 33]
+    vol.write(9 * CS + 3, b"z")                           # a fill the write waits for: read back too
+    assert vol.read(5 * CS, 2 * CS) == data[5 * CS:7 * CS]     # demand: 5, 6; 30-33 leave the window
+    for i in (8, 20, 4):                                  # 8: near chunk 5; 20: too far; 4: before it
+        assert vol.ensure(i, demand=False)
+    assert [i for i, _ in advised] == [30, 31, 32, 33, 9, 5, 6, 8]
+    assert all(n == CS for _, n in advised)
+    assert [i for i, _, _ in direct] == [30, 31, 32, 33, 34, 9, 5, 6, 8, 20, 4]
+    assert all(n == CS and ok for _, n, ok in direct), "every fill O_DIRECT"
+    assert vol._unread == {8}
     assert os.pread(vol.fd, 4, 9 * CS + 2) == data[9 * CS + 2:9 * CS + 3] + b"z" + data[9 * CS + 4:9 * CS + 6]
+    for i in (4, 5, 6, 8, 20, 30, 34):
+        assert os.pread(vol.fd, CS, i * CS) == data[i * CS:(i + 1) * CS]
     vol.close()
 
 

@@ -190,7 +190,7 @@ def test_lazy_stage_on_dm_linear_switches_to_the_lv_under_the_mounted_fs(
     with _volume(d, backend, tmp_path, "lvm-lazy", cap, {"chunkSize": "1Mi", "hydrate": "lazy"}) as vid:
         node = _Node(d, vid, cap, tmp_path)
         target = Path(node.target)
-        node.attach()             # generation 0: the LV itself; mkfs.ext4 makes 1 KiB blocks on 64 MiB
+        node.attach()             # generation 0: the LV itself (ext4 with 4 KiB blocks: fs.PORTABLE_MKFS)
         files = {"a.bin": os.urandom(24 * MiB), "b.bin": os.urandom(2 * MiB)}
         for name, data in files.items():
             (target / name).write_bytes(data)
@@ -217,7 +217,10 @@ def test_lazy_stage_on_dm_linear_switches_to_the_lv_under_the_mounted_fs(
         for name, data in files.items():                  # on demand, verified, right
             assert _sha(target / name) == hashlib.sha256(data).hexdigest(), name
         st = mgr.status(vid)
-        assert st is not None and st["on_demand"] > 0 and not st["complete"], st
+        # reads were served on demand; the background hydrator may have finished meanwhile
+        # (since read_buf it can: the fresh-clone run of 12feed1 saw 'complete' here), so
+        # completion is not asserted at this point; the switch below needs it anyway
+        assert st is not None and st["on_demand"] > 0, st
         lazy_write = os.urandom(MiB)
         (target / "c.bin").write_bytes(lazy_write)        # written while hydrating
         os.sync()
