@@ -195,8 +195,11 @@ def stage_tools(n: DriverProcess, vid: str) -> str:
 
 def committed_log(n: DriverProcess, vid: str, gen: int) -> str:
     lines = [ln for ln in n.log_path.read_text(errors="replace").splitlines()
-             if vid in ln and (f"committed generation {gen}" in ln or "written on this node" in ln)]
-    return " | ".join(ln.split(": ", 1)[-1] for ln in lines[-2:])
+             if vid in ln and (f"committed generation {gen}" in ln or "written on this node" in ln
+                               or "background flush uploaded" in ln or "since the pre-flush" in ln)]
+    # the pre-flush (background flush at NodeUnstage) uploads what was written; the final pass
+    # then reads only what changed since it, so its own "read/uploaded" figures can be 0
+    return " | ".join(ln.split(": ", 1)[-1] for ln in lines[-4:])
 
 
 def full_row(work: Path, n: DriverProcess, backend: LvmBackend, size: int, reps: int,
