@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from csi_perssd.cli import pool as pool_cli  # noqa: E402
+from csi_perssd.config import Config  # noqa: E402
 from csi_perssd.csi import csi_pb2 as pb  # noqa: E402
 from csi_perssd.lazy import dm  # noqa: E402
 from csi_perssd.local.lvm import LvmBackend  # noqa: E402
@@ -59,7 +60,7 @@ def log(msg: str) -> None:
 
 def driver(work: Path, cat: str) -> DriverProcess:
     """One LVM node (controller too), lazy by default (it keeps a warm spare lazy server, as a
-    production node with `--hydrate lazy` does), background hydration on (the node default, 16 workers)."""
+    production node with `--hydrate lazy` does), background hydration on (the node default, Config.lazy_background_workers)."""
     env = {"AWS_ACCESS_KEY_ID": os.environ["PERSSD_VM_S3_ACCESS_KEY"],
            "AWS_SECRET_ACCESS_KEY": os.environ["PERSSD_VM_S3_SECRET_KEY"]}
     n = DriverProcess(work, mode="all", node_id="node-l", catalog=cat, env=env, extra=[
@@ -247,7 +248,6 @@ def synthetic_row(work: Path, n: DriverProcess, backend: LvmBackend, size: int, 
     GiBs in minutes): one 4 MiB random chunk uploaded once, a manifest whose data chunks (data /
     4 MiB of them, spread evenly) all name it, committed as this node's publish. A lazy stage reads
     only the manifest, so its work is that of any volume with as many data chunks."""
-    from csi_perssd.config import Config
     from csi_perssd.remote.manifest import Manifest
     from csi_perssd.remote.codec import PLAIN
     from csi_perssd.stores import Stores
@@ -336,7 +336,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"# Lazy hydration, device-mapper path (LVM VM, QEMU TCG), {doc['date']}, commit {doc['commit']}",
              "",
              "One LVM node (`--hydrate lazy`: it keeps a warm spare lazy server; background hydration on, "
-             f"16 workers). Guest load average before: {doc['loadavg']}; host at the VM's start: "
+             f"{Config.lazy_background_workers} workers). Guest load average before: {doc['loadavg']}; host at the VM's start: "
              f"{doc.get('host_loadavg', '?')}. Emulated CPU (TCG): absolute figures are not a machine's; "
              "compare inside the run." + ("" if doc.get("complete") else " **Incomplete run** (rows so far)."),
              "",

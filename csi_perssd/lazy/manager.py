@@ -61,7 +61,7 @@ def proc_start_time(pid: int) -> int:
 
 class LazyManager:
     def __init__(self, state_dir: str, store_settings: dict[str, str], fetch_timeout: float = 60.0,
-                 workers: int = 16, spare: bool = False, spare_delay: float = SPARE_DELAY_S):
+                 workers: int = 8, spare: bool = False, spare_delay: float = SPARE_DELAY_S):
         self.root = Path(state_dir) / "lazy"
         self.root.mkdir(parents=True, exist_ok=True)
         self.store_settings = dict(store_settings)

@@ -258,7 +258,7 @@ def serve(d: Path, secrets: dict[str, str]) -> int:
     # open the store while the mount comes up (the first fetches would wait for it otherwise)
     threading.Thread(target=fetcher.open, name="open-store", daemon=True).start()
     vol = LazyVolume(settings["disk"], manifest, state, str(d / "state.json"), fetcher,
-                     int(settings.get("workers", 16)))
+                     int(settings.get("workers", 8)))
     stop = threading.Event()
     ctl = threading.Thread(target=_control, args=(vol, fetcher, settings["socket"], stop), daemon=True)
     ctl.start()

@@ -84,7 +84,7 @@ def _willneed(fd: int, offset: int, length: int) -> None:
 
 class LazyVolume:
     def __init__(self, disk_path: str, manifest: Manifest, state: HydrationState, state_path: str,
-                 fetcher: Fetcher, workers: int = 16):
+                 fetcher: Fetcher, workers: int = 8):
         self.manifest, self.state, self.state_path = manifest, state, state_path
         self.fetcher = fetcher
         self.workers = max(0, workers)      # 0: no background hydration, on demand only
