@@ -95,6 +95,7 @@ class LazyVolume:
         self.readahead = _ReadAheadSink(self.sink)
         self._read_at = -1                      # chunk of the latest read (-1: none yet)
         self._unread: set[int] = set()          # background fills read back into the page cache, not read since
+        self._advised = (-1, -1)                # chunks [lo, hi) asked into the page cache by reads (_advise_window)
         self._mu = threading.Lock()             # state bits, in-flight table, hot queue
         self._persist_mu = threading.Lock()
         self._inflight: dict[int, _Fetch] = {}
@@ -146,16 +147,18 @@ class LazyVolume:
 
     def _sink_for(self, i: int, demand: bool) -> ChunkWriter | _ReadAheadSink:
         """Read back: a chunk a read waits for; a chunk at or up to NEAR_READ after the latest
-        read (or any, before the first read: the hydrator starts where a reader starts, at the
-        hot chunks, then from 0), while fewer than NEAR_READ chunks read back are unread (what the
-        page cache holds for readers is bounded: with no reader, the rest of a long hydration is
-        not read back). Measured without it: right after stage, a reader's time went to pread
-        of the local volume going back to the disk for chunks the hydrator had just written."""
+        read, while fewer than NEAR_READ chunks read back are unread (what the page cache holds
+        for readers is bounded: with no reader, the rest of a long hydration is not read back).
+        Before any read nothing is read back at its fill: the first read asks for the chunks
+        already local in its window (`_advise_window`). Measured without read-back: right after
+        stage, a reader's time went to pread of the local volume going back to the disk for
+        chunks the hydrator had just written; measured with read-back of every fill before the
+        first read: a volume nobody read paid a second pass over its first NEAR_READ chunks."""
         if demand:
             return self.readahead
         with self._mu:
             r = self._read_at
-            if len(self._unread) >= NEAR_READ or (r >= 0 and not 0 <= i - r < NEAR_READ):
+            if r < 0 or len(self._unread) >= NEAR_READ or not 0 <= i - r < NEAR_READ:
                 return self.sink
             self._unread.add(i)
             return self.readahead
@@ -189,6 +192,7 @@ class LazyVolume:
         length = min(length, size - offset)
         self._read_at = offset // self.manifest.chunk_size
         chunks = self._chunks(offset, length)
+        self._advise_window(chunks)
         for i in chunks:
             missing = not self.state.is_present(i)      # a hint only: ensure() decides
             self.ensure(i)
@@ -203,6 +207,34 @@ class LazyVolume:
     def read(self, offset: int, length: int) -> bytes:
         n = self.prepare_read(offset, length)
         return os.pread(self.fd, n, offset) if n else b""
+
+    def _advise_window(self, chunks: range) -> None:
+        """The chunks after this read, up to NEAR_READ from its first, that are local but were
+        filled before a read came near them (so not read back at their fill), are asked into
+        the page cache now (one WILLNEED per run of them), each once while the reader moves
+        forward through the window; counted in the read-back bound."""
+        r, end = chunks.start, min(chunks.start + NEAR_READ, self.state.chunks)
+        lo, hi = self._advised
+        if lo <= r and end <= hi:
+            return                                  # this window was asked for already
+        if lo <= r <= hi:                          # moving forward: only the new part
+            start, self._advised = max(chunks.stop, hi), (lo, end)
+        else:                                       # the first read, or a jump
+            start, self._advised = chunks.stop, (r, end)
+        runs: list[list[int]] = []
+        with self._mu:
+            self._unread = {j for j in self._unread if 0 <= j - r < NEAR_READ}    # passed or far ahead
+            for j in range(start, end):
+                if (self.state.is_present(j) and j not in self._unread and j not in self._inflight
+                        and len(self._unread) < NEAR_READ):
+                    self._unread.add(j)
+                    if runs and runs[-1][1] == j:
+                        runs[-1][1] = j + 1
+                    else:
+                        runs.append([j, j + 1])
+        cs = self.manifest.chunk_size
+        for a, b in runs:
+            self.readahead.advise(self.fd, a * cs, (b - a) * cs)
 
     def _heat(self, i: int) -> None:
         """Read-ahead: the next READ_AHEAD chunks after a read that found chunk i missing go to

@@ -149,8 +149,9 @@ def test_fills_are_written_with_o_direct_and_read_back_near_readers(setup, monke
     """A fetched chunk is written as a full hydrate writes it (ChunkWriter, O_DIRECT from the
     thread's aligned buffer: no page-cache copy); it is then read back into the page cache
     (WILLNEED) when a read waits for it, or when it is at or up to NEAR_READ chunks after the
-    latest read (any chunk before the first read), while fewer than NEAR_READ read-back chunks
-    are unread. The bytes are the manifest's either way."""
+    latest read, while fewer than NEAR_READ read-back chunks are unread. Before any read no
+    fill is read back; a read asks for the local chunks after it in its window that were not
+    (one WILLNEED per run, once). The bytes are the manifest's either way."""
     import csi_perssd.lazy.volume as volume
     monkeypatch.setattr(volume, "NEAR_READ", 4)
     data = setup[4]
@@ -168,23 +169,26 @@ def test_fills_are_written_with_o_direct_and_read_back_near_readers(setup, monke
 
     def advise(fd, offset, length):  # type: ignore[no-untyped-def]
         real_advise(fd, offset, length)
-        advised.append((offset // CS, length))
+        advised.append((offset // CS, length // CS))
     vol.sink._write_direct = spy  # type: ignore[method-assign]
     vol.readahead.advise = advise
-    for i in (30, 31, 32, 33, 34):                        # before any read: 4 read back, then the bound
+    for i in (30, 31, 32, 33, 34, 6):                     # before any read: none read back
         assert vol.ensure(i, demand=False)
-    assert [i for i, _ in advised] == [30, 31, 32, 33]
-    vol.write(9 * CS + 3, b"z")                           # a fill the write waits for: read back too
-    assert vol.read(5 * CS, 2 * CS) == data[5 * CS:7 * CS]     # demand: 5, 6; 30-33 leave the window
+    assert advised == []
+    vol.write(9 * CS + 3, b"z")                           # a fill the write waits for: read back
+    assert vol.read(5 * CS, CS) == data[5 * CS:6 * CS]    # demand: 5; its window asks for 6 (local)
+    assert advised == [(9, 1), (6, 1), (5, 1)]
+    assert vol.read(5 * CS + 100, 10) == data[5 * CS + 100:5 * CS + 110]    # same window: nothing more
     for i in (8, 20, 4):                                  # 8: near chunk 5; 20: too far; 4: before it
         assert vol.ensure(i, demand=False)
-    assert [i for i, _ in advised] == [30, 31, 32, 33, 9, 5, 6, 8]
-    assert all(n == CS for _, n in advised)
-    assert [i for i, _, _ in direct] == [30, 31, 32, 33, 34, 9, 5, 6, 8, 20, 4]
+    assert advised == [(9, 1), (6, 1), (5, 1), (8, 1)]
+    assert vol.read(29 * CS, CS) == data[29 * CS:30 * CS]     # a jump: 30-32, local since before, in one call
+    assert advised[4:] == [(30, 3), (29, 1)]
+    assert [i for i, _, _ in direct] == [30, 31, 32, 33, 34, 6, 9, 5, 8, 20, 4, 29]
     assert all(n == CS and ok for _, n, ok in direct), "every fill O_DIRECT"
-    assert vol._unread == {8}
+    assert vol._unread == {30, 31, 32}
     assert os.pread(vol.fd, 4, 9 * CS + 2) == data[9 * CS + 2:9 * CS + 3] + b"z" + data[9 * CS + 4:9 * CS + 6]
-    for i in (4, 5, 6, 8, 20, 30, 34):
+    for i in (4, 5, 6, 8, 20, 29, 30, 34):
         assert os.pread(vol.fd, CS, i * CS) == data[i * CS:(i + 1) * CS]
     vol.close()
 
