@@ -126,9 +126,11 @@ def test_loop_listing_agrees_with_losetup_and_runs_no_tool(tmp_path):
         assert set(mine) == set(theirs)
         for name, r in theirs.items():
             d = mine[name]
-            major, minor = (int(x) for x in r["back-maj:min"].split(":"))
+            # no inode / device when the kernel cannot stat the backing file (a dead FUSE server's)
+            back_dev = tuple(int(x) for x in r["back-maj:min"].split(":")) if r["back-maj:min"] else None
+            back_ino = int(r["back-ino"]) if r["back-ino"] is not None else None
             assert (d.back_file, d.back_ino, d.back_dev, d.direct_io, d.read_only) == \
-                (r["back-file"], int(r["back-ino"]), (major, minor), r["dio"] in (True, "1"), r["ro"] in (True, "1")), name
+                (r["back-file"], back_ino, back_dev, r["dio"] in (True, "1"), r["ro"] in (True, "1")), name
         assert mine[rw].direct_io and not mine[rw].read_only
         assert mine[ro].read_only and not mine[ro].direct_io
         st = os.stat(a)

@@ -61,6 +61,11 @@ def _read(path: str) -> str:
         return f.read().rstrip("\n")
 
 
+class _Unreadable(Exception):
+    """LOOP_GET_STATUS64 failed on an attached device: the kernel stats its backing file for it,
+    which fails when that file is gone with its server (ENOTCONN: a dead FUSE server's file)."""
+
+
 def _status(device: str) -> tuple[int, int, int] | None:
     """(backing file's st_dev, its inode, lo_flags) of an attached loop device; None if it is gone."""
     try:
@@ -69,12 +74,21 @@ def _status(device: str) -> tuple[int, int, int] | None:
         return None
     try:
         raw = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(_INFO64.size))
-    except OSError:
-        return None                         # ENXIO: detached meanwhile
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            return None                     # detached meanwhile
+        raise _Unreadable(str(e)) from e
     finally:
         os.close(fd)
     f = _INFO64.unpack(raw)
     return f[0], f[1], f[8]
+
+
+def _flag(path: str) -> bool:
+    try:
+        return _read(path) == "1"
+    except OSError:
+        return False
 
 
 def devices() -> list[LoopDevice]:
@@ -86,7 +100,16 @@ def devices() -> list[LoopDevice]:
             back = _read(os.path.join(sysdir, "backing_file"))
         except OSError:
             continue                        # detached meanwhile
-        st = _status(name)
+        try:
+            st = _status(name)
+        except _Unreadable:
+            # listed all the same (by its path and sysfs' flags), so the ones a dead server
+            # left can be found and detached, as `losetup --list` shows them with no inode
+            block = os.path.dirname(sysdir)
+            out.append(LoopDevice(name=name, back_file=back, back_ino=None, back_dev=None,
+                                  direct_io=_flag(os.path.join(sysdir, "dio")),
+                                  read_only=_flag(os.path.join(block, "ro"))))
+            continue
         if st is None:
             continue
         dev, ino, flags = st

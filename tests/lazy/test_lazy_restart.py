@@ -3,8 +3,10 @@ plugin while a reader streams the volume: no error, right data), and a kill -9 o
 (plugin and server) during hydration with concurrent writes loses no acknowledged write."""
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
 import threading
 import time
 
@@ -114,6 +116,7 @@ def test_kill_9_of_the_node_during_hydration_keeps_every_acknowledged_write(clus
     while len(acked) < 8 and w.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert status(cl, "node-b", vid)["missing"] >= SIZE // 2 // CHUNK, "hydration is still running"
+    dead_before = _dead_loops()
     cl.nodes["node-b"].kill()
     os.kill(pid, 9)                             # the whole node: plugin and serving process
     stop.set()
@@ -131,7 +134,18 @@ def test_kill_9_of_the_node_during_hydration_keeps_every_acknowledged_write(clus
     assert _matches(pread_direct(target, 0, SIZE), bytes(model), inflight), "node-a, through S3"
     cl.release("node-a", vid)
     assert not manager(cl, "node-a").active(vid)
+    # the restart detached the loop device on the dead server's file (the kernel cannot stat
+    # that file: a listing that skipped such devices left one behind per crash)
+    assert _dead_loops() == dead_before, "a loop device on the dead server's file was left attached"
     cl.delete(vid)
+
+
+def _dead_loops() -> set[str]:
+    """Loop devices whose backing file the kernel cannot stat (losetup shows no inode)."""
+    res = subprocess.run(["losetup", "--json", "--list", "--output", "NAME,BACK-INO"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    devs = json.loads(res.stdout)["loopdevices"] if res.stdout.strip() else []
+    return {d["name"] for d in devs if d["back-ino"] is None}
 
 
 def test_restage_on_the_same_node_resumes_hydration(cluster: Cluster):
