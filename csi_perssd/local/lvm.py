@@ -129,7 +129,7 @@ class LvmBackend:
     @contextmanager
     def batch(self) -> Iterator[None]:
         """Reuse one LV listing on this thread until the block ends (see the module doc)."""
-        if getattr(self._local, "batch", False):
+        if self._batching:
             yield
             return
         self._local.batch, self._local.listing = True, None
@@ -138,13 +138,18 @@ class LvmBackend:
         finally:
             self._local.batch, self._local.listing = False, None
 
+    @property
+    def _batching(self) -> bool:
+        """Inside a `batch()` block on this thread."""
+        return bool(getattr(self._local, "batch", False))
+
     def _lvs(self, cached: bool = False) -> list[LvInfo]:
         """The VG's LVs; inside a batch, `cached` takes the batch's listing when it has one."""
-        if cached and getattr(self._local, "batch", False) and self._local.listing is not None:
+        if cached and self._batching and self._local.listing is not None:
             listing: list[LvInfo] = self._local.listing
             return listing
         lvs = self.lvm.lvs(self.vg)
-        if getattr(self._local, "batch", False):
+        if self._batching:
             self._local.listing = lvs
         return lvs
 
@@ -154,7 +159,7 @@ class LvmBackend:
         try:
             self.lvm.run(*args, what=what)
         finally:
-            if getattr(self._local, "batch", False):
+            if self._batching:
                 listing = self._local.listing
                 self._local.listing = [*listing, made] if made is not None and listing is not None else None
 
