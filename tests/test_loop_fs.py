@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
+import struct
 import subprocess
 import threading
 import time
@@ -139,6 +141,248 @@ def test_loop_listing_agrees_with_losetup_and_runs_no_tool(tmp_path):
         loop.detach(rw)
         loop.detach(ro)
     assert rw not in {d.name for d in loop.devices()}
+
+
+# ----------------------------------------------------------------------------- attach by ioctl
+
+@pytest.fixture
+def tools(monkeypatch) -> list[list[str]]:
+    """Every tool loop.py runs during the test (argv)."""
+    ran: list[list[str]] = []
+    real = loop.run
+
+    def spy(argv, **kw):
+        ran.append([str(a) for a in argv])
+        return real(argv, **kw)
+
+    monkeypatch.setattr(loop, "run", spy)
+    return ran
+
+
+@pytest.fixture
+def own_loops(tmp_path) -> Iterator[None]:
+    """Whatever a test leaves attached to a file under its tmp_path is detached (only those)."""
+    yield
+    base = os.path.realpath(tmp_path) + "/"
+    for d in loop.devices():
+        if d.back_file.removesuffix(" (deleted)").startswith(base):
+            loop.detach(d.name, force=True)
+
+
+def on_configure(monkeypatch, before=None) -> list[tuple]:
+    """Records each LOOP_CONFIGURE (the unpacked struct loop_config); `before(fd, calls)` runs
+    first and may raise in the kernel's place."""
+    calls: list[tuple] = []
+    real = loop._ioctl
+
+    def hook(fd, request, arg=0):
+        if request == loop.LOOP_CONFIGURE:
+            assert isinstance(arg, bytes) and len(arg) == 304
+            calls.append(loop._CONFIG.unpack(arg))
+            if before is not None:
+                before(fd, calls)
+        return real(fd, request, arg)
+
+    monkeypatch.setattr(loop, "_ioctl", hook)
+    return calls
+
+
+def sparse(path: str, size: int = 8 * MiB) -> str:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def check_device(dev: str, img: str, direct_io: bool, read_only: bool, sector: int) -> None:
+    """What losetup and sysfs say of `dev`, and data through it both ways."""
+    res = subprocess.run(["losetup", "--json", "--list", "--output", "NAME,BACK-FILE,DIO,RO,LOG-SEC,AUTOCLEAR", dev],
+                         capture_output=True, text=True, timeout=60, check=True)
+    (row,) = json.loads(res.stdout)["loopdevices"]
+    assert row == {"name": dev, "back-file": os.path.realpath(img), "dio": direct_io, "ro": read_only,
+                   "log-sec": sector, "autoclear": False}, row
+    sysfs = f"/sys/block/{os.path.basename(dev)}"
+
+    def read(rel: str) -> str:
+        with open(os.path.join(sysfs, rel)) as f:
+            return f.read().strip()
+
+    assert (read("loop/backing_file"), read("loop/dio"), read("ro"), read("queue/logical_block_size"),
+            read("loop/autoclear")) == (os.path.realpath(img), str(int(direct_io)), str(int(read_only)),
+                                        str(sector), "0")
+    assert fs.block_size(dev) == os.stat(img).st_size
+    before = os.urandom(4096)                           # in the file, read through the device
+    with open(img, "r+b") as f:
+        f.seek(MiB)
+        f.write(before)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(dev, "rb") as f:
+        f.seek(MiB)
+        assert f.read(4096) == before
+    through = os.urandom(4096)
+    if read_only:
+        with pytest.raises(OSError) as e:
+            fd = os.open(dev, os.O_RDWR)
+            try:
+                os.pwrite(fd, through, 2 * MiB)
+            finally:
+                os.close(fd)
+        assert e.value.errno in (errno.EPERM, errno.EACCES, errno.EROFS)
+        return
+    fd = os.open(dev, os.O_RDWR)
+    try:
+        os.pwrite(fd, through, 2 * MiB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    with open(img, "rb") as f:
+        f.seek(2 * MiB)
+        assert f.read(4096) == through
+
+
+@pytest.mark.parametrize("direct_io,read_only,sector", [(True, False, 4096), (False, True, 512), (False, False, 512)])
+def test_attach_by_ioctl_is_what_losetup_makes_and_runs_no_tool(tmp_path, monkeypatch, tools, own_loops,
+                                                                 direct_io, read_only, sector):
+    img = sparse(str(tmp_path / "vol.img"))
+    calls = on_configure(monkeypatch)
+    with proc.tally() as t:
+        dev = loop.attach(img, direct_io=direct_io, read_only=read_only, sector_size=sector)
+    try:
+        assert t.count == 0 and tools == [], (t.summary(), tools)
+        assert len(calls) == 1 and calls[0][1] == sector
+        check_device(dev, img, direct_io, read_only, sector)
+        assert loop.find(img, read_only) == dev
+        assert loop.attach(img, direct_io=direct_io, read_only=read_only, sector_size=sector) == dev
+        assert len(calls) == 1                          # reused, not configured again
+    finally:
+        loop.detach(dev)
+    assert not loop.is_attached(dev)
+
+
+def test_attach_by_ioctl_sets_the_flags_and_file_name_losetup_sets(tmp_path, own_loops):
+    """Status of the same file attached both ways: the same lo_flags (no auto-clear) and the same
+    file name, truncated to 63 bytes and a NUL (the path here is longer than that)."""
+    d = tmp_path / ("a-directory-name-long-enough-to-be-cut-" + "x" * 40)
+    d.mkdir()
+    img = sparse(str(d / "vol.img"))
+    assert len(os.fsencode(os.path.realpath(img))) > 64
+    mine = loop.attach(img, direct_io=True, sector_size=4096)
+    theirs = subprocess.run(["losetup", "--find", "--show", "--sector-size", "4096", "--direct-io=on", img],
+                            capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    try:
+        assert mine != theirs
+
+        def status(dev: str) -> tuple:
+            fd = os.open(dev, os.O_RDONLY)
+            try:
+                f = loop._INFO64.unpack(fcntl.ioctl(fd, loop.LOOP_GET_STATUS64, bytes(loop._INFO64.size)))
+            finally:
+                os.close(fd)
+            return f[0], f[1], f[3], f[4], f[8], f[9]   # backing dev, inode, offset, limit, flags, name
+
+        assert status(mine) == status(theirs)
+        assert status(mine)[4] == loop.LO_FLAGS_DIRECT_IO
+        assert status(mine)[5] == os.fsencode(os.path.realpath(img))[:63] + b"\0"
+    finally:
+        loop.detach(mine)
+        loop.detach(theirs)
+
+
+def test_struct_layout_matches_linux_loop_h():
+    assert loop._INFO64.size == 232 and loop._CONFIG.size == 304
+    assert struct.calcsize("=5Q4I") == 56               # lo_file_name at offset 56 of loop_info64
+    assert (loop.LOOP_CONFIGURE, loop.LOOP_CTL_GET_FREE, loop.LOOP_GET_STATUS64) == (0x4C0A, 0x4C82, 0x4C05)
+
+
+@pytest.mark.parametrize("why", ["ENOTTY", "ENOSYS", "EINVAL-buffered", "no-loop-control"])
+def test_attach_falls_back_to_losetup_where_the_ioctls_are_unavailable(tmp_path, monkeypatch, tools,
+                                                                        own_loops, why):
+    img = sparse(str(tmp_path / "vol.img"))
+    direct_io = why != "EINVAL-buffered"
+
+    def unsupported(fd, calls):
+        raise OSError(getattr(errno, why.split("-")[0]), "simulated")
+
+    calls = on_configure(monkeypatch, unsupported)
+    if why == "no-loop-control":
+        monkeypatch.setattr(loop, "LOOP_CONTROL", str(tmp_path / "no-loop-control"))
+    dev = loop.attach(img, direct_io=direct_io, sector_size=4096)
+    try:
+        assert [a[:2] for a in tools] == [["losetup", "--find"]], tools
+        assert ("--direct-io=on" in tools[0]) == direct_io and tools[0][-1] == img
+        assert len(calls) == (0 if why == "no-loop-control" else 1)
+        check_device(dev, img, direct_io, False, 4096)
+        assert loop.attach(img, direct_io=direct_io) == dev and len(tools) == 1
+    finally:
+        loop.detach(dev)
+
+
+def test_attach_takes_another_free_device_when_one_is_taken_first(tmp_path, monkeypatch, tools, own_loops):
+    """Between LOOP_CTL_GET_FREE and LOOP_CONFIGURE another process configures the same device
+    (here: losetup, for real): the kernel says EBUSY, and attach asks for a new free device."""
+    img, other = sparse(str(tmp_path / "vol.img")), sparse(str(tmp_path / "other.img"))
+    stolen: list[str] = []
+
+    def steal(fd, calls):
+        if not stolen:
+            stolen.append(os.readlink(f"/proc/self/fd/{fd}"))
+            subprocess.run(["losetup", stolen[0], other], capture_output=True, timeout=60, check=True)
+
+    calls = on_configure(monkeypatch, steal)
+    dev = loop.attach(img, sector_size=4096)
+    try:
+        assert len(calls) == 2 and dev != stolen[0] and tools == []
+        assert loop.find(other) == stolen[0] and loop.find(img) == dev     # neither disturbed
+        check_device(dev, img, True, False, 4096)
+    finally:
+        loop.detach(dev)
+        loop.detach(stolen[0])
+
+
+def test_attach_gives_up_after_bounded_ebusy_and_leaves_nothing(tmp_path, monkeypatch, tools, own_loops):
+    img = sparse(str(tmp_path / "vol.img"))
+
+    def busy(fd, calls):
+        raise OSError(errno.EBUSY, "simulated")
+
+    calls = on_configure(monkeypatch, busy)
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(CsiError) as e:
+        loop.attach(img)
+    assert e.value.code == Code.INTERNAL and f"{loop.CONFIGURE_TRIES} tries" in e.value.message
+    assert len(calls) == loop.CONFIGURE_TRIES and tools == []
+    assert loop.find_all(img) == [] and len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_attach_buffered_by_ioctl_when_direct_io_is_refused(tmp_path, monkeypatch, tools, own_loops):
+    img = sparse(str(tmp_path / "vol.img"))
+
+    def refuse_dio(fd, calls):
+        if calls[-1][10] & loop.LO_FLAGS_DIRECT_IO:
+            raise OSError(errno.EINVAL, "simulated")
+
+    calls = on_configure(monkeypatch, refuse_dio)
+    dev = loop.attach(img, direct_io=True, sector_size=4096)
+    try:
+        assert [c[10] for c in calls] == [loop.LO_FLAGS_DIRECT_IO, 0] and tools == []
+        check_device(dev, img, False, False, 4096)
+    finally:
+        loop.detach(dev)
+
+
+def test_attach_error_is_a_csi_error_and_leaves_nothing_attached(tmp_path, monkeypatch, tools, own_loops):
+    img = sparse(str(tmp_path / "vol.img"))
+
+    def eio(fd, calls):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    on_configure(monkeypatch, eio)
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(CsiError) as e:
+        loop.attach(img, direct_io=False)
+    assert e.value.code == Code.INTERNAL, e.value
+    assert "LOOP_CONFIGURE /dev/loop" in e.value.message and "Input/output error" in e.value.message
+    assert tools == [] and loop.find_all(img) == [] and len(os.listdir("/proc/self/fd")) == fds
 
 
 def test_tally_counts_each_tool_run_of_the_thread(tmp_path):
