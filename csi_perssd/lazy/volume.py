@@ -3,9 +3,19 @@
 The local volume (a sparse file) holds every chunk whose present bit is set. A read of a missing
 chunk fetches it (verified) into the local volume first; a write to a missing chunk first fills
 the whole chunk, then lands locally. One fetch per chunk at a time: a second reader waits for the
-first. The background hydrator fetches every other missing chunk, `workers` at a time, chunks
-right after recent demand reads first ("hot first": a sequential reader's next chunks are fetched
-in parallel ahead of it), then in order.
+first. The background hydrator fetches every other missing chunk, `workers` at a time: hot ones
+first (the READ_AHEAD chunks after a read that waited), then, while a reader reads, the missing
+chunks of its window (the next `slots` chunks), nothing while a read has just waited for a fetch
+(HOLD_S: the reader's fetches get the bandwidth), then from the volume's end backwards (away from
+the reader); with no reader, in order.
+
+Until hydration completes, reads are answered from memory (lazy/recent.py): a chunk filled near
+the reader is kept in one of a few reused slots, and a local chunk that is not kept is loaded
+into a slot with O_DIRECT for its reads; measured, serving them from the page cache right after
+stage cost half the server's CPU in copies from cold pages and read the volume from disk twice.
+A write drops the chunk's copy. Once hydrated (and the reader idle for IDLE_RELEASE_S) the slots
+go and reads use the local volume's page cache. Without slots (keep_slots=0), a fill near a
+reader is read back into the page cache instead (_ReadAheadSink).
 
 A chunk goes the full hydrate's way (remote/stages.py): the fetcher is its GET -> decode -> verify
 (`fetch_verified`, lazy/fetch.py adds the retries), the chunk is written by `write_chunk` into a
@@ -33,8 +43,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..local.fileio import ChunkWriter, pwrite_full
-from ..remote.manifest import Manifest
 from ..remote.chunks import chunk_span
+from ..remote.manifest import Manifest
 from ..remote.stages import run_bounded, write_chunk
 from ..remote.transfer import ChunkCorrupted
 from .fetch import FetchTimeout
@@ -111,6 +121,7 @@ class LazyVolume:
         self._mu = threading.Lock()             # state bits, in-flight table, hot queue
         self._persist_mu = threading.Lock()
         self._inflight: dict[int, _Fetch] = {}
+        self._handed: set[int] = set()          # chunks _next gave the pool, until their fetch ends
         self._hot: collections.deque[int] = collections.deque(maxlen=HOT_MAX)
         self._cursor = 0
         self._far = state.chunks - 1           # the hydrator's cursor from the end, while a reader reads
@@ -363,39 +374,48 @@ class LazyVolume:
 
     # -- background hydration ---------------------------------------------------------------
     def _wanted(self, j: int) -> bool:
-        return not self.state.is_present(j) and j not in self._inflight and j not in self._failed
+        return (not self.state.is_present(j) and j not in self._inflight and j not in self._handed
+                and j not in self._failed)
 
     def _next(self) -> int | None:
         """The next chunk for the hydrator (None: none left this round; HOLD: none to start now).
         Hot ones first; while a reader reads, the missing chunks of its window (the next
         `slots` chunks from its latest read: fetched ahead of it and kept for it), then none
         while a read has just waited for a fetch (the reader needs the bandwidth), then the
-        highest missing chunk (far from where the reader goes next); with no reader the lowest."""
+        highest missing chunk (far from where the reader goes next); with no reader the lowest.
+        A chunk is handed out once until its fetch ends (the window is looked at again each time)."""
         with self._mu:
-            while self._hot:
-                j = self._hot.popleft()
+            j = self._pick()
+            if j is not None and j != HOLD:
+                self._handed.add(j)
+            return j
+
+    def _pick(self) -> int | None:
+        """Under _mu: _next's choice."""
+        while self._hot:
+            j = self._hot.popleft()
+            if self._wanted(j):
+                return j
+        n = self.state.chunks
+        now = time.monotonic()
+        r = self._read_at
+        if r >= 0 and now - self._read_t < READER_ACTIVE_S:
+            for j in range(r, min(n, r + max(self.recent.slots, READ_AHEAD))):
                 if self._wanted(j):
                     return j
-            n = self.state.chunks
-            now = time.monotonic()
-            r = self._read_at
-            if r >= 0 and now - self._read_t < READER_ACTIVE_S:
-                for j in range(r, min(n, r + max(self.recent.slots, READ_AHEAD))):
-                    if self._wanted(j):
-                        return j
-                if now - self._waited_t < HOLD_S:
-                    return HOLD
-                while self._far >= 0:
-                    j = self._far
-                    self._far -= 1
-                    if self._wanted(j):
-                        return j
-            while self._cursor < n:
-                j = self._cursor
-                self._cursor += 1
+            if now - self._waited_t < HOLD_S:
+                return HOLD
+            while self._far >= 0:
+                j = self._far
+                self._far -= 1
                 if self._wanted(j):
                     return j
-            return None
+        while self._cursor < n:
+            j = self._cursor
+            self._cursor += 1
+            if self._wanted(j):
+                return j
+        return None
 
     def _todo(self) -> Iterator[int]:
         while not self._stop.is_set():
@@ -410,7 +430,7 @@ class LazyVolume:
     def _background(self, i: int) -> None:
         """One background fetch (on the pool): its failure is logged, never raised."""
         try:
-            self.ensure(i, demand=False)
+            self._ensure_handed(i)
         except ChunkCorrupted as e:
             with self._mu:
                 self._failed.add(i)
@@ -421,6 +441,13 @@ class LazyVolume:
         except Exception as e:      # noqa: BLE001 - a local I/O error: retried in the next round
             log.error("background hydration of chunk %d: %s", i, e)
             self._stop.wait(RETRY_PAUSE_S)
+
+    def _ensure_handed(self, i: int) -> None:
+        try:
+            self.ensure(i, demand=False)
+        finally:
+            with self._mu:
+                self._handed.discard(i)
 
     def _hydrate(self) -> None:
         """Rounds of the bounded pool over the missing chunks (hot first, then in order) until
