@@ -129,6 +129,10 @@ class LazyBench:
         row["read_mb_s"] = data / read_seq(dev, data) / 1e6
         st = self.lazy_status(lazy_read)
         row["read_on_demand_chunks"], row["read_background_chunks"] = st.get("on_demand"), st.get("background")
+        # chunks kept in memory for the reader (of them, loaded from the local volume), bytes
+        # answered from them
+        row["read_kept_chunks"], row["read_loaded_chunks"] = st.get("kept_chunks"), st.get("loaded_chunks")
+        row["read_kept_bytes"] = st.get("kept_read_bytes")
         self.wait_complete(lazy_read)
         self.cl.release("node-b", lazy_read)
         self.drop(lazy_read)

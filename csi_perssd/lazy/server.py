@@ -56,6 +56,10 @@ class _FuseBufvec(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.calloc.restype = ctypes.c_void_p
 _libc.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+_libc.malloc.restype = ctypes.c_void_p
+_libc.malloc.argtypes = [ctypes.c_size_t]
+_libc.free.restype = None
+_libc.free.argtypes = [ctypes.c_void_p]
 BUFVEC_BYTES = ctypes.sizeof(_FuseBufvec) + 64  # slack: later libfuse versions grew fuse_buf
 
 
@@ -98,20 +102,45 @@ class _Ops(mfusepy.Operations):
 
     def read_buf(self, path: str, bufpp: Any, size: int, offset: int, fh: Any) -> int:
         """A read: the chunks it covers are made local (fetched and verified first), then the
-        reply names the local volume's descriptor and range, and libfuse reads it from there
-        into its reply itself (in C, without the GIL; no bytes object, no copy in Python).
+        reply is a copy of the chunks the volume keeps in memory (`_kept`) or else names the
+        local volume's descriptor and range, and libfuse reads it from there into its reply
+        itself (in C, without the GIL; no bytes object, no copy in Python).
         libfuse frees the vector with free(): it is calloc'd here."""
         n = self._io(self.vol.prepare_read, offset, size)
+        mem = self._kept(offset, n)
         addr = _libc.calloc(1, BUFVEC_BYTES)
         if not addr:
+            _libc.free(mem)
             raise mfusepy.FuseOSError(errno.ENOMEM)
         vec = _FuseBufvec.from_address(addr)
         vec.count = 1
         buf = vec.buf[0]
-        buf.size, buf.fd, buf.pos = n, self.vol.fd, offset
-        buf.flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY
+        buf.size = n
+        if mem:
+            buf.mem, buf.flags = mem, 0
+        else:
+            buf.fd, buf.pos = self.vol.fd, offset
+            buf.flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY
         bufpp[0] = ctypes.cast(addr, mfusepy.fuse_bufvec_p)
         return 0
+
+    def _kept(self, offset: int, n: int) -> int | None:
+        """The read's bytes copied from the chunks the volume keeps in memory (LazyVolume.read_kept)
+        into malloc'd memory, which libfuse frees with the vector after its reply (fuse.c
+        fuse_free_buf frees each buffer that is not a descriptor's); None: answer from the
+        descriptor."""
+        if not n or not self.vol.recent.active:
+            return None
+        mem = _libc.malloc(n)
+        if not mem:
+            return None
+        try:
+            if self.vol.read_kept(offset, n, mem):
+                return int(mem)
+        except OSError as e:
+            log.warning("reading kept chunks: %s (answered from the local volume)", e)
+        _libc.free(mem)
+        return None
 
     def write(self, path: str, data: bytes, offset: int, fh: Any) -> int:
         return self._io(self.vol.write, offset, data)

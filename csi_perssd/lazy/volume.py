@@ -3,9 +3,19 @@
 The local volume (a sparse file) holds every chunk whose present bit is set. A read of a missing
 chunk fetches it (verified) into the local volume first; a write to a missing chunk first fills
 the whole chunk, then lands locally. One fetch per chunk at a time: a second reader waits for the
-first. The background hydrator fetches every other missing chunk, `workers` at a time, chunks
-right after recent demand reads first ("hot first": a sequential reader's next chunks are fetched
-in parallel ahead of it), then in order.
+first. The background hydrator fetches every other missing chunk, `workers` at a time: hot ones
+first (the READ_AHEAD chunks after a read that waited), then, while a reader reads, the missing
+chunks of its window (the next `slots` chunks), nothing while a read has just waited for a fetch
+(HOLD_S: the reader's fetches get the bandwidth), then from the volume's end backwards (away from
+the reader); with no reader, in order.
+
+Until hydration completes, reads are answered from memory (lazy/recent.py): a chunk filled near
+the reader is kept in one of a few reused slots, and a local chunk that is not kept is loaded
+into a slot with O_DIRECT for its reads; measured, serving them from the page cache right after
+stage cost half the server's CPU in copies from cold pages and read the volume from disk twice.
+A write drops the chunk's copy. Once hydrated (and the reader idle for IDLE_RELEASE_S) the slots
+go and reads use the local volume's page cache. Without slots (keep_slots=0), a fill near a
+reader is read back into the page cache instead (_ReadAheadSink).
 
 A chunk goes the full hydrate's way (remote/stages.py): the fetcher is its GET -> decode -> verify
 (`fetch_verified`, lazy/fetch.py adds the retries), the chunk is written by `write_chunk` into a
@@ -24,6 +34,7 @@ was verified, so a failure never leaves wrong data behind.
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import os
 import threading
@@ -32,10 +43,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..local.fileio import ChunkWriter, pwrite_full
+from ..remote.chunks import chunk_span
 from ..remote.manifest import Manifest
 from ..remote.stages import run_bounded, write_chunk
 from ..remote.transfer import ChunkCorrupted
 from .fetch import FetchTimeout
+from .recent import SLOTS, RecentChunks
 from .state import HydrationState
 
 log = logging.getLogger(__name__)
@@ -47,6 +60,11 @@ PERSIST_EVERY_S = 1.0
 POOL = "lazy-hydrate"           # the background pool's thread names start with it
 STOP_JOIN_S = 10.0              # stop() waits this long in all for the hydrator (manager kills at 20 s)
 RETRY_PAUSE_S = 1.0             # before the hydrator retries chunks that timed out or failed locally
+READER_ACTIVE_S = 1.0           # a read this recent makes the hydrator work for the reader first
+HOLD_S = 0.25                   # a read that waited for a fetch this recently holds far fetches back
+HOLD_POLL_S = 0.005
+HOLD = -1                       # _next: nothing to start now, ask again in HOLD_POLL_S
+IDLE_RELEASE_S = 5.0            # hydrated and no read this long: the kept chunks' memory goes
 
 
 @dataclass
@@ -84,7 +102,7 @@ def _willneed(fd: int, offset: int, length: int) -> None:
 
 class LazyVolume:
     def __init__(self, disk_path: str, manifest: Manifest, state: HydrationState, state_path: str,
-                 fetcher: Fetcher, workers: int = 8):
+                 fetcher: Fetcher, workers: int = 8, keep_slots: int = SLOTS):
         self.manifest, self.state, self.state_path = manifest, state, state_path
         self.fetcher = fetcher
         self.workers = max(0, workers)      # 0: no background hydration, on demand only
@@ -94,13 +112,19 @@ class LazyVolume:
         self.fd = self.sink.fd
         self.readahead = _ReadAheadSink(self.sink)
         self._read_at = -1                      # chunk of the latest read (-1: none yet)
+        self._read_t = -1e9                     # monotonic time of the latest read
+        self._waited_t = -1e9                   # ... of the latest read that waited for a fetch
+        self.recent = RecentChunks(keep_slots, manifest.chunk_size)
+        self._loading: dict[int, threading.Event] = {}
         self._unread: set[int] = set()          # background fills read back into the page cache, not read since
         self._advised = (-1, -1)                # chunks [lo, hi) asked into the page cache by reads (_advise_window)
         self._mu = threading.Lock()             # state bits, in-flight table, hot queue
         self._persist_mu = threading.Lock()
         self._inflight: dict[int, _Fetch] = {}
+        self._handed: set[int] = set()          # chunks _next gave the pool, until their fetch ends
         self._hot: collections.deque[int] = collections.deque(maxlen=HOT_MAX)
         self._cursor = 0
+        self._far = state.chunks - 1           # the hydrator's cursor from the end, while a reader reads
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._failed: set[int] = set()          # chunks the hydrator gave up on (corrupt)
@@ -141,9 +165,30 @@ class LazyVolume:
         hydrate writes: no page-cache copy, no dirty pages), then, for a chunk a reader is about
         to read, have it read back into the page cache (`_sink_for`)."""
         h = self.manifest.hash_at(i)
-        if h is not None:
-            raw = self.fetcher(h)
-            write_chunk(self._sink_for(i, demand), self.manifest, i, h, raw)
+        if h is None:
+            return
+        raw = self.fetcher(h)
+        if self._keep(i, demand):
+            write_chunk(self.sink, self.manifest, i, h, raw)
+            if self.recent.put(i, raw, self._read_at):
+                return
+            if demand or 0 <= i - self._read_at < NEAR_READ:
+                self.readahead.advise(self.fd, i * self.manifest.chunk_size, len(raw))
+            return
+        write_chunk(self._sink_for(i, demand), self.manifest, i, h, raw)
+
+    def _keep(self, i: int, demand: bool) -> bool:
+        """Keep chunk i's content for the reader (RecentChunks): a chunk a read waits for, one
+        at most NEAR_READ after the latest read, or, before any read, one of the first chunks
+        (where a reader of a fresh stage starts). Which of them stay is the slots' business."""
+        if not self.recent.active:
+            return False
+        if demand:
+            return True
+        r = self._read_at
+        if r < 0:
+            return i < self.recent.slots
+        return 0 <= i - r < NEAR_READ
 
     def _sink_for(self, i: int, demand: bool) -> ChunkWriter | _ReadAheadSink:
         """Read back: a chunk a read waits for; a chunk at or up to NEAR_READ after the latest
@@ -191,12 +236,15 @@ class LazyVolume:
             return 0
         length = min(length, size - offset)
         self._read_at = offset // self.manifest.chunk_size
+        self._read_t = time.monotonic()
         chunks = self._chunks(offset, length)
-        self._advise_window(chunks)
+        if not self._keeping():
+            self._advise_window(chunks)
         for i in chunks:
             missing = not self.state.is_present(i)      # a hint only: ensure() decides
             self.ensure(i)
             if missing:
+                self._waited_t = time.monotonic()
                 self._heat(i)
         if self._unread:            # read now, or out of the window (passed, or far ahead)
             with self._mu:
@@ -206,7 +254,59 @@ class LazyVolume:
 
     def read(self, offset: int, length: int) -> bytes:
         n = self.prepare_read(offset, length)
-        return os.pread(self.fd, n, offset) if n else b""
+        if not n:
+            return b""
+        buf = bytearray(n)
+        addr = ctypes.addressof((ctypes.c_char * n).from_buffer(buf))
+        if self.read_kept(offset, n, addr):
+            return bytes(buf)
+        return os.pread(self.fd, n, offset)
+
+    def _keeping(self) -> bool:
+        """Are reads answered from kept chunks, loading the others (until hydration completes:
+        then re-reads go through the page cache, which holds them across reads for free)?"""
+        return self.recent.active and not self.state.complete
+
+    def read_kept(self, offset: int, n: int, dst: int) -> bool:
+        """Copy [offset, offset+n), made local by prepare_read, to the address dst from the kept
+        chunks, loading a local chunk that is not kept into a slot first (O_DIRECT, one load
+        per chunk at a time) until hydration completes. False: read it from `fd` instead
+        (a hole, no slot free for it, hydrated; what was copied already is overwritten then)."""
+        if not self.recent.active:
+            return False
+        cs = self.manifest.chunk_size
+        pos = 0
+        while pos < n:
+            i, at = divmod(offset + pos, cs)
+            k = min(n - pos, cs - at)
+            if not self.recent.copy_out(i, at, k, dst + pos):
+                if not self._keeping() or not self._load(i) or not self.recent.copy_out(i, at, k, dst + pos):
+                    return False
+            pos += k
+        return True
+
+    def _load(self, i: int) -> bool:
+        """Chunk i, local, into a slot (RecentChunks.load); concurrent readers of it wait for
+        one load (the kernel's readahead sends several reads of one chunk at once)."""
+        if self.manifest.hash_at(i) is None:
+            return False                            # a hole: the local volume's zeros, as fast
+        with self._mu:
+            ev = self._loading.get(i)
+            mine = ev is None
+            if mine:
+                ev = self._loading[i] = threading.Event()
+        assert ev is not None
+        if not mine:
+            ev.wait(1.0)
+            return self.recent.holds(i)
+        try:
+            off, length = chunk_span(i, self.manifest.volume_size, self.manifest.chunk_size)
+            fd = self.sink.direct_fd if self.sink.direct else -1
+            return self.recent.load(i, fd, off, length, self._read_at)
+        finally:
+            with self._mu:
+                self._loading.pop(i, None)
+            ev.set()
 
     def _advise_window(self, chunks: range) -> None:
         """The chunks after this read, up to NEAR_READ from its first, that are local but were
@@ -257,6 +357,8 @@ class LazyVolume:
         if new_dirty:
             self.persist()                      # write-ahead: the dirty bit before the data
         pwrite_full(self.fd, data, offset)
+        for i in self._chunks(offset, len(data)):
+            self.recent.drop(i)                 # and any load of it that read the disk before
         return len(data)
 
     def fsync(self) -> None:
@@ -271,32 +373,64 @@ class LazyVolume:
             snap.save(self.state_path)
 
     # -- background hydration ---------------------------------------------------------------
+    def _wanted(self, j: int) -> bool:
+        return (not self.state.is_present(j) and j not in self._inflight and j not in self._handed
+                and j not in self._failed)
+
     def _next(self) -> int | None:
-        """The next chunk for the hydrator: hot ones first, then the lowest missing one."""
+        """The next chunk for the hydrator (None: none left this round; HOLD: none to start now).
+        Hot ones first; while a reader reads, the missing chunks of its window (the next
+        `slots` chunks from its latest read: fetched ahead of it and kept for it), then none
+        while a read has just waited for a fetch (the reader needs the bandwidth), then the
+        highest missing chunk (far from where the reader goes next); with no reader the lowest.
+        A chunk is handed out once until its fetch ends (the window is looked at again each time)."""
         with self._mu:
-            while self._hot:
-                j = self._hot.popleft()
-                if not self.state.is_present(j) and j not in self._inflight and j not in self._failed:
+            j = self._pick()
+            if j is not None and j != HOLD:
+                self._handed.add(j)
+            return j
+
+    def _pick(self) -> int | None:
+        """Under _mu: _next's choice."""
+        while self._hot:
+            j = self._hot.popleft()
+            if self._wanted(j):
+                return j
+        n = self.state.chunks
+        now = time.monotonic()
+        r = self._read_at
+        if r >= 0 and now - self._read_t < READER_ACTIVE_S:
+            for j in range(r, min(n, r + max(self.recent.slots, READ_AHEAD))):
+                if self._wanted(j):
                     return j
-            n = self.state.chunks
-            while self._cursor < n:
-                j = self._cursor
-                self._cursor += 1
-                if not self.state.is_present(j) and j not in self._inflight and j not in self._failed:
+            if now - self._waited_t < HOLD_S:
+                return HOLD
+            while self._far >= 0:
+                j = self._far
+                self._far -= 1
+                if self._wanted(j):
                     return j
-            return None
+        while self._cursor < n:
+            j = self._cursor
+            self._cursor += 1
+            if self._wanted(j):
+                return j
+        return None
 
     def _todo(self) -> Iterator[int]:
         while not self._stop.is_set():
             i = self._next()
             if i is None:
                 return
+            if i == HOLD:
+                self._stop.wait(HOLD_POLL_S)
+                continue
             yield i
 
     def _background(self, i: int) -> None:
         """One background fetch (on the pool): its failure is logged, never raised."""
         try:
-            self.ensure(i, demand=False)
+            self._ensure_handed(i)
         except ChunkCorrupted as e:
             with self._mu:
                 self._failed.add(i)
@@ -308,6 +442,13 @@ class LazyVolume:
             log.error("background hydration of chunk %d: %s", i, e)
             self._stop.wait(RETRY_PAUSE_S)
 
+    def _ensure_handed(self, i: int) -> None:
+        try:
+            self.ensure(i, demand=False)
+        finally:
+            with self._mu:
+                self._handed.discard(i)
+
     def _hydrate(self) -> None:
         """Rounds of the bounded pool over the missing chunks (hot first, then in order) until
         none is left but the ones that failed verification; a chunk that timed out or failed on
@@ -317,7 +458,7 @@ class LazyVolume:
             with self._mu:
                 failed = sum(1 for i in self._failed if not self.state.is_present(i))
                 left = self.state.missing_count > failed
-                self._cursor = 0
+                self._cursor, self._far = 0, self.state.chunks - 1
             if not left:
                 return
             self._stop.wait(RETRY_PAUSE_S)
@@ -339,6 +480,9 @@ class LazyVolume:
                 self.completed_at = time.monotonic()
                 log.info("hydration complete: %d chunks on demand, %d in the background, %.2fs",
                          self.state.on_demand, self.state.background, self.completed_at - self.started_at)
+            if (self.completed_at is not None and self.recent.active
+                    and time.monotonic() - self._read_t > IDLE_RELEASE_S):
+                self.recent.close()         # hydrated, and the reader has gone: reads use the page cache
 
     def start(self) -> None:
         t = threading.Thread(target=self._supervise, name="hydrate-supervisor", daemon=True)
@@ -369,6 +513,8 @@ class LazyVolume:
             return {"chunks": st.chunks, "missing": st.missing_count, "on_demand": st.on_demand,
                     "background": st.background, "complete": st.complete,
                     "failed": sorted(self._failed), "generation": st.generation,
+                    "kept_chunks": self.recent.kept, "loaded_chunks": self.recent.loaded,
+                    "kept_read_bytes": self.recent.read_bytes,
                     "seconds": (self.completed_at or time.monotonic()) - self.started_at}
 
     def close(self) -> None:
@@ -378,4 +524,5 @@ class LazyVolume:
         if alive:
             log.warning("not closing %s: %s still running", self.sink.path, ", ".join(alive))
             return
+        self.recent.close()
         self.sink.close()

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from csi_perssd import volume_io
 from csi_perssd.lazy.fetch import FetchTimeout, fetch_chunk
+from csi_perssd.lazy.recent import SLOTS
 from csi_perssd.lazy.state import HydrationState, StateError
 from csi_perssd.lazy.volume import LazyVolume
-from csi_perssd import volume_io
 from csi_perssd.remote import transfer
 from csi_perssd.remote.filestore import FileStore
 from csi_perssd.remote.store import StoreError
@@ -35,11 +36,11 @@ def setup(tmp_path: Path):
     return store, manifest, str(disk), str(tmp_path / "state.json"), bytes(data)
 
 
-def _volume(setup, workers: int = 0, fetcher=None) -> LazyVolume:  # type: ignore[no-untyped-def]
+def _volume(setup, workers: int = 0, fetcher=None, keep_slots: int = SLOTS) -> LazyVolume:  # type: ignore[no-untyped-def]
     store, manifest, disk, state_path, _ = setup
     st = HydrationState.for_manifest(manifest)
     fetch = fetcher or (lambda h: fetch_chunk(store, h, CS, timeout=2))
-    return LazyVolume(disk, manifest, st, state_path, fetch, workers=workers)
+    return LazyVolume(disk, manifest, st, state_path, fetch, workers=workers, keep_slots=keep_slots)
 
 
 def test_reads_fetch_exactly_the_chunks_they_touch_and_writes_fill_first(setup):
@@ -151,11 +152,12 @@ def test_fills_are_written_with_o_direct_and_read_back_near_readers(setup, monke
     (WILLNEED) when a read waits for it, or when it is at or up to NEAR_READ chunks after the
     latest read, while fewer than NEAR_READ read-back chunks are unread. Before any read no
     fill is read back; a read asks for the local chunks after it in its window that were not
-    (one WILLNEED per run, once). The bytes are the manifest's either way."""
+    (one WILLNEED per run, once). The bytes are the manifest's either way. (Without kept
+    chunks: with them, the page cache is the path once hydration completes.)"""
     import csi_perssd.lazy.volume as volume
     monkeypatch.setattr(volume, "NEAR_READ", 4)
     data = setup[4]
-    vol = _volume(setup)
+    vol = _volume(setup, keep_slots=0)
     if not vol.sink.direct:
         vol.close()
         pytest.skip("the temporary file system refuses O_DIRECT: fills are written buffered there")
@@ -294,3 +296,80 @@ def test_stop_during_an_outage_ends_the_hydrator_and_saves_the_state(setup):
     vol.close()
     with pytest.raises(OSError):
         os.fstat(vol.sink.fd)                              # closed: nothing was still running
+
+
+def test_reads_near_the_fills_are_answered_from_kept_chunks_and_a_write_drops_them(setup):
+    """A chunk a read waits for is kept in memory (RecentChunks) and the read is answered from
+    there; a chunk that is local but not kept is loaded into a slot (O_DIRECT) for the reads
+    of it; a write drops the chunk's copy, so the next read loads what the write left."""
+    data = setup[4]
+    vol = _volume(setup)
+    if not vol.sink.direct:
+        vol.close()
+        pytest.skip("the temporary file system refuses O_DIRECT")
+    assert vol.read(3 * CS + 100, CS) == data[3 * CS + 100:4 * CS + 100]     # chunks 3 and 4
+    st = vol.status()
+    assert (st["kept_chunks"], st["loaded_chunks"], st["kept_read_bytes"]) == (2, 0, CS)
+    assert vol.recent.held() == [3, 4]
+    vol.write(3 * CS + 10, b"new")
+    assert vol.recent.held() == [4]
+    want = bytearray(data[3 * CS:4 * CS])
+    want[10:13] = b"new"
+    assert vol.read(3 * CS, CS) == bytes(want)                               # loaded, with the write
+    st = vol.status()
+    assert (st["kept_chunks"], st["loaded_chunks"], st["kept_read_bytes"]) == (3, 1, 2 * CS)
+    assert vol.read(10 * CS, CS) == bytes(CS), "a hole: the local volume's zeros, not a slot"
+    assert vol.status()["loaded_chunks"] == 1
+    assert vol.ensure(5, demand=False)                   # filled behind the reader (at 10): not kept
+    assert not vol.recent.holds(5)
+    assert vol.read(5 * CS, 100) == data[5 * CS:5 * CS + 100]
+    assert vol.status()["loaded_chunks"] == 2 and vol.recent.holds(5)
+    vol.close()
+
+
+def test_once_hydrated_reads_go_to_the_local_volume_and_the_slots_are_let_go(setup, monkeypatch):
+    import csi_perssd.lazy.volume as volume
+    monkeypatch.setattr(volume, "IDLE_RELEASE_S", 0.0)
+    monkeypatch.setattr(volume, "PERSIST_EVERY_S", 0.05)
+    data = setup[4]
+    vol = _volume(setup)
+    assert vol.read(0, CS) == data[:CS] and vol.recent.held() == [0]
+    for i in range(vol.state.chunks):
+        vol.ensure(i, demand=False)
+    assert vol.state.complete
+    before = vol.status()
+    assert vol.read(40 * CS, CS) == data[40 * CS:41 * CS]       # not kept, hydrated: from the fd
+    assert vol.read(0, CS) == data[:CS]                         # still kept: from the slot
+    after = vol.status()
+    assert after["loaded_chunks"] == before["loaded_chunks"]
+    assert after["kept_read_bytes"] == before["kept_read_bytes"] + CS
+    vol.start()                                                 # the supervisor lets the slots go
+    deadline = time.monotonic() + 10
+    while vol.recent.active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not vol.recent.active
+    assert vol.read(0, CS) == data[:CS] and vol.status()["kept_read_bytes"] == after["kept_read_bytes"]
+    vol.stop()
+    vol.close()
+
+
+def test_with_a_reader_the_hydrator_fetches_its_window_then_holds_then_works_from_the_end(setup, monkeypatch):
+    import csi_perssd.lazy.volume as volume
+    data = setup[4]
+    vol = _volume(setup, workers=2, keep_slots=4)              # not started: _next() is asked here
+    assert vol._next() == 0, "no reader: in order"
+    vol._cursor = 0
+    vol._handed.clear()
+    assert vol.read(20 * CS, 10) == data[20 * CS:20 * CS + 10]  # waited for chunk 20
+    vol._hot.clear()
+    window = [vol._next() for _ in range(volume.READ_AHEAD - 1)]
+    assert window == list(range(21, 20 + volume.READ_AHEAD)), "the reader's window first, each once"
+    assert vol._next() == volume.HOLD, "a read has just waited: nothing far starts"
+    vol._waited_t -= volume.HOLD_S
+    assert vol._next() == 63 and vol._next() == 62, "then from the end, away from the reader"
+    vol._read_t -= volume.READER_ACTIVE_S
+    assert vol._next() == 0, "the reader has gone: in order again"
+    vol._read_t = time.monotonic()                              # the reader is back
+    vol._handed.discard(21)                                     # a fetch of 21 that failed: asked again
+    assert vol._next() == 21
+    vol.close()
