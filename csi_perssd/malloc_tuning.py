@@ -1,18 +1,21 @@
 """glibc malloc settings for the long-running server process (`csi-perssd serve`).
 
-glibc serves a block at least M_MMAP_THRESHOLD large (128 KiB at start) with its own mmap, and
-unmaps it when freed. But its threshold is dynamic: freeing such a block raises the threshold
-to that block's size (up to 32 MiB), so after the first 4 MiB chunk buffer is freed, later
-4 MiB allocations (bytes objects of chunks, compression output, ...) come from the malloc arena
-of the allocating thread — one per uploader thread — and stay resident there after free
-wherever a small allocation lies above them. Measured (`benchmarks/rss_probe.py`: flush (a),
-6 encryption pairs, then flush (b), in one node process): the peak RSS grew ~4.7 MB per flush,
-to 214 MB in flush (b); with the threshold fixed at 1 MiB: 144-147 MB in the pairs, 142 MB in
-flush (b).
+glibc gives each thread that allocates while another holds its arena's lock an arena of its
+own (up to 8 per core), and a freed block stays in its arena, resident, wherever a live block
+lies above it. Its mmap threshold is dynamic as well: freeing a 4 MiB mmapped block raises the
+threshold to 4 MiB, so later chunk-sized buffers (chunks, compression output, PUT bodies) come
+from those per-thread arenas. Measured (`benchmarks/rss_probe.py`: flush (a), 6 encryption pairs,
+then flush (b), in one node process): the peak RSS grew ~5 MB per flush, to 222 MB in flush (b).
 
-Setting M_MMAP_THRESHOLD explicitly turns the dynamic adjustment off. Left alone when the
-process's environment already sets the threshold (MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES'
-glibc.malloc.mmap_threshold) and when the C library is not glibc (musl has no mallopt).
+Two fixes were measured, the same probe, one run each:
+  - M_MMAP_THRESHOLD fixed at 1 MiB (every chunk-sized buffer its own mmap, unmapped at free):
+    flush (b) 150 MB, but node CPU per 256 MiB flush 0.56 -> 0.76 s (+36%: page faults and
+    zeroing of each new mapping);
+  - M_ARENA_MAX = 2 (the worker threads share two arenas, freed buffers are reused across
+    threads): flush (b) 169 MB, CPU 0.55 s (unchanged). This one is applied.
+
+Left alone when the process's environment already sets it (MALLOC_ARENA_MAX or GLIBC_TUNABLES'
+glibc.malloc.arena_max) and when the C library is not glibc (musl has no mallopt).
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ import os
 
 log = logging.getLogger("csi_perssd")
 
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 1 << 20
+M_ARENA_MAX = -8
+ARENA_MAX = 2
 
 
 def glibc() -> ctypes.CDLL | None:
@@ -39,19 +42,19 @@ def glibc() -> ctypes.CDLL | None:
 
 
 def tune() -> bool:
-    """Fix glibc's mmap threshold at MMAP_THRESHOLD; True when applied."""
+    """Limit glibc to ARENA_MAX malloc arenas; True when applied."""
     env = os.environ
-    if "MALLOC_MMAP_THRESHOLD_" in env or "glibc.malloc.mmap_threshold" in env.get("GLIBC_TUNABLES", ""):
-        log.debug("malloc: mmap threshold left as the environment sets it")
+    if "MALLOC_ARENA_MAX" in env or "glibc.malloc.arena_max" in env.get("GLIBC_TUNABLES", ""):
+        log.debug("malloc: arena limit left as the environment sets it")
         return False
     libc = glibc()
     if libc is None:
-        log.debug("malloc: not glibc, mmap threshold not set")
+        log.debug("malloc: not glibc, arena limit not set")
         return False
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt.restype = ctypes.c_int
-    if libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
-        log.debug("malloc: mallopt(M_MMAP_THRESHOLD) failed")
+    if libc.mallopt(M_ARENA_MAX, ARENA_MAX) != 1:
+        log.debug("malloc: mallopt(M_ARENA_MAX) failed")
         return False
-    log.debug("malloc: mmap threshold fixed at %d bytes", MMAP_THRESHOLD)
+    log.debug("malloc: at most %d malloc arenas", ARENA_MAX)
     return True
