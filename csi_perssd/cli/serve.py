@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import Any
 
+from .. import malloc_tuning
 from ..config import MODES, Config
 from ..errors import CsiError
 from .flags import add, config_from_args, store_flags
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"csi-perssd: {e}", file=sys.stderr)
             return 2
         log.info("pool %s from label %s of node %s", cfg.pool, cfg.pool_from_node_label, cfg.node_id)
+    malloc_tuning.tune()            # before the first chunk buffer: see malloc_tuning
     from ..runtime import Runtime
     try:
         rt = Runtime(cfg)
