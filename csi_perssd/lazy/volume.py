@@ -6,7 +6,7 @@ the whole chunk, then lands locally. One fetch per chunk at a time: a second rea
 first. The background hydrator fetches every other missing chunk, `workers` at a time: hot ones
 first (the READ_AHEAD chunks after a read that waited), then, while a reader reads, the missing
 chunks of its window (the next `slots` chunks), nothing while a read has just waited for a fetch
-(HOLD_S: the reader's fetches get the bandwidth), then from the volume's end backwards (away from
+and the window's fetches run (HOLD_S: they get the bandwidth), then from the volume's end backwards (away from
 the reader); with no reader, in order.
 
 Until hydration completes, reads are answered from memory (lazy/recent.py): a chunk filled near
@@ -381,7 +381,8 @@ class LazyVolume:
         """The next chunk for the hydrator (None: none left this round; HOLD: none to start now).
         Hot ones first; while a reader reads, the missing chunks of its window (the next
         `slots` chunks from its latest read: fetched ahead of it and kept for it), then none
-        while a read has just waited for a fetch (the reader needs the bandwidth), then the
+        while a read has just waited for a fetch and the window's fetches run (they get the
+        bandwidth; a lone read, such as a probe of the device's last block, holds nothing), then the
         highest missing chunk (far from where the reader goes next); with no reader the lowest.
         A chunk is handed out once until its fetch ends (the window is looked at again each time)."""
         with self._mu:
@@ -400,10 +401,12 @@ class LazyVolume:
         now = time.monotonic()
         r = self._read_at
         if r >= 0 and now - self._read_t < READER_ACTIVE_S:
+            coming = False                  # a fetch of the window's is running
             for j in range(r, min(n, r + max(self.recent.slots, READ_AHEAD))):
                 if self._wanted(j):
                     return j
-            if now - self._waited_t < HOLD_S:
+                coming = coming or j in self._inflight or j in self._handed
+            if coming and now - self._waited_t < HOLD_S:
                 return HOLD
             while self._far >= 0:
                 j = self._far

@@ -364,12 +364,19 @@ def test_with_a_reader_the_hydrator_fetches_its_window_then_holds_then_works_fro
     vol._hot.clear()
     window = [vol._next() for _ in range(volume.READ_AHEAD - 1)]
     assert window == list(range(21, 20 + volume.READ_AHEAD)), "the reader's window first, each once"
-    assert vol._next() == volume.HOLD, "a read has just waited: nothing far starts"
+    assert vol._next() == volume.HOLD, "a read has just waited, its window is coming: nothing far starts"
     vol._waited_t -= volume.HOLD_S
     assert vol._next() == 63 and vol._next() == 62, "then from the end, away from the reader"
     vol._read_t -= volume.READER_ACTIVE_S
     assert vol._next() == 0, "the reader has gone: in order again"
-    vol._read_t = time.monotonic()                              # the reader is back
+    vol._handed.clear()                                         # the window's fetches ended
+    vol._read_at, vol._read_t, vol._waited_t = 60, time.monotonic(), time.monotonic()
+    assert vol._next() == 60, "a read that waited for the last chunks"
+    vol._handed.clear()
+    for j in range(60, 64):
+        vol.state.mark_present(j)
+    assert vol._next() == 59, "its window is local, nothing of it coming: no hold (the end cursor goes on)"
+    vol._read_at, vol._read_t = 20, time.monotonic()            # the reader is back
     vol._handed.discard(21)                                     # a fetch of 21 that failed: asked again
     assert vol._next() == 21
     vol.close()
