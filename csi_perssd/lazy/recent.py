@@ -22,6 +22,7 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Callable
 
 SLOTS = 16
 
@@ -98,7 +99,7 @@ class RecentChunks:
         self._chunk[s], self._len[s] = _BUSY, 0
         return s, self._version.get(i, 0)
 
-    def _commit(self, s: int, i: int, n: int, version: int) -> bool:
+    def _commit(self, s: int, i: int, n: int, version: int, loaded: bool) -> bool:
         """Under _mu: the reserved slot s now holds n bytes of chunk i, unless written since."""
         if self._map is None:
             return False
@@ -108,6 +109,7 @@ class RecentChunks:
         self._chunk[s], self._len[s] = i, n
         self._where[i] = s
         self.kept += 1
+        self.loaded += loaded
         return True
 
     def _view(self, s: int, n: int) -> memoryview:
@@ -115,20 +117,41 @@ class RecentChunks:
         start = s * self.chunk_size
         return memoryview(self._map)[start:start + n]
 
+    def _into_slot(self, i: int, n: int, reader: int, fill: Callable[[memoryview], int],
+                   loaded: bool = False) -> bool:
+        """Chunk i's n bytes into a slot by `fill(view)` (the bytes it wrote), outside the lock;
+        False when no slot may take it, the fill came short or failed (OSError), or a write to
+        the chunk came in meanwhile. The view is taken with the slot: a close() meanwhile
+        leaves the map to it until the fill ends; the slot is freed whatever the fill raised."""
+        with self._mu:
+            got = self._reserve(i, reader)
+            if got is None:
+                return False
+            s, version = got
+            view = self._view(s, n)
+        done = -1
+        try:
+            with view:
+                done = fill(view)
+        except OSError:
+            pass
+        finally:
+            with self._mu:
+                ok = done == n and self._commit(s, i, n, version, loaded)
+                if not ok and self._chunk[s] == _BUSY:
+                    self._chunk[s] = _FREE
+        return ok
+
     def put(self, i: int, data: bytes | bytearray | memoryview, reader: int) -> bool:
         """Keep a copy of chunk i's content (a fill): False when no slot may take it."""
         n = len(data)
         if n > self.chunk_size:
             return False
-        with self._mu:
-            got = self._reserve(i, reader)
-        if got is None:
-            return False
-        s, version = got
-        with self._view(s, n) as v:
+
+        def copy(v: memoryview) -> int:
             v[:] = data
-        with self._mu:
-            return self._commit(s, i, n, version)
+            return n
+        return self._into_slot(i, n, reader, copy)
 
     def load(self, i: int, direct_fd: int, offset: int, length: int, reader: int) -> bool:
         """Read chunk i ([offset, offset+length) of the local volume) into a slot with O_DIRECT
@@ -136,25 +159,7 @@ class RecentChunks:
         read is not aligned for O_DIRECT, or a write to the chunk came in meanwhile."""
         if direct_fd < 0 or offset % 4096 or length % 4096 or length > self.chunk_size:
             return False
-        with self._mu:
-            got = self._reserve(i, reader)
-        if got is None:
-            return False
-        s, version = got
-        try:
-            with self._view(s, length) as v:
-                got_n = os.preadv(direct_fd, [v], offset)
-        except OSError:
-            got_n = -1
-        with self._mu:
-            if got_n != length:
-                if self._chunk[s] == _BUSY:
-                    self._chunk[s] = _FREE
-                return False
-            ok = self._commit(s, i, length, version)
-            if ok:
-                self.loaded += 1
-            return ok
+        return self._into_slot(i, length, reader, lambda v: os.preadv(direct_fd, [v], offset), loaded=True)
 
     def copy_out(self, i: int, at: int, n: int, dst: int) -> bool:
         """Copy n bytes of chunk i from its byte `at` to the address dst; False when the chunk

@@ -168,14 +168,10 @@ class LazyVolume:
         if h is None:
             return
         raw = self.fetcher(h)
-        if self._keep(i, demand):
-            write_chunk(self.sink, self.manifest, i, h, raw)
-            if self.recent.put(i, raw, self._read_at):
-                return
-            if demand or 0 <= i - self._read_at < NEAR_READ:
-                self.readahead.advise(self.fd, i * self.manifest.chunk_size, len(raw))
-            return
-        write_chunk(self._sink_for(i, demand), self.manifest, i, h, raw)
+        keep = self._keep(i, demand)
+        write_chunk(self.sink if keep else self._sink_for(i, demand), self.manifest, i, h, raw)
+        if keep and not self.recent.put(i, raw, self._read_at):     # no slot for it: the page cache
+            self.readahead.advise(self.fd, i * self.manifest.chunk_size, len(raw))
 
     def _keep(self, i: int, demand: bool) -> bool:
         """Keep chunk i's content for the reader (RecentChunks): a chunk a read waits for, one
