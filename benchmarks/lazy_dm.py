@@ -327,6 +327,8 @@ def measure(work: Path, size: int, reps: int, seconds: int, big: list[tuple[int,
         shutil.copyfile(n.log_path, keep / "lazy-dm-bench-driver.log")
         for f in (Path(n.state_dir) / "lazy").glob("*.log"):
             shutil.copyfile(f, keep / f"lazy-dm-bench-{f.name}")
+        for f in (Path(n.state_dir) / "lazy").glob("*/server.log"):    # each volume's server
+            shutil.copyfile(f, keep / f"lazy-dm-bench-server-{f.parent.name}.log")
     return doc
 
 
@@ -345,8 +347,9 @@ def markdown(doc: dict[str, Any]) -> str:
              "| volume | data | data chunks | NodeStage lazy | tools the node ran in it | generation 1 |",
              "|---|---|---|---|---|---|"]
     for r in doc["rows"]:
-        how = ("bench-made: one 4 MiB chunk named by every data entry" if r.get("synthetic")
-               else "random data written and flushed by the node")
+        how = ("bench-made: one 4 MiB chunk named by every data entry; the node never held the volume"
+               if r.get("synthetic") else "random data written and flushed by the node, which then lost "
+               "its LV but kept its record (so it lists the VG to learn the LV is gone)")
         chunks = r.get("data_chunks", r["data"] // (4 * MiB))
         stage = f"{r['stage_lazy_s']:.2f} s" if "stage_lazy_s" in r else f"failed: {r.get('error', '?')}"
         lines.append(f"| {r['size'] // MiB} MiB | {r['data'] // MiB} MiB | {chunks} | "
@@ -378,7 +381,7 @@ def markdown(doc: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=256)
-    ap.add_argument("--big", default="2048:2048,16384:2048",
+    ap.add_argument("--big", default="256:256,2048:2048,16384:2048",
                     help="SIZE_MIB:DATA_MIB,... lazily staged volumes whose NodeStage is timed ('' for none)")
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--seconds", type=int, default=3)

@@ -134,6 +134,8 @@ class VolumeSync:
     def _prepare(self, rec: VolumeRecord, lv: LocalVolume | None, secrets: dict[str, str]) -> LocalVolume:
         vid = rec.id
         self.events.track(rec)
+        if lv is None and self.backend.create_unlisted(vid, rec.size):
+            return self._fresh(rec, secrets, created=True)      # a node that never held it: no listing
         have = self.backend.exists(vid)
         if lv is not None and not have:
             log.warning("volume %s: its local data is gone; making it again", vid)
@@ -179,9 +181,10 @@ class VolumeSync:
         to = {Phase.HYDRATING: Phase.CLEAN, Phase.FLUSHING: Phase.DIRTY}.get(lv.phase)
         return self.vols.update(vid, touch, to=to)
 
-    def _fresh(self, rec: VolumeRecord, secrets: dict[str, str]) -> LocalVolume:
+    def _fresh(self, rec: VolumeRecord, secrets: dict[str, str], created: bool = False) -> LocalVolume:
         vid = rec.id
-        self._create(vid, rec.size)
+        if not created:
+            self._create(vid, rec.size)
         # recorded before hydrating: a crash in the middle leaves generation 0, never "current"
         lv = self.vols.create(LocalVolume(id=vid, persistence=rec.persistence, epoch=rec.epoch))
         if rec.persistence == "object" and rec.generation > 0:

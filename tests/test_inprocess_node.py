@@ -62,6 +62,9 @@ class FileBackend:
     def batch(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
+    def create_unlisted(self, vid: str, size: int) -> bool:
+        return False
+
     def exists(self, vid: str) -> bool:
         return os.path.isfile(self._p(vid))
 

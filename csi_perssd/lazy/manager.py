@@ -92,7 +92,16 @@ class LazyManager:
             if self._spare is not None and self._spare.poll() is None:
                 return
             with open(self.root / "spare.log", "ab") as logf:
-                self._spare = self._popen("--spare", logf)
+                proc = self._popen("--spare", logf)
+            assert proc.stdin is not None
+            try:        # the store it opens while it waits (a job with no secrets of its own takes it)
+                store = {**self.store_settings, "fetch_timeout": self.fetch_timeout}
+                proc.stdin.write(json.dumps({"store": store}).encode() + b"\n")
+                proc.stdin.flush()
+            except OSError as e:
+                log.warning("the spare lazy server %d is gone at its start: %s", proc.pid, e)
+                return
+            self._spare = proc
 
     @property
     def spare_pid(self) -> int:
@@ -350,13 +359,8 @@ class LazyManager:
             return False
         if before_switch is not None:
             before_switch()
-        n = dm.name(vid)
-        fs.run(["dmsetup", "suspend", "--noudevsync", n], what="dmsetup suspend")
-        try:
-            self.request(vid, "sync", timeout=30)       # what the suspend flushed, now on disk
-            fs.run(["dmsetup", "reload", n, "--table", dm.linear(local_device)], what="dmsetup reload")
-        finally:
-            fs.run(["dmsetup", "resume", "--noudevsync", n], what="dmsetup resume")
+        dm.retarget(vid, local_device,      # what the suspend flushed, on disk before the reload
+                    while_suspended=lambda: self.request(vid, "sync", timeout=30))
         state = self.state(vid)                     # its dirty set, final: no write reached it after the suspend
         if state is None:
             raise internal(f"volume {vid}: its hydration state is unreadable after the switch")

@@ -46,6 +46,12 @@ class Backend(Protocol):
     def create(self, vid: str, size: int) -> None:
         """Ensure a zero-filled, thinly provisioned volume of `size` bytes exists."""
 
+    def create_unlisted(self, vid: str, size: int) -> bool:
+        """Inside batch(), for a volume the caller holds no record of: create it if that is
+        cheaper than asking first whether it exists (LVM: no `lvs`). True when it made the
+        volume; False, with nothing changed, when the caller is to go the usual way
+        (exists(), create()), which is always right."""
+
     def exists(self, vid: str) -> bool: ...
 
     def size(self, vid: str) -> int:

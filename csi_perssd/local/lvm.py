@@ -17,6 +17,10 @@
   the LV it made as lvcreate made it (size rounded up to the VG's extent), any other lvm change
   drops the listing. Block maps, capacity and release always read afresh. Under emulation each
   lvm run costs 0.3-1 s; a lazy NodeStage makes two (lvs, lvcreate) instead of five.
+- create_unlisted() makes a volume the node holds no record of without that listing: the pool's
+  room is read from its device-mapper status (one ioctl), the LV's fields from the pool as the
+  last listing showed it; lvcreate then tells whether the name was free. A stage on a node
+  that never held the volume (the usual lazy stage) thus runs one lvm command, lvcreate.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from dataclasses import replace
 
 from .. import ids
 from ..errors import Code, CsiError, not_found, precondition
-from . import proc
+from . import devmapper, proc
 from .backend import Backend, Capacity, Extent
 from .lvmcli import DmCli, LvInfo, LvmCli, ThinRange, ToolRunner, dm_name
 
@@ -100,6 +104,8 @@ class LvmBackend:
         self.dm = DmCli(runner)
         self._meta_lock = threading.Lock()
         self._local = threading.local()         # .listing: the batch's LV list (None: read it)
+        # .made: LVs create_unlisted made in the batch (no listing read)
+        self._pool_seen: LvInfo | None = None   # the thin pool as the latest listing showed it
 
     # -- names and tags -----------------------------------------------------------------------
     def _fits(self, lv: str) -> bool:
@@ -132,11 +138,11 @@ class LvmBackend:
         if self._batching:
             yield
             return
-        self._local.batch, self._local.listing = True, None
+        self._local.batch, self._local.listing, self._local.made = True, None, {}
         try:
             yield
         finally:
-            self._local.batch, self._local.listing = False, None
+            self._local.batch, self._local.listing, self._local.made = False, None, {}
 
     @property
     def _batching(self) -> bool:
@@ -151,7 +157,14 @@ class LvmBackend:
         lvs = self.lvm.lvs(self.vg)
         if self._batching:
             self._local.listing = lvs
+        self._pool_seen = next((lv for lv in lvs if lv.name == self.pool and lv.segtype == "thin-pool"),
+                               self._pool_seen)
         return lvs
+
+    def _made_here(self, vid: str) -> LvInfo | None:
+        """The volume's LV if create_unlisted made it in this batch."""
+        made: dict[str, LvInfo] = getattr(self._local, "made", None) or {}
+        return made.get(self.volume_lv(vid)) if self._batching else None
 
     def _run(self, *args: str, what: str = "", made: LvInfo | None = None) -> None:
         """An lvm command that changes the VG: the batch's listing is dropped, or, for an LV
@@ -162,6 +175,8 @@ class LvmBackend:
             if self._batching:
                 listing = self._local.listing
                 self._local.listing = [*listing, made] if made is not None and listing is not None else None
+                if made is None:
+                    self._local.made = {}
 
     def _owned(self, lvs: list[LvInfo], name: str) -> LvInfo | None:
         for lv in lvs:
@@ -262,11 +277,61 @@ class LvmBackend:
                        attr="Vwi-a-tz--", segtype="thin", pool_lv=self.pool, origin="", thin_id=None,
                        data_percent=0.0, metadata_percent=None, active=True, open=False, metadata_size=0)
 
+    def create_unlisted(self, vid: str, size: int) -> bool:
+        """Inside a batch: create a volume the caller holds no record of without listing the VG
+        (see the module doc). False, with nothing changed, whenever that cannot be decided so
+        (no batch, the pool never listed or inactive, little room, a size limit, lvcreate
+        refusing, e.g. because the LV exists): the caller then goes the listed way (create()),
+        which gives any refusal its proper error."""
+        pool = self._pool_seen
+        if (not self._batching or pool is None or pool.extent_size <= 0 or size <= 0
+                or (self.max_volume_bytes and size > self.max_volume_bytes)):
+            return False
+        room = self._pool_room()
+        if room is None:
+            return False
+        data, meta = room
+        if meta >= self.metadata_full_ratio or data >= self.data_full_ratio:
+            return False
+        name = self.volume_lv(vid)
+        made = self._made(pool, name, vid, size)
+        assert made is not None          # extent_size > 0
+        try:
+            self.lvm.run("lvcreate", "--type", "thin", "-V", f"{_round_up(size, SECTOR)}b",
+                         "--thinpool", self.pool, "-n", name,
+                         "--addtag", self.tag, "--addtag", self._vol_tag(vid),
+                         "--setactivationskip", "n", "-y", self.vg, what=f"create volume {vid}")
+        except CsiError as e:
+            log.info("volume %s: lvcreate without a listing refused (%s): listing the VG", vid, e.message)
+            self._local.listing = None
+            return False
+        self._local.listing = None if self._local.listing is None else [*self._local.listing, made]
+        self._local.made[name] = made
+        return True
+
+    def _pool_room(self) -> tuple[float, float] | None:
+        """(data, metadata) used ratios of the active thin pool from its status line
+        ('<transaction> <used>/<total metadata blocks> <used>/<total data blocks> ...');
+        None when the pool is not active or the status cannot be read."""
+        if not devmapper.available():
+            return None
+        try:
+            targets = devmapper.status(dm_name(self.vg, self.pool) + "-tpool")
+        except CsiError:
+            return None
+        try:
+            (t,) = targets
+            meta, data = (tuple(int(x) for x in f.split("/")) for f in t.params.split()[1:3])
+            return data[0] / data[1], meta[0] / meta[1]
+        except (ValueError, ZeroDivisionError):
+            return None
+
     def exists(self, vid: str) -> bool:
-        return self._volume(self._lvs(cached=True), vid) is not None
+        return self._made_here(vid) is not None or self._volume(self._lvs(cached=True), vid) is not None
 
     def size(self, vid: str) -> int:
-        return self._need_volume(self._lvs(cached=True), vid).size
+        made = self._made_here(vid)
+        return made.size if made is not None else self._need_volume(self._lvs(cached=True), vid).size
 
     def device(self, vid: str, read_only: bool = False) -> str:
         if read_only:
@@ -274,7 +339,7 @@ class LvmBackend:
             # permission would also stop a read-write user of the same volume: refuse clearly
             raise CsiError(Code.FAILED_PRECONDITION, f"volume {vid}: read-only raw block publishing is not "
                            "supported by the lvm backend (read-only mounts are)")
-        return self._activate(self._need_volume(self._lvs(cached=True), vid))
+        return self._activate(self._made_here(vid) or self._need_volume(self._lvs(cached=True), vid))
 
     def disk_path(self, vid: str) -> str:
         """The LV's device node (activated)."""

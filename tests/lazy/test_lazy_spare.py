@@ -42,7 +42,10 @@ def test_the_warm_spare_serves_the_next_lazy_stage_and_a_new_one_is_kept(tmp_pat
         assert mgr.ensure_server(vid, {})
         st = mgr.status(vid)
         assert st is not None and st["pid"] == spare and st["store_ready"], st
-        assert f"spare {spare}" in (mgr.dir(vid) / "server.log").read_text()
+        log = (mgr.dir(vid) / "server.log").read_text()
+        assert f"spare {spare}" in log
+        # no secrets of its own, the node's store settings: it takes the store the spare opened
+        assert "the one the spare opened before the job" in log and "object store opened in" not in log, log
         with open(mgr.file(vid), "rb") as f:            # on demand through the spare-turned-server
             assert f.read() == data
         assert mgr.spare_pid == 0, "the next spare does not warm up during the stage's hydration"
@@ -57,5 +60,21 @@ def test_the_warm_spare_serves_the_next_lazy_stage_and_a_new_one_is_kept(tmp_pat
         mgr.discard(vid)
     assert _gone(spare), "the server ended with its mount"
     nxt = mgr.spare_pid
+    other = "pvol-spare-secrets"              # secrets of its own: it opens its own store with them
+    mgr.begin(other, str(disk), manifest)
+    try:
+        assert mgr.ensure_server(other, {"accessKeyID": "k", "secretAccessKey": "s"})
+        log = (mgr.dir(other) / "server.log").read_text()
+        assert f"spare {nxt}" in log and "object store opened in" in log, log
+        with open(mgr.file(other), "rb") as f:
+            assert f.read(MiB) == data[:MiB]
+    finally:
+        mgr.release(other)
+        mgr.discard(other)
+    assert _gone(nxt)
+    nxt = mgr.spare_pid
+    if not nxt:
+        mgr.keep_spare()
+        nxt = mgr.spare_pid
     mgr.stop_spare()
     assert _gone(nxt) and mgr.spare_pid == 0, "a spare ends at EOF on its stdin, unused"

@@ -92,6 +92,45 @@ def test_a_batch_stages_with_one_lvs_and_lists_what_lvcreate_made(backend: LvmBa
     assert t.names() == ["lvm lvs", "lvm lvextend", "lvm lvs"], t.summary()
 
 
+def test_create_unlisted_runs_lvcreate_alone_and_knows_what_it_made(backend: LvmBackend, vid: str) -> None:
+    """A volume the caller holds no record of: one lvcreate and no lvs (the pool's room from its
+    dm status, its fields from the last listing); exists, size and device come from what it
+    made, equal to what a fresh lvs lists. Without a listing seen yet it declines (nothing run)."""
+    fresh_backend = LvmBackend(backend.vg, POOL, lvm_config=NO_UDEV_CONFIG)
+    with proc.tally() as t, fresh_backend.batch():
+        assert not fresh_backend.create_unlisted(vid, 8 * MiB)       # the pool never listed
+    assert t.names() == [] and not backend.exists(vid)
+    size = 5 * MiB + 512
+    backend.capacity()                                  # a listing: the pool is known
+    with proc.tally() as t, backend.batch():
+        assert not backend.create_unlisted(vid, 0)
+        assert backend.create_unlisted(vid, size)
+        assert backend.exists(vid)
+        got, dev = backend.size(vid), backend.device(vid)
+    assert t.names() == ["lvm lvcreate"], t.summary()
+    listed = next(lv for lv in backend.lvm.lvs(backend.vg) if lv.name == backend.volume_lv(vid))
+    assert got == listed.size and got >= size and listed.active, (got, listed)
+    assert backend._volume([listed], vid) is not None, "tagged as a volume of this vid"
+    assert os.path.samefile(dev, listed.path) and device_size(dev) == got
+
+
+def test_create_unlisted_declines_an_existing_lv_and_a_full_pool(backend: LvmBackend, vid: str) -> None:
+    backend.create(vid, 8 * MiB)
+    write_at(backend.device(vid), 0, b"kept" * 1024)
+    with proc.tally() as t, backend.batch():
+        assert not backend.create_unlisted(vid, 8 * MiB)            # lvcreate refuses the name
+        assert backend.exists(vid)                                  # the listed way, afresh
+    assert t.names() == ["lvm lvcreate", "lvm lvs"], t.summary()
+    assert read_at(backend.device(vid), 0, 4096) == b"kept" * 1024, "the LV was left alone"
+    other = vid + "-b"
+    ratio = backend.capacity().metadata_used_ratio
+    tight = LvmBackend(backend.vg, POOL, lvm_config=NO_UDEV_CONFIG, metadata_full_ratio=ratio / 2)
+    tight.capacity()
+    with proc.tally() as t, tight.batch():
+        assert not tight.create_unlisted(other, 8 * MiB)           # room read from the dm status
+    assert t.names() == [] and not backend.exists(other)
+
+
 def test_expand_grows_the_device_and_never_shrinks(backend: LvmBackend, vid: str) -> None:
     backend.create(vid, 32 * MiB)
     dev = backend.device(vid)

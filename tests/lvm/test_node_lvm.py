@@ -191,6 +191,9 @@ def test_lazy_stage_on_dm_linear_switches_to_the_lv_under_the_mounted_fs(
         node = _Node(d, vid, cap, tmp_path)
         target = Path(node.target)
         node.attach()             # generation 0: the LV itself (ext4 with 4 KiB blocks: fs.PORTABLE_MKFS)
+        # a volume this node never held: lvcreate without a listing first (create_unlisted)
+        first = [ln for ln in d.log_path.read_text()[seen:].splitlines() if f"volume {vid} staged at" in ln]
+        assert "lvm lvcreate" in first[-1] and "lvm lvs" not in first[-1], first[-1]
         files = {"a.bin": os.urandom(24 * MiB), "b.bin": os.urandom(2 * MiB)}
         for name, data in files.items():
             (target / name).write_bytes(data)
@@ -201,13 +204,14 @@ def test_lazy_stage_on_dm_linear_switches_to_the_lv_under_the_mounted_fs(
 
         node.attach()                                     # lazy stage: nothing copied first
         # the tools it ran, in order (each costs 0.3-1 s under TCG): one lvs (the backend's
-        # batch), the dm-linear device, the file system's probe and its mount; the loop device
-        # is attached by ioctl (LOOP_CONFIGURE), no losetup
+        # batch: this node has a record of the volume, so it asks whether its LV is there), the
+        # file system's probe and its mount; the loop device is attached by ioctl
+        # (LOOP_CONFIGURE) and the dm-linear device made through libdevmapper: no losetup, no dmsetup
         staged = [ln for ln in d.log_path.read_text()[seen:].splitlines() if f"volume {vid} staged at" in ln]
         m = re.search(r"(\d+) tool runs in [\d.]+s: (.*)\)$", staged[-1])
         assert m, staged[-1]
         assert [re.sub(r" [\d.]+$", "", x) for x in m.group(2).split(", ")] == [
-            "lvm lvs", "lvm lvcreate", "dmsetup create", "blkid", "dumpe2fs", "mount"], staged[-1]
+            "lvm lvs", "lvm lvcreate", "blkid", "dumpe2fs", "mount"], staged[-1]
         mgr = LazyManager(d.state_dir, {})
         server_log = (mgr.dir(vid) / "server.log").read_text()
         assert "spare" in server_log, f"a cold lazy server, not the node's warm spare:\n{server_log}"
