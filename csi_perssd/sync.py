@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -26,7 +27,7 @@ from .config import Config
 from .errors import Code, CsiError, Fenced, aborted
 from .events import VolumeEvents
 from .local import fs
-from .local.backend import Backend
+from .local.backend import Backend, Planned
 from .local.keyfiles import NodeKeys
 from .local.state import FlushJob, FlushState, LocalVolume, Phase
 from .local.volumes import STAGED_PHASES, LocalVolumes
@@ -134,21 +135,41 @@ class VolumeSync:
     def _prepare(self, rec: VolumeRecord, lv: LocalVolume | None, secrets: dict[str, str]) -> LocalVolume:
         vid = rec.id
         self.events.track(rec)
-        if lv is None and self.backend.create_unlisted(vid, rec.size):
-            return self._fresh(rec, secrets, created=True)      # a node that never held it: no listing
+        if lv is None:                      # a node that never held it: no listing
+            planned = self._planned(rec)
+            if planned is not None:
+                made = self._lazy_meanwhile(rec, planned)
+                if made is not None:
+                    return made
+            elif self.backend.create_unlisted(vid, rec.size):
+                return self._fresh(rec, secrets, created=True)
         have = self.backend.exists(vid)
+        remade = False                      # the local copy went: made again below
         if lv is not None and not have:
             log.warning("volume %s: its local data is gone; making it again", vid)
             self.vols.remove(vid)
-            lv = None
+            lv, remade = None, True
         if lv is None and have:             # local data without a record: generation 0
             lv = self.vols.create(LocalVolume(id=vid, persistence=rec.persistence, epoch=rec.epoch))
         if lv is not None and rec.persistence == "object" and self._stale(rec, lv):
             self._delete_local(vid)
-            lv = None
+            lv, remade = None, True
         if lv is None:
-            return self._fresh(rec, secrets)
+            planned = self._planned(rec) if remade else None
+            made = self._lazy_meanwhile(rec, planned) if planned is not None else None
+            return made if made is not None else self._fresh(rec, secrets)
         return self._reuse(rec, lv)
+
+    def _lazy(self, rec: VolumeRecord) -> bool:
+        """Is a fresh local copy of the volume staged lazily? (The lazy server, another process,
+        has no lineage keys: encrypted volumes hydrate fully.)"""
+        return (rec.persistence == "object" and rec.generation > 0 and not rec.encryption
+                and (rec.parameters.get("hydrate") or self.cfg.hydrate) == "lazy")
+
+    def _planned(self, rec: VolumeRecord) -> Planned | None:
+        """For a lazy stage of a volume whose local copy is to be made: what the backend would
+        make without a listing, when it can say so beforehand (LVM)."""
+        return self.backend.plan_unlisted(rec.id, rec.size) if self._lazy(rec) else None
 
     def _stale(self, rec: VolumeRecord, lv: LocalVolume) -> bool:
         """Discard the local copy? Only when it holds another generation than the committed one
@@ -186,20 +207,21 @@ class VolumeSync:
         if not created:
             self._create(vid, rec.size)
         # recorded before hydrating: a crash in the middle leaves generation 0, never "current"
-        lv = self.vols.create(LocalVolume(id=vid, persistence=rec.persistence, epoch=rec.epoch))
-        if rec.persistence == "object" and rec.generation > 0:
-            # the lazy server (another process) has no lineage keys: encrypted volumes hydrate fully
-            if (rec.parameters.get("hydrate") or self.cfg.hydrate) == "lazy" and not rec.encryption:
-                self._stage_lazy(rec, secrets)
-            else:
-                self._hydrate(rec, secrets)
-        size = self.backend.size(vid)
+        self.vols.create(LocalVolume(id=vid, persistence=rec.persistence, epoch=rec.epoch))
+        if self._lazy(rec):
+            self._stage_lazy(rec, secrets)
+        elif rec.persistence == "object" and rec.generation > 0:
+            self._hydrate(rec, secrets)
+        return self._made_current(rec)
+
+    def _made_current(self, rec: VolumeRecord) -> LocalVolume:
+        """The fresh local copy holds (or serves) the committed generation: CLEAN."""
+        size = self.backend.size(rec.id)
 
         def hydrated(cur: LocalVolume) -> None:
             cur.size, cur.last_used = size, time.time()
             cur.generation = rec.generation if rec.persistence == "object" else 0
-        lv = self.vols.update(vid, hydrated, to=Phase.CLEAN)
-        return lv
+        return self.vols.update(rec.id, hydrated, to=Phase.CLEAN)
 
     def _create(self, vid: str, size: int) -> None:
         try:
@@ -257,6 +279,53 @@ class VolumeSync:
             _map_transfer_error(e, rec.id, "staging", f"lazy stage of generation {rec.generation}")
         log.info("volume %s: generation %d staged lazily (%d data chunks to fetch) in %.3fs", rec.id,
                  rec.generation, manifest.data_chunks, time.monotonic() - t0)
+
+    def _lazy_meanwhile(self, rec: VolumeRecord, planned: Planned) -> LocalVolume | None:
+        """A lazy stage that makes the local volume while its server starts: the server serves
+        the planned size and its device is set up (another thread) while the backend makes the
+        volume without a listing (this thread: the backend's batch is this thread's); then the
+        server opens it. None, with nothing left behind, when the backend declines to make it
+        so: the caller goes the usual way."""
+        vid = rec.id
+        t0 = time.monotonic()
+        try:
+            cat = self.stores.volume_catalog(self.secrets_for(vid))
+            manifest = Manifest.decode(cat.get_manifest(vid, rec.generation))
+        except BaseException as e:
+            _map_transfer_error(e, vid, "staging", f"lazy stage of generation {rec.generation}")
+        self.lazy.discard(vid)              # what an interrupted stage may have left
+        self.vols.create(LocalVolume(id=vid, persistence=rec.persistence, epoch=rec.epoch))
+        made = False
+        try:
+            self.lazy.begin(vid, planned.disk, manifest, planned=planned)
+            started = self.lazy.start_early(vid, self.secrets_for(vid))
+            try:
+                made = self.backend.create_unlisted(vid, rec.size)
+            finally:
+                wait([started])             # nothing is torn down under the starting thread
+            if not made:
+                log.info("volume %s: its local volume is not made without a listing: the usual way", vid)
+                self.lazy.discard(vid)
+                self.vols.remove(vid)
+                return None
+            started.result()                # the server's start failed: raised here
+            disk = self.backend.disk_path(vid)
+            try:
+                self.lazy.open_disk(vid, disk)
+            except CsiError as e:           # e.g. another size than planned: served the usual way
+                log.warning("volume %s: %s; starting its lazy server again on it", vid, e.message)
+                self.lazy.discard(vid)
+                self.lazy.begin(vid, disk, manifest)
+        except BaseException as e:
+            if made:
+                self._discard(vid)
+            else:
+                self.lazy.discard(vid)
+                self.vols.remove(vid)
+            _map_transfer_error(e, vid, "staging", f"lazy stage of generation {rec.generation}")
+        log.info("volume %s: generation %d staged lazily (%d data chunks to fetch), its local volume "
+                 "created meanwhile, in %.3fs", vid, rec.generation, manifest.data_chunks, time.monotonic() - t0)
+        return self._made_current(rec)
 
     def _discard(self, vid: str) -> None:
         try:

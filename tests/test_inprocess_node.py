@@ -65,6 +65,9 @@ class FileBackend:
     def create_unlisted(self, vid: str, size: int) -> bool:
         return False
 
+    def plan_unlisted(self, vid: str, size: int) -> None:
+        return None
+
     def exists(self, vid: str) -> bool:
         return os.path.isfile(self._p(vid))
 

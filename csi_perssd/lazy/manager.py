@@ -25,13 +25,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from .. import ids
 from ..errors import Code, CsiError, internal
 from ..local import fs, loop
-from ..local.backend import Extent
+from ..local.backend import Extent, Planned
 from ..remote.manifest import Manifest
 from . import dm
 from .server import FILE
@@ -164,18 +165,60 @@ class LazyManager:
             return None
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def begin(self, vid: str, disk: str, manifest: Manifest) -> None:
-        """Record a lazy stage of `manifest` into the local volume `disk` (fresh, sparse)."""
+    def begin(self, vid: str, disk: str, manifest: Manifest, planned: Planned | None = None) -> None:
+        """Record a lazy stage of `manifest` into the local volume `disk` (fresh, sparse). With
+        `planned` the local volume is still being made (disk is its planned path): the server
+        serves the planned size and opens the disk at open_disk()."""
         d = self.dir(vid)
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
         from ..atomic import write_atomic
         write_atomic(d / "manifest", manifest.encode())
-        settings = {**self.store_settings, "disk": disk, "socket": self.socket_path(vid),
-                    "fetch_timeout": self.fetch_timeout, "workers": self.workers}
-        write_atomic(d / "server.json", json.dumps(settings, sort_keys=True).encode())
+        settings: dict[str, Any] = {**self.store_settings, "disk": disk, "socket": self.socket_path(vid),
+                                    "fetch_timeout": self.fetch_timeout, "workers": self.workers}
+        if planned is not None:
+            settings.update(size=planned.size, sector_size=planned.sector_size, disk_pending=True)
+        self._write_settings(vid, settings)
         HydrationState.for_manifest(manifest).save(self.state_path(vid))
+
+    def _settings(self, vid: str) -> dict[str, Any]:
+        settings: dict[str, Any] = json.loads((self.dir(vid) / "server.json").read_text())
+        return settings
+
+    def _write_settings(self, vid: str, settings: dict[str, Any]) -> None:
+        from ..atomic import write_atomic
+        write_atomic(self.dir(vid) / "server.json", json.dumps(settings, sort_keys=True).encode())
+
+    def start_early(self, vid: str, secrets: dict[str, str]) -> Future[str]:
+        """Start the server of a volume begun with `planned` and set up its device, on another
+        thread, while the caller makes the local volume; the future gives the device (or the
+        error). The caller then calls open_disk(), or discard() when the volume was not made."""
+        fut: Future[str] = Future()
+        fut.set_running_or_notify_cancel()
+
+        def run() -> None:
+            try:
+                dev: list[str] = []
+                self.ensure_server(vid, secrets, meanwhile=lambda: dev.append(self.device(vid)))
+                fut.set_result(dev[0])
+            except BaseException as e:      # handed to the caller
+                fut.set_exception(e)
+        threading.Thread(target=run, name=f"lazy-start-{vid}"[:60], daemon=True).start()
+        return fut
+
+    def open_disk(self, vid: str, disk: str) -> None:
+        """The local volume of a stage begun with `planned` exists now at `disk`: the server opens
+        it and starts hydrating; server.json names it from now on (a restarted server opens it at
+        once). INTERNAL when the server refuses it (another size than planned) or does not answer."""
+        reply = self.request(vid, "open_disk", timeout=30, disk=disk)
+        if not reply or not reply.get("ok") or not reply.get("disk_open"):
+            why = (reply or {}).get("error") or "no answer"
+            raise internal(f"volume {vid}: the lazy hydration server did not open the local volume {disk}: {why}")
+        settings = self._settings(vid)
+        settings["disk"] = disk
+        settings.pop("disk_pending", None)
+        self._write_settings(vid, settings)
 
     def _pid(self, vid: str) -> int:
         """The pid of the volume's live server, 0 if there is none."""
@@ -186,13 +229,13 @@ class LazyManager:
             return 0
         return pid if start and proc_start_time(pid) == start else 0
 
-    def request(self, vid: str, op: str = "status", timeout: float = 30.0) -> dict[str, Any] | None:
+    def request(self, vid: str, op: str = "status", timeout: float = 30.0, **args: Any) -> dict[str, Any] | None:
         """Ask the live server; None when it does not answer."""
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(timeout)
                 s.connect(self.socket_path(vid))
-                s.sendall(json.dumps({"op": op}).encode() + b"\n")
+                s.sendall(json.dumps({**args, "op": op}).encode() + b"\n")
                 line = s.makefile("rb").readline()
             reply: dict[str, Any] = json.loads(line)
             return reply
@@ -335,10 +378,13 @@ class LazyManager:
         512 B; a file system made on it may use 1 KiB blocks, which a 4 KiB-sector device cannot
         mount, and after the switch the dm device maps the LV itself), else the loop default."""
         try:
-            disk = json.loads((self.dir(vid) / "server.json").read_text())["disk"]
+            settings = self._settings(vid)
+            if settings.get("sector_size"):         # planned: the disk may not exist yet
+                return int(settings["sector_size"])
+            disk = settings["disk"]
             if stat.S_ISBLK(os.stat(disk).st_mode):
                 return fs.logical_sector_size(disk)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("volume %s: the local volume's sector size is unknown (%s): %d B", vid, e, loop.SECTOR_SIZE)
         return loop.SECTOR_SIZE
 

@@ -8,6 +8,10 @@ NodeUnstage, after detaching the loop device) or on SIGTERM, persisting the hydr
 
 DIR holds: server.json (settings), manifest (the staged generation), state.json (hydration
 state), server.pid, server.log. The object store's secrets come on stdin, never on argv.
+
+With `disk_pending` in server.json (a lazy stage on LVM: the plugin starts the server while
+lvcreate makes the LV) the file is served at the planned size before the local volume exists;
+the plugin's `open_disk` control request opens it (see _PendingVolume).
 """
 from __future__ import annotations
 
@@ -64,20 +68,80 @@ _libc.free.argtypes = [ctypes.c_void_p]
 BUFVEC_BYTES = ctypes.sizeof(_FuseBufvec) + 64  # slack: later libfuse versions grew fuse_buf
 
 
+class _PendingVolume:
+    """The served volume, whose local volume may not exist yet: a lazy stage on LVM starts the
+    server while lvcreate makes the LV (disk_pending in server.json). Until the plugin's
+    open_disk the file has the planned size, and a read or write waits for the open (up to the
+    fetch timeout, then EIO). Nothing touches the planned path before: lvcreate wipes the LV's
+    start as it makes it, so a write there would be lost, and the path may name nothing yet."""
+
+    def __init__(self, settings: dict[str, Any], make: Callable[[str], LazyVolume]):
+        self.planned_size = int(settings.get("size") or 0)
+        self.timeout = float(settings["fetch_timeout"])
+        self._make = make
+        self._vol: LazyVolume | None = None
+        self._mu = threading.Lock()
+        self._opened = threading.Event()
+        self.disk = ""
+
+    def open(self, disk: str) -> None:
+        """Open the local volume at `disk` and start hydrating it; OSError when it is not of
+        the planned size (nothing written then). Again with the same disk: nothing to do."""
+        with self._mu:
+            if self._vol is not None:
+                if disk != self.disk:
+                    raise OSError(errno.EBUSY, f"the local volume {self.disk} is open, not {disk}")
+                return
+            vol = self._make(disk)
+            size = vol.size
+            if self.planned_size and size != self.planned_size:
+                vol.close()
+                raise OSError(errno.EINVAL, f"the local volume {disk} has {size} bytes, "
+                                            f"not the planned {self.planned_size}")
+            vol.start()
+            self._vol, self.disk = vol, disk
+            self._opened.set()
+        log.info("local volume %s open", disk)
+
+    @property
+    def is_open(self) -> bool:
+        return self._opened.is_set()
+
+    def peek(self) -> LazyVolume | None:
+        return self._vol
+
+    def get(self) -> LazyVolume:
+        """The open volume; waits for the open, EIO past the fetch timeout."""
+        if not self._opened.wait(self.timeout):
+            log.error("I/O error: the local volume was not opened within %.0fs", self.timeout)
+            raise mfusepy.FuseOSError(errno.EIO)
+        assert self._vol is not None
+        return self._vol
+
+    @property
+    def size(self) -> int:
+        vol = self._vol
+        return vol.size if vol is not None else self.planned_size
+
+
 class _Ops(mfusepy.Operations):
     """One regular file, /disk, whose bytes are the volume's."""
     use_ns = True
 
-    def __init__(self, vol: LazyVolume):
-        self.vol = vol
+    def __init__(self, pending: _PendingVolume):
+        self.pending = pending
         self.t = time.time_ns()
+
+    @property
+    def vol(self) -> LazyVolume:
+        return self.pending.get()
 
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
         base = {"st_uid": 0, "st_gid": 0, "st_atime": self.t, "st_mtime": self.t, "st_ctime": self.t}
         if path == "/":
             return {**base, "st_mode": stat.S_IFDIR | 0o700, "st_nlink": 2}
         if path == "/" + FILE:
-            size = self.vol.size
+            size = self.pending.size
             return {**base, "st_mode": stat.S_IFREG | 0o600, "st_nlink": 1, "st_size": size,
                     "st_blocks": (size + 511) // 512, "st_blksize": 4096}
         raise mfusepy.FuseOSError(errno.ENOENT)
@@ -160,8 +224,19 @@ class _Ops(mfusepy.Operations):
         return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
 
 
-def _control(vol: LazyVolume, fetcher: _Fetcher, sock_path: str, stop: threading.Event) -> None:
-    """Control socket: one JSON request per connection: {"op": "status" | "sync"}."""
+def _status(pending: _PendingVolume, state: HydrationState) -> dict[str, Any]:
+    vol = pending.peek()
+    if vol is not None:
+        return {**vol.status(), "disk_open": True}
+    return {"chunks": state.chunks, "missing": state.missing_count, "on_demand": state.on_demand,
+            "background": state.background, "complete": state.complete, "failed": [],
+            "generation": state.generation, "disk_open": False}
+
+
+def _control(pending: _PendingVolume, state: HydrationState, fetcher: _Fetcher, sock_path: str,
+             stop: threading.Event) -> None:
+    """Control socket: one JSON request per connection: {"op": "status" | "sync" | "open_disk",
+    "disk": path (open_disk)}."""
     Path(sock_path).unlink(missing_ok=True)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(sock_path)
@@ -177,10 +252,14 @@ def _control(vol: LazyVolume, fetcher: _Fetcher, sock_path: str, stop: threading
             conn.settimeout(5)
             try:
                 req = json.loads(conn.makefile("rb").readline() or b"{}")
-                if req.get("op") == "sync":
+                vol = pending.peek()
+                if req.get("op") == "sync" and vol is not None:
                     vol.persist()
-                reply: dict[str, Any] = {"ok": True, "pid": os.getpid(), **vol.status(), **fetcher.status()}
-            except (OSError, ValueError) as e:
+                if req.get("op") == "open_disk":
+                    pending.open(str(req["disk"]))
+                reply: dict[str, Any] = {"ok": True, "pid": os.getpid(), **_status(pending, state),
+                                         **fetcher.status()}
+            except (OSError, ValueError, KeyError) as e:
                 reply = {"ok": False, "error": str(e)}
             try:
                 conn.sendall(json.dumps(reply).encode() + b"\n")
@@ -295,28 +374,33 @@ def serve(d: Path, secrets: dict[str, str], early: _EarlyStore | None = None) ->
     fetcher = _Fetcher(settings, secrets, manifest.chunk_size, opened)
     # open the store while the mount comes up (the first fetches would wait for it otherwise)
     threading.Thread(target=fetcher.open, name="open-store", daemon=True).start()
-    vol = LazyVolume(settings["disk"], manifest, state, str(d / "state.json"), fetcher,
-                     int(settings.get("workers", 8)))
+    pending = _PendingVolume(settings, lambda disk: LazyVolume(
+        disk, manifest, state, str(d / "state.json"), fetcher, int(settings.get("workers", 8))))
+    if not settings.get("disk_pending"):
+        pending.open(settings["disk"])
     stop = threading.Event()
-    ctl = threading.Thread(target=_control, args=(vol, fetcher, settings["socket"], stop), daemon=True)
+    ctl = threading.Thread(target=_control, args=(pending, state, fetcher, settings["socket"], stop),
+                           daemon=True)
     ctl.start()
     mnt = d / "mnt"
     mnt.mkdir(exist_ok=True)
     _pidfile(d)
-    vol.start()
-    log.info("serving %s (%d chunks, %d missing) at %s", settings["disk"], state.chunks,
-             state.missing_count, mnt / FILE)
+    log.info("serving %s (%d chunks, %d missing) at %s%s", settings["disk"], state.chunks,
+             state.missing_count, mnt / FILE,
+             "" if pending.is_open else f"; {pending.planned_size} bytes, the disk opens when the plugin asks")
     try:
-        mfusepy.FUSE(_Ops(vol), str(mnt), foreground=True, nothreads=False, fsname="perssd-lazy",
+        mfusepy.FUSE(_Ops(pending), str(mnt), foreground=True, nothreads=False, fsname="perssd-lazy",
                      subtype="perssd", default_permissions=True,
                      attr_timeout=0, entry_timeout=0)
     finally:
         stop.set()
         fetcher.stopping.set()
-        vol.stop()
-        vol.close()
+        vol = pending.peek()
+        if vol is not None:
+            vol.stop()
+            vol.close()
         (d / "server.pid").unlink(missing_ok=True)
-        log.info("stopped: %s", json.dumps(vol.status()))
+        log.info("stopped: %s", json.dumps(_status(pending, state)))
     return 0
 
 

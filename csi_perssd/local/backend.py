@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 from ..extents import Extent
 
-__all__ = ["Backend", "Capacity", "Extent"]
+__all__ = ["Backend", "Capacity", "Extent", "Planned"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,16 @@ class Capacity:
     available_bytes: int        # free for new volumes right now (reservations subtracted)
     max_volume_bytes: int       # largest single volume the backend will create
     metadata_used_ratio: float = 0.0   # LVM thin metadata usage (0 for rawfile)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A volume create_unlisted would make, known before it exists: where its storage will be
+    (`disk`), its size as made (rounded as the backend rounds it) and its logical sector size.
+    A lazy stage starts serving the volume at that path while the backend makes it."""
+    disk: str
+    size: int
+    sector_size: int
 
 
 @runtime_checkable
@@ -51,6 +61,12 @@ class Backend(Protocol):
         cheaper than asking first whether it exists (LVM: no `lvs`). True when it made the
         volume; False, with nothing changed, when the caller is to go the usual way
         (exists(), create()), which is always right."""
+
+    def plan_unlisted(self, vid: str, size: int) -> Planned | None:
+        """Inside batch(): what create_unlisted(vid, size) would make, without making anything,
+        when it is worth starting work on the volume's path before the volume exists (LVM: the
+        lvcreate takes most of a stage); None when create_unlisted would decline or when there
+        is nothing to win (rawfile). create_unlisted may still decline afterwards."""
 
     def exists(self, vid: str) -> bool: ...
 

@@ -21,6 +21,8 @@
   room is read from its device-mapper status (one ioctl), the LV's fields from the pool as the
   last listing showed it; lvcreate then tells whether the name was free. A stage on a node
   that never held the volume (the usual lazy stage) thus runs one lvm command, lvcreate.
+  plan_unlisted() tells beforehand what it would make (path, size, sector size), so a lazy
+  stage starts its server and devices on that path while lvcreate runs.
 """
 from __future__ import annotations
 
@@ -35,8 +37,8 @@ from dataclasses import replace
 
 from .. import ids
 from ..errors import Code, CsiError, not_found, precondition
-from . import devmapper, proc
-from .backend import Backend, Capacity, Extent
+from . import devmapper, fs, proc
+from .backend import Backend, Capacity, Extent, Planned
 from .lvmcli import DmCli, LvInfo, LvmCli, ThinRange, ToolRunner, dm_name
 
 log = logging.getLogger(__name__)
@@ -277,15 +279,39 @@ class LvmBackend:
                        attr="Vwi-a-tz--", segtype="thin", pool_lv=self.pool, origin="", thin_id=None,
                        data_percent=0.0, metadata_percent=None, active=True, open=False, metadata_size=0)
 
+    def _unlisted_pool(self, size: int) -> LvInfo | None:
+        """The pool as last listed when create_unlisted may try lvcreate alone (a batch, the
+        pool seen with its extent size, no size limit in the way); None otherwise."""
+        pool = self._pool_seen
+        if (not self._batching or pool is None or pool.extent_size <= 0 or size <= 0
+                or (self.max_volume_bytes and size > self.max_volume_bytes)):
+            return None
+        return pool
+
+    def plan_unlisted(self, vid: str, size: int) -> Planned | None:
+        """What create_unlisted would make: /dev/<vg>/<lv>, the size rounded up to whole
+        extents, the thin pool's logical sector size (a thin LV has its pool's). None when
+        create_unlisted would decline from what is known now (it may still decline later)."""
+        pool = self._unlisted_pool(size)
+        if pool is None:
+            return None
+        tpool = f"/dev/mapper/{dm_name(self.vg, self.pool)}-tpool"
+        try:
+            sector = fs.logical_sector_size(tpool)
+        except OSError as e:
+            log.info("volume %s: the thin pool's sector size is unknown (%s): no plan", vid, e)
+            return None
+        return Planned(disk=f"/dev/{self.vg}/{self.volume_lv(vid)}", size=_round_up(size, pool.extent_size),
+                       sector_size=sector)
+
     def create_unlisted(self, vid: str, size: int) -> bool:
         """Inside a batch: create a volume the caller holds no record of without listing the VG
         (see the module doc). False, with nothing changed, whenever that cannot be decided so
         (no batch, the pool never listed or inactive, little room, a size limit, lvcreate
         refusing, e.g. because the LV exists): the caller then goes the listed way (create()),
         which gives any refusal its proper error."""
-        pool = self._pool_seen
-        if (not self._batching or pool is None or pool.extent_size <= 0 or size <= 0
-                or (self.max_volume_bytes and size > self.max_volume_bytes)):
+        pool = self._unlisted_pool(size)
+        if pool is None:
             return False
         room = self._pool_room()
         if room is None:

@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager, nullcontext
 from .. import ids
 from ..errors import Code, CsiError, internal, not_found
 from . import fiemap, fs, loop
-from .backend import Capacity, Extent
+from .backend import Capacity, Extent, Planned
 from .fileio import data_extents
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,9 @@ class RawfileBackend:
 
     def create_unlisted(self, vid: str, size: int) -> bool:
         return False               # exists() is one stat(): nothing to save
+
+    def plan_unlisted(self, vid: str, size: int) -> Planned | None:
+        return None                # creating the file costs nothing to overlap with
 
     def exists(self, vid: str) -> bool:
         return os.path.isfile(self._disk(vid))
