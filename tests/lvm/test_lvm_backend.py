@@ -9,7 +9,7 @@ import pytest
 from csi_perssd.errors import Code, CsiError
 from csi_perssd.local.backend import Backend, Extent
 from csi_perssd.local.lvm import LvmBackend
-from csi_perssd.local import proc
+from csi_perssd.local import fs, proc
 from csi_perssd.local.lvmcli import NO_UDEV_CONFIG, dm_name
 
 from tests.lvm.util import CHUNK, POOL, MiB, device_size, lvm, read_at, write_at
@@ -99,11 +99,15 @@ def test_create_unlisted_runs_lvcreate_alone_and_knows_what_it_made(backend: Lvm
     fresh_backend = LvmBackend(backend.vg, POOL, lvm_config=NO_UDEV_CONFIG)
     with proc.tally() as t, fresh_backend.batch():
         assert not fresh_backend.create_unlisted(vid, 8 * MiB)       # the pool never listed
+        assert fresh_backend.plan_unlisted(vid, 8 * MiB) is None
     assert t.names() == [] and not backend.exists(vid)
     size = 5 * MiB + 512
     backend.capacity()                                  # a listing: the pool is known
     with proc.tally() as t, backend.batch():
         assert not backend.create_unlisted(vid, 0)
+        assert backend.plan_unlisted(vid, 0) is None
+        planned = backend.plan_unlisted(vid, size)      # what it would make, before it exists
+        assert planned is not None and not os.path.exists(planned.disk)
         assert backend.create_unlisted(vid, size)
         assert backend.exists(vid)
         got, dev = backend.size(vid), backend.device(vid)
@@ -112,6 +116,8 @@ def test_create_unlisted_runs_lvcreate_alone_and_knows_what_it_made(backend: Lvm
     assert got == listed.size and got >= size and listed.active, (got, listed)
     assert backend._volume([listed], vid) is not None, "tagged as a volume of this vid"
     assert os.path.samefile(dev, listed.path) and device_size(dev) == got
+    assert planned.size == got and os.path.samefile(planned.disk, dev), (planned, got, dev)
+    assert planned.sector_size == fs.logical_sector_size(dev)
 
 
 def test_create_unlisted_declines_an_existing_lv_and_a_full_pool(backend: LvmBackend, vid: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import mmap
 import os
 import re
@@ -119,6 +120,45 @@ def _volume(d: DriverProcess, backend: LvmBackend, tmp: Path, name: str, cap: pb
                 backend.delete(vid)
 
 
+@pytest.mark.timeout(900)
+def test_lazy_stage_of_a_volume_the_node_never_held_creates_its_lv_while_the_server_starts(
+        tmp_path: Path, backend: LvmBackend, driver: DriverProcess) -> None:
+    d, cap = driver, mount_cap("ext4")
+    seen = len(d.log_path.read_text())
+    with _volume(d, backend, tmp_path, "lvm-lazy-new", cap, {"chunkSize": "1Mi", "hydrate": "lazy"}) as vid:
+        node = _Node(d, vid, cap, tmp_path)
+        node.attach()
+        data = os.urandom(8 * MiB)
+        (Path(node.target) / "a.bin").write_bytes(data)
+        node.release()                                    # generation 1 committed
+        _committed(d.log_path.read_text()[seen:], 1)
+        backend.delete(vid)                               # a node that never held it: no LV,
+        (Path(d.state_dir) / "volumes" / f"{vid}.json").unlink()    # no record
+        node.attach()
+        log = d.log_path.read_text()[seen:]
+        staged = [ln for ln in log.splitlines() if f"volume {vid} staged at" in ln]
+        m = re.search(r"(\d+) tool runs in [\d.]+s: (.*)\)$", staged[-1])
+        assert m, staged[-1]
+        # lvcreate alone (no listing), run while the spare server took the job and the loop and
+        # dm devices were set up on its file (another thread: not in this tally)
+        assert [re.sub(r" [\d.]+$", "", x) for x in m.group(2).split(", ")] == [
+            "lvm lvcreate", "blkid", "dumpe2fs", "mount"], staged[-1]
+        assert re.search(rf"volume {vid}: generation 1 staged lazily \(\d+ data chunks to fetch\), "
+                         r"its local volume created meanwhile", log), log[-3000:]
+        mgr = LazyManager(d.state_dir, {})
+        server_log = (mgr.dir(vid) / "server.log").read_text()
+        lv = backend.device(vid)
+        assert "the disk opens when the plugin asks" in server_log, server_log
+        assert f"local volume {lv} open" in server_log, server_log
+        settings = json.loads((mgr.dir(vid) / "server.json").read_text())
+        assert settings["disk"] == lv and "disk_pending" not in settings, settings
+        assert dm.exists(vid) and not _dm_maps(vid, lv), dm.table(vid)   # on the FUSE-served loop device
+        assert _sha(Path(node.target) / "a.bin") == hashlib.sha256(data).hexdigest()
+        st = mgr.status(vid)
+        assert st is not None and st["disk_open"] and st["on_demand"] > 0, st
+        node.release()
+
+
 def _committed(log: str, gen: int) -> tuple[int, int]:
     m = re.search(rf"committed generation {gen}: read (\d+) bytes, uploaded (\d+) bytes", log)
     assert m, f"generation {gen} was not committed:\n{log[-3000:]}"
@@ -212,6 +252,9 @@ def test_lazy_stage_on_dm_linear_switches_to_the_lv_under_the_mounted_fs(
         assert m, staged[-1]
         assert [re.sub(r" [\d.]+$", "", x) for x in m.group(2).split(", ")] == [
             "lvm lvs", "lvm lvcreate", "blkid", "dumpe2fs", "mount"], staged[-1]
+        # the LV made again while the lazy server started (plan_unlisted, open_disk)
+        assert f"volume {vid}: generation 1 staged lazily" in d.log_path.read_text()[seen:]
+        assert "its local volume created meanwhile" in d.log_path.read_text()[seen:]
         mgr = LazyManager(d.state_dir, {})
         server_log = (mgr.dir(vid) / "server.log").read_text()
         assert "spare" in server_log, f"a cold lazy server, not the node's warm spare:\n{server_log}"
