@@ -156,6 +156,15 @@ def test_lazy_stage_of_a_volume_the_node_never_held_creates_its_lv_while_the_ser
         assert _sha(Path(node.target) / "a.bin") == hashlib.sha256(data).hexdigest()
         st = mgr.status(vid)
         assert st is not None and st["disk_open"] and st["on_demand"] > 0, st
+        # every chunk read: the switch onto the LV the server opened late (the lazy-switch loop
+        # holds the volume's lock meanwhile: the release waits for it)
+        subprocess.run(["dd", f"if={dm.path(vid)}", "of=/dev/null", "bs=4M", "iflag=direct", "status=none"],
+                       check=True, timeout=600)
+        deadline = time.monotonic() + 120
+        while not _dm_maps(vid, lv) or mgr.active(vid):
+            assert time.monotonic() < deadline, f"not switched to the LV: {dm.table(vid)} {mgr.status(vid)}"
+            time.sleep(0.5)
+        assert _sha(Path(node.target) / "a.bin") == hashlib.sha256(data).hexdigest()
         node.release()
 
 
