@@ -281,11 +281,11 @@ class VolumeSync:
                  rec.generation, manifest.data_chunks, time.monotonic() - t0)
 
     def _lazy_meanwhile(self, rec: VolumeRecord, planned: Planned) -> LocalVolume | None:
-        """A lazy stage that makes the local volume while its server starts: the server serves
-        the planned size and its device is set up (another thread) while the backend makes the
-        volume without a listing (this thread: the backend's batch is this thread's); then the
-        server opens it. None, with nothing left behind, when the backend declines to make it
-        so: the caller goes the usual way."""
+        """A lazy stage that makes the local volume while its server starts: the server takes the
+        job and opens its object store (another thread) while the backend makes the volume without
+        a listing (this thread: the backend's batch is this thread's); then the server opens it,
+        and the stage sets up its devices as usual. None, with nothing left behind, when the
+        backend declines to make it so: the caller goes the usual way."""
         vid = rec.id
         t0 = time.monotonic()
         try:

@@ -190,18 +190,20 @@ class LazyManager:
         from ..atomic import write_atomic
         write_atomic(self.dir(vid) / "server.json", json.dumps(settings, sort_keys=True).encode())
 
-    def start_early(self, vid: str, secrets: dict[str, str]) -> Future[str]:
-        """Start the server of a volume begun with `planned` and set up its device, on another
-        thread, while the caller makes the local volume; the future gives the device (or the
-        error). The caller then calls open_disk(), or discard() when the volume was not made."""
-        fut: Future[str] = Future()
+    def start_early(self, vid: str, secrets: dict[str, str]) -> Future[None]:
+        """Start the server of a volume begun with `planned` on another thread, until it serves
+        its file with its object store open, while the caller makes the local volume; the future
+        gives the outcome. The caller then calls open_disk(), or discard() when the volume was not
+        made. The devices come after the open (device()): a block device on the file before it
+        would be read by the volume's own lvcreate, which scans every block device, and such a
+        read is answered by a fetch from the object store."""
+        fut: Future[None] = Future()
         fut.set_running_or_notify_cancel()
 
         def run() -> None:
             try:
-                dev: list[str] = []
-                self.ensure_server(vid, secrets, meanwhile=lambda: dev.append(self.device(vid)))
-                fut.set_result(dev[0])
+                self.ensure_server(vid, secrets)
+                fut.set_result(None)
             except BaseException as e:      # handed to the caller
                 fut.set_exception(e)
         threading.Thread(target=run, name=f"lazy-start-{vid}"[:60], daemon=True).start()

@@ -71,14 +71,17 @@ BUFVEC_BYTES = ctypes.sizeof(_FuseBufvec) + 64  # slack: later libfuse versions 
 class _PendingVolume:
     """The served volume, whose local volume may not exist yet: a lazy stage on LVM starts the
     server while lvcreate makes the LV (disk_pending in server.json). Until the plugin's
-    open_disk the file has the planned size, and a read or write waits for the open (up to the
-    fetch timeout, then EIO). Nothing touches the planned path before: lvcreate wipes the LV's
-    start as it makes it, so a write there would be lost, and the path may name nothing yet."""
+    open_disk the file has the planned size, a read is answered from the object store
+    (read_unopened) and a write waits for the open (up to the fetch timeout, then EIO). Nothing
+    touches the planned path before: lvcreate wipes the LV's start as it makes it, so a write
+    there would be lost, and the path may name nothing yet."""
 
-    def __init__(self, settings: dict[str, Any], make: Callable[[str], LazyVolume]):
+    def __init__(self, settings: dict[str, Any], make: Callable[[str], LazyVolume],
+                 manifest: Manifest | None = None, fetch: Callable[[str], bytes | memoryview] | None = None):
         self.planned_size = int(settings.get("size") or 0)
         self.timeout = float(settings["fetch_timeout"])
         self._make = make
+        self.manifest, self.fetch = manifest, fetch
         self._vol: LazyVolume | None = None
         self._mu = threading.Lock()
         self._opened = threading.Event()
@@ -109,6 +112,26 @@ class _PendingVolume:
 
     def peek(self) -> LazyVolume | None:
         return self._vol
+
+    def read_unopened(self, offset: int, size: int) -> bytes:
+        """A read before the open, answered from the object store (the committed generation's
+        chunks, verified; holes and the rest up to the planned size as zeros) without writing
+        anything. Device scanners read a new block device at once (lvcreate's own scan of every
+        device, udev's blkid): waiting for the open would stall lvcreate, which the open waits
+        for, until the fetch timeout."""
+        assert self.manifest is not None and self.fetch is not None
+        cs = self.manifest.chunk_size
+        end = min(offset + size, self.planned_size)
+        out = bytearray()
+        pos = offset
+        while pos < end:
+            i, within = divmod(pos, cs)
+            n = min(end - pos, cs - within)
+            h = self.manifest.hash_at(i) if pos < self.manifest.volume_size else None
+            piece = bytes(self.fetch(h)[within:within + n]) if h is not None else b""
+            out += piece + bytes(n - len(piece))
+            pos += n
+        return bytes(out)
 
     def get(self) -> LazyVolume:
         """The open volume; waits for the open, EIO past the fetch timeout."""
@@ -171,6 +194,8 @@ class _Ops(mfusepy.Operations):
         local volume's descriptor and range, and libfuse reads it from there into its reply
         itself (in C, without the GIL; no bytes object, no copy in Python).
         libfuse frees the vector with free(): it is calloc'd here."""
+        if not self.pending.is_open:
+            return self._unopened(bufpp, self._io(self.pending.read_unopened, offset, size))
         n = self._io(self.vol.prepare_read, offset, size)
         mem = self._kept(offset, n)
         addr = _libc.calloc(1, BUFVEC_BYTES)
@@ -186,6 +211,21 @@ class _Ops(mfusepy.Operations):
         else:
             buf.fd, buf.pos = self.vol.fd, offset
             buf.flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY
+        bufpp[0] = ctypes.cast(addr, mfusepy.fuse_bufvec_p)
+        return 0
+
+    def _unopened(self, bufpp: Any, data: bytes) -> int:
+        """Reply with `data` in malloc'd memory (read_buf's vector; libfuse frees both)."""
+        n = len(data)
+        mem = _libc.malloc(max(n, 1))
+        addr = _libc.calloc(1, BUFVEC_BYTES) if mem else None
+        if not addr:
+            _libc.free(mem)
+            raise mfusepy.FuseOSError(errno.ENOMEM)
+        ctypes.memmove(mem, data, n)
+        vec = _FuseBufvec.from_address(addr)
+        vec.count = 1
+        vec.buf[0].size, vec.buf[0].mem, vec.buf[0].flags = n, mem, 0
         bufpp[0] = ctypes.cast(addr, mfusepy.fuse_bufvec_p)
         return 0
 
@@ -375,7 +415,8 @@ def serve(d: Path, secrets: dict[str, str], early: _EarlyStore | None = None) ->
     # open the store while the mount comes up (the first fetches would wait for it otherwise)
     threading.Thread(target=fetcher.open, name="open-store", daemon=True).start()
     pending = _PendingVolume(settings, lambda disk: LazyVolume(
-        disk, manifest, state, str(d / "state.json"), fetcher, int(settings.get("workers", 8))))
+        disk, manifest, state, str(d / "state.json"), fetcher, int(settings.get("workers", 8))),
+        manifest, fetcher)
     if not settings.get("disk_pending"):
         pending.open(settings["disk"])
     stop = threading.Event()

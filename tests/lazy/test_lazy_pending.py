@@ -1,6 +1,6 @@
 """A lazy stage whose local volume is made while its server starts (LVM: lvcreate overlaps the
 server's start and the device set-up): the server serves the planned size before the disk
-exists and opens it when the plugin asks."""
+exists (reads from the object store, writes wait) and opens it when the plugin asks."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,7 @@ from csi_perssd.lazy.manager import LazyManager
 from csi_perssd.local import fs
 from csi_perssd.local.backend import Planned
 from csi_perssd.remote.filestore import FileStore
+from tests.harness.blockio import write_at
 from tests.lazy.helpers import pread_direct
 
 MiB = 1 << 20
@@ -38,25 +39,37 @@ def test_the_device_is_up_before_the_disk_exists_and_reads_wait_for_its_open(tmp
     disk, vid = tmp_path / "disk", "pvol-pending"
     mgr.begin(vid, str(disk), manifest, planned=Planned(str(disk), len(data), 512))   # type: ignore[arg-type]
     try:
-        dev = mgr.start_early(vid, {}).result(timeout=120)
+        assert mgr.start_early(vid, {}).result(timeout=120) is None
+        dev = mgr.device(vid)                      # a device on the file before the open
         assert not disk.exists(), "nothing touches the planned path before the open"
         assert fs.block_size(dev) == len(data) and fs.logical_sector_size(dev) == 512
         st = mgr.status(vid)
         assert st is not None and st["disk_open"] is False and st["store_ready"], st
-        got: list[bytes] = []
-        reader = threading.Thread(target=lambda: got.append(pread_direct(dev, 4 * MiB, MiB)))
-        reader.start()
+        # a read before the open (a device scanner's: lvcreate scans every block device) is
+        # answered from the object store at once, and nothing is written anywhere
+        assert pread_direct(dev, 4 * MiB - 4096, 8192) == data[4 * MiB - 4096:4 * MiB + 4096]
+        assert pread_direct(dev, len(data) - 4096, 4096) == data[-4096:]
+        assert not disk.exists()
+        st = mgr.status(vid)
+        assert st is not None and st["on_demand"] == 0 and st["missing"] == 2, st
+        # a write waits for the open (it lands on the local volume)
+        page = os.urandom(4096)
+        done: list[bool] = []
+        writer = threading.Thread(target=lambda: done.append(bool(write_at(dev, 4 * MiB + 4096, page)) or True))
+        writer.start()
         time.sleep(1.0)
-        assert reader.is_alive() and not got, "a read before the open waits for it"
+        assert writer.is_alive() and not done, "a write before the open waits for it"
         with open(disk, "wb") as f:
             f.truncate(len(data))
         mgr.open_disk(vid, str(disk))
-        reader.join(30)
-        assert got == [data[4 * MiB:5 * MiB]]
+        writer.join(30)
+        assert done == [True]
+        want = data[:4 * MiB + 4096] + page + data[4 * MiB + 8192:]
         with open(mgr.file(vid), "rb") as f:
-            assert f.read() == data
+            assert f.read() == want
+        assert disk.read_bytes() == want, "the local volume holds it all (both chunks fetched)"
         st = mgr.status(vid)
-        assert st is not None and st["disk_open"] is True and st["on_demand"] == 2, st
+        assert st is not None and st["disk_open"] is True and st["on_demand"] == 2 and st["missing"] == 0, st
         settings = json.loads((mgr.dir(vid) / "server.json").read_text())
         assert settings["disk"] == str(disk) and "disk_pending" not in settings
         mgr.open_disk(vid, str(disk))              # again: nothing to do

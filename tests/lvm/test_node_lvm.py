@@ -136,13 +136,9 @@ def test_lazy_stage_of_a_volume_the_node_never_held_creates_its_lv_while_the_ser
         (Path(d.state_dir) / "volumes" / f"{vid}.json").unlink()    # no record
         node.attach()
         log = d.log_path.read_text()[seen:]
-        staged = [ln for ln in log.splitlines() if f"volume {vid} staged at" in ln]
-        m = re.search(r"(\d+) tool runs in [\d.]+s: (.*)\)$", staged[-1])
-        assert m, staged[-1]
-        # lvcreate alone (no listing), run while the spare server took the job and the loop and
-        # dm devices were set up on its file (another thread: not in this tally)
-        assert [re.sub(r" [\d.]+$", "", x) for x in m.group(2).split(", ")] == [
-            "lvm lvcreate", "blkid", "dumpe2fs", "mount"], staged[-1]
+        # lvcreate alone (no listing), run while the spare server took the job and opened its
+        # store (another thread); the loop and dm devices came after the open (ioctls: no tools)
+        assert _stage_tools(log, vid) == ["lvm lvcreate", "blkid", "dumpe2fs", "mount"]
         assert re.search(rf"volume {vid}: generation 1 staged lazily \(\d+ data chunks to fetch\), "
                          r"its local volume created meanwhile", log), log[-3000:]
         mgr = LazyManager(d.state_dir, {})
@@ -158,14 +154,28 @@ def test_lazy_stage_of_a_volume_the_node_never_held_creates_its_lv_while_the_ser
         assert st is not None and st["disk_open"] and st["on_demand"] > 0, st
         # every chunk read: the switch onto the LV the server opened late (the lazy-switch loop
         # holds the volume's lock meanwhile: the release waits for it)
-        subprocess.run(["dd", f"if={dm.path(vid)}", "of=/dev/null", "bs=4M", "iflag=direct", "status=none"],
-                       check=True, timeout=600)
-        deadline = time.monotonic() + 120
-        while not _dm_maps(vid, lv) or mgr.active(vid):
-            assert time.monotonic() < deadline, f"not switched to the LV: {dm.table(vid)} {mgr.status(vid)}"
-            time.sleep(0.5)
+        _read_all_until_switched(mgr, vid, lv)
         assert _sha(Path(node.target) / "a.bin") == hashlib.sha256(data).hexdigest()
         node.release()
+
+
+def _stage_tools(log: str, vid: str) -> list[str]:
+    """The tools the volume's latest NodeStage ran, in order, from its 'staged at' log line."""
+    staged = [ln for ln in log.splitlines() if f"volume {vid} staged at" in ln]
+    m = re.search(r"(\d+) tool runs in [\d.]+s: (.*)\)$", staged[-1]) if staged else None
+    assert m, staged[-1:] or log[-3000:]
+    return [re.sub(r" [\d.]+$", "", x) for x in m.group(2).split(", ")]
+
+
+def _read_all_until_switched(mgr: LazyManager, vid: str, lv: str) -> None:
+    """Read the whole dm device (every chunk local), then wait until the lazy-switch loop (1 s)
+    has reloaded its table onto the LV and retired the server."""
+    subprocess.run(["dd", f"if={dm.path(vid)}", "of=/dev/null", "bs=4M", "iflag=direct", "status=none"],
+                   check=True, timeout=600)
+    deadline = time.monotonic() + 120
+    while not _dm_maps(vid, lv) or mgr.active(vid):
+        assert time.monotonic() < deadline, f"not switched to the LV: {dm.table(vid)} {mgr.status(vid)}"
+        time.sleep(0.5)
 
 
 def _committed(log: str, gen: int) -> tuple[int, int]:
@@ -241,8 +251,8 @@ def test_lazy_stage_on_dm_linear_switches_to_the_lv_under_the_mounted_fs(
         target = Path(node.target)
         node.attach()             # generation 0: the LV itself (ext4 with 4 KiB blocks: fs.PORTABLE_MKFS)
         # a volume this node never held: lvcreate without a listing first (create_unlisted)
-        first = [ln for ln in d.log_path.read_text()[seen:].splitlines() if f"volume {vid} staged at" in ln]
-        assert "lvm lvcreate" in first[-1] and "lvm lvs" not in first[-1], first[-1]
+        first = _stage_tools(d.log_path.read_text()[seen:], vid)
+        assert "lvm lvcreate" in first and "lvm lvs" not in first, first
         files = {"a.bin": os.urandom(24 * MiB), "b.bin": os.urandom(2 * MiB)}
         for name, data in files.items():
             (target / name).write_bytes(data)
@@ -256,11 +266,8 @@ def test_lazy_stage_on_dm_linear_switches_to_the_lv_under_the_mounted_fs(
         # batch: this node has a record of the volume, so it asks whether its LV is there), the
         # file system's probe and its mount; the loop device is attached by ioctl
         # (LOOP_CONFIGURE) and the dm-linear device made through libdevmapper: no losetup, no dmsetup
-        staged = [ln for ln in d.log_path.read_text()[seen:].splitlines() if f"volume {vid} staged at" in ln]
-        m = re.search(r"(\d+) tool runs in [\d.]+s: (.*)\)$", staged[-1])
-        assert m, staged[-1]
-        assert [re.sub(r" [\d.]+$", "", x) for x in m.group(2).split(", ")] == [
-            "lvm lvs", "lvm lvcreate", "blkid", "dumpe2fs", "mount"], staged[-1]
+        assert _stage_tools(d.log_path.read_text()[seen:], vid) == [
+            "lvm lvs", "lvm lvcreate", "blkid", "dumpe2fs", "mount"]
         # the LV made again while the lazy server started (plan_unlisted, open_disk)
         assert f"volume {vid}: generation 1 staged lazily" in d.log_path.read_text()[seen:]
         assert "its local volume created meanwhile" in d.log_path.read_text()[seen:]
@@ -283,12 +290,7 @@ def test_lazy_stage_on_dm_linear_switches_to_the_lv_under_the_mounted_fs(
         os.sync()
         # read the rest through the dm device: every chunk is local, the lazy-switch loop
         # (1 s) reloads the table onto the LV
-        subprocess.run(["dd", f"if={dm.path(vid)}", "of=/dev/null", "bs=4M", "iflag=direct", "status=none"],
-                       check=True, timeout=600)
-        deadline = time.monotonic() + 120
-        while not _dm_maps(vid, lv) or mgr.active(vid):     # switched, then the server retired
-            assert time.monotonic() < deadline, f"not switched to the LV: {dm.table(vid)} {mgr.status(vid)}"
-            time.sleep(0.5)
+        _read_all_until_switched(mgr, vid, lv)
         assert not mgr.attached(vid), "the lazy server's loop device is gone"
         assert fs.mount_info(node.staging) is not None, "the file system stayed mounted"
         after_write = os.urandom(MiB)
