@@ -5,7 +5,7 @@ import warnings
 
 from csi_perssd.csi import csi_pb2 as csi__perssd_dot_csi_dot_csi__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
