@@ -28,8 +28,8 @@ import peers  # noqa: E402
 from procstat import cpu_seconds  # noqa: E402
 
 from csi_perssd import volume_io  # noqa: E402
-from csi_perssd.remote.s3 import S3Store  # noqa: E402
 from csi_perssd.remote import stages, transfer  # noqa: E402
+from csi_perssd.remote.s3 import S3Store  # noqa: E402
 from csi_perssd.remote.transfer import FlushPlan  # noqa: E402
 from tests.harness.seaweed import Seaweed  # noqa: E402
 from tests.harness.xfsdir import xfs_dir  # noqa: E402
@@ -88,12 +88,31 @@ def fresh(path: str, size: int) -> None:
     os.sync()
 
 
+def lazy_hydrate(store: S3Store, m: object, dst: str) -> None:
+    """The lazy server's background hydration of dst (a sparse file) with no reader, until
+    complete: its LazyVolume and fetcher, in this process."""
+    from csi_perssd.lazy.server import _Fetcher
+    from csi_perssd.lazy.state import HydrationState
+    from csi_perssd.lazy.volume import LazyVolume
+    fetcher = _Fetcher({"fetch_timeout": 30}, {}, m.chunk_size, opened=lambda: store)  # type: ignore[attr-defined]
+    vol = LazyVolume(dst, m, HydrationState.for_manifest(m), dst + ".state.json", fetcher)  # type: ignore[arg-type]
+    vol.start()
+    try:
+        while not vol.state.complete:
+            time.sleep(0.002)
+    finally:
+        vol.stop()
+        vol.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=256 * MiB)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", default="4,8,16")
-    ap.add_argument("--only", default="s5,driver")
+    ap.add_argument("--only", default="s5,driver",
+                    help="s5, driver, lazy (LazyVolume's background hydration in process, no reader: "
+                         "the lazy server's engine, 8 workers)")
     ap.add_argument("--boto", action="store_true",
                     help="also each driver config through boto3's get_object (S3Store's lean GET off): wN-boto")
     ap.add_argument("--no-ahead", action="store_true",
@@ -132,7 +151,7 @@ def main() -> int:
                 for cfg in (["s5"] if "s5" in only else []) + (
                         [f"w{w}{b}" for w in a.workers.split(",")
                          for b in ("", *(["-boto"] if a.boto else []), *(["-noahead"] if a.no_ahead else []))]
-                        if "driver" in only else []):
+                        if "driver" in only else []) + (["lazy"] if "lazy" in only else []):
                     if a.fresh_space:
                         dst = os.path.join(d, f"dst-{r}-{cfg}.img")
                     fresh(dst, size)
@@ -163,7 +182,10 @@ def main() -> int:
                         if cfg.endswith("-noahead"):
                             transfer.run_bounded = lambda *p, **k: stages.run_bounded(*p, **{**k, "ahead": 0})
                         try:
-                            volume_io.hydrate(store, m, dst, workers=int(cfg[1:].split("-")[0]))
+                            if cfg == "lazy":
+                                lazy_hydrate(store, m, dst)
+                            else:
+                                volume_io.hydrate(store, m, dst, workers=int(cfg[1:].split("-")[0]))
                         finally:
                             store._lean = lean
                             transfer.run_bounded = stages.run_bounded
