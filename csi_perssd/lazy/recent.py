@@ -148,8 +148,20 @@ class RecentChunks:
         if n > self.chunk_size:
             return False
 
+        src = memoryview(data).cast("B")
+
         def copy(v: memoryview) -> int:
-            v[:] = data
+            if src.readonly:            # an on-demand fill's new bytes object
+                v[:] = src
+                return n
+            # the background pool's landing buffer: ctypes.memmove, a foreign call, copies
+            # without the GIL (a slice assignment holds it for the whole chunk, while the FUSE
+            # threads wait for it to answer the reader)
+            dst, frm = ctypes.c_char.from_buffer(v), ctypes.c_char.from_buffer(src)
+            try:
+                ctypes.memmove(ctypes.addressof(dst), ctypes.addressof(frm), n)
+            finally:
+                del dst, frm
             return n
         return self._into_slot(i, n, reader, copy)
 

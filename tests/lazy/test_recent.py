@@ -38,6 +38,25 @@ def test_put_and_copy_out_return_the_content_and_count_it():
     assert not rc.active and copy(rc, 3, 0, 10) is None and not rc.put(5, data, reader=-1)
 
 
+def test_put_from_a_writable_landing_view_copies_its_bytes_and_leaves_no_export():
+    """The background pool's fill is a view of its reused mmap landing buffer (copied with
+    memmove, without the GIL): the slot holds the bytes as they were, a later reuse of the
+    buffer does not change them, and the buffer can still be closed (no export left)."""
+    import mmap
+    rc = RecentChunks(2, CS)
+    m = mmap.mmap(-1, 4096 + CS)
+    data = chunk(7)
+    m[4096 - 1:4096 - 1 + CS] = data
+    view = memoryview(m)[4096 - 1:4096 - 1 + CS]
+    assert rc.put(7, view, reader=-1)
+    m[4096 - 1:4096 - 1 + CS] = bytes(CS)           # the buffer reused for the next fetch
+    assert copy(rc, 7, 0, CS) == data
+    assert copy(rc, 7, CS - 100, 100) == data[-100:]
+    view.release()
+    m.close()                                       # BufferError if an export were left
+    rc.close()
+
+
 def test_a_short_chunk_answers_only_its_bytes():
     rc = RecentChunks(2, CS)
     assert rc.put(0, b"abc" * 100, reader=0)
