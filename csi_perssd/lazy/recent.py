@@ -144,11 +144,10 @@ class RecentChunks:
 
     def put(self, i: int, data: bytes | bytearray | memoryview, reader: int) -> bool:
         """Keep a copy of chunk i's content (a fill): False when no slot may take it."""
-        n = len(data)
-        if n > self.chunk_size:
-            return False
-
         src = memoryview(data).cast("B")
+        n = src.nbytes
+        if not 0 < n <= self.chunk_size:        # (ctypes cannot address an empty buffer)
+            return False
 
         def copy(v: memoryview) -> int:
             if src.readonly:            # an on-demand fill's new bytes object

@@ -63,6 +63,7 @@ def test_a_short_chunk_answers_only_its_bytes():
     assert copy(rc, 0, 0, 300) == b"abc" * 100
     assert copy(rc, 0, 0, 301) is None
     assert not rc.put(1, bytes(CS + 1), reader=0), "larger than a slot"
+    assert not rc.put(1, memoryview(bytearray(0)), reader=0), "nothing to keep"
     rc.close()
 
 
