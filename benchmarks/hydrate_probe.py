@@ -29,6 +29,7 @@ from procstat import cpu_seconds  # noqa: E402
 
 from csi_perssd import volume_io  # noqa: E402
 from csi_perssd.remote import stages, transfer  # noqa: E402
+from csi_perssd.remote.manifest import Manifest  # noqa: E402
 from csi_perssd.remote.s3 import S3Store  # noqa: E402
 from csi_perssd.remote.transfer import FlushPlan  # noqa: E402
 from tests.harness.seaweed import Seaweed  # noqa: E402
@@ -88,14 +89,14 @@ def fresh(path: str, size: int) -> None:
     os.sync()
 
 
-def lazy_hydrate(store: S3Store, m: object, dst: str) -> None:
+def lazy_hydrate(store: S3Store, m: Manifest, dst: str) -> None:
     """The lazy server's background hydration of dst (a sparse file) with no reader, until
     complete: its LazyVolume and fetcher, in this process."""
     from csi_perssd.lazy.server import _Fetcher
     from csi_perssd.lazy.state import HydrationState
     from csi_perssd.lazy.volume import LazyVolume
-    fetcher = _Fetcher({"fetch_timeout": 30}, {}, m.chunk_size, opened=lambda: store)  # type: ignore[attr-defined]
-    vol = LazyVolume(dst, m, HydrationState.for_manifest(m), dst + ".state.json", fetcher)  # type: ignore[arg-type]
+    fetcher = _Fetcher({"fetch_timeout": 30}, {}, m.chunk_size, opened=lambda: store)
+    vol = LazyVolume(dst, m, HydrationState.for_manifest(m), dst + ".state.json", fetcher)
     vol.start()
     try:
         while not vol.state.complete:
