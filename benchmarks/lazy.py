@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,8 +71,11 @@ def fio(dev: str, rw: str, bs: str, seconds: int, span: int) -> float:
 
 
 class LazyBench:
-    def __init__(self, work: Path, quick: bool, sparse_gib: int = 16, skip: tuple[str, ...] = ()):
+    def __init__(self, work: Path, quick: bool, sparse_gib: int = 16, skip: tuple[str, ...] = (),
+                 rounds: int = 1):
         self.work, self.quick, self.sparse_gib, self.skip = work, quick, sparse_gib, skip
+        self.rounds = max(1, rounds)
+        self.made = 0
         self.sw = Seaweed(work / "seaweed")
         # the nodes look for deleted volumes every second (default 900 s): drop() waits for that
         self.cl = Cluster(work / "cluster", seaweed=self.sw, prefix="lazy",
@@ -79,7 +83,8 @@ class LazyBench:
         self.cap = block_cap()
 
     def make(self, name: str, size: int, data: int, params: dict[str, str]) -> str:
-        vid = self.cl.create(name, size, cap=self.cap, params=params)
+        self.made += 1                  # each round's volumes are new ones (names never reused)
+        vid = self.cl.create(f"{name}-{self.made}", size, cap=self.cap, params=params)
         dev = self.cl.attach("node-a", vid, cap=self.cap)
         write_random(dev, data)
         self.cl.release("node-a", vid)
@@ -147,18 +152,23 @@ class LazyBench:
         return row
 
     def volume_row(self, tag: str, size: int, data: int) -> dict[str, Any]:
-        """one_volume; a sparse volume that does not fit (thin provisioning reserves its whole
-        size on each node that holds it) is measured at half the size instead, and the row says so."""
+        """one_volume `rounds` times (each round: full, lazy read, lazy background, one after
+        the other, so each round's ratios compare stages made minutes apart at most); the row is
+        the median of each figure, and each ratio's min and max over the rounds. A sparse volume
+        that does not fit (thin provisioning reserves its whole size on each node that holds it)
+        is measured at half the size instead, and the row says so."""
         import grpc
-        while True:
+        rounds: list[dict[str, Any]] = []
+        while len(rounds) < self.rounds:
             try:
-                return self.one_volume(tag, size, data)
+                rounds.append(self.one_volume(tag, size, data))
             except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or size <= 2 * data:
+                if rounds or e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or size <= 2 * data:
                     raise
                 log(f"{tag}: {e.details()}; measuring {size // 2 // GiB} GiB instead")
                 size //= 2
                 tag = f"{size // GiB}G-sparse"
+        return aggregate(rounds)
 
     def fio_cost(self, size: int, seconds: int) -> dict[str, Any]:
         """fio on the FUSE-served device (hydration complete) vs the plain local file's device."""
@@ -196,6 +206,28 @@ class LazyBench:
         return {"volumes": rows, "fio": cost}
 
 
+def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One volume row from its rounds: each number the median over the rounds, each ratio's
+    min and max beside it (`<ratio>_min`, `<ratio>_max`), the rounds themselves under "rounds"."""
+    row: dict[str, Any] = {"rounds": rounds}
+    for k, v in rounds[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and all(
+                isinstance(r.get(k), (int, float)) for r in rounds):
+            row[k] = statistics.median(r[k] for r in rounds)
+        else:
+            row[k] = v
+    for k in ("read_ratio", "bg_ratio"):
+        row[f"{k}_min"] = min(r[k] for r in rounds)
+        row[f"{k}_max"] = max(r[k] for r in rounds)
+    return row
+
+
+def _ratio(r: dict[str, Any], k: str) -> str:
+    if len(r.get("rounds", ())) < 2:
+        return f"{r[k]:.2f}"
+    return f"{r[k]:.2f} ({r[k + '_min']:.2f}-{r[k + '_max']:.2f})"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     m = doc["meta"]
     lines = [f"# Lazy hydration (FUSE + loop path), {m['date']} on {m['host']} ({m['cpus']} CPUs), "
@@ -203,13 +235,16 @@ def markdown(doc: dict[str, Any]) -> str:
              "load average at the end (1/5/15 min): " + " / ".join(f"{x:.2f}" for x in m.get("load_avg", ()))
              + "; NodeStage lazy of the background-only volume: "
              + ", ".join(f"{r['volume']} {r['stage_lazy2_s']:.2f} s" for r in doc["volumes"]), "",
+             f"{m.get('rounds', 1)} round(s) per volume, each: full stage, lazy stage + read, lazy stage "
+             "with no reader (a fresh volume each); figures are medians over the rounds, ratios "
+             "taken inside each round (median, min-max).", "",
              "| volume (data) | NodeStage full | NodeStage lazy | full hydrate | read after lazy stage "
              "| ratio (≥ 0.7) | background only | ratio (≥ 0.8) | chunks on demand / background during read |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in doc["volumes"]:
         lines.append(f"| {r['volume']} ({r['data'] // MiB} MiB) | {r['stage_full_s']:.2f} s | "
                      f"{r['stage_lazy_s']:.2f} s | {r['full_mb_s']:.0f} MB/s | {r['read_mb_s']:.0f} MB/s | "
-                     f"{r['read_ratio']:.2f} | {r['bg_mb_s']:.0f} MB/s | {r['bg_ratio']:.2f} | "
+                     f"{_ratio(r, 'read_ratio')} | {r['bg_mb_s']:.0f} MB/s | {_ratio(r, 'bg_ratio')} | "
                      f"{r['read_on_demand_chunks']} / {r['read_background_chunks']} |")
     f = doc["fio"]
     lines += ["", f"fio on a fully hydrated {f['span'] // MiB} MiB volume, {f['seconds']} s per job, "
@@ -228,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--workdir", default="/var/tmp")
     ap.add_argument("--sparse-gib", type=int, default=16, help="size of the sparse volume (holds 2 GiB)")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="rounds per volume row (default 3; 2 with --quick)")
     ap.add_argument("--skip", default="", help="comma-separated volume rows to leave out, e.g. 256M")
     a = ap.parse_args(argv)
     if os.geteuid() != 0 or shutil.which("fio") is None:
@@ -235,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     work = Path(tempfile.mkdtemp(prefix="perssd-lazy-bench-", dir=a.workdir))
     t0 = time.monotonic()
-    b = LazyBench(work, a.quick, a.sparse_gib, tuple(x for x in a.skip.split(",") if x))
+    rounds = a.rounds or (2 if a.quick else 3)
+    b = LazyBench(work, a.quick, a.sparse_gib, tuple(x for x in a.skip.split(",") if x), rounds)
     try:
         b.sw.start()
         doc = b.run()
@@ -245,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = git_commit()
     doc["meta"] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                    "host": socket.gethostname(), "cpus": os.cpu_count(), "quick": a.quick,
-                   "commit": commit, "elapsed_s": round(time.monotonic() - t0, 1),
+                   "commit": commit, "rounds": rounds, "elapsed_s": round(time.monotonic() - t0, 1),
                    "load_avg": os.getloadavg()}
     stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}-lazy{'-quick' if a.quick else ''}"
     write_results(Path(a.out), stem, doc, markdown(doc))
