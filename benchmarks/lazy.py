@@ -159,11 +159,21 @@ class LazyBench:
         is measured at half the size instead, and the row says so."""
         import grpc
         rounds: list[dict[str, Any]] = []
+        waited = 0
         while len(rounds) < self.rounds:
             try:
                 rounds.append(self.one_volume(tag, size, data))
             except grpc.RpcError as e:
-                if rounds or e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or size <= 2 * data:
+                if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                if rounds:          # it fitted before: the nodes report the space freed at their next heartbeat
+                    if waited >= 60:
+                        raise
+                    log(f"{tag}: {e.details()}; waiting for the nodes to report the space freed")
+                    time.sleep(5)
+                    waited += 5
+                    continue
+                if size <= 2 * data:
                     raise
                 log(f"{tag}: {e.details()}; measuring {size // 2 // GiB} GiB instead")
                 size //= 2
