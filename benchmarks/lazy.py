@@ -32,7 +32,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.report import git_commit, write_results  # noqa: E402
+from benchmarks.report import git_commit, spread, write_results  # noqa: E402
 from csi_perssd.lazy.manager import LazyManager  # noqa: E402
 from tests.harness.cluster import Cluster, block_cap  # noqa: E402
 from tests.harness.seaweed import Seaweed  # noqa: E402
@@ -218,18 +218,18 @@ class LazyBench:
 
 
 def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """One volume row from its rounds: each number the median over the rounds, each ratio's
-    min and max beside it (`<ratio>_min`, `<ratio>_max`), the rounds themselves under "rounds"."""
+    """One volume row from its rounds: a figure that differs between rounds is their median
+    (one the rounds agree on, a size or a chunk count, stays as it is), each ratio's min and max
+    beside it (`<ratio>_min`, `<ratio>_max`), the rounds themselves under "rounds"."""
     row: dict[str, Any] = {"rounds": rounds}
     for k, v in rounds[0].items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and all(
-                isinstance(r.get(k), (int, float)) for r in rounds):
-            row[k] = statistics.median(r[k] for r in rounds)
-        else:
-            row[k] = v
+        vals = [r.get(k) for r in rounds]
+        numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals)
+        row[k] = statistics.median(vals) if numbers and len(set(vals)) > 1 else v
     for k in ("read_ratio", "bg_ratio"):
-        row[f"{k}_min"] = min(r[k] for r in rounds)
-        row[f"{k}_max"] = max(r[k] for r in rounds)
+        s = spread([r[k] for r in rounds])
+        assert s is not None
+        row[f"{k}_min"], row[f"{k}_max"] = s["min"], s["max"]
     return row
 
 
@@ -253,7 +253,9 @@ def markdown(doc: dict[str, Any]) -> str:
              "| ratio (≥ 0.7) | background only | ratio (≥ 0.8) | chunks on demand / background during read |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in doc["volumes"]:
-        lines.append(f"| {r['volume']} ({r['data'] // MiB} MiB) | {r['stage_full_s']:.2f} s | "
+        n = len(r.get("rounds", ()))
+        fewer = f", {n} round(s): no space for more" if 0 < n < m.get("rounds", 1) else ""
+        lines.append(f"| {r['volume']} ({r['data'] // MiB} MiB{fewer}) | {r['stage_full_s']:.2f} s | "
                      f"{r['stage_lazy_s']:.2f} s | {r['full_mb_s']:.0f} MB/s | {r['read_mb_s']:.0f} MB/s | "
                      f"{_ratio(r, 'read_ratio')} | {r['bg_mb_s']:.0f} MB/s | {_ratio(r, 'bg_ratio')} | "
                      f"{r['read_on_demand_chunks']} / {r['read_background_chunks']} |")

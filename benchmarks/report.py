@@ -158,7 +158,8 @@ TARGETS: list[tuple[str, str, str, float]] = [
 ]
 
 
-def _agg(vals: list[float]) -> dict[str, float] | None:
+def spread(vals: list[float]) -> dict[str, float] | None:
+    """Median, min, max and count of vals (None: no value)."""
     if not vals:
         return None
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
@@ -173,11 +174,11 @@ def build(meta: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
             rows = [p for r in runs for p in enc_pairs(r, sec.split("_")[1])]
         else:
             rows = runs
-        figures[key] = _agg([v for v in (_get(r, key) for r in rows) if v is not None])
-    rat = {k: _agg([p[k] for p in per_run if p[k] is not None]) for k in per_run[0]} if per_run else {}
+        figures[key] = spread([v for v in (_get(r, key) for r in rows) if v is not None])
+    rat = {k: spread([p[k] for p in per_run if p[k] is not None]) for k in per_run[0]} if per_run else {}
     for k in ENC_RATIOS:                    # one ratio per pair: median over runs x pairs
         if k in rat:
-            rat[k] = _agg([v for r in runs for v in pair_ratios(r)[k]])
+            rat[k] = spread([v for r in runs for v in pair_ratios(r)[k]])
     targets = []
     for key, desc, cmp, thr in TARGETS:
         a = rat.get(key)

@@ -503,9 +503,9 @@ class _Profiled:
 
 def versions(b: Bench) -> dict[str, str]:
     out = {"python": platform.python_version(), "kernel": platform.release()}
-    # restic is found when asked (a run with --only-hydrate never needs it: not installed is
-    # reported, not fatal, so the run's results are still written)
-    for name, fn in (("s5cmd", lambda: b.s5.version()), ("rclone", lambda: b.rc.version()),
+    # restic is looked for only when asked (a run with --only-hydrate never needs it: not
+    # installed is reported, not fatal, so the run's results are still written)
+    for name, fn in (("s5cmd", b.s5.version), ("rclone", b.rc.version),
                      ("restic", lambda: peers.Restic(b.target, "x", "/tmp").version())):
         try:
             out[name] = fn()
