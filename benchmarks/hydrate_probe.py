@@ -118,6 +118,9 @@ def main() -> int:
                     help="also each driver config through boto3's get_object (S3Store's lean GET off): wN-boto")
     ap.add_argument("--no-ahead", action="store_true",
                     help="also each driver config with no chunk names queued ahead of the workers: wN-noahead")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="also each driver config without BLAKE3 verification of the chunks (what "
+                         "verification costs; the driver always verifies): wN-noverify")
     ap.add_argument("--spy", default="", help="py-spy record the driver hydrates into DIR (--native)")
     ap.add_argument("--fresh-space", action="store_true",
                     help="every download into a new file, none deleted: never-written blocks of the "
@@ -151,7 +154,8 @@ def main() -> int:
             for r in range(a.rounds):
                 for cfg in (["s5"] if "s5" in only else []) + (
                         [f"w{w}{b}" for w in a.workers.split(",")
-                         for b in ("", *(["-boto"] if a.boto else []), *(["-noahead"] if a.no_ahead else []))]
+                         for b in ("", *(["-boto"] if a.boto else []), *(["-noahead"] if a.no_ahead else []),
+                                      *(["-noverify"] if a.no_verify else []))]
                         if "driver" in only else []) + (["lazy"] if "lazy" in only else []):
                     if a.fresh_space:
                         dst = os.path.join(d, f"dst-{r}-{cfg}.img")
@@ -186,7 +190,8 @@ def main() -> int:
                             if cfg == "lazy":
                                 lazy_hydrate(store, m, dst)
                             else:
-                                volume_io.hydrate(store, m, dst, workers=int(cfg[1:].split("-")[0]))
+                                volume_io.hydrate(store, m, dst, workers=int(cfg[1:].split("-")[0]),
+                                                  verify=not cfg.endswith("-noverify"))
                         finally:
                             store._lean = lean
                             transfer.run_bounded = stages.run_bounded
