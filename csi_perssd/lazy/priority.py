@@ -4,9 +4,7 @@ normal priority.
 A spare's start (interpreter, imports, the S3 client's model: ~0.5 CPU-s on a node) is work done
 ahead of a stage nobody has asked for yet. Started at the normal priority it took a core from
 whatever ran then: profiled (perf, 2-core VM), a spare started 2 s after a lazy stage took 15% of
-the machine during the reader's first seconds on the volume just staged (under SCHED_IDLE it runs
-mostly in the machine's idle time instead; the read itself did not get measurably faster: the
-reader is bound by the hydrator and the FUSE round trips). So the plugin starts it
+the machine during the reader's first seconds on the volume just staged. So the plugin starts it
 under SCHED_IDLE (it runs only when nothing else wants the CPU) and puts every thread of it back
 to SCHED_OTHER before handing it a volume (`to_normal`), so a spare still warming when its job
 comes is not starved by the load and serves like a server started for the job.
