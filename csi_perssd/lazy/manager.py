@@ -34,7 +34,7 @@ from ..errors import Code, CsiError, internal
 from ..local import fs, loop
 from ..local.backend import Extent, Planned
 from ..remote.manifest import Manifest
-from . import dm, priority
+from . import dm
 from .server import FILE
 from .state import HydrationState, StateError
 
@@ -94,7 +94,6 @@ class LazyManager:
                 return
             with open(self.root / "spare.log", "ab") as logf:
                 proc = self._popen("--spare", logf)
-            priority.to_idle(proc.pid)      # it warms up on idle CPU (lazy/priority.py)
             assert proc.stdin is not None
             try:        # the store it opens while it waits (a job with no secrets of its own takes it)
                 store = {**self.store_settings, "fetch_timeout": self.fetch_timeout}
@@ -254,12 +253,7 @@ class LazyManager:
         d = self.dir(vid)
         t0 = time.monotonic()
         proc = self._take_spare()
-        if proc is not None and not priority.to_normal(proc.pid):
-            log.warning("volume %s: the spare lazy server %d cannot be given the normal priority: "
-                        "starting one", vid, proc.pid)
-            proc.kill()
-            proc = None
-        if proc is not None:            # warm (or warming): it takes the job, at the normal priority
+        if proc is not None:            # warm (or warming): it takes the job
             assert proc.stdin is not None
             try:
                 proc.stdin.write(json.dumps({"dir": str(d), "secrets": secrets}).encode() + b"\n")
