@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.report import git_commit, spread, write_results  # noqa: E402
+from csi_perssd.csi import csi_pb2 as pb  # noqa: E402
 from csi_perssd.lazy.manager import LazyManager  # noqa: E402
 from tests.harness.cluster import Cluster, block_cap, mount_cap  # noqa: E402
 from tests.harness.seaweed import Seaweed  # noqa: E402
@@ -49,24 +50,18 @@ def log(msg: str) -> None:
     print(f"[lazy-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def write_random(dev: str, nbytes: int) -> None:
-    """nbytes of random data at offset 0 (dd from /dev/urandom, O_DIRECT, synced)."""
-    subprocess.run(["dd", "if=/dev/urandom", f"of={dev}", "bs=4M", f"count={nbytes // (4 * MiB)}",
+def write_random(path: str, nbytes: int) -> None:
+    """nbytes of random data at offset 0 of a device or file (dd from /dev/urandom, O_DIRECT, synced)."""
+    subprocess.run(["dd", "if=/dev/urandom", f"of={path}", "bs=4M", f"count={nbytes // (4 * MiB)}",
                     "oflag=direct", "conv=fsync", "status=none"], check=True, timeout=1800)
 
 
-def read_seq(dev: str, nbytes: int) -> float:
-    """Seconds to read nbytes from offset 0 with 1 MiB O_DIRECT reads."""
+def read_seq(path: str, nbytes: int, direct: bool = True) -> float:
+    """Seconds to read nbytes from offset 0 with 1 MiB reads: O_DIRECT, or buffered (what a
+    program reading a file does)."""
     t0 = time.monotonic()
-    subprocess.run(["dd", f"if={dev}", "of=/dev/null", "bs=1M", f"count={nbytes // MiB}",
-                    "iflag=direct", "status=none"], check=True, timeout=1800)
-    return time.monotonic() - t0
-
-
-def read_file(path: str) -> float:
-    """Seconds to read a file once, buffered, 1 MiB at a time (what a program reading it does)."""
-    t0 = time.monotonic()
-    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M", "status=none"], check=True, timeout=1800)
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M", f"count={nbytes // MiB}",
+                    *(["iflag=direct"] if direct else []), "status=none"], check=True, timeout=1800)
     return time.monotonic() - t0
 
 
@@ -93,18 +88,22 @@ class LazyBench:
                           node_extra=["--volume-check-seconds", "1"])
         self.cap = block_cap()
 
-    def make(self, name: str, size: int, data: int, params: dict[str, str]) -> str:
+    def make(self, name: str, size: int, data: int, params: dict[str, str],
+             cap: pb.VolumeCapability | None = None, file: str = "") -> str:
+        """A volume written with `data` random bytes on node-a (into its device, or into `file`
+        on its file system), released (flushed)."""
+        cap = cap or self.cap
         self.made += 1                  # each round's volumes are new ones (names never reused)
-        vid = self.cl.create(f"{name}-{self.made}", size, cap=self.cap, params=params)
-        dev = self.cl.attach("node-a", vid, cap=self.cap)
-        write_random(dev, data)
+        vid = self.cl.create(f"{name}-{self.made}", size, cap=cap, params=params)
+        path = self.cl.attach("node-a", vid, cap=cap)
+        write_random(os.path.join(path, file) if file else path, data)
         self.cl.release("node-a", vid)
         return vid
 
-    def stage(self, vid: str) -> tuple[str, float]:
+    def stage(self, vid: str, cap: pb.VolumeCapability | None = None) -> tuple[str, float]:
         t0 = time.monotonic()
-        dev = self.cl.attach("node-b", vid, cap=self.cap)
-        return dev, time.monotonic() - t0
+        path = self.cl.attach("node-b", vid, cap=cap or self.cap)
+        return path, time.monotonic() - t0
 
     def lazy_status(self, vid: str) -> dict[str, Any]:
         st = LazyManager(self.cl.nodes["node-b"].state_dir, {}).status(vid)
@@ -168,17 +167,10 @@ class LazyBench:
         """An ext4 volume of `size` holding one file of `nbytes` random bytes (written by node-a,
         flushed at release); node-b stages it lazily and reads the file once, buffered."""
         cap = mount_cap("ext4")
-        self.made += 1
-        vid = self.cl.create(f"{tag}-lazy-file-{self.made}", size, cap=cap, params={"hydrate": "lazy"})
-        mnt = self.cl.attach("node-a", vid, cap=cap)
-        subprocess.run(["dd", "if=/dev/urandom", f"of={mnt}/data", "bs=4M", f"count={nbytes // (4 * MiB)}",
-                        "conv=fsync", "status=none"], check=True, timeout=1800)
-        self.cl.release("node-a", vid)
-        t0 = time.monotonic()
-        mnt = self.cl.attach("node-b", vid, cap=cap)
-        row["file_stage_lazy_s"] = time.monotonic() - t0
+        vid = self.make(f"{tag}-lazy-file", size, nbytes, {"hydrate": "lazy"}, cap=cap, file="data")
+        mnt, row["file_stage_lazy_s"] = self.stage(vid, cap)
         row["file_bytes"] = nbytes
-        row["file_mb_s"] = nbytes / read_file(f"{mnt}/data") / 1e6
+        row["file_mb_s"] = nbytes / read_seq(os.path.join(mnt, "data"), nbytes, direct=False) / 1e6
         st = self.lazy_status(vid)
         row["file_on_demand_chunks"], row["file_background_chunks"] = st.get("on_demand"), st.get("background")
         self.wait_complete(vid)
@@ -257,9 +249,8 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     beside it (`<ratio>_min`, `<ratio>_max`), the rounds themselves under "rounds"."""
     row: dict[str, Any] = {"rounds": rounds}
     for k, v in rounds[0].items():
-        vals = [r.get(k) for r in rounds]
-        numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals)
-        row[k] = statistics.median(vals) if numbers and len(set(vals)) > 1 else v
+        nums = [x for x in (r.get(k) for r in rounds) if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        row[k] = statistics.median(nums) if len(nums) == len(rounds) and len(set(nums)) > 1 else v
     for k in ("read_ratio", "bg_ratio", "file_ratio"):
         s = spread([r[k] for r in rounds])
         assert s is not None
